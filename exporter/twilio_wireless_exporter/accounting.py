@@ -1,0 +1,251 @@
+"""Session accounting: the pure core where the counter semantics live.
+
+Given the per-SIM state and a fresh listing of a SIM's data sessions, :func:`apply_listing`
+updates the state in place and returns what happened. No I/O and no clock of its own.
+
+Semantics (the metric contract):
+
+* The first successful listing of a SIM is the *baseline*: the sessions in it are remembered
+  but not counted as started or ended, and their packets so far are not counted.
+* Afterwards, every session ``sid`` not seen before counts once as started, with all of its
+  packets; a session seen to get an ``end`` (or first seen already ended) counts once as ended
+  and its duration is observed once.
+* Packet counters grow by the growth of each session's counters since it was first seen; a
+  counter that goes backwards (an upstream glitch) contributes nothing and is not re-counted.
+* Listings may repeat a session (overlapping pages) and come in any order: sessions are
+  de-duplicated by ``sid``, keeping the most advanced copy.
+* A session that leaves the listing is forgotten only after it has been absent from
+  ``forget_after`` consecutive successful listings, so a page boundary that shifts while the
+  exporter pages through a listing cannot make one session count twice. Per-SIM memory is
+  therefore bounded by the API's own retention window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .records import DataSession
+
+DEFAULT_FORGET_AFTER = 3
+
+
+@dataclass(slots=True)
+class SessionMemo:
+    """What is remembered of one session between listings."""
+
+    packets_uploaded: int
+    packets_downloaded: int
+    ended: bool
+    absent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionAttributes:
+    """Attributes of a SIM's most recent session (exported as an info metric)."""
+
+    radio_link: str
+    operator_name: str
+    operator_country: str
+    operator_mcc: str
+    operator_mnc: str
+    imei: str
+
+
+@dataclass(slots=True)
+class SimAccount:
+    """Accounting state of one SIM. Counters only ever grow."""
+
+    baselined: bool = False
+    sessions: dict[str, SessionMemo] = field(default_factory=dict)
+    started_total: int = 0
+    ended_total: int = 0
+    packets_uploaded_total: int = 0
+    packets_downloaded_total: int = 0
+    imei_changes_total: int = 0
+    open_sessions: int = 0
+    latest: SessionAttributes | None = None
+    latest_start: float | None = None
+    location: tuple[float, float] | None = None
+    location_start: float | None = None
+    last_updated: float | None = None
+    last_imei: str | None = None
+
+
+@dataclass(slots=True)
+class ListingOutcome:
+    """What one listing changed (for logs, histograms and tests)."""
+
+    started: int = 0
+    ended: int = 0
+    packets_uploaded: int = 0
+    packets_downloaded: int = 0
+    imei_changed: bool = False
+    durations: list[tuple[str, float]] = field(default_factory=list)
+    """``(radio_link, seconds)`` of each session newly seen ended."""
+    forgotten: int = 0
+    skipped_without_sid: int = 0
+
+
+def _ts(value: object) -> float | None:
+    timestamp = getattr(value, "timestamp", None)
+    return float(timestamp()) if timestamp is not None else None
+
+
+def _more_advanced(a: DataSession, b: DataSession) -> DataSession:
+    """Of two copies of one session, the one that shows more progress."""
+    if (a.end is None) != (b.end is None):
+        return a if a.end is not None else b
+    a_upd, b_upd = _ts(a.last_updated), _ts(b.last_updated)
+    if a_upd is not None and b_upd is not None and a_upd != b_upd:
+        return a if a_upd > b_upd else b
+    a_packets = (a.packets_uploaded or 0) + (a.packets_downloaded or 0)
+    b_packets = (b.packets_uploaded or 0) + (b.packets_downloaded or 0)
+    return b if b_packets > a_packets else a
+
+
+def deduplicate(listing: Iterable[DataSession]) -> tuple[dict[str, DataSession], int]:
+    """Sessions by ``sid`` (most advanced copy wins) and the count of sessions without a sid."""
+    by_sid: dict[str, DataSession] = {}
+    without_sid = 0
+    for session in listing:
+        sid = session.sid
+        if not sid:
+            without_sid += 1
+            continue
+        known = by_sid.get(sid)
+        by_sid[sid] = session if known is None else _more_advanced(known, session)
+    return by_sid, without_sid
+
+
+def _grow(previous: int, current: int | None) -> tuple[int, int]:
+    """(delta to count, new remembered value) for a packet counter."""
+    if current is None or current <= previous:
+        return 0, previous
+    return current - previous, current
+
+
+def apply_listing(
+    account: SimAccount,
+    listing: Iterable[DataSession],
+    *,
+    forget_after: int = DEFAULT_FORGET_AFTER,
+) -> ListingOutcome:
+    """Fold one successful listing of a SIM's sessions into ``account``."""
+    sessions, without_sid = deduplicate(listing)
+    outcome = ListingOutcome(skipped_without_sid=without_sid)
+    baseline = not account.baselined
+    memos = account.sessions
+
+    for sid, session in sessions.items():
+        memo = memos.get(sid)
+        ended = session.end is not None
+        if memo is None:
+            up = session.packets_uploaded or 0
+            down = session.packets_downloaded or 0
+            memos[sid] = SessionMemo(up, down, ended)
+            if baseline:
+                continue
+            outcome.started += 1
+            outcome.packets_uploaded += max(0, up)
+            outcome.packets_downloaded += max(0, down)
+            if ended:
+                outcome.ended += 1
+                _observe_duration(outcome, session)
+            continue
+        memo.absent = 0
+        delta, memo.packets_uploaded = _grow(memo.packets_uploaded, session.packets_uploaded)
+        outcome.packets_uploaded += delta
+        delta, memo.packets_downloaded = _grow(memo.packets_downloaded, session.packets_downloaded)
+        outcome.packets_downloaded += delta
+        if ended and not memo.ended:
+            memo.ended = True
+            outcome.ended += 1
+            _observe_duration(outcome, session)
+
+    # Forget sessions that have left the listing for long enough (bounded memory).
+    if len(memos) > len(sessions):
+        gone = []
+        for sid, memo in memos.items():
+            if sid not in sessions:
+                memo.absent += 1
+                if memo.absent >= forget_after:
+                    gone.append(sid)
+        for sid in gone:
+            del memos[sid]
+        outcome.forgotten = len(gone)
+
+    account.baselined = True
+    account.started_total += outcome.started
+    account.ended_total += outcome.ended
+    account.packets_uploaded_total += outcome.packets_uploaded
+    account.packets_downloaded_total += outcome.packets_downloaded
+    account.open_sessions = sum(1 for s in sessions.values() if s.end is None)
+    _update_latest(account, sessions.values(), outcome)
+    return outcome
+
+
+def _observe_duration(outcome: ListingOutcome, session: DataSession) -> None:
+    start, end = _ts(session.start), _ts(session.end)
+    if start is not None and end is not None and end >= start:
+        outcome.durations.append((session.radio_link or "", end - start))
+
+
+def _update_latest(
+    account: SimAccount,
+    sessions: Iterable[DataSession],
+    outcome: ListingOutcome,
+) -> None:
+    latest: DataSession | None = None
+    latest_start: float | None = None
+    location: tuple[float, float] | None = None
+    location_start: float | None = None
+    newest_update: float | None = None
+    for session in sessions:
+        updated = _ts(session.last_updated)
+        if updated is not None and (newest_update is None or updated > newest_update):
+            newest_update = updated
+        start = _ts(session.start)
+        if start is None:
+            continue
+        if latest_start is None or start > latest_start:
+            latest, latest_start = session, start
+        loc = session.cell_location_estimate
+        if (
+            loc is not None
+            and loc.lat is not None
+            and loc.lon is not None
+            and (location_start is None or start > location_start)
+        ):
+            location, location_start = (loc.lat, loc.lon), start
+
+    if newest_update is not None and (
+        account.last_updated is None or newest_update > account.last_updated
+    ):
+        account.last_updated = newest_update
+
+    if (
+        location is not None
+        and location_start is not None
+        and (account.location_start is None or location_start >= account.location_start)
+    ):
+        account.location, account.location_start = location, location_start
+
+    if latest is None or latest_start is None:
+        return
+    if account.latest_start is not None and latest_start < account.latest_start:
+        return  # an older listing than what we already know (should not happen)
+    account.latest_start = latest_start
+    account.latest = SessionAttributes(
+        radio_link=latest.radio_link or "",
+        operator_name=latest.operator_name or "",
+        operator_country=latest.operator_country or "",
+        operator_mcc=latest.operator_mcc or "",
+        operator_mnc=latest.operator_mnc or "",
+        imei=latest.imei or "",
+    )
+    if latest.imei:
+        if account.last_imei is not None and latest.imei != account.last_imei:
+            account.imei_changes_total += 1
+            outcome.imei_changed = True
+        account.last_imei = latest.imei

@@ -1,0 +1,418 @@
+"""The only code that speaks HTTP to the Twilio (or KORE) Wireless API.
+
+Responsibilities: authentication headers, ``User-Agent``, paging by ``meta.next_page_url``,
+per-request timeouts, retries with exponential backoff and jitter (honouring ``Retry-After``),
+a global cap on in-flight requests and a requests-per-second limit, response size caps, and
+decoding pages into typed records. Every failure surfaces as one :class:`ApiError`.
+
+It knows nothing of Prometheus: counts and latencies go to an :class:`ApiObserver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, Final, Protocol, TypeVar
+from urllib.parse import urlencode, urlsplit
+
+import aiohttp
+import msgspec
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from . import __version__
+from .records import DataSession, DataSessionPage, Sim, SimPage, TwilioErrorBody
+
+log = logging.getLogger(__name__)
+
+USER_AGENT: Final = f"twilio-wireless-exporter/{__version__} (+aiohttp/{aiohttp.__version__})"
+
+# Endpoint templates used as metric label values.
+ENDPOINT_SIMS: Final = "sims"
+ENDPOINT_SIM: Final = "sim"
+ENDPOINT_DATA_SESSIONS: Final = "data_sessions"
+
+# Values of the ``code`` label for failures that have no HTTP status.
+CODE_TRANSPORT_ERROR: Final = "error"
+
+_ERROR_SNIPPET_CHARS: Final = 200
+_MAX_RETRY_AFTER: Final = 600.0
+
+
+class ApiError(Exception):
+    """A failed API call, after retries. ``kind`` says what went wrong.
+
+    kinds: ``http`` (non-2xx status), ``auth`` (401/403), ``timeout``, ``connection``,
+    ``decode`` (malformed JSON or a page of the wrong shape), ``too_large`` (response over the
+    size cap), ``too_many_pages`` (page cap reached), ``bad_next_page`` (a next_page_url that
+    points away from the configured API host).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        *,
+        endpoint: str,
+        status: int | None = None,
+        code: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.endpoint = endpoint
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+
+    @property
+    def retry_reason(self) -> str | None:
+        """The retry reason label when this error is worth retrying, else ``None``."""
+        if self.kind in ("timeout", "connection"):
+            return self.kind
+        if self.status == 429:
+            return "429"
+        if self.status is not None and 500 <= self.status <= 599:
+            return "5xx"
+        return None
+
+    def __str__(self) -> str:
+        parts = [f"{self.endpoint}: {self.message}"]
+        if self.status is not None:
+            parts.append(f"status={self.status}")
+        if self.code is not None:
+            parts.append(f"twilio_code={self.code}")
+        return " ".join(parts)
+
+
+class ApiObserver(Protocol):
+    """Receives one call per HTTP attempt and per retry (metrics live elsewhere)."""
+
+    def request_done(self, endpoint: str, code: str, duration: float) -> None: ...
+
+    def retry(self, endpoint: str, reason: str) -> None: ...
+
+
+class NullObserver:
+    def request_done(self, endpoint: str, code: str, duration: float) -> None:
+        return None
+
+    def retry(self, endpoint: str, reason: str) -> None:
+        return None
+
+
+class Authenticator(Protocol):
+    """Supplies the ``Authorization`` header; may renew credentials after a 401."""
+
+    async def authorization(self) -> str:
+        """The header value for the next request."""
+        ...
+
+    async def renew(self, rejected: str) -> bool:
+        """Called after a 401 for a request sent with ``rejected``.
+
+        Returns True when fresh credentials are available and the request is worth one more try.
+        """
+        ...
+
+
+class BasicAuthenticator:
+    """HTTP Basic with Account SID + Auth Token, or API key SID + secret."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self._header = aiohttp.BasicAuth(username, password).encode()
+
+    def __repr__(self) -> str:
+        return "BasicAuthenticator(<redacted>)"
+
+    async def authorization(self) -> str:
+        return self._header
+
+    async def renew(self, rejected: str) -> bool:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    base_url: str
+    timeout: float = 10.0
+    concurrency: int = 8
+    requests_per_second: float = 20.0
+    max_retries: int = 4
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    max_pages: int = 50
+    max_response_bytes: int = 16 * 1024 * 1024
+
+
+_T = TypeVar("_T", DataSessionPage, SimPage, Sim)
+_P = TypeVar("_P", DataSessionPage, SimPage)
+
+_DECODERS: Final[dict[type, msgspec.json.Decoder[Any]]] = {
+    DataSessionPage: msgspec.json.Decoder(DataSessionPage),
+    SimPage: msgspec.json.Decoder(SimPage),
+    Sim: msgspec.json.Decoder(Sim),
+}
+_ERROR_DECODER: Final = msgspec.json.Decoder(TwilioErrorBody)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """``Retry-After`` as seconds: delta-seconds or an HTTP date. Garbage → ``None``."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(0.0, seconds), _MAX_RETRY_AFTER)
+
+
+def describe_error_body(body: bytes) -> tuple[int | None, str]:
+    """Twilio code and a human message from an error body of any shape (Twilio, KORE, HTML)."""
+    try:
+        err = _ERROR_DECODER.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        err = None
+    if err is not None and err.message:
+        return err.code, err.message
+    try:
+        generic = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        generic = None
+    if isinstance(generic, dict):
+        for key in ("error_description", "message", "error", "detail", "title"):
+            value = generic.get(key)
+            if isinstance(value, str) and value:
+                code = generic.get("code")
+                return (code if isinstance(code, int) else None), value
+    text = body[:_ERROR_SNIPPET_CHARS].decode("utf-8", "replace")
+    text = " ".join(text.split())
+    return None, text or "(empty body)"
+
+
+class TwilioClient:
+    """Async client for the Wireless v1 list endpoints the exporter needs."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        auth: Authenticator,
+        settings: ClientSettings,
+        *,
+        observer: ApiObserver | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._session = session
+        self._auth = auth
+        self._settings = settings
+        self._base = settings.base_url.rstrip("/")
+        base_parts = urlsplit(self._base)
+        self._origin = (base_parts.scheme, base_parts.netloc)
+        self._observer: ApiObserver = observer or NullObserver()
+        self._sleep = sleep
+        self._rng = rng or random.Random()
+        self._semaphore = asyncio.Semaphore(settings.concurrency)
+        # Leaky bucket: bursts of at most a tenth of a second's worth of requests.
+        burst = max(1.0, settings.requests_per_second / 10.0)
+        self._limiter = AsyncLimiter(burst, burst / settings.requests_per_second)
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout)
+
+    @property
+    def settings(self) -> ClientSettings:
+        return self._settings
+
+    # ----------------------------------------------------------------- public API
+
+    async def list_data_sessions(self, sim_sid: str, page_size: int) -> list[DataSession]:
+        """Every DataSession the API lists for the SIM, following ``next_page_url``.
+
+        Pages may overlap or be unordered: de-duplication is the caller's job.
+        """
+        url = f"{self._base}/v1/Sims/{sim_sid}/DataSessions?" + urlencode({"PageSize": page_size})
+        sessions: list[DataSession] = []
+        async for page in self._pages(url, DataSessionPage, ENDPOINT_DATA_SESSIONS):
+            sessions.extend(page.data_sessions)
+        return sessions
+
+    async def list_sims(self, statuses: Sequence[str], page_size: int) -> list[Sim]:
+        """Every SIM of the account with one of ``statuses`` (all SIMs when empty)."""
+        sims: dict[str, Sim] = {}
+        status_filters: list[str | None] = list(statuses) or [None]
+        for status in status_filters:
+            query: dict[str, str | int] = {"PageSize": page_size}
+            if status is not None:
+                query["Status"] = status
+            url = f"{self._base}/v1/Sims?" + urlencode(query)
+            async for page in self._pages(url, SimPage, ENDPOINT_SIMS):
+                for sim in page.sims:
+                    sims[sim.sid] = sim
+        return list(sims.values())
+
+    async def fetch_sim(self, sim_sid: str) -> Sim:
+        return await self._get(f"{self._base}/v1/Sims/{sim_sid}", Sim, ENDPOINT_SIM)
+
+    # ----------------------------------------------------------------- internals
+
+    async def _pages(self, url: str, kind: type[_P], endpoint: str) -> AsyncIterator[_P]:
+        """Pages of one listing, following ``next_page_url``, at most ``max_pages`` of them."""
+        next_url: str | None = url
+        count = 0
+        while next_url is not None:
+            if count >= self._settings.max_pages:
+                raise ApiError(
+                    "too_many_pages",
+                    f"listing has more than {self._settings.max_pages} pages (poll.max_pages)",
+                    endpoint=endpoint,
+                )
+            page = await self._get(next_url, kind, endpoint)
+            count += 1
+            yield page
+            nxt = page.meta.next_page_url
+            next_url = self._check_next_url(nxt, endpoint) if nxt else None
+
+    def _check_next_url(self, url: str, endpoint: str) -> str:
+        parts = urlsplit(url)
+        if (parts.scheme, parts.netloc) != self._origin:
+            # Never send credentials to a host we were not configured for.
+            raise ApiError(
+                "bad_next_page",
+                f"next_page_url points to another origin ({parts.scheme}://{parts.netloc})",
+                endpoint=endpoint,
+            )
+        return url
+
+    async def _get(self, url: str, kind: type[_T], endpoint: str) -> _T:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._settings.max_retries + 1),
+            retry=retry_if_exception(_is_retryable),
+            wait=self._wait,
+            before_sleep=self._before_sleep,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        result: _T = await retrying(self._attempt, url, kind, endpoint)
+        return result
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Full-jitter exponential backoff, never shorter than ``Retry-After``."""
+        attempt = state.attempt_number  # 1 after the first failure
+        ceiling = min(
+            self._settings.backoff_max, self._settings.backoff_initial * 2 ** (attempt - 1)
+        )
+        delay = self._rng.uniform(ceiling / 2, ceiling)
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, ApiError) and exc.retry_after is not None:
+            delay = max(delay, exc.retry_after)
+        return delay
+
+    def _before_sleep(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, ApiError):
+            reason = exc.retry_reason or "other"
+            self._observer.retry(exc.endpoint, reason)
+            log.debug(
+                "retrying %s after %s (attempt %d, waiting %.2fs)",
+                exc.endpoint,
+                reason,
+                state.attempt_number,
+                state.upcoming_sleep,
+            )
+
+    async def _attempt(self, url: str, kind: type[_T], endpoint: str) -> _T:
+        header = await self._auth.authorization()
+        status, body, retry_after = await self._send(url, header, endpoint)
+        if status == 401 and await self._auth.renew(header):
+            # Credentials were renewed (e.g. an expired OAuth2 token): one more try.
+            header = await self._auth.authorization()
+            status, body, retry_after = await self._send(url, header, endpoint)
+        if status == 200:
+            try:
+                decoded: _T = _DECODERS[kind].decode(body)
+                return decoded
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise ApiError(
+                    "decode", f"malformed response: {exc}", endpoint=endpoint, status=status
+                ) from None
+        code, message = describe_error_body(body)
+        kind_name = "auth" if status in (401, 403) else "http"
+        raise ApiError(
+            kind_name,
+            message,
+            endpoint=endpoint,
+            status=status,
+            code=code,
+            retry_after=retry_after,
+        )
+
+    async def _send(self, url: str, header: str, endpoint: str) -> tuple[int, bytes, float | None]:
+        """One HTTP GET under the concurrency and rate limits. Returns status, body, Retry-After."""
+        headers = {
+            "Authorization": header,
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+        }
+        async with self._semaphore:
+            await self._limiter.acquire()
+            started = time.perf_counter()
+            code_label = CODE_TRANSPORT_ERROR
+            try:
+                async with self._session.get(
+                    url, headers=headers, timeout=self._timeout, allow_redirects=False
+                ) as resp:
+                    code_label = str(resp.status)
+                    body = await self._read_body(resp, endpoint)
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    return resp.status, body, retry_after
+            except TimeoutError:
+                code_label = CODE_TRANSPORT_ERROR
+                raise ApiError(
+                    "timeout", f"no response within {self._settings.timeout:g}s", endpoint=endpoint
+                ) from None
+            except aiohttp.ClientError as exc:
+                code_label = CODE_TRANSPORT_ERROR
+                raise ApiError(
+                    "connection", f"{type(exc).__name__}: {exc}", endpoint=endpoint
+                ) from None
+            finally:
+                self._observer.request_done(endpoint, code_label, time.perf_counter() - started)
+
+    async def _read_body(self, resp: aiohttp.ClientResponse, endpoint: str) -> bytes:
+        limit = self._settings.max_response_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise ApiError(
+                "too_large",
+                f"response of {resp.content_length} bytes exceeds the {limit}-byte cap",
+                endpoint=endpoint,
+                status=resp.status,
+            )
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(
+                    "too_large",
+                    f"response exceeds the {limit}-byte cap",
+                    endpoint=endpoint,
+                    status=resp.status,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, ApiError) and exc.retry_reason is not None
