@@ -1,0 +1,309 @@
+"""Scheduling: when each SIM is polled, SIM discovery, and handing listings to accounting.
+
+* The first poll of every SIM starts at once; after that SIM ``s`` is polled on the slots
+  ``anchor + offset(s) + k * interval`` (k >= 1), where ``offset`` is a stable hash of the SID
+  spread over one interval: 10,000 SIMs do not fire together, and each SIM keeps its rhythm.
+* Each poll is its own task, so a slow or failing SIM never delays the others; a SIM whose
+  previous poll is still running skips a slot instead of piling up requests.
+* The client enforces the global concurrency and requests-per-second limits.
+* Time comes from an injected :class:`~twilio_wireless_exporter.clock.Clock`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import heapq
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .accounting import DEFAULT_FORGET_AFTER, apply_listing
+from .client import ApiError, TwilioClient
+from .clock import Clock, SystemClock
+from .records import Sim
+from .state import FleetState
+
+log = logging.getLogger(__name__)
+
+_DISCOVERY_RETRY = 60.0
+_AUTH_LOG_EVERY = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimTarget:
+    """A SIM from the static configuration."""
+
+    sid: str
+    name: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PollerSettings:
+    interval: float = 60.0
+    page_size: int = 100
+    discovery: bool = False
+    discovery_statuses: tuple[str, ...] = ("active",)
+    discovery_interval: float = 600.0
+    forget_after: int = DEFAULT_FORGET_AFTER
+    fetch_identity: bool = True
+    """Fetch ``/v1/Sims/{sid}`` for configured SIMs that discovery does not cover."""
+
+
+class PollObserver(Protocol):
+    def poll_error(self, kind: str) -> None: ...
+
+
+def sim_offset(sid: str) -> float:
+    """A stable number in [0, 1) derived from the SID (spreads polls over the interval)."""
+    digest = hashlib.blake2b(sid.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+class Poller:
+    def __init__(
+        self,
+        client: TwilioClient,
+        state: FleetState,
+        targets: Sequence[SimTarget],
+        settings: PollerSettings,
+        *,
+        clock: Clock | None = None,
+        observer: PollObserver | None = None,
+    ) -> None:
+        self._client = client
+        self._state = state
+        self._targets = {t.sid: t for t in targets}
+        self._settings = settings
+        self._clock: Clock = clock or SystemClock()
+        self._observer = observer
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._wake = asyncio.Event()
+        self._anchor = 0.0
+        self._discovered_once = not settings.discovery
+        self._last_auth_log = -math.inf
+        for target in targets:
+            state.ensure(target.sid, target.labels, target.name)
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def ready(self) -> bool:
+        """True once discovery (if any) ran and every SIM has been polled once."""
+        return self._discovered_once and self._state.all_polled()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    # ------------------------------------------------------------------ one-shot operations
+
+    async def poll_sim(self, sid: str) -> bool:
+        """Poll one SIM now and fold the result into the state. Never raises ApiError."""
+        try:
+            sessions = await self._client.list_data_sessions(sid, self._settings.page_size)
+        except ApiError as exc:
+            self._failed(sid, exc)
+            return False
+        record = self._state.sims.get(sid)
+        if record is None:  # removed while we were polling
+            return False
+        outcome = apply_listing(record.account, sessions, forget_after=self._settings.forget_after)
+        self._state.record_success(sid, outcome, self._clock.time())
+        if outcome.started or outcome.ended or outcome.imei_changed:
+            log.debug(
+                "sim %s: %d started, %d ended, imei changed: %s",
+                sid,
+                outcome.started,
+                outcome.ended,
+                outcome.imei_changed,
+            )
+        return True
+
+    async def poll_all(self) -> None:
+        """Poll every known SIM once, concurrently, and wait for all of them."""
+        await asyncio.gather(*(self.poll_sim(sid) for sid in list(self._state.sims)))
+
+    async def refresh_sims(self) -> bool:
+        """Discover SIMs and/or refresh what ``/v1/Sims`` says about them. True on success."""
+        ok = True
+        discovered: dict[str, Sim] = {}
+        if self._settings.discovery:
+            try:
+                sims = await self._client.list_sims(
+                    self._settings.discovery_statuses, min(self._settings.page_size, 1000)
+                )
+            except ApiError as exc:
+                self._report(exc, "SIM discovery failed")
+                return False
+            discovered = {sim.sid: sim for sim in sims}
+            wanted = set(self._targets) | set(discovered)
+            for sid in discovered:
+                target = self._targets.get(sid)
+                if target is not None:
+                    self._state.ensure(sid, target.labels, target.name)
+                elif sid not in self._state.sims:
+                    self._state.ensure(sid)
+            dropped = self._state.retain(wanted)
+            if dropped:
+                log.info("discovery: %d SIMs no longer listed, stopped polling them", len(dropped))
+            self._schedule_new()
+            self._discovered_once = True
+        for sim in discovered.values():
+            self._set_identity(sim)
+        if self._settings.fetch_identity:
+            missing = [sid for sid in self._targets if sid not in discovered]
+            results = await asyncio.gather(
+                *(self._client.fetch_sim(sid) for sid in missing), return_exceptions=True
+            )
+            for sid, result in zip(missing, results, strict=True):
+                if isinstance(result, Sim):
+                    self._set_identity(result)
+                elif isinstance(result, ApiError):
+                    ok = False
+                    self._report(result, f"cannot read SIM {sid}")
+                elif isinstance(result, BaseException):
+                    raise result
+        return ok
+
+    # ------------------------------------------------------------------ the long-running loop
+
+    async def run(self) -> None:
+        """Poll forever (until cancelled). Cancellation stops every in-flight poll."""
+        self._anchor = self._clock.monotonic()
+        refresher = asyncio.create_task(self._refresh_loop(), name="sim-refresh")
+        try:
+            if self._settings.discovery and not self._discovered_once:
+                # The SIM list comes from discovery; polls start as soon as it is known.
+                await self._wait_for_discovery()
+            self._schedule_new(initial=True)
+            await self._schedule_loop()
+        finally:
+            refresher.cancel()
+            tasks = [refresher, *self._inflight.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._inflight.clear()
+
+    async def _wait_for_discovery(self) -> None:
+        while not self._discovered_once:
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            ok = await self.refresh_sims()
+            if self._settings.discovery and ok:
+                self._wake.set()
+            delay = self._settings.discovery_interval
+            if not ok:
+                delay = min(delay, _DISCOVERY_RETRY)
+            await self._clock.sleep(delay)
+
+    def _schedule_new(self, *, initial: bool = False) -> None:
+        """Put SIMs that have no slot yet on the heap, due now (their first poll)."""
+        scheduled = {sid for _, sid in self._heap} | set(self._inflight)
+        now = self._clock.monotonic()
+        added = False
+        for sid in self._state.sims:
+            if sid not in scheduled:
+                heapq.heappush(self._heap, (now, sid))
+                added = True
+        if added and not initial:
+            self._wake.set()
+
+    def next_slot(self, sid: str, now: float) -> float:
+        """The first slot of ``sid`` strictly after ``now`` (and after its first poll)."""
+        interval = self._settings.interval
+        base = self._anchor + sim_offset(sid) * interval
+        k = max(1, math.floor((now - base) / interval) + 1)
+        return base + k * interval
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            now = self._clock.monotonic()
+            while self._heap and self._heap[0][0] <= now:
+                _, sid = heapq.heappop(self._heap)
+                if sid not in self._state.sims:
+                    continue  # no longer monitored
+                if sid not in self._inflight:
+                    self._inflight[sid] = asyncio.create_task(self._poll_task(sid), name=sid)
+                else:
+                    heapq.heappush(self._heap, (self.next_slot(sid, now), sid))
+            self._wake.clear()
+            delay = self._heap[0][0] - now if self._heap else None
+            await self._sleep_or_wake(delay)
+
+    async def _poll_task(self, sid: str) -> None:
+        try:
+            await self.poll_sim(sid)
+        except Exception:  # a bug must not kill the scheduler; it is logged and counted
+            log.exception("unexpected error while polling SIM %s", sid)
+            self._state.record_failure(sid, "internal error", self._clock.time())
+            if self._observer is not None:
+                self._observer.poll_error("internal")
+        finally:
+            self._inflight.pop(sid, None)
+            if sid in self._state.sims:
+                heapq.heappush(self._heap, (self.next_slot(sid, self._clock.monotonic()), sid))
+                self._wake.set()
+
+    async def _sleep_or_wake(self, delay: float | None) -> None:
+        waiter = asyncio.create_task(self._wake.wait())
+        tasks: set[asyncio.Task[object]] = {waiter}
+        if delay is not None:
+            tasks.add(asyncio.create_task(self._clock.sleep(delay)))
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    # ------------------------------------------------------------------ helpers
+
+    def _set_identity(self, sim: Sim) -> None:
+        self._state.set_identity(
+            sim.sid,
+            unique_name=sim.unique_name,
+            friendly_name=sim.friendly_name,
+            status=sim.status,
+            rate_plan_sid=sim.rate_plan_sid,
+        )
+
+    def _failed(self, sid: str, exc: ApiError) -> None:
+        record = self._state.sims.get(sid)
+        was_up = record is not None and record.up is not False
+        self._state.record_failure(sid, str(exc), self._clock.time())
+        if self._observer is not None:
+            self._observer.poll_error(exc.kind)
+        if exc.kind == "auth":
+            self._report(exc, f"polling SIM {sid} failed")
+        elif was_up:
+            log.warning("polling SIM %s failed: %s", sid, exc)
+        else:
+            log.debug("polling SIM %s failed again: %s", sid, exc)
+
+    def _report(self, exc: ApiError, what: str) -> None:
+        if exc.kind == "auth":
+            now = self._clock.monotonic()
+            if now - self._last_auth_log >= _AUTH_LOG_EVERY:
+                self._last_auth_log = now
+                log.error(
+                    "%s: the Twilio API rejected our credentials (HTTP %s, code %s: %s);"
+                    " check the account SID / auth token or API key",
+                    what,
+                    exc.status,
+                    exc.code,
+                    exc.message,
+                )
+            return
+        log.warning("%s: %s", what, exc)

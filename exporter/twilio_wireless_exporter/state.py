@@ -1,0 +1,190 @@
+"""What the poller has learned: per-SIM records and fleet-wide aggregates.
+
+The poller is the only writer; the exposition layer only reads. Every change bumps a SIM's
+``version`` so renderers can cache per-SIM output and redo only what changed.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .accounting import ListingOutcome, SimAccount
+
+SESSION_DURATION_BUCKETS: tuple[float, ...] = (
+    60.0,
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+    2 * 3600.0,
+    6 * 3600.0,
+    12 * 3600.0,
+    86400.0,
+    2 * 86400.0,
+    4 * 86400.0,
+    7 * 86400.0,
+)
+
+
+@dataclass(slots=True)
+class SimIdentity:
+    """What is known about a SIM besides its sessions (config and ``/v1/Sims``)."""
+
+    name: str = ""
+    unique_name: str = ""
+    friendly_name: str = ""
+    status: str = ""
+    rate_plan_sid: str = ""
+
+    @property
+    def display_name(self) -> str:
+        """The configured name, else the friendly name, else the unique name ("" if none)."""
+        return self.name or self.friendly_name or self.unique_name
+
+
+@dataclass(slots=True)
+class SimRecord:
+    sid: str
+    labels: tuple[tuple[str, str], ...] = ()
+    identity: SimIdentity = field(default_factory=SimIdentity)
+    account: SimAccount = field(default_factory=SimAccount)
+    up: bool | None = None
+    """``None`` until the first poll finished, then whether the latest poll succeeded."""
+    last_success: float | None = None
+    last_attempt: float | None = None
+    last_error: str | None = None
+    version: int = 0
+
+
+@dataclass(slots=True)
+class Histogram:
+    """A cumulative-at-render histogram: per-bucket counts, sum and count."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """``(upper bound, cumulative count)`` pairs, ending with ``+Inf``."""
+        out: list[tuple[float, int]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        return out
+
+
+class FleetState:
+    """All SIM records plus the fleet-wide session duration histogram."""
+
+    def __init__(self) -> None:
+        self.sims: dict[str, SimRecord] = {}
+        self.durations: dict[str, Histogram] = {}
+        self.version = 0
+
+    # ------------------------------------------------------------------ membership
+
+    def ensure(
+        self, sid: str, labels: Mapping[str, str] | None = None, name: str = ""
+    ) -> SimRecord:
+        """The record of ``sid``, created if new; configured labels and name are (re)applied."""
+        record = self.sims.get(sid)
+        if record is None:
+            record = SimRecord(sid=sid)
+            self.sims[sid] = record
+            self._touch(record)
+        new_labels = tuple(sorted((labels or {}).items()))
+        if new_labels != record.labels or name != record.identity.name:
+            record.labels = new_labels
+            record.identity.name = name
+            self._touch(record)
+        return record
+
+    def retain(self, sids: Iterable[str]) -> list[str]:
+        """Drop every SIM not in ``sids`` (e.g. removed from discovery); returns the dropped."""
+        keep = set(sids)
+        dropped = [sid for sid in self.sims if sid not in keep]
+        for sid in dropped:
+            del self.sims[sid]
+        if dropped:
+            self.version += 1
+        return dropped
+
+    # ------------------------------------------------------------------ updates
+
+    def set_identity(
+        self,
+        sid: str,
+        *,
+        unique_name: str | None,
+        friendly_name: str | None,
+        status: str | None,
+        rate_plan_sid: str | None,
+    ) -> None:
+        record = self.sims.get(sid)
+        if record is None:
+            return
+        ident = record.identity
+        new = (unique_name or "", friendly_name or "", status or "", rate_plan_sid or "")
+        if new != (ident.unique_name, ident.friendly_name, ident.status, ident.rate_plan_sid):
+            ident.unique_name, ident.friendly_name, ident.status, ident.rate_plan_sid = new
+            self._touch(record)
+
+    def record_success(self, sid: str, outcome: ListingOutcome, now: float) -> None:
+        record = self.sims.get(sid)
+        if record is None:
+            return
+        record.up = True
+        record.last_success = now
+        record.last_attempt = now
+        record.last_error = None
+        for radio_link, seconds in outcome.durations:
+            hist = self.durations.get(radio_link)
+            if hist is None:
+                hist = self.durations[radio_link] = Histogram(SESSION_DURATION_BUCKETS)
+            hist.observe(seconds)
+        self._touch(record)
+
+    def record_failure(self, sid: str, error: str, now: float) -> None:
+        record = self.sims.get(sid)
+        if record is None:
+            return
+        changed = record.up is not False
+        record.up = False
+        record.last_attempt = now
+        record.last_error = error
+        if changed:
+            self._touch(record)
+
+    def _touch(self, record: SimRecord) -> None:
+        record.version += 1
+        self.version += 1
+
+    # ------------------------------------------------------------------ summaries
+
+    def counts(self) -> tuple[int, int, int, int]:
+        """(monitored, up, down, never polled)."""
+        up = down = pending = 0
+        for record in self.sims.values():
+            if record.up is None:
+                pending += 1
+            elif record.up:
+                up += 1
+            else:
+                down += 1
+        return len(self.sims), up, down, pending
+
+    def all_polled(self) -> bool:
+        return all(record.up is not None for record in self.sims.values())

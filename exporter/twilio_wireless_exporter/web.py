@@ -1,0 +1,138 @@
+"""The HTTP face of the exporter: ``/metrics``, the landing page and health endpoints.
+
+Scrapes never wait on the Twilio API: they render what the poller last stored.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from . import __version__
+from .state import FleetState
+
+
+@dataclass(frozen=True, slots=True)
+class WebContext:
+    state: FleetState
+    registry: CollectorRegistry
+    is_ready: Callable[[], bool]
+    api_base_url: str
+
+
+CONTEXT_KEY: web.AppKey[WebContext] = web.AppKey("context", WebContext)
+
+_GZIP_LEVEL = 1
+
+
+def _accepts_gzip(request: web.Request) -> bool:
+    """Whether ``Accept-Encoding`` allows gzip (a ``q=0`` weight refuses it)."""
+    for part in request.headers.get("Accept-Encoding", "").split(","):
+        token, *params = (p.strip() for p in part.split(";"))
+        if token.lower() not in ("gzip", "*"):
+            continue
+        weight = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        return weight > 0
+    return False
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT_KEY]
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(ctx.registry)
+    headers = {"Content-Type": content_type, "Cache-Control": "no-store"}
+    if _accepts_gzip(request):
+        body = gzip.compress(body, compresslevel=_GZIP_LEVEL)
+        headers["Content-Encoding"] = "gzip"
+    return web.Response(body=body, headers=headers)
+
+
+async def healthy(_: web.Request) -> web.Response:
+    return web.Response(text="Healthy\n")
+
+
+async def ready(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT_KEY]
+    if ctx.is_ready():
+        return web.Response(text="Ready\n")
+    monitored, _, _, pending = ctx.state.counts()
+    return web.Response(
+        status=503,
+        text=f"Not ready: {monitored - pending} of {monitored} SIMs polled at least once\n",
+    )
+
+
+def _ago(now: float, then: float | None) -> str:
+    if then is None:
+        return "never"
+    return f"{max(0.0, now - then):.0f}s ago"
+
+
+async def landing(request: web.Request) -> web.Response:
+    ctx = request.app[CONTEXT_KEY]
+    monitored, up, down, pending = ctx.state.counts()
+    successes = [r.last_success for r in ctx.state.sims.values() if r.last_success is not None]
+    now = time.time()
+    newest = max(successes) if successes else None
+    oldest = min(successes) if successes else None
+    rows = [
+        ("SIMs monitored", str(monitored)),
+        ("SIMs up (latest poll succeeded)", str(up)),
+        ("SIMs down (latest poll failed)", str(down)),
+        ("SIMs not polled yet", str(pending)),
+        ("Newest successful poll", _ago(now, newest)),
+        ("Oldest latest successful poll", _ago(now, oldest)),
+        ("Ready", "yes" if ctx.is_ready() else "no"),
+        ("Twilio API", ctx.api_base_url),
+    ]
+    table = "\n".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en">
+<head><meta charset="utf-8"><title>Twilio Wireless Exporter</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ text-align: left; padding: 0.2em 1em 0.2em 0; }}
+</style></head>
+<body>
+<h1>Twilio Wireless Exporter</h1>
+<p>Version {html.escape(__version__)}.
+Prometheus exporter for Programmable Wireless data sessions.</p>
+<ul>
+<li><a href="metrics">Metrics</a></li>
+<li><a href="-/healthy">Health</a> &middot; <a href="-/ready">Readiness</a></li>
+</ul>
+<h2>Fleet status</h2>
+<table>
+{table}
+</table>
+</body>
+</html>
+"""
+    return web.Response(text=page, content_type="text/html")
+
+
+def make_app(ctx: WebContext) -> web.Application:
+    app = web.Application()
+    app[CONTEXT_KEY] = ctx
+    app.router.add_get("/", landing)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/-/healthy", healthy)
+    app.router.add_get("/-/ready", ready)
+    return app
