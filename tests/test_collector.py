@@ -1,0 +1,164 @@
+"""Exposition of the fleet state: exact values, absent data, escaping, promtool."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.test_accounting import T0, session
+from twilio_wireless_exporter.accounting import apply_listing
+from twilio_wireless_exporter.collector import build_registry
+from twilio_wireless_exporter.records import CellLocation
+from twilio_wireless_exporter.state import FleetState
+
+SID_A = "DE" + "a" * 32
+SID_B = "DE" + "b" * 32
+
+
+def render(state: FleetState, *, imei_label: bool = False) -> str:
+    registry, _ = build_registry(state, imei_label=imei_label)
+    return generate_latest(registry).decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    return samples(text).get((name, frozenset(labels.items())))
+
+
+def polled_state() -> FleetState:
+    state = FleetState()
+    rec = state.ensure(SID_A, {"site": "berlin"}, "pump-17")
+    state.set_identity(
+        SID_A, unique_name="sim-a", friendly_name=None, status="active", rate_plan_sid="WP1"
+    )
+    apply_listing(rec.account, [session("WN1", up=10, down=5, imei="490154203237518")])
+    out = apply_listing(
+        rec.account,
+        [
+            session("WN1", up=12, down=9, end=3600, imei="490154203237518"),
+            session(
+                "WN2",
+                start=4000,
+                up=3,
+                down=1,
+                updated=4100,
+                loc=CellLocation(lat=52.52, lon=13.405),
+                imei="356938035643809",
+                radio="LTE-M",
+            ),
+        ],
+    )
+    state.record_success(SID_A, out, now=T0 + 5000)
+    state.ensure(SID_B)  # never polled
+    return state
+
+
+def test_exact_values_of_a_polled_sim() -> None:
+    text = render(polled_state())
+    base = {"sim_sid": SID_A, "site": "berlin"}
+    assert value(text, "twilio_wireless_sim_data_sessions_open", **base) == 1
+    assert value(text, "twilio_wireless_sim_data_sessions_started_total", **base) == 1
+    assert value(text, "twilio_wireless_sim_data_sessions_ended_total", **base) == 1
+    assert value(text, "twilio_wireless_sim_packets_uploaded_total", **base) == 2 + 3
+    assert value(text, "twilio_wireless_sim_packets_downloaded_total", **base) == 4 + 1
+    assert value(text, "twilio_wireless_sim_imei_changes_total", **base) == 1
+    assert value(text, "twilio_wireless_sim_up", **base) == 1
+    assert (
+        value(text, "twilio_wireless_sim_last_poll_success_timestamp_seconds", **base) == T0 + 5000
+    )
+    assert (
+        value(text, "twilio_wireless_sim_last_session_start_timestamp_seconds", **base) == T0 + 4000
+    )
+    assert value(text, "twilio_wireless_sim_last_updated_timestamp_seconds", **base) == T0 + 4100
+    assert value(text, "twilio_wireless_sim_cell_latitude_degrees", **base) == 52.52
+    assert value(text, "twilio_wireless_sim_cell_longitude_degrees", **base) == 13.405
+    info = {
+        **base,
+        "sim_name": "pump-17",
+        "unique_name": "sim-a",
+        "friendly_name": "",
+        "status": "active",
+        "rate_plan_sid": "WP1",
+    }
+    assert value(text, "twilio_wireless_sim_info", **info) == 1
+    session_info = {
+        **base,
+        "radio_link": "LTE-M",
+        "operator_name": "Telekom",
+        "operator_country": "DEU",
+        "operator_mcc": "262",
+        "operator_mnc": "01",
+    }
+    assert value(text, "twilio_wireless_sim_session_info", **session_info) == 1
+    assert value(text, "twilio_wireless_sims_monitored") == 2
+    # one session ended after the baseline: 3600 s, radio link LTE
+    hist = "twilio_wireless_data_session_duration_seconds"
+    assert value(text, hist + "_count", radio_link="LTE") == 1
+    assert value(text, hist + "_sum", radio_link="LTE") == 3600
+    assert value(text, hist + "_bucket", radio_link="LTE", le="1800.0") == 0
+    assert value(text, hist + "_bucket", radio_link="LTE", le="3600.0") == 1
+    assert value(text, hist + "_bucket", radio_link="LTE", le="+Inf") == 1
+
+
+def test_absent_data_is_absent_not_zero() -> None:
+    text = render(polled_state())
+    names_for_b = {name for (name, labels) in samples(text) if ("sim_sid", SID_B) in labels}
+    assert names_for_b == {"twilio_wireless_sim_info"}
+
+
+def test_imei_label_only_on_opt_in() -> None:
+    assert 'imei="' not in render(polled_state())
+    text = render(polled_state(), imei_label=True)
+    assert 'imei="356938035643809"' in text
+
+
+def test_every_family_has_help_saying_values_are_cached() -> None:
+    text = render(polled_state())
+    helps = [line for line in text.splitlines() if line.startswith("# HELP twilio_wireless_sim_")]
+    assert helps
+    cached = [
+        h
+        for h in helps
+        if "sim_up " not in h and "last_poll_success" not in h and "sim_info" not in h
+    ]
+    assert all("Cached from the exporter's latest poll" in h for h in cached)
+
+
+def test_hostile_label_values_are_escaped() -> None:
+    state = FleetState()
+    rec = state.ensure(SID_A, name='evil "name"\nwith newline \\ and ünïcödé')
+    apply_listing(rec.account, [session("WN1", operator='Op "quoted"\n\\ 📶')])
+    state.record_success(SID_A, apply_listing(rec.account, []), now=T0)
+    text = render(state)
+    parsed = samples(text)
+    names = {dict(labels).get("sim_name") for (name, labels) in parsed if "sim_info" in name}
+    assert 'evil "name"\nwith newline \\ and ünïcödé' in names
+    operators = {dict(labels).get("operator_name") for (name, labels) in parsed}
+    assert 'Op "quoted"\n\\ 📶' in operators
+    # one sample per line: no raw newline leaked into the exposition
+    assert all(line.startswith(("#", "twilio_wireless_")) for line in text.splitlines())
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_promtool_check_metrics_is_clean() -> None:
+    result = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=render(polled_state()).encode(),
+        capture_output=True,
+        check=False,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == b""
+    assert result.stderr.strip() == b""
