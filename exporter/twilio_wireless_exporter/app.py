@@ -1,0 +1,159 @@
+"""Wiring: validated config in, a running exporter (client, poller, state, web app) out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from .client import Authenticator, BasicAuthenticator, ClientSettings, TwilioClient
+from .clock import Clock, SystemClock
+from .collector import build_registry
+from .config import BasicCredentials, Config
+from .poller import Poller, PollerSettings, SimTarget
+from .state import FleetState
+from .web import WebContext, make_app
+
+log = logging.getLogger(__name__)
+
+
+def client_settings(config: Config) -> ClientSettings:
+    poll = config.poll
+    return ClientSettings(
+        base_url=config.twilio.base_url,
+        timeout=config.twilio.timeout,
+        concurrency=poll.concurrency,
+        requests_per_second=poll.requests_per_second,
+        max_retries=poll.max_retries,
+        backoff_initial=poll.backoff_initial,
+        backoff_max=poll.backoff_max,
+        max_pages=poll.max_pages,
+        max_response_bytes=poll.max_response_bytes,
+    )
+
+
+def poller_settings(config: Config) -> PollerSettings:
+    return PollerSettings(
+        interval=config.poll.interval,
+        page_size=config.poll.page_size,
+        discovery=config.discovery.enabled,
+        discovery_statuses=tuple(config.discovery.status),
+        discovery_interval=config.discovery.refresh_interval,
+    )
+
+
+def sim_targets(config: Config) -> list[SimTarget]:
+    return [SimTarget(sid=s.sid, name=s.name or "", labels=dict(s.labels)) for s in config.sims]
+
+
+def make_authenticator(config: Config, session: aiohttp.ClientSession) -> Authenticator:
+    creds = config.twilio.credentials
+    if isinstance(creds, BasicCredentials):
+        return BasicAuthenticator(creds.username, creds.password.get_secret_value())
+    raise NotImplementedError("OAuth2 client credentials are not supported yet")
+
+
+class Exporter:
+    """One exporter instance: owns the HTTP session, the poller task and the state."""
+
+    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.state = FleetState()
+        self.registry, self.api_metrics = build_registry(
+            self.state, imei_label=config.metrics.imei_label
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._client: TwilioClient | None = None
+        self._poller: Poller | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def poller(self) -> Poller:
+        if self._poller is None:
+            raise RuntimeError("exporter not started")
+        return self._poller
+
+    @property
+    def client(self) -> TwilioClient:
+        if self._client is None:
+            raise RuntimeError("exporter not started")
+        return self._client
+
+    def is_ready(self) -> bool:
+        return self._poller is not None and self._poller.ready
+
+    async def open(self) -> None:
+        """Create the HTTP session, client and poller without starting to poll."""
+        settings = client_settings(self.config)
+        connector = aiohttp.TCPConnector(limit=settings.concurrency + 4, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
+        self._client = TwilioClient(
+            self._session,
+            make_authenticator(self.config, self._session),
+            settings,
+            observer=self.api_metrics,
+        )
+        self._poller = Poller(
+            self._client,
+            self.state,
+            sim_targets(self.config),
+            poller_settings(self.config),
+            clock=self.clock,
+            observer=self.api_metrics,
+        )
+
+    async def start(self) -> None:
+        """Open (if needed) and start the background poller."""
+        if self._poller is None:
+            await self.open()
+        self._task = asyncio.create_task(self.poller.run(), name="poller")
+        self._task.add_done_callback(_log_crash)
+        log.info(
+            "polling %d configured SIMs%s every %gs from %s",
+            len(self.config.sims),
+            " plus discovered SIMs" if self.config.discovery.enabled else "",
+            self.config.poll.interval,
+            self.config.twilio.base_url,
+        )
+
+    async def stop(self) -> None:
+        """Cancel in-flight polls and close the HTTP session."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def web_context(self) -> WebContext:
+        return WebContext(
+            state=self.state,
+            registry=self.registry,
+            is_ready=self.is_ready,
+            api_base_url=self.config.twilio.base_url,
+        )
+
+    def web_app(self) -> web.Application:
+        """The aiohttp app; polling starts and stops with it."""
+        app = make_app(self.web_context())
+
+        async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+            await self.start()
+            yield
+            await self.stop()
+
+        app.cleanup_ctx.append(lifecycle)
+        return app
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        log.critical("the poller stopped unexpectedly", exc_info=exc)

@@ -1,0 +1,232 @@
+"""Command line: argument parsing, logging set-up and wiring. Thin on purpose."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .app import Exporter
+from .config import Config, ConfigError, config_from_mapping, load_config
+
+DEFAULT_PORT = 10311
+DEFAULT_LISTEN = f":{DEFAULT_PORT}"
+EXIT_CONFIG = 2
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+log = logging.getLogger("twilio_wireless_exporter")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
+            )
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's access log at info would log every scrape; keep it for debug.
+    logging.getLogger("aiohttp.access").setLevel(
+        logging.DEBUG if level == "debug" else logging.WARNING
+    )
+
+
+def parse_listen_address(value: str) -> tuple[str | None, int]:
+    """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[IPv6]:PORT``."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: port must be a number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r}: port must be between 0 and 65535")
+    host = host.strip("[]")
+    return (host or None), port
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="twilio-wireless-exporter",
+        description="Prometheus exporter for Twilio / KORE Programmable Wireless data sessions.",
+        epilog="Run 'twilio-wireless-exporter simulate --help' for the built-in API simulator.",
+    )
+    parser.add_argument("--config", type=Path, help="YAML configuration file")
+    parser.add_argument(
+        "--web.listen-address",
+        dest="listen",
+        type=parse_listen_address,
+        default=parse_listen_address(DEFAULT_LISTEN),
+        metavar="HOST:PORT",
+        help=f"address to serve /metrics on (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration and exit (0 valid, 2 invalid)",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run against the built-in Twilio Wireless simulator (no account needed)",
+    )
+    parser.add_argument("--demo.sims", dest="demo_sims", type=int, default=50, metavar="N")
+    parser.add_argument(
+        "--demo.speed",
+        dest="demo_speed",
+        type=float,
+        default=60.0,
+        metavar="X",
+        help="simulated seconds per real second in demo mode (default 60)",
+    )
+    parser.add_argument("--demo.seed", dest="demo_seed", type=int, default=1, metavar="SEED")
+    parser.add_argument(
+        "--log.level",
+        dest="log_level",
+        choices=["debug", "info", "warning", "error"],
+        default="info",
+    )
+    parser.add_argument("--log.format", dest="log_format", choices=["text", "json"], default="text")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def demo_mapping(base_url: str, account_sid: str, auth_token: str) -> dict[str, Any]:
+    """The built-in configuration used by ``--demo`` (discovers every active simulated SIM)."""
+    return {
+        "twilio": {
+            "base_url": base_url,
+            "account_sid": account_sid,
+            "auth_token": auth_token,
+            "timeout": "5s",
+        },
+        "poll": {"interval": "15s", "page_size": 100, "concurrency": 8, "requests_per_second": 50},
+        "discovery": {"enabled": True, "status": ["active", "suspended"], "refresh_interval": "1m"},
+    }
+
+
+@contextlib.asynccontextmanager
+async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Config]:
+    from .simulator import (
+        DEMO_ACCOUNT_SID,
+        DEMO_AUTH_TOKEN,
+        SimulatorConfig,
+        start_simulator,
+    )
+
+    sim_config = SimulatorConfig(
+        sims=args.demo_sims,
+        seed=args.demo_seed,
+        speed=args.demo_speed,
+        account_sid=DEMO_ACCOUNT_SID,
+        auth_token=DEMO_AUTH_TOKEN,
+    )
+    async with start_simulator(sim_config, host=host, port=0) as sim:
+        log.info(
+            "demo mode: simulated fleet of %d SIMs at %s (%gx time)",
+            args.demo_sims,
+            sim.url,
+            args.demo_speed,
+        )
+        yield config_from_mapping(
+            demo_mapping(sim.url, DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN), environ={}, source="--demo"
+        )
+
+
+async def serve(args: argparse.Namespace, config: Config | None) -> int:
+    host, port = args.listen
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        if config is None:
+            config = await stack.enter_async_context(_demo_config(args, "127.0.0.1"))
+        exporter = Exporter(config)
+        runner = web.AppRunner(exporter.web_app(), handle_signals=False, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        for address in runner.addresses:
+            log.info("listening on %s", _format_address(address))
+        await stop.wait()
+        log.info("shutting down")
+    return 0
+
+
+def _format_address(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"http://[{host}]:{port}/" if ":" in str(host) else f"http://{host}:{port}/"
+    return str(address)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        from .simulator.__main__ import main as simulate
+
+        status: int = simulate(argv[1:])
+        return status
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+
+    config: Config | None = None
+    if not args.demo or args.check_config:
+        if args.config is None:
+            parser.error("--config is required (or use --demo)")
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"invalid configuration {args.config}:\n{exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        for warning in config.warnings:
+            log.warning("%s", warning)
+        if args.check_config:
+            print(
+                f"configuration {args.config} is valid:"
+                f" {len(config.sims)} SIMs, discovery {'on' if config.discovery.enabled else 'off'}"
+            )
+            return 0
+    try:
+        return asyncio.run(serve(args, config))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)  # noqa: TRY400 - no traceback for a busy port
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
