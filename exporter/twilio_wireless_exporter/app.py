@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -59,9 +59,16 @@ def make_authenticator(config: Config, session: aiohttp.ClientSession) -> Authen
 class Exporter:
     """One exporter instance: owns the HTTP session, the poller task and the state."""
 
-    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        retry_sleep: Callable[[float], Awaitable[None]] | None = None,
+    ) -> None:
         self.config = config
         self.clock: Clock = clock or SystemClock()
+        self._retry_sleep = retry_sleep or asyncio.sleep
         self.state = FleetState()
         self.registry, self.api_metrics = build_registry(
             self.state, imei_label=config.metrics.imei_label
@@ -96,6 +103,7 @@ class Exporter:
             make_authenticator(self.config, self._session),
             settings,
             observer=self.api_metrics,
+            sleep=self._retry_sleep,
         )
         self._poller = Poller(
             self._client,

@@ -11,6 +11,7 @@ It knows nothing of Prometheus: counts and latencies go to an :class:`ApiObserve
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
 import time
@@ -126,7 +127,9 @@ class BasicAuthenticator:
     """HTTP Basic with Account SID + Auth Token, or API key SID + secret."""
 
     def __init__(self, username: str, password: str) -> None:
-        self._header = aiohttp.BasicAuth(username, password).encode()
+        # RFC 7617: "Basic " + base64("user:password"), UTF-8 encoded.
+        token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        self._header = f"Basic {token}"
 
     def __repr__(self) -> str:
         return "BasicAuthenticator(<redacted>)"

@@ -1,0 +1,324 @@
+"""The exporter against the real simulator on port 0, with a manual clock: exact metric values."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import MakeHarness
+from twilio_wireless_exporter.simulator import FaultResponse, RunningSimulator
+
+HOUR = 3600.0
+
+
+def metric(text: str, name: str, sim_sid: str | None = None, **labels: str) -> float | None:
+    """The value of one sample, or None when absent."""
+    want = dict(labels)
+    if sim_sid is not None:
+        want["sim_sid"] = sim_sid
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
+                return s.value
+    return None
+
+
+def counters(text: str, sid: str) -> tuple[float | None, ...]:
+    return tuple(
+        metric(text, f"twilio_wireless_sim_{name}", sid)
+        for name in (
+            "data_sessions_started_total",
+            "data_sessions_ended_total",
+            "data_sessions_open",
+            "packets_uploaded_total",
+            "packets_downloaded_total",
+        )
+    )
+
+
+async def test_baseline_then_exact_session_accounting(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    fleet = sim.fleet
+    sid = fleet.add_sim(unique_name="pump-17", friendly_name="Pump 17")
+    old = fleet.open_session(sid, packets_uploaded=100, packets_downloaded=200)
+    h = await harness([sid])
+
+    await h.poll()
+    text = await h.scrape()
+    # the first poll is the baseline: nothing counted, the open session is visible
+    assert counters(text, sid) == (0, 0, 1, 0, 0)
+    assert metric(text, "twilio_wireless_sim_up", sid) == 1
+
+    sim.clock.advance(HOUR)
+    fleet.update_session(old, packets_uploaded=150, packets_downloaded=260)
+    fleet.close_session(old)
+    new = fleet.open_session(sid, packets_uploaded=7, packets_downloaded=9, radio_link="NB-IoT")
+    await h.poll()
+    text = await h.scrape()
+    assert counters(text, sid) == (1, 1, 1, 50 + 7, 60 + 9)
+    duration = "twilio_wireless_data_session_duration_seconds"
+    assert metric(text, duration + "_count", radio_link="LTE") == 1
+    assert metric(text, duration + "_sum", radio_link="LTE") == HOUR
+    assert metric(text, "twilio_wireless_sim_session_info", sid, radio_link="NB-IoT") == 1
+
+    # a session that starts and ends between two polls counts once as started and once as ended
+    sim.clock.advance(600)
+    short = fleet.open_session(sid, packets_uploaded=5, packets_downloaded=5)
+    sim.clock.advance(120)
+    fleet.close_session(short)
+    await h.poll()
+    text = await h.scrape()
+    assert counters(text, sid) == (2, 2, 1, 57 + 5, 69 + 5)
+    assert metric(text, duration + "_count", radio_link="LTE") == 2
+
+    # the same listing again changes nothing
+    await h.poll()
+    assert counters(await h.scrape(), sid) == (2, 2, 1, 62, 74)
+
+    # sessions age out of the listing: packet counters keep their value
+    fleet.remove_session(old)
+    fleet.remove_session(short)
+    fleet.update_session(new, packets_uploaded=10, packets_downloaded=9)
+    await h.poll()
+    assert counters(await h.scrape(), sid) == (2, 2, 1, 65, 74)
+
+
+async def test_info_location_imei_and_timestamps(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    fleet = sim.fleet
+    sid = fleet.add_sim(unique_name="meter-1", friendly_name="Meter 1", status="active")
+    t0 = sim.clock.now()
+    first = fleet.open_session(
+        sid, imei="490154203237518", cell_location={"lat": 52.52, "lon": 13.405}
+    )
+    h = await harness([sid])
+    assert await h.exporter.poller.refresh_sims()
+    await h.poll()
+    text = await h.scrape()
+    assert (
+        metric(
+            text,
+            "twilio_wireless_sim_info",
+            sid,
+            sim_name="Meter 1",
+            unique_name="meter-1",
+            friendly_name="Meter 1",
+            status="active",
+        )
+        == 1
+    )
+    assert metric(text, "twilio_wireless_sim_cell_latitude_degrees", sid) == 52.52
+    assert metric(text, "twilio_wireless_sim_last_session_start_timestamp_seconds", sid) == t0
+    assert metric(text, "twilio_wireless_sim_imei_changes_total", sid) == 0
+
+    sim.clock.advance(HOUR)
+    fleet.close_session(first)
+    fleet.open_session(sid, imei="356938035643809", cell_location={})  # device swapped
+    await h.poll()
+    text = await h.scrape()
+    assert metric(text, "twilio_wireless_sim_imei_changes_total", sid) == 1
+    # the newest session has no estimate: the last known location stays
+    assert metric(text, "twilio_wireless_sim_cell_longitude_degrees", sid) == 13.405
+    assert (
+        metric(text, "twilio_wireless_sim_last_session_start_timestamp_seconds", sid) == t0 + HOUR
+    )
+    assert metric(text, "twilio_wireless_sim_last_updated_timestamp_seconds", sid) == t0 + HOUR
+
+
+async def test_identity_from_sims_endpoint(sim: RunningSimulator, harness: MakeHarness) -> None:
+    sid = sim.fleet.add_sim(unique_name="tracker-9", friendly_name=None, status="suspended")
+    h = await harness([sid], sims=[{"sid": sid, "name": "truck 9", "labels": {"site": "hub"}}])
+    assert await h.exporter.poller.refresh_sims()
+    text = await h.scrape()
+    info = {
+        "sim_name": "truck 9",
+        "unique_name": "tracker-9",
+        "friendly_name": "",
+        "status": "suspended",
+        "site": "hub",
+    }
+    assert metric(text, "twilio_wireless_sim_info", sid, **info) == 1
+    # absent data is absent: no poll yet, so no sim_up and no counters
+    assert metric(text, "twilio_wireless_sim_up", sid) is None
+    assert metric(text, "twilio_wireless_sim_data_sessions_open", sid) is None
+
+
+async def test_sim_up_falls_on_errors_and_recovers(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    sid = sim.fleet.add_sim()
+    h = await harness([sid], poll={"max_retries": 1})
+    await h.poll()
+    assert metric(await h.scrape(), "twilio_wireless_sim_up", sid) == 1
+
+    sim.faults.script("data_sessions", [FaultResponse(status=500), FaultResponse(status=503)])
+    await h.poll()
+    text = await h.scrape()
+    assert metric(text, "twilio_wireless_sim_up", sid) == 0
+    assert (
+        metric(text, "twilio_wireless_api_retries_total", endpoint="data_sessions", reason="5xx")
+        == 1
+    )
+    assert (
+        metric(text, "twilio_wireless_api_requests_total", endpoint="data_sessions", code="500")
+        == 1
+    )
+    assert (
+        metric(text, "twilio_wireless_api_requests_total", endpoint="data_sessions", code="503")
+        == 1
+    )
+    assert metric(text, "twilio_wireless_poll_errors_total", kind="http") == 1
+    # the last good values stay exported while the SIM is down
+    assert metric(text, "twilio_wireless_sim_data_sessions_started_total", sid) == 0
+
+    await h.poll()
+    text = await h.scrape()
+    assert metric(text, "twilio_wireless_sim_up", sid) == 1
+
+
+async def test_retries_honour_retry_after(sim: RunningSimulator, harness: MakeHarness) -> None:
+    sid = sim.fleet.add_sim()
+    h = await harness([sid], poll={"max_retries": 3, "backoff_initial": "1s", "backoff_max": "2s"})
+    sim.faults.script(
+        "data_sessions",
+        [FaultResponse(status=429, retry_after=7), FaultResponse(status=502)],
+    )
+    await h.poll()
+    text = await h.scrape()
+    assert metric(text, "twilio_wireless_sim_up", sid) == 1
+    assert len(h.sleeps) == 2
+    assert h.sleeps[0] == 7  # Retry-After wins over the 0.5..1 s backoff
+    assert 1 <= h.sleeps[1] <= 2  # second backoff: half to full of min(2 s cap, 2 s)
+    assert (
+        metric(text, "twilio_wireless_api_retries_total", endpoint="data_sessions", reason="429")
+        == 1
+    )
+    assert (
+        metric(text, "twilio_wireless_api_retries_total", endpoint="data_sessions", reason="5xx")
+        == 1
+    )
+
+
+async def test_retries_give_up_after_max_retries(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    sid = sim.fleet.add_sim()
+    h = await harness([sid], poll={"max_retries": 2})
+    sim.faults.script("data_sessions", [FaultResponse(status=503)] * 5)
+    await h.poll()
+    text = await h.scrape()
+    assert metric(text, "twilio_wireless_sim_up", sid) == 0
+    assert len(h.sleeps) == 2
+    assert (
+        metric(text, "twilio_wireless_api_requests_total", endpoint="data_sessions", code="503")
+        == 3
+    )
+
+
+async def test_no_retry_on_401_and_404(sim: RunningSimulator, harness: MakeHarness) -> None:
+    sid = sim.fleet.add_sim()
+    unknown = "DE" + "0" * 32
+    h = await harness([sid, unknown], twilio={"auth_token": "wrong-token"})
+    await h.poll()
+    text = await h.scrape()
+    assert h.sleeps == []
+    assert metric(text, "twilio_wireless_sim_up", sid) == 0
+    assert (
+        metric(text, "twilio_wireless_api_requests_total", endpoint="data_sessions", code="401")
+        == 2
+    )
+    assert metric(text, "twilio_wireless_poll_errors_total", kind="auth") == 2
+
+    h2 = await harness([sid, unknown])
+    await h2.poll()
+    text = await h2.scrape()
+    assert h2.sleeps == []
+    assert metric(text, "twilio_wireless_sim_up", unknown) == 0
+    assert metric(text, "twilio_wireless_sim_up", sid) == 1
+    assert (
+        metric(text, "twilio_wireless_api_requests_total", endpoint="data_sessions", code="404")
+        == 1
+    )
+
+
+async def test_malformed_responses_fail_the_poll_only(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    sid = sim.fleet.add_sim()
+    sim.fleet.open_session(sid)
+    h = await harness([sid])
+    await h.poll()
+    sim.faults.script(
+        "data_sessions",
+        [FaultResponse(status=200, truncated=True), FaultResponse(status=200, malformed=True)],
+    )
+    await h.poll()
+    assert metric(await h.scrape(), "twilio_wireless_sim_up", sid) == 0
+    await h.poll()
+    text = await h.scrape()
+    assert metric(text, "twilio_wireless_sim_up", sid) == 0
+    assert metric(text, "twilio_wireless_poll_errors_total", kind="decode") == 2
+    assert metric(text, "twilio_wireless_sim_data_sessions_open", sid) == 1
+    await h.poll()
+    assert metric(await h.scrape(), "twilio_wireless_sim_up", sid) == 1
+
+
+async def test_paging_follows_next_page_url(sim: RunningSimulator, harness: MakeHarness) -> None:
+    sid = sim.fleet.add_sim()
+    h = await harness([sid], poll={"page_size": 2})
+    await h.poll()
+    for _ in range(5):
+        sim.fleet.open_session(sid, packets_uploaded=1)
+    await h.poll()
+    text = await h.scrape()
+    assert metric(text, "twilio_wireless_sim_data_sessions_started_total", sid) == 5
+    assert metric(text, "twilio_wireless_sim_packets_uploaded_total", sid) == 5
+    # 1 request for the empty baseline listing + 3 pages of 2, 2, 1 sessions
+    assert (
+        metric(text, "twilio_wireless_api_requests_total", endpoint="data_sessions", code="200")
+        == 4
+    )
+
+
+async def test_concurrency_limit_is_respected(sim: RunningSimulator, harness: MakeHarness) -> None:
+    sids = [sim.fleet.add_sim() for _ in range(24)]
+    h = await harness(sids, poll={"concurrency": 3})
+    sim.faults.latency = (0.005, 0.02)
+    await h.poll()
+    sim.faults.latency = None
+    assert sim.stats.max_in_flight == 3
+    text = await h.scrape()
+    assert metric(text, "twilio_wireless_sims_monitored") == 24
+    assert sum(metric(text, "twilio_wireless_sim_up", s) or 0 for s in sids) == 24
+
+
+async def test_health_and_readiness(sim: RunningSimulator, harness: MakeHarness) -> None:
+    sid = sim.fleet.add_sim()
+    h = await harness([sid])
+    assert (await h.http.get("/-/healthy")).status == 200
+    resp = await h.http.get("/-/ready")
+    assert resp.status == 503
+    assert "0 of 1" in await resp.text()
+    await h.poll()
+    assert (await h.http.get("/-/ready")).status == 200
+    page = await (await h.http.get("/")).text()
+    assert 'href="metrics"' in page
+    assert "SIMs monitored</th><td>1<" in page
+
+
+async def test_openmetrics_and_gzip(sim: RunningSimulator, harness: MakeHarness) -> None:
+    sid = sim.fleet.add_sim()
+    h = await harness([sid])
+    await h.poll()
+    resp = await h.http.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+    )
+    assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert (await resp.text()).rstrip().endswith("# EOF")
+    resp = await h.http.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    assert resp.headers["Content-Encoding"] == "gzip"
+    body = await resp.read()
+    assert body[:2] == b"\x1f\x8b"
+    resp = await h.http.get("/metrics", headers={"Accept-Encoding": "gzip;q=0, identity"})
+    assert "Content-Encoding" not in resp.headers
