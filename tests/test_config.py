@@ -2,6 +2,7 @@
 
 import math
 import os
+import pickle
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -372,7 +373,7 @@ BAD_CONFIGS = [
         id="duplicate-sid",
     ),
     pytest.param(
-        make(sims=[{"sid": SIM_A}, {"sid": SIM_A.upper().replace("DE", "DE", 1)}]),
+        make(sims=[{"sid": SIM_A}, {"sid": "DE" + "A" * 32}]),
         ENV,
         "sims[1].sid",
         "duplicate of sims[0].sid",
@@ -835,6 +836,23 @@ def test_unreadable_secret_file(tmp_path: Path) -> None:
     assert problems == [f"twilio.auth_token_file: cannot read {secret}: Permission denied"]
 
 
+def test_permission_denied_on_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the same as the test above, but also when running as root
+    secret = write_secret(tmp_path / "token", SECRET)
+    real_open = Path.open
+
+    def guarded_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self == secret:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", guarded_open)
+    data = make(twilio={"account_sid": ACCOUNT_SID, "auth_token_file": str(secret)})
+    assert problems_of(data, {}) == [
+        f"twilio.auth_token_file: cannot read {secret}: Permission denied"
+    ]
+
+
 @pytest.mark.parametrize("content", ["", "\n", "  \n\t\n"])
 def test_empty_secret_file(tmp_path: Path, content: str) -> None:
     secret = write_secret(tmp_path / "secret", content)
@@ -1127,6 +1145,24 @@ def test_plain_http_to_a_remote_host_warns() -> None:
     assert cfg.warnings == (
         "twilio.base_url: uses plain http; credentials would cross the network unencrypted",
     )
+
+
+def test_base_url_with_api_version_warns() -> None:
+    cfg = config_from_mapping(
+        make(twilio={"base_url": "https://programmable-wireless.api.korewireless.com/v1/"}), ENV
+    )
+    assert cfg.twilio.base_url == "https://programmable-wireless.api.korewireless.com/v1"
+    assert cfg.warnings == (
+        "twilio.base_url: ends in /v1, but the exporter adds /v1 itself; give the URL without it",
+    )
+
+
+def test_config_error_pickles() -> None:
+    error = ConfigError(["a: one", "b: two"], "x.yaml")
+    copy = pickle.loads(pickle.dumps(error))
+    assert copy.problems == ["a: one", "b: two"]
+    assert copy.source == "x.yaml"
+    assert str(copy) == "a: one\nb: two"
 
 
 def test_settings_are_immutable() -> None:
@@ -1424,6 +1460,8 @@ def test_oauth2_secret_does_not_appear() -> None:
         {"api_key": SECRET, "api_secret": "x"},
         {"auth_tokn": SECRET},
         {"base_url": f"https://user:{SECRET}@example.com"},
+        {"base_url": f"https://user:{SECRET}@example.com/?q=1"},
+        {"base_url": f"https://user:{SECRET}@example.com:99999"},
         {
             "auth": {
                 "type": "oauth2_client_credentials",
@@ -1450,9 +1488,10 @@ def test_secrets_do_not_appear_in_errors(twilio: dict[str, Any]) -> None:
 
 
 def test_raw_pydantic_error_hides_the_secret_too() -> None:
+    short_secret = "hunter2-XY"  # short enough that pydantic would not truncate it away
     with pytest.raises(ValidationError) as info:
-        Config.model_validate(make(twilio={"auth_token": SECRET, "api_key": API_KEY}))
-    assert SECRET not in str(info.value)
+        Config.model_validate(make(twilio={"auth_token": [short_secret]}))
+    assert short_secret not in str(info.value)
 
 
 def test_secret_in_a_yaml_file_with_problems(tmp_path: Path) -> None:

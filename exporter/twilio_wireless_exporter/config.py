@@ -145,6 +145,9 @@ class ConfigError(Exception):
     def __str__(self) -> str:
         return "\n".join(self.problems)
 
+    def __reduce__(self) -> tuple[type["ConfigError"], tuple[list[str], str]]:
+        return (type(self), (self.problems, self.source))
+
 
 def _fail(message: str) -> PydanticCustomError:
     """An error for the value being validated, with our own message (kept verbatim)."""
@@ -787,6 +790,11 @@ class TwilioSettings(_Settings):
                     f"twilio.{loc}: uses plain http; credentials would cross the network "
                     "unencrypted"
                 )
+        if urlsplit(self.base_url).path.rstrip("/").endswith("/v1"):
+            warnings.append(
+                "twilio.base_url: ends in /v1, but the exporter adds /v1 itself; "
+                "give the URL without it"
+            )
         self._credentials = credentials
         return self
 
