@@ -131,7 +131,12 @@ def demo_mapping(base_url: str, account_sid: str, auth_token: str) -> dict[str, 
             "auth_token": auth_token,
             "timeout": "5s",
         },
-        "poll": {"interval": "15s", "page_size": 100, "concurrency": 8, "requests_per_second": 50},
+        "poll": {
+            "interval": "15s",
+            "page_size": 1000,
+            "concurrency": 8,
+            "requests_per_second": 50,
+        },
         "discovery": {"enabled": True, "status": ["active", "suspended"], "refresh_interval": "1m"},
     }
 

@@ -234,8 +234,7 @@ class Poller:
                     continue  # no longer monitored
                 if sid not in self._inflight:
                     self._inflight[sid] = asyncio.create_task(self._poll_task(sid), name=sid)
-                else:
-                    heapq.heappush(self._heap, (self.next_slot(sid, now), sid))
+                # else: still polling; it takes its next slot when it finishes
             self._wake.clear()
             delay = self._heap[0][0] - now if self._heap else None
             await self._sleep_or_wake(delay)
