@@ -456,7 +456,10 @@ def _to_path(value: object, info: ValidationInfo) -> Path | None:
         raise _fail("must not be empty")
     if "\x00" in value:
         raise _fail("must not contain a NUL character")
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # "~" with no home directory to expand it to
+        raise _fail(f"cannot expand ~ in {value!r}: no home directory is known") from None
     return path if path.is_absolute() else _base_dir(info) / path
 
 
