@@ -1,0 +1,10 @@
+"""``python -m twilio_wireless_exporter.simulator``."""
+
+import sys
+
+from .cli import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())
