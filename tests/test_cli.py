@@ -1,0 +1,182 @@
+"""The command line: config checking, exit codes, the demo process and clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from twilio_wireless_exporter import __version__
+from twilio_wireless_exporter.cli import main, parse_listen_address
+
+SID = "DE" + "1" * 32
+GOOD_YAML = f"""
+twilio:
+  base_url: http://127.0.0.1:9
+  account_sid: AC{"a" * 32}
+  auth_token: cli-test-token-5e3f
+sims:
+  - sid: {SID}
+    name: pump-17
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_check_config_valid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(write(tmp_path, GOOD_YAML)), "--check-config"]) == 0
+    out = capsys.readouterr()
+    assert "is valid: 1 SIMs" in out.out
+    assert "cli-test-token-5e3f" not in out.out + out.err
+
+
+@pytest.mark.parametrize(
+    ("patch", "expected"),
+    [
+        ("poll: {page_size: 5000}", "poll.page_size"),
+        ("poll: {concurrency: lots}", "poll.concurrency"),
+        ("bogus: 1", "bogus"),
+        ("discovery: {refresh_interval: soon}", "discovery.refresh_interval"),
+    ],
+)
+def test_check_config_invalid_exits_2_with_field_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], patch: str, expected: str
+) -> None:
+    path = write(tmp_path, GOOD_YAML + patch + "\n")
+    assert main(["--config", str(path), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"{expected}:" in err
+    assert "cli-test-token-5e3f" not in err
+
+
+def test_invalid_config_starts_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, GOOD_YAML.replace(SID, "DE123"))
+    # without --check-config too: exit 2 before any server or poller starts
+    assert main(["--config", str(path), "--web.listen-address", "127.0.0.1:0"]) == 2
+    assert "sims[0].sid:" in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(tmp_path / "nope.yaml"), "--check-config"]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_config_is_required_without_demo(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert "--config is required" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(":10311", (None, 10311)), ("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:80", ("::1", 80))],
+)
+def test_listen_address(text: str, expected: tuple[str | None, int]) -> None:
+    assert parse_listen_address(text) == expected
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def fetch(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+@pytest.fixture
+def demo_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "twilio_wireless_exporter",
+            "--demo",
+            "--demo.sims",
+            "10",
+            "--demo.speed",
+            "600",
+            "--web.listen-address",
+            f"127.0.0.1:{port}",
+            "--log.format",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        yield proc, f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def wait_ready(base: str, within: float = 20.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if fetch(base + "/-/ready")[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("exporter did not become ready")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_demo_serves_metrics_and_shuts_down_cleanly(
+    demo_process: tuple[subprocess.Popen[str], str], sig: signal.Signals
+) -> None:
+    proc, base = demo_process
+    wait_ready(base)
+    status, body = fetch(base + "/metrics")
+    assert status == 200
+    for name in (
+        "twilio_wireless_sim_info",
+        "twilio_wireless_sim_data_sessions_open",
+        "twilio_wireless_sim_up",
+        "twilio_wireless_api_requests_total",
+        "twilio_wireless_exporter_build_info",
+    ):
+        assert f"\n{name}{{" in body
+    assert fetch(base + "/-/healthy")[0] == 200
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    messages = [entry["message"] for entry in lines]
+    assert any(m.startswith("listening on http://127.0.0.1:") for m in messages)
+    assert "shutting down" in messages
+    assert not [entry for entry in lines if entry["level"] in ("error", "critical")]
