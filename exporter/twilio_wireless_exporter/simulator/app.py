@@ -442,10 +442,12 @@ class SimulatorState:
         paging = _parse_paging(query, "sims")
         if isinstance(paging, _Reply):
             return paging
-        keys, sims = self.fleet.sims_snapshot(status, iccid, rate_plan)
-        lo, hi, next_token, previous_token, shuffle = self._page(keys, paging, fault, "sims")
+        listing = self.fleet.sims_snapshot(status, iccid, rate_plan)
+        lo, hi, next_token, previous_token, shuffle = self._page(
+            listing.keys, paging, fault, "sims"
+        )
         base = self.base_url(request)
-        items = [_encode(sim.to_api(base)) for sim in sims[lo:hi]]
+        items = [_encode(sim.to_api(base)) for sim in listing.views(lo, hi)]
         if shuffle:
             self.faults.shuffle(items)
         filters = [

@@ -460,9 +460,9 @@ class _Session:
     def state(self, now: int, granularity: float) -> tuple[int | None, int, int, int]:
         """(visible end or None, last_updated, packets_uploaded, packets_downloaded) at ``now``."""
         end = self.end
-        closed = end is not None and end <= now
         if self.fixed:
-            return (end if closed else None, self.last_updated, self.up, self.down)
+            return (end, self.last_updated, self.up, self.down)
+        closed = end is not None and end <= now
         if closed:
             assert end is not None
             lu = end
@@ -676,6 +676,22 @@ class _Sim:
         )
 
 
+class _SimsListing:
+    """SIMs in API order (by creation) with their paging keys."""
+
+    __slots__ = ("keys", "sims")
+
+    def __init__(self, sims: list[_Sim]) -> None:
+        self.sims = sims
+        self.keys = [s.index for s in sims]
+
+    def __len__(self) -> int:
+        return len(self.sims)
+
+    def views(self, lo: int, hi: int) -> list[SimView]:
+        return [s.view() for s in self.sims[lo:hi]]
+
+
 # --------------------------------------------------------------------------------------------
 # Fleet
 # --------------------------------------------------------------------------------------------
@@ -736,6 +752,8 @@ class Fleet:
         self._by_name: dict[str, _Sim] = {}
         self._sessions: dict[str, _Session] = {}
         self._scripted_counter = 0
+        self._sims_version = 0
+        self._sims_cache: dict[tuple[str | None, str | None, str | None, int], _SimsListing] = {}
         self._rate_plans = tuple("WP" + _hex("plan", seed, k) for k in range(_RATE_PLANS))
         for index in range(sims):
             self._register(self._generated_sim(index))
@@ -743,6 +761,7 @@ class Fleet:
     # -- construction ----------------------------------------------------------------------
 
     def _register(self, sim: _Sim) -> None:
+        self._sims_version += 1
         self._sims.append(sim)
         self._by_sid[sim.sid] = sim
         if sim.unique_name is not None:
@@ -1054,10 +1073,16 @@ class Fleet:
 
     def sims_snapshot(
         self, status: str | None = None, iccid: str | None = None, rate_plan: str | None = None
-    ) -> tuple[list[int], list[SimView]]:
-        """(keys, SIMs) in API order for the app's paging."""
-        sims = self._filtered_sims(status, iccid, rate_plan)
-        return [s.index for s in sims], [s.view() for s in sims]
+    ) -> _SimsListing:
+        """The SIMs ``GET /v1/Sims`` lists with these filters (cached until a SIM changes)."""
+        key = (status, iccid, rate_plan, self._sims_version)
+        cached = self._sims_cache.get(key)
+        if cached is None:
+            if len(self._sims_cache) > 32:
+                self._sims_cache.clear()
+            cached = _SimsListing(self._filtered_sims(status, iccid, rate_plan))
+            self._sims_cache[key] = cached
+        return cached
 
     def sim(self, sid_or_unique_name: str) -> SimView | None:
         """One SIM by SID or unique name, or ``None``."""
@@ -1121,6 +1146,7 @@ class Fleet:
         sim = self._sim(sim_sid)
         sim.status = status
         sim.date_updated = self._now()
+        self._sims_version += 1
 
     def _default_imei(self, sim: _Sim) -> str:
         rng = random.Random(f"{self.seed}:imei:{sim.sid}")
