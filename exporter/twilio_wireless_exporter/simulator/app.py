@@ -55,6 +55,7 @@ class _Reply(NamedTuple):
     status: int
     body: bytes
     headers: Mapping[str, str] | None = None
+    content_type: str = "application/json"
 
 
 def _seconds(value: float) -> str:
@@ -335,9 +336,12 @@ class SimulatorState:
         return self._respond(reply)
 
     @staticmethod
-    def _respond(reply: _Reply, content_type: str = "application/json") -> web.Response:
+    def _respond(reply: _Reply) -> web.Response:
         return web.Response(
-            status=reply.status, body=reply.body, content_type=content_type, headers=reply.headers
+            status=reply.status,
+            body=reply.body,
+            content_type=reply.content_type,
+            headers=reply.headers,
         )
 
     def _fault_reply(self, kind: str, fault: FaultResponse) -> _Reply:
@@ -345,8 +349,7 @@ class SimulatorState:
         if fault.retry_after is not None:
             headers["Retry-After"] = _seconds(fault.retry_after)
         if fault.body is not None:
-            headers["Content-Type"] = fault.content_type
-            return _Reply(fault.status, fault.body, headers)
+            return _Reply(fault.status, fault.body, headers, fault.content_type)
         if kind == "token" and fault.status < 500 and fault.status != 429:
             return _oauth_error(fault.status, "invalid_request", "Injected fault", headers)
         code, message = _FAULT_CODES.get(fault.status, (20000 + fault.status, "Error"))
