@@ -1,0 +1,1189 @@
+#!/usr/bin/env python3
+"""Generate the Grafana dashboards of twilio-wireless-exporter.
+
+Pure Python (standard library only). The JSON files in ``grafana/dashboards/`` are the output of
+this script and are committed; ``tests/test_dashboards.py`` checks that they are up to date.
+
+    python3 grafana/generate.py            # rewrite grafana/dashboards/*.json
+    python3 grafana/generate.py --check    # exit 1 if a committed file differs
+
+Conventions (Grafana dashboard linter): a ``datasource`` variable of type prometheus used by every
+panel and variable; ``job`` and ``instance`` variables (multi-value, include All) applied to every
+metric selector; counters only inside ``rate()``/``increase()`` over ``$__rate_interval``; a unit
+and a description on every panel; stable uids; names of SIMs joined from
+``twilio_wireless_sim_info``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+Json = dict[str, Any]
+
+OUT_DIR = Path(__file__).resolve().parent / "dashboards"
+SCHEMA_VERSION = 39  # Grafana 10.4 / 11
+TAGS = ["twilio-wireless", "twilio", "iot", "prometheus-exporter"]
+FLEET_UID = "twilio-wireless-fleet"
+SIM_UID = "twilio-wireless-sim"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+
+# Label selector applied to every metric: the job and instance variables.
+SEL = 'job=~"$job", instance=~"$instance"'
+# ... plus the chosen SIM on the SIM detail dashboard.
+SIM_SEL = SEL + ', sim_sid=~"$sim"'
+# How SIM series are joined to their identity.
+JOIN_ON = "on (job, instance, sim_sid)"
+# Label holding a SIM's display name after the join: sim_name, else unique_name, else
+# friendly_name, else the SID (label_replace only overwrites when its regex matches a non-empty
+# source, so the last replacement that matches wins).
+NAME_LABEL = "display_name"
+NAME_SOURCES = ("sim_sid", "friendly_name", "unique_name", "sim_name")
+
+
+def m(metric: str, sel: str = SEL, extra: str = "") -> str:
+    """A metric selector with the dashboard's label matchers."""
+    matchers = f"{sel}, {extra}" if extra else sel
+    return f"{metric}{{{matchers}}}"
+
+
+def rate(metric: str, sel: str = SEL, extra: str = "", fn: str = "rate") -> str:
+    return f"{fn}({m(metric, sel, extra)}[$__rate_interval])"
+
+
+def sim_names(sel: str = SEL) -> str:
+    """``twilio_wireless_sim_info`` with the display name label added."""
+    expr = m("twilio_wireless_sim_info", sel)
+    for source in NAME_SOURCES:
+        expr = f'label_replace({expr}, "{NAME_LABEL}", "$1", "{source}", "(.+)")'
+    return expr
+
+
+def named(expr: str, sel: str = SEL) -> str:
+    """Join per-SIM series to their names (the info metric's value is 1)."""
+    return f"({expr})\n* {JOIN_ON} group_left ({NAME_LABEL})\n  {sim_names(sel)}"
+
+
+def hq(q: float, bucket_metric: str, by: str = "le", sel: str = SEL) -> str:
+    return f"histogram_quantile({q}, sum by ({by}) ({rate(bucket_metric, sel)}))"
+
+
+# --------------------------------------------------------------------------------------------
+# Panels
+
+
+def target(
+    expr: str,
+    legend: str = "__auto",
+    *,
+    ref: str = "A",
+    instant: bool = False,
+    fmt: str = "time_series",
+) -> Json:
+    return {
+        "datasource": DS,
+        "editorMode": "code",
+        "expr": expr,
+        "format": fmt,
+        "instant": instant,
+        "legendFormat": legend,
+        "range": not instant,
+        "refId": ref,
+    }
+
+
+def targets(*items: tuple[str, str]) -> list[Json]:
+    """Range targets from (expr, legend) pairs, refIds A, B, C ..."""
+    return [target(expr, legend, ref=chr(65 + i)) for i, (expr, legend) in enumerate(items)]
+
+
+def thresholds(*steps: tuple[float | None, str]) -> Json:
+    return {
+        "mode": "absolute",
+        "steps": [{"color": color, "value": value} for value, color in steps],
+    }
+
+
+GREEN = thresholds((None, "green"))
+
+
+def panel(
+    kind: str,
+    title: str,
+    description: str,
+    unit: str,
+    tgts: list[Json],
+    *,
+    w: int,
+    h: int,
+    options: Json | None = None,
+    custom: Json | None = None,
+    defaults: Json | None = None,
+    overrides: list[Json] | None = None,
+    transformations: list[Json] | None = None,
+    links: list[Json] | None = None,
+) -> Json:
+    field_defaults: Json = {"unit": unit, "thresholds": GREEN, "mappings": []}
+    if kind in ("timeseries", "stat", "bargauge", "piechart", "table", "state-timeline"):
+        field_defaults["color"] = {
+            "mode": "palette-classic" if kind in ("timeseries", "piechart") else "thresholds"
+        }
+    if custom is not None:
+        field_defaults["custom"] = custom
+    if links:
+        field_defaults["links"] = links
+    field_defaults.update(defaults or {})
+    result: Json = {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "fieldConfig": {"defaults": field_defaults, "overrides": overrides or []},
+        "options": options or {},
+        "targets": tgts,
+        "gridPos": {"w": w, "h": h},
+    }
+    if transformations:
+        result["transformations"] = transformations
+    return result
+
+
+def timeseries(
+    title: str,
+    description: str,
+    unit: str,
+    tgts: list[Json],
+    *,
+    w: int = 12,
+    h: int = 8,
+    stack: bool = False,
+    bars: bool = False,
+    links: list[Json] | None = None,
+    overrides: list[Json] | None = None,
+    defaults: Json | None = None,
+) -> Json:
+    custom: Json = {
+        "drawStyle": "bars" if bars else "line",
+        "lineWidth": 1,
+        "fillOpacity": 80 if bars else (30 if stack else 10),
+        "gradientMode": "none",
+        "showPoints": "never",
+        "spanNulls": False,
+        "stacking": {"mode": "normal" if stack else "none", "group": "A"},
+        "axisSoftMin": 0,
+    }
+    options: Json = {
+        "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+        "tooltip": {"mode": "multi", "sort": "desc"},
+    }
+    return panel(
+        "timeseries",
+        title,
+        description,
+        unit,
+        tgts,
+        w=w,
+        h=h,
+        options=options,
+        custom=custom,
+        links=links,
+        overrides=overrides,
+        defaults=defaults,
+    )
+
+
+def stat(
+    title: str,
+    description: str,
+    unit: str,
+    expr: str,
+    *,
+    w: int = 4,
+    h: int = 4,
+    steps: Json = GREEN,
+    mappings: list[Json] | None = None,
+    graph: bool = True,
+) -> Json:
+    options: Json = {
+        "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+        "orientation": "auto",
+        "textMode": "auto",
+        "colorMode": "value",
+        "graphMode": "area" if graph else "none",
+        "justifyMode": "auto",
+    }
+    defaults: Json = {"thresholds": steps}
+    if mappings:
+        defaults["mappings"] = mappings
+    return panel(
+        "stat",
+        title,
+        description,
+        unit,
+        [target(expr, "")],
+        w=w,
+        h=h,
+        options=options,
+        defaults=defaults,
+    )
+
+
+def table(
+    title: str,
+    description: str,
+    unit: str,
+    tgts: list[Json],
+    *,
+    w: int,
+    h: int,
+    rename: dict[str, str],
+    order: Sequence[str],
+    sort_by: str | None = None,
+    hide: Iterable[str] = ("Time", "__name__", "job"),
+    merge: bool = False,
+    links: list[Json] | None = None,
+    overrides: list[Json] | None = None,
+) -> Json:
+    transformations: list[Json] = []
+    if merge:
+        transformations.append({"id": "merge", "options": {}})
+    transformations.append(
+        {
+            "id": "organize",
+            "options": {
+                "excludeByName": dict.fromkeys(hide, True),
+                "indexByName": {name: i for i, name in enumerate(order)},
+                "renameByName": rename,
+            },
+        }
+    )
+    options: Json = {
+        "showHeader": True,
+        "cellHeight": "sm",
+        "footer": {"show": False, "reducer": ["sum"], "fields": "", "countRows": False},
+        "sortBy": [{"displayName": sort_by, "desc": True}] if sort_by else [],
+    }
+    return panel(
+        "table",
+        title,
+        description,
+        unit,
+        tgts,
+        w=w,
+        h=h,
+        options=options,
+        custom={"align": "auto", "cellOptions": {"type": "auto"}, "inspect": False},
+        transformations=transformations,
+        links=links,
+        overrides=overrides,
+    )
+
+
+def geomap(title: str, description: str, sel: str, *, w: int, h: int) -> Json:
+    """Markers from two instant table queries (latitude, longitude) merged row by row."""
+    tgts = [
+        target(
+            named(m("twilio_wireless_sim_cell_latitude_degrees", sel), sel),
+            ref="A",
+            instant=True,
+            fmt="table",
+        ),
+        target(
+            named(m("twilio_wireless_sim_cell_longitude_degrees", sel), sel),
+            ref="B",
+            instant=True,
+            fmt="table",
+        ),
+    ]
+    options: Json = {
+        "view": {"id": "fit", "lat": 0, "lon": 0, "zoom": 2, "allLayers": True},
+        "controls": {"showZoom": True, "mouseWheelZoom": True, "showAttribution": True},
+        "basemap": {"type": "default", "name": "Basemap", "config": {}},
+        "layers": [
+            {
+                "type": "markers",
+                "name": "SIMs",
+                "tooltip": True,
+                "location": {"mode": "coords", "latitude": "latitude", "longitude": "longitude"},
+                "config": {
+                    "showLegend": False,
+                    "style": {
+                        "size": {"fixed": 6},
+                        "color": {"fixed": "dark-blue"},
+                        "opacity": 0.8,
+                        "symbol": {"mode": "fixed", "fixed": "img/icons/marker/circle.svg"},
+                        "text": {"mode": "field", "field": NAME_LABEL, "fixed": ""},
+                        "textConfig": {
+                            "fontSize": 10,
+                            "offsetY": -10,
+                            "textAlign": "center",
+                            "textBaseline": "bottom",
+                        },
+                    },
+                },
+            }
+        ],
+        "tooltip": {"mode": "details"},
+    }
+    transformations: list[Json] = [
+        {"id": "merge", "options": {}},
+        {
+            "id": "organize",
+            "options": {
+                "excludeByName": {"Time": True, "__name__": True, "job": True},
+                "indexByName": {},
+                "renameByName": {"Value #A": "latitude", "Value #B": "longitude"},
+            },
+        },
+    ]
+    return panel(
+        "geomap",
+        title,
+        description,
+        "degree",
+        tgts,
+        w=w,
+        h=h,
+        options=options,
+        transformations=transformations,
+    )
+
+
+def state_timeline(
+    title: str,
+    description: str,
+    tgts: list[Json],
+    *,
+    w: int,
+    h: int,
+    mappings: list[Json],
+    steps: Json = GREEN,
+) -> Json:
+    options: Json = {
+        "mergeValues": True,
+        "showValue": "auto",
+        "alignValue": "left",
+        "rowHeight": 0.9,
+        "legend": {"displayMode": "list", "placement": "bottom", "showLegend": False},
+        "tooltip": {"mode": "single", "sort": "none"},
+    }
+    return panel(
+        "state-timeline",
+        title,
+        description,
+        "none",
+        tgts,
+        w=w,
+        h=h,
+        options=options,
+        custom={"lineWidth": 0, "fillOpacity": 80},
+        defaults={"mappings": mappings, "thresholds": steps},
+    )
+
+
+def row(title: str) -> Json:
+    return {
+        "type": "row",
+        "title": title,
+        "collapsed": False,
+        "panels": [],
+        "gridPos": {"w": 24, "h": 1},
+    }
+
+
+def value_map(*items: tuple[str, str, str]) -> list[Json]:
+    return [
+        {
+            "type": "value",
+            "options": {
+                value: {"text": text, "color": color, "index": i}
+                for i, (value, text, color) in enumerate(items)
+            },
+        }
+    ]
+
+
+def layout(panels: list[Json]) -> list[Json]:
+    """Assign ids and grid positions: left to right, wrapping at width 24, rows start a line."""
+    x = y = line_h = 0
+    out: list[Json] = []
+    for pid, p in enumerate(panels, start=1):
+        w, h = p["gridPos"]["w"], p["gridPos"]["h"]
+        if p["type"] == "row" or x + w > 24:
+            x, y, line_h = 0, y + line_h, 0
+        p = {"id": pid, **p, "gridPos": {"h": h, "w": w, "x": x, "y": y}}
+        out.append(p)
+        x, line_h = x + w, max(line_h, h)
+        if p["type"] == "row":
+            x, y, line_h = 0, y + h, 0
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Variables and dashboard
+
+
+def variables(with_sim: bool) -> list[Json]:
+    def query_var(name: str, label: str, query: str, **extra: Any) -> Json:
+        var: Json = {
+            "name": name,
+            "label": label,
+            "type": "query",
+            "datasource": DS,
+            "query": query,
+            "definition": query,
+            "refresh": 2,
+            "regex": "",
+            "sort": 1,
+            "hide": 0,
+            "multi": True,
+            "includeAll": True,
+            "allValue": ".+",
+            "current": {},
+            "options": [],
+        }
+        var.update(extra)
+        return var
+
+    result: list[Json] = [
+        {
+            "name": "datasource",
+            "label": "Data source",
+            "type": "datasource",
+            "query": "prometheus",
+            "refresh": 1,
+            "regex": "",
+            "hide": 0,
+            "multi": False,
+            "includeAll": False,
+            "current": {},
+            "options": [],
+        },
+        query_var("job", "job", "label_values(twilio_wireless_exporter_build_info, job)"),
+        query_var(
+            "instance",
+            "instance",
+            'label_values(twilio_wireless_exporter_build_info{job=~"$job"}, instance)',
+        ),
+    ]
+    if with_sim:
+        # Grafana turns each result into `name{label="value",...} value timestamp` (labels in
+        # Prometheus' sorted order); the regex shows the name and keeps the SID as the value.
+        result.append(
+            query_var(
+                "sim",
+                "SIM",
+                f"query_result({sim_names()})",
+                regex=f'/{NAME_LABEL}="(?<text>[^"]*)".*sim_sid="(?<value>[^"]+)"/',
+                multi=False,
+                includeAll=False,
+                allValue=None,
+            )
+        )
+    return result
+
+
+def dashboard(uid: str, title: str, description: str, panels: list[Json], with_sim: bool) -> Json:
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": TAGS,
+        "schemaVersion": SCHEMA_VERSION,
+        "version": 1,
+        "editable": False,
+        "graphTooltip": 1,
+        "timezone": "",
+        "time": {"from": "now-6h", "to": "now"},
+        "refresh": "1m",
+        "fiscalYearStartMonth": 0,
+        "liveNow": False,
+        "weekStart": "",
+        "id": None,
+        "annotations": {
+            "list": [
+                {
+                    "builtIn": 1,
+                    "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                    "enable": True,
+                    "hide": True,
+                    "iconColor": "rgba(0, 211, 255, 1)",
+                    "name": "Annotations & Alerts",
+                    "type": "dashboard",
+                }
+            ]
+        },
+        "links": [
+            {
+                "title": "Twilio Wireless",
+                "type": "dashboards",
+                "tags": ["twilio-wireless"],
+                "asDropdown": False,
+                "includeVars": True,
+                "keepTime": True,
+                "icon": "external link",
+                "targetBlank": False,
+                "tooltip": "",
+                "url": "",
+            }
+        ],
+        "templating": {"list": variables(with_sim)},
+        "panels": layout(panels),
+    }
+
+
+# Data links from per-SIM series (time series: field labels; tables: the row's field).
+SIM_LINK_PARAMS = (
+    "${datasource:queryparam}&${job:queryparam}&${instance:queryparam}&${__url_time_range}"
+)
+
+
+def sim_link(field_ref: str) -> list[Json]:
+    return [
+        {
+            "title": "SIM detail",
+            "url": f"/d/{SIM_UID}/twilio-wireless-sim-detail?{SIM_LINK_PARAMS}&var-sim={field_ref}",
+        }
+    ]
+
+
+SERIES_SIM_LINK = sim_link("${__field.labels.sim_sid}")
+ROW_SIM_LINK = sim_link("${__data.fields.sim_sid}")
+
+# --------------------------------------------------------------------------------------------
+# Fleet overview
+
+STARTED = "twilio_wireless_sim_data_sessions_started_total"
+ENDED = "twilio_wireless_sim_data_sessions_ended_total"
+UPLOADED = "twilio_wireless_sim_packets_uploaded_total"
+DOWNLOADED = "twilio_wireless_sim_packets_downloaded_total"
+OPEN = "twilio_wireless_sim_data_sessions_open"
+SESSION_INFO = "twilio_wireless_sim_session_info"
+DURATION_BUCKET = "twilio_wireless_data_session_duration_seconds_bucket"
+LAST_START = "twilio_wireless_sim_last_session_start_timestamp_seconds"
+LAST_UPDATED = "twilio_wireless_sim_last_updated_timestamp_seconds"
+LAST_POLL = "twilio_wireless_sim_last_poll_success_timestamp_seconds"
+SIM_UP = "twilio_wireless_sim_up"
+REQUESTS = "twilio_wireless_api_requests_total"
+CODE_429 = 'code="429"'
+
+
+def open_by(labels: str, sel: str = SEL) -> str:
+    return (
+        f"sum by ({labels}) (\n  {m(OPEN, sel)}\n"
+        f"  * {JOIN_ON} group_left ({labels}) {m(SESSION_INFO, sel)}\n)"
+    )
+
+
+def fleet() -> Json:
+    red_from_1 = thresholds((None, "green"), (1, "red"))
+    panels: list[Json] = [
+        row("Fleet"),
+        stat(
+            "SIMs monitored",
+            "SIMs the selected exporters poll (configured plus discovered).",
+            "none",
+            f"sum({m('twilio_wireless_sims_monitored')})",
+        ),
+        stat(
+            "SIMs up",
+            "SIMs whose latest poll of the Twilio API succeeded (twilio_wireless_sim_up == 1).",
+            "none",
+            f"sum({m(SIM_UP)})",
+        ),
+        stat(
+            "SIMs down",
+            "SIMs whose latest poll failed: their metrics are stale. See the exporter health "
+            "row and the exporter's log.",
+            "none",
+            f"sum(1 - {m(SIM_UP)})",
+            steps=red_from_1,
+        ),
+        stat(
+            "Open data sessions",
+            "Data sessions without an end in the latest listing, over all SIMs.",
+            "none",
+            f"sum({m(OPEN)})",
+        ),
+        stat(
+            "SIMs with an open session",
+            "SIMs with at least one open data session.",
+            "none",
+            f"sum(clamp_max({m(OPEN)}, 1))",
+        ),
+        stat(
+            "Sessions started per hour",
+            "Data sessions started per hour over all SIMs (rate over the last interval).",
+            "short",
+            f"sum({rate(STARTED)}) * 3600",
+        ),
+        row("Data sessions"),
+        timeseries(
+            "Open data sessions",
+            "Open data sessions over all selected SIMs, and how many SIMs have one.",
+            "none",
+            targets(
+                (f"sum({m(OPEN)})", "open sessions"),
+                (f"sum(clamp_max({m(OPEN)}, 1))", "SIMs with an open session"),
+            ),
+        ),
+        timeseries(
+            "Session churn, fleet (per hour)",
+            "Data sessions started and ended per hour over all selected SIMs. A sudden rise "
+            "means many devices reconnect at once (network trouble, roll-outs).",
+            "short",
+            targets(
+                (f"sum({rate(STARTED)}) * 3600", "started"),
+                (f"sum({rate(ENDED)}) * 3600", "ended"),
+            ),
+        ),
+        timeseries(
+            "Top 10 SIMs by sessions started per hour",
+            "The SIMs that start the most data sessions (per hour); a SIM far above the rest "
+            "is reconnecting in a loop. Click a series for its SIM detail dashboard.",
+            "short",
+            targets((named(f"topk(10, {rate(STARTED)} * 3600)"), f"{{{{{NAME_LABEL}}}}}")),
+            links=SERIES_SIM_LINK,
+        ),
+        timeseries(
+            "Packets uploaded vs downloaded",
+            "Packets per second moved by all selected SIMs, growth of the sessions' packet "
+            "counters as seen by the poller.",
+            "pps",
+            targets(
+                (f"sum({rate(UPLOADED)})", "uploaded"),
+                (f"sum({rate(DOWNLOADED)})", "downloaded"),
+            ),
+        ),
+        timeseries(
+            "Open sessions by radio link",
+            "Open data sessions split by the radio link (2G, 3G, 4G/LTE, LTE-M, NB-IoT) of each "
+            "SIM's most recent session.",
+            "none",
+            targets((open_by("radio_link"), "{{radio_link}}")),
+            stack=True,
+        ),
+        timeseries(
+            "Open sessions by operator",
+            "Open data sessions split by the mobile operator and country of each SIM's most "
+            "recent session.",
+            "none",
+            targets(
+                (
+                    open_by("operator_name, operator_country"),
+                    "{{operator_name}} ({{operator_country}})",
+                )
+            ),
+            stack=True,
+        ),
+        panel(
+            "piechart",
+            "SIMs by operator country",
+            "Where the SIMs are attached now: the operator country of each SIM's most recent "
+            "data session.",
+            "none",
+            [
+                target(
+                    f"count by (operator_country) ({m(SESSION_INFO)})",
+                    "{{operator_country}}",
+                    instant=True,
+                )
+            ],
+            w=6,
+            h=8,
+            options={
+                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                "pieType": "donut",
+                "displayLabels": ["name"],
+                "legend": {"displayMode": "table", "placement": "right", "values": ["value"]},
+                "tooltip": {"mode": "single", "sort": "none"},
+            },
+        ),
+        panel(
+            "bargauge",
+            "SIMs by radio link",
+            "How many SIMs use each radio link in their most recent data session.",
+            "none",
+            [
+                target(
+                    f"count by (radio_link) ({m(SESSION_INFO)})",
+                    "{{radio_link}}",
+                    instant=True,
+                )
+            ],
+            w=6,
+            h=8,
+            options={
+                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                "orientation": "horizontal",
+                "displayMode": "basic",
+                "showUnfilled": True,
+                "valueMode": "color",
+                "namePlacement": "auto",
+                "sizing": "auto",
+                "minVizHeight": 16,
+                "minVizWidth": 8,
+                "maxVizHeight": 300,
+            },
+        ),
+        row("Location"),
+        geomap(
+            "SIM locations (cell estimate)",
+            "Each SIM at the cell location estimate of its most recent session that has one "
+            "(cell tower, not GPS: expect hundreds of metres to kilometres of error).",
+            SEL,
+            w=24,
+            h=12,
+        ),
+        row("Session duration"),
+        panel(
+            "heatmap",
+            "Session duration distribution",
+            "Durations (end - start) of the data sessions that ended, per interval, from the "
+            "histogram twilio_wireless_data_session_duration_seconds.",
+            "short",
+            [
+                target(
+                    f"sum by (le) ({rate(DURATION_BUCKET, fn='increase')})",
+                    "{{le}}",
+                    fmt="heatmap",
+                )
+            ],
+            w=12,
+            h=8,
+            options={
+                "calculate": False,
+                "yAxis": {"axisPlacement": "left", "unit": "s", "reverse": False},
+                "rowsFrame": {"layout": "auto"},
+                "color": {
+                    "mode": "scheme",
+                    "scheme": "Oranges",
+                    "fill": "dark-orange",
+                    "scale": "exponential",
+                    "exponent": 0.5,
+                    "steps": 64,
+                    "reverse": False,
+                },
+                "cellGap": 1,
+                "filterValues": {"le": 1e-9},
+                "tooltip": {"mode": "single", "yHistogram": False, "showColorScale": False},
+                "legend": {"show": True},
+                "exemplars": {"color": "rgba(255,0,255,0.7)"},
+                "showValue": "never",
+            },
+        ),
+        timeseries(
+            "Session duration percentiles",
+            "Median, 90th and 99th percentile of the duration of ended data sessions "
+            "(estimated from histogram buckets, 1 minute to 7 days).",
+            "s",
+            targets(
+                (hq(0.5, DURATION_BUCKET), "p50"),
+                (hq(0.9, DURATION_BUCKET), "p90"),
+                (hq(0.99, DURATION_BUCKET), "p99"),
+            ),
+        ),
+        row("Quiet SIMs"),
+        table(
+            "SIMs longest without a new data session",
+            "The 20 SIMs whose most recent data session started longest ago, with their open "
+            "sessions. A SIM with no open session here for hours is offline "
+            "(alert TwilioWirelessSimOffline). SIMs without any session in the API's retention "
+            "window have no start time and are not listed.",
+            "s",
+            [
+                target(
+                    named(f"topk(20, time() - {m(LAST_START)})"), ref="A", instant=True, fmt="table"
+                ),
+                target(
+                    named(f"{m(OPEN)}\n  and {JOIN_ON} topk(20, time() - {m(LAST_START)})"),
+                    ref="B",
+                    instant=True,
+                    fmt="table",
+                ),
+            ],
+            w=24,
+            h=9,
+            merge=True,
+            rename={
+                NAME_LABEL: "SIM",
+                "sim_sid": "SID",
+                "Value #A": "Since last session start",
+                "Value #B": "Open sessions",
+            },
+            order=[NAME_LABEL, "sim_sid", "Value #A", "Value #B", "instance"],
+            sort_by="Since last session start",
+            links=ROW_SIM_LINK,
+            overrides=[
+                {
+                    "matcher": {"id": "byName", "options": "Open sessions"},
+                    "properties": [{"id": "unit", "value": "none"}],
+                }
+            ],
+        ),
+        row("Exporter health"),
+        timeseries(
+            "Twilio API requests by status code",
+            "Requests per second from the exporters to the Twilio API by HTTP status code "
+            "('error': no response, e.g. timeout or connection failure). 401/403 mean bad "
+            "credentials (alert TwilioWirelessApiAuthFailure).",
+            "reqps",
+            targets((f"sum by (code) ({rate(REQUESTS)})", "{{code}}")),
+            stack=True,
+        ),
+        timeseries(
+            "Rate limiting and retries",
+            "HTTP 429 (rate limited) responses and retries per second, by reason. Sustained "
+            "429s: lower poll.requests_per_second or raise poll.interval.",
+            "reqps",
+            targets(
+                (f"sum({rate(REQUESTS, extra=CODE_429)})", "429 responses"),
+                (
+                    f"sum by (reason) ({rate('twilio_wireless_api_retries_total')})",
+                    "retries: {{reason}}",
+                ),
+            ),
+        ),
+        timeseries(
+            "Twilio API request latency",
+            "Median and 99th percentile latency of requests to the Twilio API, by endpoint.",
+            "s",
+            targets(
+                (
+                    hq(0.5, "twilio_wireless_api_request_duration_seconds_bucket", "le, endpoint"),
+                    "p50 {{endpoint}}",
+                ),
+                (
+                    hq(0.99, "twilio_wireless_api_request_duration_seconds_bucket", "le, endpoint"),
+                    "p99 {{endpoint}}",
+                ),
+            ),
+        ),
+        timeseries(
+            "Poll staleness",
+            "Age of the newest successful poll: the oldest over all SIMs and the median. It "
+            "should stay near poll.interval; growth means polls fail or the exporter cannot "
+            "keep up (alert TwilioWirelessPollStale).",
+            "s",
+            targets(
+                (f"max(time() - {m(LAST_POLL)})", "oldest"),
+                (f"quantile(0.5, time() - {m(LAST_POLL)})", "median"),
+            ),
+        ),
+        timeseries(
+            "SIMs up / down",
+            "SIMs whose latest poll succeeded (up) or failed (down), over time.",
+            "none",
+            targets(
+                (f"sum({m(SIM_UP)})", "up"),
+                (f"sum(1 - {m(SIM_UP)})", "down"),
+            ),
+            stack=True,
+        ),
+        table(
+            "Stalest SIMs",
+            "The 10 SIMs whose last successful poll is oldest, and whether their latest poll "
+            "succeeded (1) or failed (0).",
+            "s",
+            [
+                target(
+                    named(f"topk(10, time() - {m(LAST_POLL)})"), ref="A", instant=True, fmt="table"
+                ),
+                target(
+                    named(f"{m(SIM_UP)}\n  and {JOIN_ON} topk(10, time() - {m(LAST_POLL)})"),
+                    ref="B",
+                    instant=True,
+                    fmt="table",
+                ),
+            ],
+            w=12,
+            h=8,
+            merge=True,
+            rename={
+                NAME_LABEL: "SIM",
+                "sim_sid": "SID",
+                "Value #A": "Since last successful poll",
+                "Value #B": "Up",
+            },
+            order=[NAME_LABEL, "sim_sid", "Value #A", "Value #B", "instance"],
+            sort_by="Since last successful poll",
+            links=ROW_SIM_LINK,
+            overrides=[
+                {
+                    "matcher": {"id": "byName", "options": "Up"},
+                    "properties": [{"id": "unit", "value": "none"}],
+                }
+            ],
+        ),
+    ]
+    return dashboard(
+        FLEET_UID,
+        "Twilio Wireless / Fleet overview",
+        "Data sessions, churn, traffic, radio and operators, location and exporter health of a "
+        "fleet of Twilio Programmable Wireless SIMs (twilio-wireless-exporter).",
+        panels,
+        with_sim=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# SIM detail
+
+
+def sim_detail() -> Json:
+    s = SIM_SEL
+    ago = "dateTimeFromNow"
+    panels: list[Json] = [
+        row("SIM"),
+        table(
+            "SIM identity",
+            "Name, Twilio unique and friendly name, status and rate plan of the SIM "
+            "(twilio_wireless_sim_info).",
+            "none",
+            [target(named(m("twilio_wireless_sim_info", s), s), instant=True, fmt="table")],
+            w=12,
+            h=4,
+            hide=("Time", "__name__", "job", "Value"),
+            rename={
+                NAME_LABEL: "SIM",
+                "sim_sid": "SID",
+                "unique_name": "Unique name",
+                "friendly_name": "Friendly name",
+                "status": "Status",
+                "rate_plan_sid": "Rate plan",
+            },
+            order=[
+                NAME_LABEL,
+                "sim_sid",
+                "unique_name",
+                "friendly_name",
+                "status",
+                "rate_plan_sid",
+            ],
+        ),
+        table(
+            "Most recent session",
+            "Radio link and mobile operator (name, country, MCC/MNC) of the SIM's most recent "
+            "data session (twilio_wireless_sim_session_info).",
+            "none",
+            [target(named(m(SESSION_INFO, s), s), instant=True, fmt="table")],
+            w=12,
+            h=4,
+            hide=("Time", "__name__", "job", "Value", NAME_LABEL),
+            rename={
+                "sim_sid": "SID",
+                "radio_link": "Radio link",
+                "operator_name": "Operator",
+                "operator_country": "Country",
+                "operator_mcc": "MCC",
+                "operator_mnc": "MNC",
+            },
+            order=[
+                "radio_link",
+                "operator_name",
+                "operator_country",
+                "operator_mcc",
+                "operator_mnc",
+                "sim_sid",
+            ],
+        ),
+        stat(
+            "Poll status",
+            "Whether the exporter's latest poll of this SIM succeeded.",
+            "none",
+            f"min({m(SIM_UP, s)})",
+            mappings=value_map(("0", "Down", "red"), ("1", "Up", "green")),
+            graph=False,
+        ),
+        stat(
+            "Open sessions",
+            "Data sessions of this SIM without an end in the latest listing.",
+            "none",
+            f"sum({m(OPEN, s)})",
+        ),
+        stat(
+            "Sessions started per hour",
+            "Data sessions this SIM started per hour (rate over the last interval).",
+            "short",
+            f"sum({rate(STARTED, s)}) * 3600",
+            steps=thresholds((None, "green"), (12, "orange")),
+        ),
+        stat(
+            "Last session started",
+            "When the SIM's most recent data session started.",
+            ago,
+            f"max({m(LAST_START, s)}) * 1000",
+            graph=False,
+        ),
+        stat(
+            "Session data updated",
+            "The newest last_updated of the SIM's data sessions (Twilio updates them during a "
+            "session).",
+            ago,
+            f"max({m(LAST_UPDATED, s)}) * 1000",
+            graph=False,
+        ),
+        stat(
+            "Last successful poll",
+            "When the exporter last polled this SIM successfully.",
+            ago,
+            f"max({m(LAST_POLL, s)}) * 1000",
+            graph=False,
+        ),
+        row("Sessions and traffic"),
+        timeseries(
+            "Open data sessions",
+            "Open data sessions of the SIM over time.",
+            "none",
+            targets((named(m(OPEN, s), s), "open sessions")),
+        ),
+        timeseries(
+            "Session churn (per hour)",
+            "Data sessions the SIM started and ended per hour. More than 12 per hour for 30 "
+            "minutes fires TwilioWirelessSimSessionChurnHigh.",
+            "short",
+            targets(
+                (named(f"{rate(STARTED, s)} * 3600", s), "started"),
+                (named(f"{rate(ENDED, s)} * 3600", s), "ended"),
+            ),
+        ),
+        timeseries(
+            "Packets uploaded vs downloaded",
+            "Packets per second moved by the SIM (growth of its sessions' packet counters).",
+            "pps",
+            targets(
+                (named(rate(UPLOADED, s), s), "uploaded"),
+                (named(rate(DOWNLOADED, s), s), "downloaded"),
+            ),
+        ),
+        timeseries(
+            "IMEI changes",
+            "Times the IMEI of the SIM's most recent session changed (the SIM moved to another "
+            "device), per interval. Fires TwilioWirelessSimImeiChanged.",
+            "short",
+            targets(
+                (
+                    named(rate("twilio_wireless_sim_imei_changes_total", s, fn="increase"), s),
+                    "IMEI changes",
+                )
+            ),
+            bars=True,
+        ),
+        row("Radio, operator and location"),
+        state_timeline(
+            "Radio link and operator history",
+            "Radio link and operator of the SIM's most recent session over time: one line per "
+            "combination, filled while it was current.",
+            targets(
+                (
+                    named(m(SESSION_INFO, s), s),
+                    "{{radio_link}} · {{operator_name}} ({{operator_country}} "
+                    "{{operator_mcc}}-{{operator_mnc}})",
+                )
+            ),
+            w=24,
+            h=7,
+            mappings=value_map(("1", "current", "blue")),
+        ),
+        geomap(
+            "Location (cell estimate)",
+            "The cell location estimate of the SIM's most recent session that has one.",
+            s,
+            w=12,
+            h=10,
+        ),
+        timeseries(
+            "Cell location estimate over time",
+            "Latitude and longitude of the SIM's cell location estimate; steps mean the SIM "
+            "moved or attached to another cell.",
+            "degree",
+            targets(
+                (named(m("twilio_wireless_sim_cell_latitude_degrees", s), s), "latitude"),
+                (named(m("twilio_wireless_sim_cell_longitude_degrees", s), s), "longitude"),
+            ),
+            h=10,
+            defaults={"custom": {"axisSoftMin": None}},
+        ),
+        row("Poll health"),
+        timeseries(
+            "Time since last successful poll",
+            "Age of the SIM's newest successful poll; should stay near poll.interval. Above "
+            "15 minutes fires TwilioWirelessPollStale.",
+            "s",
+            targets((named(f"time() - {m(LAST_POLL, s)}", s), "since last successful poll")),
+            w=8,
+        ),
+        state_timeline(
+            "Poll status over time",
+            "Whether each poll of this SIM succeeded (up) or failed (down). Down for 15 "
+            "minutes fires TwilioWirelessSimDown.",
+            targets((named(m(SIM_UP, s), s), "{{display_name}}")),
+            w=8,
+            h=8,
+            mappings=value_map(("0", "down", "red"), ("1", "up", "green")),
+        ),
+        timeseries(
+            "Age of session data",
+            "Time since the SIM's most recent session started and since Twilio last updated "
+            "its sessions. Without an open session, a start more than 6 hours ago fires "
+            "TwilioWirelessSimOffline.",
+            "s",
+            targets(
+                (named(f"time() - {m(LAST_START, s)}", s), "since last session start"),
+                (named(f"time() - {m(LAST_UPDATED, s)}", s), "since last update"),
+            ),
+            w=8,
+        ),
+    ]
+    return dashboard(
+        SIM_UID,
+        "Twilio Wireless / SIM detail",
+        "One SIM of a Twilio Programmable Wireless fleet: identity, data sessions, traffic, "
+        "radio link and operator history, location, IMEI changes and poll health.",
+        panels,
+        with_sim=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+
+DASHBOARDS = {
+    "twilio-wireless-fleet.json": fleet,
+    "twilio-wireless-sim.json": sim_detail,
+}
+
+
+def render(build: Any) -> str:
+    return json.dumps(build(), indent=2, ensure_ascii=False) + "\n"
+
+
+def rendered() -> dict[str, str]:
+    """File name -> JSON text of every dashboard."""
+    return {name: render(build) for name, build in DASHBOARDS.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--check", action="store_true", help="fail if a committed file differs")
+    args = parser.parse_args(argv)
+    stale = []
+    for name, text in rendered().items():
+        path = OUT_DIR / name
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(name)
+        else:
+            OUT_DIR.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+    if stale:
+        print(f"out of date (run python3 grafana/generate.py): {', '.join(stale)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
