@@ -187,9 +187,9 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
 
 def _describe(sim: RunningSimulator) -> None:
     cfg = sim.config
+    log.info("Twilio Wireless API simulator listening on %s", sim.url)
     log.info(
-        "Twilio Wireless simulator on %s: %d SIMs, seed %d, %s, simulated time %s",
-        sim.url,
+        "%d SIMs, seed %d, %s, simulated time %s",
         len(sim.fleet),
         cfg.seed,
         "manual clock" if cfg.speed is None else f"speed {cfg.speed:g}x",

@@ -1,0 +1,121 @@
+"""The simulator's command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+
+import aiohttp
+import pytest
+
+from tests.simulator_support import basic, get_json
+from twilio_wireless_exporter.simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, main
+from twilio_wireless_exporter.simulator.cli import build_parser, config_from_args, parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30d", 2592000.0),
+        ("2h", 7200.0),
+        ("1h30m", 5400.0),
+        ("45s", 45.0),
+        ("250ms", 0.25),
+        ("90", 90.0),
+    ],
+)
+def test_parse_duration(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "2x", "h", "1h 30m", "-"])
+def test_parse_duration_rejects_garbage(text: str) -> None:
+    with pytest.raises(Exception, match="duration"):
+        parse_duration(text)
+
+
+def test_flags_map_to_the_config() -> None:
+    args = build_parser().parse_args(
+        [
+            "--sims=7",
+            "--seed=3",
+            "--speed=60",
+            "--auth-mode=bearer",
+            "--token-lifetime=5m",
+            "--retention=2h",
+            "--max-concurrent=4",
+            "--fault-429=0.1",
+            "--retry-after=2",
+            "--fault-500=0.05",
+            "--fault-timeout=0.01",
+            "--timeout-delay=10s",
+            "--fault-truncated=0.02",
+            "--latency=0.01:0.2",
+            "--api-key=SK" + "a" * 32 + ":s3cret",
+        ]
+    )
+    config = config_from_args(args)
+    assert (config.sims, config.seed, config.speed, config.auth_mode) == (7, 3, 60.0, "bearer")
+    assert (config.token_lifetime, config.retention, config.max_concurrent) == (300.0, 7200.0, 4)
+    assert config.api_keys == {"SK" + "a" * 32: "s3cret"}
+    assert config.keep_history is False
+    f = config.faults
+    assert (f.rate_429, f.retry_after, f.rate_500, f.rate_timeout) == (0.1, 2.0, 0.05, 0.01)
+    assert (f.timeout_delay, f.rate_truncated, f.latency) == (10.0, 0.02, (0.01, 0.2))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--bogus"], ["--sims=-1"], ["--fault-500=2"], ["--listen=nowhere"], ["--latency=3:1"]],
+)
+def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    assert "--fault-429" in capsys.readouterr().out
+
+
+async def test_standalone_process_serves_and_stops_on_sigterm() -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "twilio_wireless_exporter.simulator",
+        "--listen=127.0.0.1:0",
+        "--sims=5",
+        "--speed=60",
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert proc.stderr is not None
+    try:
+        log = ""
+        url = None
+        while url is None:
+            line = await asyncio.wait_for(proc.stderr.readline(), 15)
+            assert line, f"simulator exited early: {log}"
+            log += line.decode()
+            match = re.search(r"listening on (http://\S+)", log)
+            url = match.group(1) if match else None
+        # The demo credentials are printed for the user.
+        while DEMO_AUTH_TOKEN not in log:
+            log += (await asyncio.wait_for(proc.stderr.readline(), 15)).decode()
+        assert DEMO_ACCOUNT_SID in log
+        async with aiohttp.ClientSession() as http:
+            status, body, _ = await get_json(http, f"{url}/v1/Sims", basic())
+            assert status == 200
+            assert len(body["sims"]) == 5
+            async with http.get(f"{url}/health") as resp:
+                assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
