@@ -809,14 +809,17 @@ class Fleet:
         rng = random.Random(f"{self.seed}:timeline:{sim.index}")
         start = int(self.clock.start_time)
         roll = rng.random()
-        if roll < 0.06:
+        # Behaviour mix: a few chatty devices (a new session every few minutes), always-on
+        # trackers with sessions of days, quiet devices that connect briefly now and then, and
+        # the bulk in between.
+        if roll < 0.04:
             kind, duration, gap = "chatty", (60.0, 600.0), (60.0, 900.0)
-        elif roll < 0.18:
+        elif roll < 0.16:
             kind, duration, gap = "steady", (6 * 3600.0, 3 * 86400.0), (30.0, 600.0)
         elif roll < 0.30:
             kind, duration, gap = "quiet", (60.0, 1800.0), (6 * 3600.0, 3 * 86400.0)
         else:
-            kind, duration, gap = "normal", (120.0, 86400.0), (60.0, 6 * 3600.0)
+            kind, duration, gap = "normal", (300.0, 2 * 86400.0), (60.0, 8 * 3600.0)
         stop_at: int | None = None
         if sim.base_status != "active":
             stop_at = start - int(_log_uniform(rng, 3600.0, 20 * 86400.0))
