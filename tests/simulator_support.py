@@ -228,10 +228,10 @@ async def running(
         yield sim, http
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Yield to the event loop until ``predicate()`` holds (fails after ``timeout`` seconds)."""
+async def until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
+    """Yield to the event loop until ``predicate()`` holds (fails after ``limit`` seconds)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + limit
     while not predicate():
         if loop.time() > deadline:
             raise AssertionError("condition not reached in time")
