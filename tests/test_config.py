@@ -800,7 +800,7 @@ def test_top_level_must_be_a_mapping() -> None:
         config_from_mapping(["sims"], ENV, source="x.yaml")
     assert info.value.problems == [
         "x.yaml: the top level must be a mapping of options "
-        "(twilio, poll, sims, discovery, metrics, state), got a list"
+        "(twilio, poll, sims, discovery, metrics, state, shard), got a list"
     ]
 
 
@@ -984,7 +984,7 @@ def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
     problems = load_problems(path)
     # the anchor holder is not an option, but the merge itself worked
     assert problems == [
-        "x-labels: unknown option (valid options: twilio, poll, sims, discovery, metrics, state)"
+        "x-labels: unknown option (valid options: twilio, poll, sims, discovery, metrics, state, shard)"
     ]
 
 
@@ -1002,7 +1002,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str, kind: str) -> None:
     problems = load_problems(path)
     assert problems == [
         f"{path}: the top level must be a mapping of options "
-        f"(twilio, poll, sims, discovery, metrics, state), got {kind}"
+        f"(twilio, poll, sims, discovery, metrics, state, shard), got {kind}"
     ]
 
 

@@ -14,6 +14,7 @@ from .clock import Clock, SystemClock
 from .collector import build_registry
 from .config import BasicCredentials, Config
 from .poller import Poller, PollerSettings, SimTarget
+from .sharding import Shard
 from .state import FleetState
 from .web import WebContext, make_app
 
@@ -42,6 +43,7 @@ def poller_settings(config: Config) -> PollerSettings:
         discovery=config.discovery.enabled,
         discovery_statuses=tuple(config.discovery.status),
         discovery_interval=config.discovery.refresh_interval,
+        shard=Shard(config.shard.index, config.shard.count),
     )
 
 
@@ -127,6 +129,17 @@ class Exporter:
             self.config.poll.interval,
             self.config.twilio.base_url,
         )
+        shard = self.config.shard
+        if shard.count > 1:
+            owned = sum(Shard(shard.index, shard.count).owns(sim.sid) for sim in self.config.sims)
+            log.info(
+                "shard %d/%d: this replica polls %d of the %d configured SIMs%s",
+                shard.index,
+                shard.count,
+                owned,
+                len(self.config.sims),
+                " and its share of the discovered SIMs" if self.config.discovery.enabled else "",
+            )
 
     async def stop(self) -> None:
         """Cancel in-flight polls and close the HTTP session."""

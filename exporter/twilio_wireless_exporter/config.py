@@ -39,6 +39,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from .sharding import MAX_SHARDS
+
 __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_TOKEN_URL",
@@ -54,6 +56,7 @@ __all__ = [
     "MetricsSettings",
     "OAuth2Credentials",
     "PollSettings",
+    "ShardSettings",
     "SimSettings",
     "StateSettings",
     "TwilioSettings",
@@ -1010,8 +1013,23 @@ class StateSettings(_Settings):
     path: Annotated[Path | None, BeforeValidator(_state_path)] = None
 
 
+class ShardSettings(_Settings):
+    """``shard``: this replica's part of the fleet when N exporters split it by SIM SID."""
+
+    index: Annotated[int, BeforeValidator(_int_between(0, MAX_SHARDS - 1))] = 0
+    count: Annotated[int, BeforeValidator(_int_between(1, MAX_SHARDS))] = 1
+
+    @model_validator(mode="after")
+    def _index_below_count(self) -> Self:
+        if self.index >= self.count:
+            raise _fail_many(
+                [(("index",), f"must be less than shard.count ({self.count}), got {self.index}")]
+            )
+        return self
+
+
 _NOTHING_TO_POLL: Final = "no SIMs to monitor; list SIMs under sims or set discovery.enabled: true"
-_SECTIONS: Final = ("twilio", "poll", "discovery", "metrics", "state")
+_SECTIONS: Final = ("twilio", "poll", "discovery", "metrics", "state", "shard")
 
 
 class Config(_Settings):
@@ -1023,6 +1041,7 @@ class Config(_Settings):
     discovery: DiscoverySettings
     metrics: MetricsSettings
     state: StateSettings
+    shard: ShardSettings
 
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
@@ -1205,7 +1224,7 @@ def config_from_mapping(
         raise ConfigError(
             [
                 f"{source}: the top level must be a mapping of options "
-                f"(twilio, poll, sims, discovery, metrics, state), got {_kind(data)}"
+                f"(twilio, poll, sims, discovery, metrics, state, shard), got {_kind(data)}"
             ],
             source,
         )

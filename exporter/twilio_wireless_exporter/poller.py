@@ -25,6 +25,7 @@ from .accounting import DEFAULT_FORGET_AFTER, apply_listing
 from .client import ApiError, TwilioClient
 from .clock import Clock, SystemClock
 from .records import Sim
+from .sharding import Shard
 from .state import FleetState
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class PollerSettings:
     forget_after: int = DEFAULT_FORGET_AFTER
     fetch_identity: bool = True
     """Fetch ``/v1/Sims/{sid}`` for configured SIMs that discovery does not cover."""
+    shard: Shard = field(default_factory=Shard)
+    """Poll only the SIMs (configured or discovered) that this shard owns."""
 
 
 class PollObserver(Protocol):
@@ -77,6 +80,7 @@ class Poller:
     ) -> None:
         self._client = client
         self._state = state
+        targets = [t for t in targets if settings.shard.owns(t.sid)]
         self._targets = {t.sid: t for t in targets}
         self._settings = settings
         self._clock: Clock = clock or SystemClock()
@@ -141,7 +145,7 @@ class Poller:
             except ApiError as exc:
                 self._report(exc, "SIM discovery failed")
                 return False
-            discovered = {sim.sid: sim for sim in sims}
+            discovered = {sim.sid: sim for sim in sims if self._settings.shard.owns(sim.sid)}
             wanted = set(self._targets) | set(discovered)
             for sid in discovered:
                 target = self._targets.get(sid)
