@@ -255,7 +255,11 @@ def _hex(*parts: object, size: int = 16) -> str:
 
 
 def _order_key(sid: str) -> int:
-    return int.from_bytes(hashlib.blake2b(sid.encode(), digest_size=8).digest(), "big")
+    """The listing position of a session: a hash of its SID (generated SIDs already are one)."""
+    try:
+        return int(sid[2:18], 16)
+    except ValueError:
+        return int.from_bytes(hashlib.blake2b(sid.encode(), digest_size=8).digest(), "big")
 
 
 def luhn_check_digit(payload: str) -> str:
