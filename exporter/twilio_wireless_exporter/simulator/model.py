@@ -977,15 +977,15 @@ class Fleet:
         return sim
 
     def _prune(self, sim: _Sim, now: int) -> None:
+        """Forget the SIM's sessions that ended before the retention window."""
         horizon = now - self.retention
-        sessions = sim.sessions
-        if not sessions:
-            return
-        keep = [s for s in sessions if s.end is None or s.end > now or s.end >= horizon]
-        if len(keep) != len(sessions):
-            for s in sessions:
-                if not (s.end is None or s.end > now or s.end >= horizon):
-                    self._sessions.pop(s.sid, None)
+        keep: list[_Session] = []
+        for s in sim.sessions:
+            if s.end is not None and s.end < horizon:
+                self._sessions.pop(s.sid, None)
+            else:
+                keep.append(s)
+        if len(keep) != len(sim.sessions):
             sim.sessions = keep
             sim.version += 1
 
