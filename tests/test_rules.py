@@ -1,0 +1,200 @@
+"""The alerting and recording rules: conventions, ``promtool check rules``, ``promtool test rules``."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.prom_support import (
+    ALERTS_DIR,
+    GRAFANA,
+    RULE_FILES,
+    RULE_TEST_FILES,
+    contract_base,
+    load_rules,
+    require_tool,
+    run,
+    scan,
+)
+
+SEVERITIES = {"critical", "warning", "info"}
+# A description must tell the reader what to do: at least one of these imperative verbs.
+ACTIONS = re.compile(
+    r"\b(check|open|read|fix|lower|raise|update|restart|suspend|verify|shard|replace)\b", re.I
+)
+RECORD_NAME = re.compile(r"^[a-z_]+:[a-z0-9_]+:[a-z0-9_]+$")
+ALERT_NAME = re.compile(r"^TwilioWireless(?:[A-Z][a-z0-9]*)+$")
+SIM_NAME_TEMPLATE = "or $labels.sim_name $labels.unique_name $labels.friendly_name $labels.sim_sid"
+README = GRAFANA / "README.md"
+
+
+def alert_problems(rule: dict[str, Any]) -> list[str]:
+    """Convention problems of one alerting rule (empty when it follows them)."""
+    name = str(rule.get("alert", ""))
+    problems: list[str] = []
+    if not ALERT_NAME.match(name):
+        problems.append(f"{name}: not a CamelCase TwilioWireless... name")
+    labels = rule.get("labels") or {}
+    if labels.get("severity") not in SEVERITIES:
+        problems.append(f"{name}: severity label must be one of {sorted(SEVERITIES)}")
+    annotations = rule.get("annotations") or {}
+    for key in ("summary", "description", "runbook_url"):
+        if not str(annotations.get(key, "")).strip():
+            problems.append(f"{name}: no {key} annotation")
+    description = str(annotations.get("description", ""))
+    if not ACTIONS.search(description):
+        problems.append(f"{name}: description does not say what to do")
+    if len(re.findall(r"[.:;]\s", description + " ")) < 2:
+        problems.append(f"{name}: description is not a short runbook (what happened, what to do)")
+    expr = str(rule.get("expr", ""))
+    per_sim = any(sel.name.startswith("twilio_wireless_sim_") for sel in scan(expr).selectors)
+    if per_sim:
+        if "group_left" not in expr or "twilio_wireless_sim_info" not in expr:
+            problems.append(f"{name}: per-SIM alert does not join twilio_wireless_sim_info")
+        for key in ("summary", "description"):
+            if SIM_NAME_TEMPLATE not in str(annotations.get(key, "")):
+                problems.append(f"{name}: {key} does not name the SIM")
+    return problems
+
+
+def test_alerts_follow_conventions() -> None:
+    alerts = [rule for _, rule in load_rules() if "alert" in rule]
+    names = [rule["alert"] for rule in alerts]
+    assert len(names) == len(set(names)), "duplicate alert names"
+    assert {
+        "TwilioWirelessSimSessionChurnHigh",
+        "TwilioWirelessFleetSessionChurnSpike",
+        "TwilioWirelessSimOffline",
+        "TwilioWirelessSimDown",
+        "TwilioWirelessApiAuthFailure",
+        "TwilioWirelessApiErrors",
+        "TwilioWirelessPollStale",
+        "TwilioWirelessSimImeiChanged",
+    } <= set(names)
+    problems = [p for rule in alerts for p in alert_problems(rule)]
+    assert problems == []
+
+
+def test_auth_failure_pages_at_once() -> None:
+    rule = next(r for _, r in load_rules() if r.get("alert") == "TwilioWirelessApiAuthFailure")
+    assert rule["labels"]["severity"] == "critical"
+    assert rule.get("for") in (None, "0s", "0m")
+    assert "401|403" in rule["expr"]
+
+
+@pytest.mark.parametrize(
+    ("mutation", "expected"),
+    [
+        ({"alert": "twilio_sim_down"}, "CamelCase"),
+        ({"labels": {}}, "severity"),
+        ({"labels": {"severity": "page"}}, "severity"),
+        ({"annotations": {"summary": "x", "runbook_url": "y"}}, "no description"),
+        (
+            {
+                "annotations": {
+                    "summary": "x",
+                    "description": "It is down. Bad.",
+                    "runbook_url": "y",
+                }
+            },
+            "what to do",
+        ),
+        ({"expr": "twilio_wireless_sim_up == 0"}, "does not join"),
+    ],
+)
+def test_convention_check_catches_problems(mutation: dict[str, Any], expected: str) -> None:
+    rule = next(r for _, r in load_rules() if r.get("alert") == "TwilioWirelessSimDown")
+    assert alert_problems(rule) == []
+    broken = {**rule, **mutation}
+    assert any(expected in p for p in alert_problems(broken)), alert_problems(broken)
+
+
+def test_recording_rules_follow_naming() -> None:
+    records = [rule["record"] for _, rule in load_rules() if "record" in rule]
+    assert records
+    for name in records:
+        assert RECORD_NAME.match(name), f"{name}: not level:metric:operations"
+        assert not name.split(":")[1].endswith("_total"), f"{name}: drop _total after rate()"
+
+
+def test_rules_use_only_contract_or_recorded_metrics() -> None:
+    recorded = {rule["record"] for _, rule in load_rules() if "record" in rule}
+    unknown = {
+        sel.name
+        for _, rule in load_rules()
+        for sel in scan(rule["expr"]).selectors
+        if contract_base(sel.name) is None and sel.name not in recorded
+    }
+    assert unknown == set()
+
+
+def test_every_alert_has_firing_and_silent_unit_tests() -> None:
+    fired: set[str] = set()
+    silent: set[str] = set()
+    for path in RULE_TEST_FILES:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for test in doc["tests"]:
+            for case in test.get("alert_rule_test", []):
+                (fired if case.get("exp_alerts") else silent).add(case["alertname"])
+    alerts = {rule["alert"] for _, rule in load_rules() if "alert" in rule}
+    assert alerts - fired == set(), "alerts without a unit test in which they fire"
+    assert alerts - silent == set(), "alerts without a unit test in which they stay silent"
+
+
+def test_runbook_urls_point_at_readme_sections() -> None:
+    text = README.read_text(encoding="utf-8")
+    anchors = {
+        re.sub(r"[^a-z0-9 _-]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in text.splitlines()
+        if line.startswith("#")
+    }
+    for _, rule in load_rules():
+        if "alert" not in rule:
+            continue
+        url = rule["annotations"]["runbook_url"]
+        path, _, anchor = url.partition("#")
+        assert path == "grafana/README.md", url
+        assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in {README.name}"
+
+
+def test_promtool_check_rules() -> None:
+    promtool = require_tool("promtool")
+    code, output = run([promtool, "check", "rules", *map(str, RULE_FILES)])
+    assert code == 0, output
+    assert "SUCCESS" in output
+    assert "WARNING" not in output.upper(), output
+
+
+def test_promtool_unit_tests_pass() -> None:
+    promtool = require_tool("promtool")
+    assert RULE_TEST_FILES
+    code, output = run([promtool, "test", "rules", *map(str, RULE_TEST_FILES)])
+    assert code == 0, output
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("started_total[1h]) > 12", "started_total[1h]) > 120"),  # churn threshold raised
+        ("> 21600", "> 86400"),  # offline after a day instead of 6 hours
+        ("(twilio_wireless_sim_up == 0)", "(twilio_wireless_sim_up == 2)"),  # never down
+        ('code=~"401|403"', 'code=~"401"'),  # 403 no longer counts
+    ],
+)
+def test_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str) -> None:
+    """The promtool unit tests fail when a rule is changed (they can fail)."""
+    promtool = require_tool("promtool")
+    shutil.copytree(ALERTS_DIR, tmp_path / "alerts")
+    alerts = tmp_path / "alerts" / "twilio-wireless-alerts.yaml"
+    text = alerts.read_text(encoding="utf-8")
+    assert old in text
+    alerts.write_text(text.replace(old, new), encoding="utf-8")
+    tests = sorted((tmp_path / "alerts" / "tests").glob("*.yaml"))
+    code, output = run([promtool, "test", "rules", *map(str, tests)])
+    assert code != 0, output
+    assert "FAILED" in output
