@@ -9,12 +9,14 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from twilio.base.exceptions import TwilioException, TwilioRestException
 from twilio.rest import Client
 
 from tests.simulator_support import (
     TWILIO_ERROR_SCHEMA,
     assert_absolute_url,
+    basic,
     get_json,
     list_all,
     query_of,
@@ -28,9 +30,11 @@ from twilio_wireless_exporter.simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_AUTH_TOKEN,
     SIM_STATUSES,
+    STATE_KEY,
     UNKNOWN_OPERATOR,
     RunningSimulator,
     SimulatorConfig,
+    build_app,
 )
 
 DS_PATH = "/v1/Sims/{SimSid}/DataSessions"
@@ -432,3 +436,16 @@ async def test_sdk_sees_twilio_errors(fleet_sim: Pair) -> None:
         await asyncio.to_thread(lambda: wrong.wireless.v1.sims(sim.fleet.sim_sids()[0]).fetch())
     assert info.value.status == 401
     assert info.value.code == 20003
+
+
+async def test_build_app_serves_in_process() -> None:
+    """``build_app`` gives a plain aiohttp app (e.g. for aiohttp's TestServer)."""
+    app = build_app(SimulatorConfig(sims=4, seed=2))
+    state = app[STATE_KEY]
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/v1/Sims", headers=basic())
+        assert resp.status == 200
+        body = await resp.json()
+        validate_list_page(SIMS_PATH, body, "sims")
+        assert [s["sid"] for s in body["sims"]] == state.fleet.sim_sids()
+        assert state.stats.count("sims", 200) == 1
