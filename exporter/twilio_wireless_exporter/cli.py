@@ -156,6 +156,7 @@ async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Con
         speed=args.demo_speed,
         account_sid=DEMO_ACCOUNT_SID,
         auth_token=DEMO_AUTH_TOKEN,
+        keep_history=False,  # ground truth is for tests; a long demo must not grow
     )
     async with start_simulator(sim_config, host=host, port=0) as sim:
         log.info(
