@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from .auth import OAuth2Authenticator, TokenObserver, TokenSettings
 from .client import Authenticator, BasicAuthenticator, ClientSettings, TwilioClient
 from .clock import Clock, SystemClock
 from .collector import build_registry
@@ -51,11 +52,35 @@ def sim_targets(config: Config) -> list[SimTarget]:
     return [SimTarget(sid=s.sid, name=s.name or "", labels=dict(s.labels)) for s in config.sims]
 
 
-def make_authenticator(config: Config, session: aiohttp.ClientSession) -> Authenticator:
+def make_authenticator(
+    config: Config,
+    session: aiohttp.ClientSession,
+    *,
+    clock: Clock | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    observer: TokenObserver | None = None,
+) -> Authenticator:
     creds = config.twilio.credentials
     if isinstance(creds, BasicCredentials):
         return BasicAuthenticator(creds.username, creds.password.get_secret_value())
-    raise NotImplementedError("OAuth2 client credentials are not supported yet")
+    poll = config.poll
+    return OAuth2Authenticator(
+        session,
+        token_url=creds.token_url,
+        client_id=creds.client_id,
+        client_secret=creds.client_secret.get_secret_value(),
+        scope=creds.scope,
+        settings=TokenSettings(
+            refresh_margin=creds.refresh_margin,
+            timeout=config.twilio.timeout,
+            max_retries=poll.max_retries,
+            backoff_initial=poll.backoff_initial,
+            backoff_max=poll.backoff_max,
+        ),
+        clock=clock,
+        observer=observer,
+        sleep=sleep,
+    )
 
 
 class Exporter:
@@ -102,7 +127,13 @@ class Exporter:
         self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
         self._client = TwilioClient(
             self._session,
-            make_authenticator(self.config, self._session),
+            make_authenticator(
+                self.config,
+                self._session,
+                clock=self.clock,
+                sleep=self._retry_sleep,
+                observer=self.api_metrics,
+            ),
             settings,
             observer=self.api_metrics,
             sleep=self._retry_sleep,

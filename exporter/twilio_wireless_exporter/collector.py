@@ -9,7 +9,7 @@ client's :class:`~twilio_wireless_exporter.client.ApiObserver`. Both live on a p
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -250,6 +250,9 @@ class ApiMetrics:
     """The exporter's own API health metrics; implements the client's ``ApiObserver``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self.token_requests: Counter | None = None  # created when OAuth2 is in use
+        self._token_collector: TokenCollector | None = None
         self.requests = Counter(
             "requests",
             "HTTP requests to the Twilio API by endpoint template and status code"
@@ -294,6 +297,65 @@ class ApiMetrics:
 
     def poll_error(self, kind: str) -> None:
         self.poll_errors.labels(kind).inc()
+
+    # OAuth2 token metrics (KORE): the auth module's TokenObserver. Registered on first use, so
+    # an exporter with basic auth has no oauth families at all.
+
+    def token_request(self, result: str) -> None:
+        self._token_counter().labels(result).inc()
+
+    def watch_token(self, status: Callable[[], tuple[float, float] | None]) -> None:
+        self._token_counter()
+        if self._token_collector is None:
+            self._token_collector = TokenCollector(status)
+            self._registry.register(self._token_collector)
+        else:
+            self._token_collector.status = status
+
+    def _token_counter(self) -> Counter:
+        if self.token_requests is None:
+            self.token_requests = Counter(
+                "oauth_token_requests",
+                "Requests to the OAuth2 token endpoint by result (success, unauthorized: the"
+                " client credentials were rejected, error: anything else).",
+                ["result"],
+                namespace=NAMESPACE,
+                registry=self._registry,
+            )
+            for result in TOKEN_RESULTS:
+                self.token_requests.labels(result)
+        return self.token_requests
+
+
+TOKEN_RESULTS = ("success", "unauthorized", "error")
+TOKEN_EXPIRY = _spec(
+    "oauth_token_expiry_timestamp_seconds",
+    "gauge",
+    "Unix time at which the current OAuth2 access token expires (absent while there is none).",
+)
+TOKEN_REMAINING = _spec(
+    "oauth_token_remaining_lifetime_seconds",
+    "gauge",
+    "Seconds until the current OAuth2 access token expires, at scrape time (absent while there"
+    " is none).",
+)
+
+
+class TokenCollector(Collector):
+    """The current token's expiry, asked for at scrape time (``(unix expiry, seconds left)``)."""
+
+    def __init__(self, status: Callable[[], tuple[float, float] | None]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterable[Metric]:
+        status = self.status()
+        expiry = Metric(TOKEN_EXPIRY.name, TOKEN_EXPIRY.help, TOKEN_EXPIRY.kind)
+        remaining = Metric(TOKEN_REMAINING.name, TOKEN_REMAINING.help, TOKEN_REMAINING.kind)
+        if status is not None:
+            expiry.add_sample(TOKEN_EXPIRY.name, {}, status[0])
+            remaining.add_sample(TOKEN_REMAINING.name, {}, status[1])
+        yield expiry
+        yield remaining
 
 
 def build_registry(
