@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -199,6 +201,21 @@ def sim_samples(
         yield LAST_UPDATED, LAST_UPDATED.name, base, acct.last_updated
 
 
+_PER_SIM_ELSEWHERE: ContextVar[bool] = ContextVar("per_sim_rendered_elsewhere", default=False)
+
+
+@contextmanager
+def per_sim_families_rendered_elsewhere() -> Iterator[None]:
+    """While active (in the current context only), :class:`FleetCollector` yields just its
+    fleet-wide families: the incremental exposition (``exposition.py``) renders the per-SIM
+    ones itself and uses the registry's stock output for everything else."""
+    token = _PER_SIM_ELSEWHERE.set(True)
+    try:
+        yield
+    finally:
+        _PER_SIM_ELSEWHERE.reset(token)
+
+
 class FleetCollector(Collector):
     """Renders :class:`FleetState` as metric families on every collect()."""
 
@@ -207,6 +224,11 @@ class FleetCollector(Collector):
         self._imei_label = imei_label
 
     def collect(self) -> Iterable[Metric]:
+        if not _PER_SIM_ELSEWHERE.get():
+            yield from self.per_sim_families()
+        yield from self.fleet_families()
+
+    def per_sim_families(self) -> Iterable[Metric]:
         families = {spec: Metric(spec.name, spec.help, spec.kind) for spec in PER_SIM_FAMILIES}
         for record in list(self._state.sims.values()):
             for spec, sample_name, labels, value in sim_samples(
@@ -215,6 +237,7 @@ class FleetCollector(Collector):
                 families[spec].add_sample(sample_name, labels, value)
         yield from families.values()
 
+    def fleet_families(self) -> Iterable[Metric]:
         duration = Metric(DURATION.name, DURATION.help, DURATION.kind)
         for radio_link, hist in sorted(self._state.durations.items()):
             for bound, cumulative in hist.cumulative():
