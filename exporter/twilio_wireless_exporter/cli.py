@@ -112,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--demo.seed", dest="demo_seed", type=int, default=1, metavar="SEED")
     parser.add_argument(
+        "--demo.auth",
+        dest="demo_auth",
+        choices=["basic", "oauth2"],
+        default="basic",
+        help="demo authentication: Twilio HTTP Basic, or KORE-style OAuth2 client credentials"
+        " with short-lived bearer tokens (default basic)",
+    )
+    parser.add_argument(
+        "--demo.token-lifetime",
+        dest="demo_token_lifetime",
+        type=_positive_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="lifetime of the demo's OAuth2 access tokens in wall-clock seconds (default 60)",
+    )
+    parser.add_argument(
         "--log.level",
         dest="log_level",
         choices=["debug", "info", "warning", "error"],
@@ -120,6 +136,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log.format", dest="log_format", choices=["text", "json"], default="text")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r}: must be more than 0 seconds")
+    return seconds
+
+
+def demo_oauth2_twilio(base_url: str, token_url: str, token_lifetime: float) -> dict[str, Any]:
+    """The ``twilio`` section of ``--demo --demo.auth oauth2`` (the simulator's bearer mode)."""
+    from .simulator import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
+
+    return {
+        "base_url": base_url,
+        "timeout": "5s",
+        "auth": {
+            "type": "oauth2_client_credentials",
+            "token_url": token_url,
+            "client_id": DEMO_CLIENT_ID,
+            "client_secret": DEMO_CLIENT_SECRET,
+            # renew a fifth of the lifetime early (at most 60s): one token request per token
+            "refresh_margin": min(60.0, token_lifetime / 5.0),
+        },
+    }
 
 
 def demo_mapping(base_url: str, account_sid: str, auth_token: str) -> dict[str, Any]:
@@ -150,12 +194,15 @@ async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Con
         start_simulator,
     )
 
+    oauth2 = args.demo_auth == "oauth2"
     sim_config = SimulatorConfig(
         sims=args.demo_sims,
         seed=args.demo_seed,
         speed=args.demo_speed,
         account_sid=DEMO_ACCOUNT_SID,
         auth_token=DEMO_AUTH_TOKEN,
+        auth_mode="bearer" if oauth2 else "basic",
+        token_lifetime=args.demo_token_lifetime,
         keep_history=False,  # ground truth is for tests; a long demo must not grow
     )
     async with start_simulator(sim_config, host=host, port=0) as sim:
@@ -165,9 +212,14 @@ async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Con
             sim.url,
             args.demo_speed,
         )
-        yield config_from_mapping(
-            demo_mapping(sim.url, DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN), environ={}, source="--demo"
-        )
+        mapping = demo_mapping(sim.url, DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN)
+        if oauth2:
+            mapping["twilio"] = demo_oauth2_twilio(sim.url, sim.token_url, args.demo_token_lifetime)
+            log.info(
+                "demo mode: OAuth2 client credentials, access tokens valid for %gs",
+                args.demo_token_lifetime,
+            )
+        yield config_from_mapping(mapping, environ={}, source="--demo")
 
 
 async def serve(args: argparse.Namespace, config: Config | None) -> int:
