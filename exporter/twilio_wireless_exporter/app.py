@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .auth import OAuth2Authenticator, TokenObserver, TokenSettings
 from .client import Authenticator, BasicAuthenticator, ClientSettings, TwilioClient
@@ -190,9 +191,9 @@ class Exporter:
             api_base_url=self.config.twilio.base_url,
         )
 
-    def web_app(self) -> web.Application:
+    def web_app(self, *, middlewares: Sequence[Middleware] = ()) -> web.Application:
         """The aiohttp app; polling starts and stops with it."""
-        app = make_app(self.web_context())
+        app = make_app(self.web_context(), middlewares=middlewares)
 
         async def lifecycle(_: web.Application) -> AsyncIterator[None]:
             await self.start()

@@ -17,7 +17,9 @@ from aiohttp import web
 
 from . import __version__
 from .app import Exporter
-from .config import Config, ConfigError, config_from_mapping, load_config
+from .config import Config, ConfigError, ShardSettings, config_from_mapping, load_config
+from .sharding import Shard, parse_shard
+from .webconfig import WebConfig, load_web_config
 
 DEFAULT_PORT = 10311
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
@@ -76,6 +78,20 @@ def parse_listen_address(value: str) -> tuple[str | None, int]:
     return (host or None), port
 
 
+def _shard_argument(value: str) -> Shard:
+    try:
+        return parse_shard(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def with_shard(config: Config, shard: Shard | None) -> Config:
+    """``config`` with its ``shard`` section replaced by the ``--shard`` flag (when given)."""
+    if shard is None:
+        return config
+    return config.model_copy(update={"shard": ShardSettings(index=shard.index, count=shard.count)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="twilio-wireless-exporter",
@@ -90,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=parse_listen_address(DEFAULT_LISTEN),
         metavar="HOST:PORT",
         help=f"address to serve /metrics on (default {DEFAULT_LISTEN})",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config",
+        type=Path,
+        metavar="FILE",
+        help="TLS and basic auth for the endpoints (Prometheus exporter-toolkit web config format)",
+    )
+    parser.add_argument(
+        "--shard",
+        type=_shard_argument,
+        metavar="INDEX/COUNT",
+        help="poll only shard INDEX (0-based) of COUNT replicas that split the SIMs by SID"
+        " (overrides the config's shard section)",
     )
     parser.add_argument(
         "--check-config",
@@ -222,7 +252,9 @@ async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Con
         yield config_from_mapping(mapping, environ={}, source="--demo")
 
 
-async def serve(args: argparse.Namespace, config: Config | None) -> int:
+async def serve(
+    args: argparse.Namespace, config: Config | None, web_config: WebConfig | None = None
+) -> int:
     host, port = args.listen
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -230,24 +262,29 @@ async def serve(args: argparse.Namespace, config: Config | None) -> int:
         loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         if config is None:
-            config = await stack.enter_async_context(_demo_config(args, "127.0.0.1"))
+            demo = await stack.enter_async_context(_demo_config(args, "127.0.0.1"))
+            config = with_shard(demo, args.shard)
         exporter = Exporter(config)
-        runner = web.AppRunner(exporter.web_app(), handle_signals=False, access_log=None)
+        middlewares = web_config.middlewares() if web_config is not None else []
+        app = exporter.web_app(middlewares=middlewares)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        ssl_context = web_config.ssl_context if web_config is not None else None
+        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
+        scheme = "https" if ssl_context is not None else "http"
         for address in runner.addresses:
-            log.info("listening on %s", _format_address(address))
+            log.info("listening on %s", _format_address(address, scheme))
         await stop.wait()
         log.info("shutting down")
     return 0
 
 
-def _format_address(address: Any) -> str:
+def _format_address(address: Any, scheme: str = "http") -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
-        return f"http://[{host}]:{port}/" if ":" in str(host) else f"http://{host}:{port}/"
+        return f"{scheme}://[{host}]:{port}/" if ":" in str(host) else f"{scheme}://{host}:{port}/"
     return str(address)
 
 
@@ -273,14 +310,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_CONFIG
         for warning in config.warnings:
             log.warning("%s", warning)
-        if args.check_config:
-            print(
-                f"configuration {args.config} is valid:"
-                f" {len(config.sims)} SIMs, discovery {'on' if config.discovery.enabled else 'off'}"
-            )
-            return 0
+        config = with_shard(config, args.shard)
+    web_config: WebConfig | None = None
+    if args.web_config is not None:
+        try:
+            web_config = load_web_config(args.web_config)
+        except ConfigError as exc:
+            print(f"invalid web configuration {args.web_config}:\n{exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        for warning in web_config.warnings:
+            log.warning("%s: %s", args.web_config, warning)
+    if args.check_config and config is not None:
+        shard = config.shard
+        print(
+            f"configuration {args.config} is valid:"
+            f" {len(config.sims)} SIMs, discovery {'on' if config.discovery.enabled else 'off'}"
+            + (f", shard {shard.index}/{shard.count}" if shard.count > 1 else "")
+        )
+        if web_config is not None:
+            print(f"web configuration {args.web_config} is valid: {web_config.summary()}")
+        return 0
     try:
-        return asyncio.run(serve(args, config))
+        return asyncio.run(serve(args, config, web_config))
     except OSError as exc:
         log.error("cannot start: %s", exc)  # noqa: TRY400 - no traceback for a busy port
         return 1

@@ -8,10 +8,11 @@ from __future__ import annotations
 import gzip
 import html
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
@@ -128,8 +129,9 @@ Prometheus exporter for Programmable Wireless data sessions.</p>
     return web.Response(text=page, content_type="text/html")
 
 
-def make_app(ctx: WebContext) -> web.Application:
-    app = web.Application()
+def make_app(ctx: WebContext, *, middlewares: Sequence[Middleware] = ()) -> web.Application:
+    """The app; ``middlewares`` (e.g. basic auth from the web config) wrap every route."""
+    app = web.Application(middlewares=middlewares)
     app[CONTEXT_KEY] = ctx
     app.router.add_get("/", landing)
     app.router.add_get("/metrics", metrics)
