@@ -398,7 +398,8 @@ class TwilioClient:
         if resp.content_length is not None and resp.content_length > limit:
             raise ApiError(
                 "too_large",
-                f"response of {resp.content_length} bytes exceeds the {limit}-byte cap",
+                f"response of {resp.content_length} bytes exceeds the {limit}-byte cap"
+                " (poll.max_response_bytes)",
                 endpoint=endpoint,
                 status=resp.status,
             )
@@ -409,7 +410,7 @@ class TwilioClient:
             if size > limit:
                 raise ApiError(
                     "too_large",
-                    f"response exceeds the {limit}-byte cap",
+                    f"response exceeds the {limit}-byte cap (poll.max_response_bytes)",
                     endpoint=endpoint,
                     status=resp.status,
                 )

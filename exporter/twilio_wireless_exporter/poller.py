@@ -143,6 +143,7 @@ class Poller:
                     self._settings.discovery_statuses, min(self._settings.page_size, 1000)
                 )
             except ApiError as exc:
+                self._count(exc)
                 self._report(exc, "SIM discovery failed")
                 return False
             discovered = {sim.sid: sim for sim in sims if self._settings.shard.owns(sim.sid)}
@@ -170,6 +171,7 @@ class Poller:
                     self._set_identity(result)
                 elif isinstance(result, ApiError):
                     ok = False
+                    self._count(result)
                     self._report(result, f"cannot read SIM {sid}")
                 elif isinstance(result, BaseException):
                     raise result
@@ -294,6 +296,10 @@ class Poller:
             log.warning("polling SIM %s failed: %s", sid, exc)
         else:
             log.debug("polling SIM %s failed again: %s", sid, exc)
+
+    def _count(self, exc: ApiError) -> None:
+        if self._observer is not None:
+            self._observer.poll_error(exc.kind)
 
     def _report(self, exc: ApiError, what: str) -> None:
         if exc.kind == "auth":
