@@ -409,13 +409,38 @@ def _ds_ok(ds: Any) -> bool:
     return isinstance(ds, dict) and ds.get("uid") in DS_REFS and ds.get("type") == "prometheus"
 
 
-def lint_expr(where: str, expr: str, *, job_instance: bool = True) -> list[str]:
+# Labels a query may group by, match on or show: the contract's, Prometheus' target labels,
+# histogram buckets and the display name the dashboards add.
+KNOWN_LABELS = frozenset(
+    {label for _, labels in CONTRACT.values() for label in labels}
+    | {"job", "instance", "le", "display_name"}
+)
+_LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
+
+
+def unknown_labels(expr: str, legend: str = "") -> set[str]:
+    """Labels used in grouping/matching clauses or the legend that no series carries."""
+    used = {
+        label.strip()
+        for group in _LABEL_LIST.findall(expr)
+        for label in group.split(",")
+        if label.strip()
+    }
+    used |= set(_LEGEND_LABEL.findall(legend))
+    return used - KNOWN_LABELS
+
+
+def lint_expr(where: str, expr: str, *, job_instance: bool = True, legend: str = "") -> list[str]:
     problems: list[str] = []
     try:
         s = scan(expr)
     except ValueError as exc:
         return [f"{where}: {exc}"]
     problems += [f"{where}: {p}" for p in s.problems]
+    problems += [
+        f"{where}: unknown label {label}" for label in sorted(unknown_labels(expr, legend))
+    ]
     if not s.selectors:
         problems.append(f"{where}: no metric selector")
     for sel in s.selectors:
@@ -522,7 +547,7 @@ def lint_dashboard(d: Json, *, uid: str) -> list[str]:
             if not _ds_ok(t.get("datasource")):
                 problems.append(f"{twhere}: datasource is not $datasource")
             expr = str(t.get("expr", ""))
-            problems += lint_expr(twhere, expr)
+            problems += lint_expr(twhere, expr, legend=str(t.get("legendFormat", "")))
             lists_sims = (
                 p.get("type") in ("table", "geomap")
                 or "topk" in expr

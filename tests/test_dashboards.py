@@ -245,6 +245,17 @@ BROKEN: dict[str, tuple[Callable[[Json], Any], str]] = {
         ),
         "without joining",
     ),
+    "unknown label": (
+        _set_expr(
+            "sum by (radio_lnk) (twilio_wireless_sim_session_info"
+            '{job=~"$job", instance=~"$instance"})'
+        ),
+        "unknown label radio_lnk",
+    ),
+    "unknown legend label": (
+        lambda d: _first_target(d).update(legendFormat="{{operator}}"),
+        "unknown label operator",
+    ),
     "graph panel": (lambda d: _panel(d).update(type="graph"), "graph panel"),
     "no unit": (lambda d: _panel(d)["fieldConfig"]["defaults"].pop("unit"), "no unit"),
     "no description": (lambda d: _panel(d).update(description=""), "no description"),

@@ -20,6 +20,7 @@ from tests.prom_support import (
     require_tool,
     run,
     scan,
+    unknown_labels,
 )
 
 SEVERITIES = {"critical", "warning", "info"}
@@ -131,6 +132,15 @@ def test_rules_use_only_contract_or_recorded_metrics() -> None:
         if contract_base(sel.name) is None and sel.name not in recorded
     }
     assert unknown == set()
+
+
+def test_rules_use_only_known_labels() -> None:
+    for _, rule in load_rules():
+        name = rule.get("alert") or rule.get("record")
+        assert unknown_labels(rule["expr"]) == set(), name
+        templates = " ".join(str(v) for v in (rule.get("annotations") or {}).values())
+        used = set(re.findall(r"\$labels\.(\w+)", templates))
+        assert unknown_labels(" ".join(f"by ({label})" for label in used)) == set(), name
 
 
 def test_every_alert_has_firing_and_silent_unit_tests() -> None:
