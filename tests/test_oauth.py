@@ -32,10 +32,10 @@ from twilio_wireless_exporter.auth import (
     TokenStatus,
     parse_expires_in,
 )
-from twilio_wireless_exporter.cli import main
+from twilio_wireless_exporter.cli import _demo_config, build_parser, main
 from twilio_wireless_exporter.client import USER_AGENT, ApiError
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config import config_from_mapping
+from twilio_wireless_exporter.config import OAuth2Credentials, config_from_mapping
 from twilio_wireless_exporter.simulator import (
     DEMO_CLIENT_ID,
     FaultResponse,
@@ -898,3 +898,42 @@ async def test_scheduled_polling_over_many_expiries(make_env: MakeEnv) -> None:
     assert metric(text, "twilio_wireless_poll_errors_total", kind="auth") is None
     assert metric(text, TOKEN, result="success") == len(times)
     assert metric(text, TOKEN, result="error") == 0
+
+
+# --------------------------------------------------------------------------------------------
+# --demo.auth oauth2
+
+
+async def test_demo_in_oauth2_mode_polls_with_bearer_tokens() -> None:
+    args = build_parser().parse_args(
+        ["--demo", "--demo.auth", "oauth2", "--demo.token-lifetime", "2", "--demo.sims", "5"]
+    )
+    async with _demo_config(args, "127.0.0.1") as config:
+        creds = config.twilio.credentials
+        assert isinstance(creds, OAuth2Credentials)
+        assert (creds.client_id, creds.refresh_margin) == (DEMO_CLIENT_ID, 0.4)
+        assert creds.token_url.endswith("/api-services/v1/auth/token")
+        exporter = Exporter(config)
+        await exporter.open()
+        try:
+            assert await exporter.poller.refresh_sims()
+            await exporter.poller.poll_all()
+            assert exporter.state.sims
+            assert all(record.up for record in exporter.state.sims.values())
+        finally:
+            await exporter.stop()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf"])
+def test_demo_token_lifetime_must_be_positive(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--demo", "--demo.token-lifetime", value])
+    assert exc.value.code == 2
+    assert "--demo.token-lifetime" in capsys.readouterr().err
+
+
+def test_demo_auth_defaults_to_basic() -> None:
+    args = build_parser().parse_args(["--demo"])
+    assert (args.demo_auth, args.demo_token_lifetime) == ("basic", 60.0)
