@@ -180,6 +180,18 @@ def test_compose_images_are_pinned() -> None:
         assert re.search(r":v?\d+\.\d+\.\d+$", image), f"{name}: pin the image version ({image})"
 
 
+def test_simulator_service_command_parses() -> None:
+    from twilio_wireless_exporter.simulator.cli import build_parser, config_from_args
+
+    command = compose()["services"]["simulator"]["command"]
+    assert command[0] == "simulate"
+    args = build_parser().parse_args(command[1:])
+    config = config_from_args(args)
+    assert config.speed is not None
+    assert config.speed > 1, "the demo should be lively"
+    assert args.listen == ("0.0.0.0", 8080)
+
+
 def test_exporter_service_config_is_valid() -> None:
     exporter = compose()["services"]["exporter"]
     config = host_path(exporter, CONFIG_PATH)
