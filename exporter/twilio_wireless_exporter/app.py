@@ -15,6 +15,7 @@ from .client import Authenticator, BasicAuthenticator, ClientSettings, TwilioCli
 from .clock import Clock, SystemClock
 from .collector import build_registry
 from .config import BasicCredentials, Config
+from .persist import StateStore, state_identity
 from .poller import Poller, PollerSettings, SimTarget
 from .sharding import Shard
 from .state import FleetState
@@ -105,6 +106,8 @@ class Exporter:
         self._client: TwilioClient | None = None
         self._poller: Poller | None = None
         self._task: asyncio.Task[None] | None = None
+        self._store: StateStore | None = None
+        self._saver: asyncio.Task[None] | None = None
 
     @property
     def poller(self) -> Poller:
@@ -147,6 +150,14 @@ class Exporter:
             clock=self.clock,
             observer=self.api_metrics,
         )
+        path = self.config.state.path
+        if path is not None and self._store is None:
+            self._store = StateStore(path, state_identity(self.config), registry=self.registry)
+            shard = Shard(self.config.shard.index, self.config.shard.count)
+            discovery = self.config.discovery.enabled
+            self._store.load(
+                self.state, lambda sid: sid in self.state.sims or (discovery and shard.owns(sid))
+            )
 
     async def start(self) -> None:
         """Open (if needed) and start the background poller."""
@@ -154,6 +165,9 @@ class Exporter:
             await self.open()
         self._task = asyncio.create_task(self.poller.run(), name="poller")
         self._task.add_done_callback(_log_crash)
+        if self._store is not None:
+            saver = self._store.run(self.state, self.config.state.save_interval, self.clock.sleep)
+            self._saver = asyncio.create_task(saver, name="state-saver")
         log.info(
             "polling %d configured SIMs%s every %gs from %s",
             len(self.config.sims),
@@ -179,6 +193,12 @@ class Exporter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        if self._saver is not None:
+            self._saver.cancel()
+            await asyncio.gather(self._saver, return_exceptions=True)
+            self._saver = None
+        if self._store is not None:
+            await self._store.save(self.state)  # polling has stopped: the final state
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -1011,6 +1011,7 @@ class StateSettings(_Settings):
     """``state``: where to keep state across restarts (optional)."""
 
     path: Annotated[Path | None, BeforeValidator(_state_path)] = None
+    save_interval: Annotated[float, BeforeValidator(_duration_at_least(1))] = 60.0
 
 
 class ShardSettings(_Settings):

@@ -117,7 +117,8 @@ class Poller:
         record = self._state.sims.get(sid)
         if record is None:  # removed while we were polling
             return False
-        outcome = apply_listing(record.account, sessions, forget_after=self._settings.forget_after)
+        account = self._state.resume(record)  # a restored account is taken up at its first poll
+        outcome = apply_listing(account, sessions, forget_after=self._settings.forget_after)
         self._state.record_success(sid, outcome, self._clock.time())
         if outcome.started or outcome.ended or outcome.imei_changed:
             log.debug(

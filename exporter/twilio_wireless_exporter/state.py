@@ -93,6 +93,10 @@ class FleetState:
         self.sims: dict[str, SimRecord] = {}
         self.durations: dict[str, Histogram] = {}
         self.version = 0
+        self.restored: dict[str, SimAccount] = {}
+        """Accounts loaded from the state file, each held until its SIM's next successful poll."""
+        self._held_durations: dict[str, Histogram] | None = None
+        self._awaiting_poll: set[str] = set()
 
     # ------------------------------------------------------------------ membership
 
@@ -120,7 +124,47 @@ class FleetState:
             del self.sims[sid]
         if dropped:
             self.version += 1
+        for sid in [sid for sid in self.restored if sid not in keep]:
+            del self.restored[sid]
+        self._polled(*(sid for sid in list(self._awaiting_poll) if sid not in keep))
         return dropped
+
+    # ------------------------------------------------------------------ restored state
+
+    def restore(self, accounts: Mapping[str, SimAccount], durations: dict[str, Histogram]) -> None:
+        """Take up state loaded from the state file, held back until the SIMs are polled again.
+
+        The file may be older than what was shown just before a crash, and Prometheus would read
+        older, lower counters as a counter reset. So each SIM keeps its restored account out of
+        sight until its next successful poll (:meth:`resume`), which counts on top of it what
+        happened since the file was written; and the fleet-wide duration histogram (restored
+        plus new observations) stays out of sight until every restored SIM was polled once.
+        """
+        self.restored = dict(accounts)
+        self._held_durations = durations
+        self.durations = {}
+        self._awaiting_poll = set(accounts)
+        self._polled()
+
+    def resume(self, record: SimRecord) -> SimAccount:
+        """The account to fold a successful listing into: the restored one, if still held."""
+        account = self.restored.pop(record.sid, None)
+        if account is not None:
+            record.account = account
+        return record.account
+
+    def duration_histograms(self) -> dict[str, Histogram]:
+        """The session duration histograms, including held ones (for saving)."""
+        return self.durations if self._held_durations is None else self._held_durations
+
+    def _polled(self, *sids: str) -> None:
+        """Note polls of restored SIMs; show the histogram once none is left to poll."""
+        if self._held_durations is None:
+            return
+        self._awaiting_poll.difference_update(sids)
+        if not self._awaiting_poll:
+            self.durations, self._held_durations = self._held_durations, None
+            self.version += 1
 
     # ------------------------------------------------------------------ updates
 
@@ -150,12 +194,14 @@ class FleetState:
         record.last_success = now
         record.last_attempt = now
         record.last_error = None
+        durations = self.duration_histograms()
         for radio_link, seconds in outcome.durations:
-            hist = self.durations.get(radio_link)
+            hist = durations.get(radio_link)
             if hist is None:
-                hist = self.durations[radio_link] = Histogram(SESSION_DURATION_BUCKETS)
+                hist = durations[radio_link] = Histogram(SESSION_DURATION_BUCKETS)
             hist.observe(seconds)
         self._touch(record)
+        self._polled(sid)
 
     def record_failure(self, sid: str, error: str, now: float) -> None:
         record = self.sims.get(sid)
@@ -167,6 +213,7 @@ class FleetState:
         record.last_error = error
         if changed:
             self._touch(record)
+        self._polled(sid)
 
     def _touch(self, record: SimRecord) -> None:
         record.version += 1
