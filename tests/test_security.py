@@ -24,9 +24,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import eventually
+from tests.conftest import MakeHarness, eventually
 from tests.test_webconfig import hashed, make_cert
 from twilio_wireless_exporter.app import Exporter
 from twilio_wireless_exporter.cli import JsonFormatter, main
@@ -36,6 +39,7 @@ from twilio_wireless_exporter.simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_CLIENT_ID,
     TOKEN_PATH,
+    Operator,
     RunningSimulator,
     SimulatorConfig,
     start_simulator,
@@ -471,3 +475,58 @@ def test_tls_key_readable_by_others_is_warned_about(
         f"WARNING twilio_wireless_exporter: {web}: tls_server_config.key_file: {key} is readable"
         " by other users (mode 0644); chmod 600 it"
     ) in err
+
+
+# ------------------------------------------------------------------------------- label injection
+
+HOSTILE = {
+    "unique_name": 'u"1\n# HELP twilio_wireless_sim_up fake',
+    "friendly_name": 'x\\"} 1\nfake_metric{a="b"} 1',
+    "radio_link": 'LTE"} 7\n',
+    "operator_mnc": '01"',
+    "operator_country": "DE\r\n",
+    "operator_name": 'Telekom "📶" \\ } 99\nfake 1',
+}
+
+
+async def test_hostile_api_strings_cannot_break_the_exposition(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    """Label values from the API travel through decode, state and exposition unchanged."""
+    sid = sim.fleet.add_sim(
+        unique_name=HOSTILE["unique_name"], friendly_name=HOSTILE["friendly_name"]
+    )
+    operator = Operator(
+        "262", HOSTILE["operator_mnc"], HOSTILE["operator_country"], HOSTILE["operator_name"]
+    )
+    h = await harness([sid])
+    assert await h.exporter.poller.refresh_sims()
+    await h.poll()  # baseline
+    session = sim.fleet.open_session(sid, radio_link=HOSTILE["radio_link"], operator=operator)
+    sim.clock.advance(120)
+    sim.fleet.close_session(session)
+    await h.poll()
+
+    text = await h.scrape()
+    resp = await h.http.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    openmetrics = await resp.text()
+    for families in (
+        list(text_string_to_metric_families(text)),
+        list(openmetrics_families(openmetrics)),  # type: ignore[no-untyped-call]
+    ):
+        by_name = {family.name: family for family in families}
+        assert not [name for name in by_name if not name.startswith("twilio_wireless_")]
+        (info,) = by_name["twilio_wireless_sim_info"].samples
+        assert info.labels["unique_name"] == HOSTILE["unique_name"]
+        assert info.labels["friendly_name"] == HOSTILE["friendly_name"]
+        (latest,) = by_name["twilio_wireless_sim_session_info"].samples
+        for label in ("radio_link", "operator_mnc", "operator_country", "operator_name"):
+            assert latest.labels[label] == HOSTILE[label]
+        (up,) = by_name["twilio_wireless_sim_up"].samples
+        assert up.value == 1
+        durations = by_name["twilio_wireless_data_session_duration_seconds"].samples
+        assert {s.labels["radio_link"] for s in durations} == {HOSTILE["radio_link"]}
+    # one sample per line: no raw line feed reached the exposition (a raw CR inside a quoted
+    # label value is legal: the formats only escape backslash, double quote and line feed)
+    for body in (text, openmetrics):
+        assert all(line.startswith(("#", "twilio_wireless_")) for line in body.strip().split("\n"))
