@@ -15,6 +15,7 @@ from .client import Authenticator, BasicAuthenticator, ClientSettings, TwilioCli
 from .clock import Clock, SystemClock
 from .collector import build_registry
 from .config import BasicCredentials, Config
+from .exposition import Exposition
 from .persist import StateStore, state_identity
 from .poller import Poller, PollerSettings, SimTarget
 from .sharding import Shard
@@ -101,6 +102,9 @@ class Exporter:
         self.state = FleetState()
         self.registry, self.api_metrics = build_registry(
             self.state, imei_label=config.metrics.imei_label
+        )
+        self.exposition = Exposition(
+            self.state, self.registry, imei_label=config.metrics.imei_label
         )
         self._session: aiohttp.ClientSession | None = None
         self._client: TwilioClient | None = None
@@ -209,6 +213,7 @@ class Exporter:
             registry=self.registry,
             is_ready=self.is_ready,
             api_base_url=self.config.twilio.base_url,
+            exposition=self.exposition,
         )
 
     def web_app(self, *, middlewares: Sequence[Middleware] = ()) -> web.Application:

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from . import __version__
+from .exposition import Exposition
 from .state import FleetState
 
 
@@ -26,6 +27,8 @@ class WebContext:
     registry: CollectorRegistry
     is_ready: Callable[[], bool]
     api_base_url: str
+    exposition: Exposition | None = None
+    """Incremental renderer of ``/metrics`` (None: the registry's stock generators only)."""
 
 
 CONTEXT_KEY: web.AppKey[WebContext] = web.AppKey("context", WebContext)
@@ -54,10 +57,17 @@ def _accepts_gzip(request: web.Request) -> bool:
 async def metrics(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT_KEY]
     encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    body = encoder(ctx.registry)
+    compress = _accepts_gzip(request)
     headers = {"Content-Type": content_type, "Cache-Control": "no-store"}
-    if _accepts_gzip(request):
-        body = gzip.compress(body, compresslevel=_GZIP_LEVEL)
+    body = None
+    if ctx.exposition is not None:
+        # Re-renders only SIMs that changed since the last scrape; None for formats it does not do.
+        body = await ctx.exposition.render(encoder, compress=compress)
+    if body is None:
+        body = encoder(ctx.registry)
+        if compress:
+            body = gzip.compress(body, compresslevel=_GZIP_LEVEL)
+    if compress:
         headers["Content-Encoding"] = "gzip"
     return web.Response(body=body, headers=headers)
 

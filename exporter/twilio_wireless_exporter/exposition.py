@@ -1,0 +1,436 @@
+"""Incremental exposition of the fleet: ``/metrics`` at 10,000 SIMs without re-rendering them all.
+
+The stock ``prometheus_client`` generators rebuild every sample line on every scrape (about a
+second for 10,000 SIMs). :class:`Exposition` keeps the rendered text of every per-SIM family
+and re-renders a SIM only when its :attr:`~twilio_wireless_exporter.state.SimRecord.version`
+changed since the previous scrape. The samples themselves still come from
+:func:`~twilio_wireless_exporter.collector.sim_samples`, the reference collector's own source of
+truth; only the formatting is done here (same rules as ``prometheus_client``: labels sorted by
+name, values as Go floats, label values escaped for backslash, double quote and newline).
+
+Layout: the text of each per-SIM family is cut into *blocks* of ``block_size`` consecutive SIMs
+(one ``bytes`` object per block plus the end offset of each SIM's fragment). A changed SIM
+splices its new fragment into the blocks of the families whose text really changed, so a poll
+that only moves ``last_poll_success`` touches one block of one family.
+
+gzip: every block is deflated on its own into a byte-aligned piece (a fresh compressor ended by
+a sync flush, so pieces can be concatenated) and the piece is cached until the block changes.
+A response is one ordinary gzip member: header, the cached pieces, the freshly compressed tail
+(the fleet-wide families and the exporter's own metrics, from the registry's stock generator)
+ending the deflate stream, then the CRC-32 and length of the whole text. Compression of changed
+blocks runs in a worker thread (zlib releases the GIL); the rendering of SIM records stays on
+the event loop, where the poller mutates them, and yields to the loop every few hundred SIMs.
+
+Formats: the Prometheus text format 0.0.4 (and 1.0.0) and OpenMetrics 1.0.0 share the sample
+lines; only the family headers and the tail differ. Any other negotiated format falls back to
+the generic path (see :meth:`Exposition.render`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import struct
+import zlib
+from array import array
+from collections.abc import Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass
+from itertools import accumulate
+
+from prometheus_client import CollectorRegistry
+from prometheus_client import exposition as text_format
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import exposition as om_format
+from prometheus_client.registry import Collector
+
+from .collector import PER_SIM_FAMILIES, per_sim_families_rendered_elsewhere, sim_samples
+from .state import FleetState, SimRecord
+
+Encoder = Callable[[CollectorRegistry], bytes]
+
+_INF = float("inf")
+_FAMILY_COUNT = len(PER_SIM_FAMILIES)
+_FAMILY_INDEX = {spec.name: i for i, spec in enumerate(PER_SIM_FAMILIES)}
+_EMPTY = b""
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
+_YIELD_EVERY = 250  # SIMs rendered between two yields to the event loop
+_THREAD_MIN_BYTES = 256 * 1024  # compress smaller amounts inline: a thread hop costs more
+
+
+class Format(enum.Enum):
+    TEXT = "text"
+    OPENMETRICS = "openmetrics"
+
+
+def format_value(value: float) -> str:
+    """A sample value exactly as ``prometheus_client.utils.floatToGoString`` writes it."""
+    d = float(value)
+    if d == _INF:
+        return "+Inf"
+    if d == -_INF:
+        return "-Inf"
+    if d != d:
+        return "NaN"
+    s = repr(d)
+    if d > 0:
+        dot = s.find(".")
+        if dot > 6:  # Go switches to exponents sooner than Python
+            mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1 :]}".rstrip("0.")
+            return f"{mantissa}e+{dot - 1:02d}"
+    return s
+
+
+def escape_label_value(value: str) -> str:
+    """Backslash, newline and double quote escaped, as both text formats require."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+@functools.lru_cache(maxsize=1024)
+def _label_name(name: str) -> tuple[str, bool]:
+    """The label name as the stock generators write it (underscore escaping), and whether it
+    is a legacy name (the same in every escaping scheme)."""
+    escaped = om_format.escape_label_name(name, om_format.UNDERSCORES)
+    return escaped, escaped == name  # underscore escaping changes exactly the non-legacy names
+
+
+def label_string(labels: Mapping[str, str]) -> tuple[str, bool]:
+    """``k="v",…`` sorted by name (without braces) and whether every name is a legacy name."""
+    parts = []
+    legacy = True
+    for key, val in sorted(labels.items()):
+        name, ok = _label_name(key)
+        legacy = legacy and ok
+        parts.append(f'{name}="{escape_label_value(val)}"')
+    return ",".join(parts), legacy
+
+
+def format_of(encoder: Encoder) -> Format | None:
+    """Which of our formats a ``choose_encoder`` result asks for (``None``: not reproduced here)."""
+    if encoder is text_format.generate_latest:
+        return Format.TEXT
+    if not isinstance(encoder, functools.partial) or encoder.args:
+        return None
+    kwargs = dict(encoder.keywords)
+    escaping = kwargs.pop("escaping", om_format.UNDERSCORES)
+    if escaping not in (om_format.UNDERSCORES, om_format.ALLOWUTF8):
+        return None
+    if encoder.func is text_format.generate_latest and not kwargs:
+        return Format.TEXT
+    if encoder.func is om_format.generate_latest and kwargs.get("version", "1.0.0") == "1.0.0":
+        return Format.OPENMETRICS
+    return None
+
+
+class _Headers(Collector):
+    """The per-SIM families without samples: their headers, written by the stock generators."""
+
+    def collect(self) -> Iterable[Metric]:
+        for spec in PER_SIM_FAMILIES:
+            yield Metric(spec.name, spec.help, spec.kind)
+
+
+def _headers(fmt: Format) -> list[bytes]:
+    """``# HELP``/``# TYPE`` lines of each per-SIM family, byte for byte as the stock output."""
+    generate: Encoder = (
+        text_format.generate_latest if fmt is Format.TEXT else om_format.generate_latest
+    )
+    text = generate(_Headers()).decode()  # type: ignore[arg-type]
+    if fmt is Format.OPENMETRICS:
+        text = text.removesuffix("# EOF\n")
+    lines = text.splitlines(keepends=True)
+    per_family = len(lines) // _FAMILY_COUNT
+    if per_family * _FAMILY_COUNT != len(lines):
+        raise RuntimeError("unexpected header layout from prometheus_client")
+    return [
+        "".join(lines[i * per_family : (i + 1) * per_family]).encode() for i in range(_FAMILY_COUNT)
+    ]
+
+
+def _deflate_piece(data: bytes, level: int) -> bytes:
+    """Raw deflate of ``data`` ending byte-aligned and not final: pieces concatenate."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
+
+
+def _deflate_last(data: bytes, level: int) -> bytes:
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FINISH)
+
+
+class _Block:
+    """The text of one family for up to ``block_size`` consecutive SIMs."""
+
+    __slots__ = ("data", "ends", "gz")
+
+    def __init__(self, fragments: list[bytes]) -> None:
+        self.data = b"".join(fragments)
+        self.ends = array("I", accumulate(len(f) for f in fragments))
+        self.gz: bytes | None = None
+
+    def fragment(self, j: int) -> bytes:
+        start = self.ends[j - 1] if j else 0
+        return self.data[start : self.ends[j]]
+
+    def splice(self, replacements: Mapping[int, bytes]) -> None:
+        """Replace the fragments at the given in-block positions (one pass over the block)."""
+        view = memoryview(self.data)
+        pieces: list[bytes | memoryview] = []
+        start = 0
+        for j, end in enumerate(self.ends):
+            new = replacements.get(j)
+            pieces.append(view[start:end] if new is None else new)
+            start = end
+        self.data = b"".join(pieces)
+        self.ends = array("I", accumulate(len(p) for p in pieces))
+        self.gz = None
+
+
+@dataclass(slots=True)
+class RefreshStats:
+    rendered: int = 0
+    """SIMs whose lines were rendered again."""
+    blocks_changed: int = 0
+    relayout: bool = False
+    """Membership changed: blocks were rebuilt from scratch (from cached fragments where valid)."""
+
+
+class Exposition:
+    """Per-SIM cached rendering of a :class:`FleetState` plus the rest of ``registry``.
+
+    ``registry`` must hold the state's :class:`~twilio_wireless_exporter.collector.
+    FleetCollector` (its fleet-wide families come out of the stock generator, like every other
+    collector in the registry). Call it from one thread: the event loop that owns the state.
+    """
+
+    def __init__(
+        self,
+        state: FleetState,
+        registry: CollectorRegistry,
+        *,
+        imei_label: bool = False,
+        block_size: int = 128,
+        gzip_level: int = 1,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        self._state = state
+        self._registry = registry
+        self._imei_label = imei_label
+        self._block_size = block_size
+        self._gzip_level = gzip_level
+        self._order: list[str] = []
+        self._records: list[SimRecord] = []
+        self._versions = array("q")
+        self._blocks: list[list[_Block]] = [[_Block([])] for _ in PER_SIM_FAMILIES]
+        self._legacy_names = True
+        self._generation = 0
+        self._headers = {fmt: _headers(fmt) for fmt in Format}
+        self._header_gz: dict[Format, list[bytes]] = {}
+        self._crc: dict[Format, tuple[int, int, int]] = {}  # fmt -> (generation, crc, size)
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ public API
+
+    async def render(self, encoder: Encoder, *, compress: bool) -> bytes | None:
+        """The response body for ``encoder`` (from ``choose_encoder``), gzipped if asked.
+
+        ``None`` when this format is not reproduced here: the caller uses the generic path.
+        Concurrent scrapes share the work: one brings the cache up to date, the others then
+        find (almost) nothing left to do.
+        """
+        fmt = format_of(encoder)
+        if fmt is None:
+            return None
+        async with self._lock:
+            steps = self._refresh_steps(RefreshStats())
+            for _ in steps:
+                await asyncio.sleep(0)
+            if not self._reproducible(encoder):
+                return None
+            if not compress:
+                return self._text(fmt, encoder)
+            stale = self._stale_blocks()
+            if sum(len(b.data) for b in stale) >= _THREAD_MIN_BYTES:
+                datas = [b.data for b in stale]
+                pieces = await asyncio.to_thread(self._deflate_all, datas)
+                for block, piece in zip(stale, pieces, strict=True):
+                    block.gz = piece
+            return self._gzip(fmt, encoder)
+
+    def refresh(self) -> RefreshStats:
+        """Bring the cached text up to date with the state (synchronously)."""
+        stats = RefreshStats()
+        for _ in self._refresh_steps(stats):
+            pass
+        return stats
+
+    def text(self, encoder: Encoder = text_format.generate_latest) -> bytes:
+        """The whole body, synchronously (tests and benchmarks)."""
+        fmt = format_of(encoder)
+        self.refresh()
+        if fmt is None or not self._reproducible(encoder):
+            raise ValueError(f"format not reproduced by the incremental exposition: {encoder!r}")
+        return self._text(fmt, encoder)
+
+    def gzip(self, encoder: Encoder = text_format.generate_latest) -> bytes:
+        """The whole body gzipped, synchronously (tests and benchmarks)."""
+        fmt = format_of(encoder)
+        self.refresh()
+        if fmt is None or not self._reproducible(encoder):
+            raise ValueError(f"format not reproduced by the incremental exposition: {encoder!r}")
+        return self._gzip(fmt, encoder)
+
+    def _reproducible(self, encoder: Encoder) -> bool:
+        """Label names outside the legacy charset are written differently per escaping scheme;
+        only the default (underscores) one is reproduced for them."""
+        return self._legacy_names or _escaping(encoder) == om_format.UNDERSCORES
+
+    # ------------------------------------------------------------------ rendering
+
+    def render_sim(self, record: SimRecord) -> list[bytes]:
+        """One SIM's text in each per-SIM family (``b""`` where it has no sample)."""
+        out = [_EMPTY] * _FAMILY_COUNT
+        strings: dict[int, tuple[Mapping[str, str], str]] = {}
+        for spec, name, labels, value in sim_samples(record, imei_label=self._imei_label):
+            known = strings.get(id(labels))
+            if known is None or known[0] is not labels:
+                text, legacy = label_string(labels)
+                if not legacy:
+                    self._legacy_names = False
+                known = strings[id(labels)] = (labels, text)
+            if known[1]:
+                line = f"{name}{{{known[1]}}} {format_value(value)}\n".encode()
+            else:
+                line = f"{name} {format_value(value)}\n".encode()
+            i = _FAMILY_INDEX[spec.name]
+            out[i] = out[i] + line if out[i] else line
+        return out
+
+    def _refresh_steps(self, stats: RefreshStats) -> Generator[None, None, None]:
+        """Re-render changed SIMs; yields now and then so the caller can let the loop run."""
+        sims = self._state.sims
+        order = list(sims)
+        records = list(sims.values())
+        if order != self._order:
+            yield from self._relayout(order, records, stats)
+            return
+        versions = self._versions
+        known = self._records
+        size = self._block_size
+        changed: dict[int, dict[int, list[bytes]]] = {}  # block -> {position in block: frags}
+        for i, record in enumerate(records):
+            if known[i] is record and versions[i] == record.version:
+                continue
+            version = record.version
+            frags = self.render_sim(record)
+            known[i] = record
+            versions[i] = version
+            changed.setdefault(i // size, {})[i % size] = frags
+            stats.rendered += 1
+            if stats.rendered % _YIELD_EVERY == 0:
+                yield
+        for b, members in changed.items():
+            for f, family_blocks in enumerate(self._blocks):
+                block = family_blocks[b]
+                replacements = {
+                    j: frags[f] for j, frags in members.items() if frags[f] != block.fragment(j)
+                }
+                if replacements:
+                    block.splice(replacements)
+                    stats.blocks_changed += 1
+        if stats.blocks_changed:
+            self._generation += 1
+
+    def _relayout(
+        self, order: list[str], records: list[SimRecord], stats: RefreshStats
+    ) -> Generator[None, None, None]:
+        """Membership changed: rebuild every block, re-rendering only SIMs that changed."""
+        stats.relayout = True
+        size = self._block_size
+        old = {sid: i for i, sid in enumerate(self._order)}
+        columns: list[list[bytes]] = [[] for _ in PER_SIM_FAMILIES]
+        versions = array("q")
+        for record in records:
+            i = old.get(record.sid)
+            if i is not None and self._records[i] is record and self._versions[i] == record.version:
+                b, j = divmod(i, size)
+                frags = [family_blocks[b].fragment(j) for family_blocks in self._blocks]
+            else:
+                frags = self.render_sim(record)
+                stats.rendered += 1
+                if stats.rendered % _YIELD_EVERY == 0:
+                    yield
+            versions.append(record.version)
+            for column, frag in zip(columns, frags, strict=True):
+                column.append(frag)
+        count = len(records)
+        self._blocks = [
+            [_Block(column[lo : lo + size]) for lo in range(0, count, size)] or [_Block([])]
+            for column in columns
+        ]
+        self._order = order
+        self._records = list(records)
+        self._versions = versions
+        self._generation += 1
+        stats.blocks_changed = sum(len(b) for b in self._blocks)
+
+    # ------------------------------------------------------------------ assembly
+
+    def _tail(self, encoder: Encoder) -> bytes:
+        """Everything but the per-SIM families, from the registry's stock generator."""
+        with per_sim_families_rendered_elsewhere():
+            return encoder(self._registry)
+
+    def _middle(self, fmt: Format) -> list[bytes]:
+        parts: list[bytes] = []
+        for header, family_blocks in zip(self._headers[fmt], self._blocks, strict=True):
+            parts.append(header)
+            parts.extend(block.data for block in family_blocks)
+        return parts
+
+    def _text(self, fmt: Format, encoder: Encoder) -> bytes:
+        parts = self._middle(fmt)
+        parts.append(self._tail(encoder))
+        return b"".join(parts)
+
+    def _stale_blocks(self) -> list[_Block]:
+        return [b for family_blocks in self._blocks for b in family_blocks if b.gz is None]
+
+    def _deflate_all(self, datas: list[bytes]) -> list[bytes]:
+        return [_deflate_piece(data, self._gzip_level) for data in datas]
+
+    def _gzip(self, fmt: Format, encoder: Encoder) -> bytes:
+        level = self._gzip_level
+        for block in self._stale_blocks():
+            block.gz = _deflate_piece(block.data, level)
+        header_gz = self._header_gz.get(fmt)
+        if header_gz is None:
+            header_gz = self._header_gz[fmt] = [
+                _deflate_piece(h, level) for h in self._headers[fmt]
+            ]
+        cached = self._crc.get(fmt)
+        if cached is None or cached[0] != self._generation:
+            crc = size = 0
+            for part in self._middle(fmt):
+                crc = zlib.crc32(part, crc)
+                size += len(part)
+            cached = self._crc[fmt] = (self._generation, crc, size)
+        _, crc, size = cached
+        tail = self._tail(encoder)
+        crc = zlib.crc32(tail, crc)
+        size += len(tail)
+        parts = [_GZIP_HEADER]
+        for piece, family_blocks in zip(header_gz, self._blocks, strict=True):
+            parts.append(piece)
+            parts.extend(block.gz or _EMPTY for block in family_blocks)
+        parts.append(_deflate_last(tail, level))
+        parts.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
+        return b"".join(parts)
+
+
+def _escaping(encoder: Encoder) -> str:
+    if isinstance(encoder, functools.partial):
+        escaping = encoder.keywords.get("escaping", om_format.UNDERSCORES)
+        return str(escaping)
+    return om_format.UNDERSCORES

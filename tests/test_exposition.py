@@ -1,0 +1,328 @@
+"""The incremental exposition against the reference collector: same bytes, same samples.
+
+Random fleets (hypothesis) with hostile label values are rendered by both paths, then changed
+(SIMs polled again, renamed, relabelled, added, removed) and rendered again, so the cached,
+spliced blocks are compared with a from-scratch reference every time.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+import shutil
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from prometheus_client import generate_latest
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics import exposition as om_format
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as om_text_to_families,
+)
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
+
+import tests.test_collector as reference_suite
+from twilio_wireless_exporter.accounting import ListingOutcome, SessionAttributes
+from twilio_wireless_exporter.collector import build_registry
+from twilio_wireless_exporter.config import RESERVED_LABEL_NAMES
+from twilio_wireless_exporter.exposition import (
+    Exposition,
+    Format,
+    escape_label_value,
+    format_of,
+    format_value,
+)
+from twilio_wireless_exporter.state import FleetState
+
+OPENMETRICS = functools.partial(om_format.generate_latest, escaping="underscores", version="1.0.0")
+
+HOSTILE = st.text(
+    alphabet=st.one_of(
+        st.sampled_from(['"', "\\", "\n", "\r", "\t", "{", "}", ",", "=", " ", "ü", "📶", "\x00"]),
+        st.characters(codec="utf-8", exclude_categories=["Cs"]),
+    ),
+    max_size=12,
+)
+LABEL_NAME = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True).filter(
+    lambda n: n not in RESERVED_LABEL_NAMES and not n.startswith("__")
+)
+FINITE = st.floats(allow_nan=False, allow_infinity=False)
+COUNT = st.integers(min_value=0, max_value=2**53)
+TIMESTAMP = st.one_of(st.floats(min_value=0, max_value=4e9), st.integers(0, 2**31).map(float))
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a poll (or a config reload) may set on one SIM."""
+
+    name: str
+    labels: dict[str, str]
+    identity: tuple[str, str, str, str]
+    up: bool | None
+    last_success: float | None
+    baselined: bool
+    counters: tuple[int, int, int, int, int, int]
+    latest: tuple[str, str, str, str, str, str] | None
+    location: tuple[float, float] | None
+    latest_start: float | None
+    last_updated: float | None
+
+
+sim_change = st.builds(
+    Change,
+    name=HOSTILE,
+    labels=st.dictionaries(LABEL_NAME, HOSTILE, max_size=2),
+    identity=st.tuples(HOSTILE, HOSTILE, HOSTILE, HOSTILE),
+    up=st.sampled_from([None, True, False]),
+    last_success=st.none() | TIMESTAMP,
+    baselined=st.booleans(),
+    counters=st.tuples(COUNT, COUNT, COUNT, COUNT, COUNT, COUNT),
+    latest=st.none() | st.tuples(HOSTILE, HOSTILE, HOSTILE, HOSTILE, HOSTILE, HOSTILE),
+    location=st.none() | st.tuples(FINITE, FINITE),
+    latest_start=st.none() | TIMESTAMP,
+    last_updated=st.none() | TIMESTAMP,
+)
+
+
+def apply_change(state: FleetState, sid: str, change: Change) -> None:
+    record = state.ensure(sid, change.labels, change.name)
+    unique, friendly, status, plan = change.identity
+    state.set_identity(
+        sid, unique_name=unique, friendly_name=friendly, status=status, rate_plan_sid=plan
+    )
+    acct = record.account
+    acct.baselined = change.baselined
+    (
+        acct.started_total,
+        acct.ended_total,
+        acct.packets_uploaded_total,
+        acct.packets_downloaded_total,
+        acct.imei_changes_total,
+        acct.open_sessions,
+    ) = change.counters
+    acct.latest = None if change.latest is None else SessionAttributes(*change.latest)
+    acct.location = change.location
+    acct.latest_start = change.latest_start
+    acct.last_updated = change.last_updated
+    if change.up is None:
+        record.up = None
+        record.last_success = None
+        record.version += 1  # what the state's own updates do on every change
+        state.version += 1
+    elif change.up:
+        outcome = ListingOutcome(durations=[("LTE", 90.0)] if acct.ended_total % 3 == 0 else [])
+        state.record_success(sid, outcome, now=0.0)
+        record.last_success = change.last_success
+    else:
+        state.record_failure(sid, "boom", now=0.0)
+        record.version += 1
+        state.version += 1
+
+
+def sid_of(n: int) -> str:
+    return f"DE{n:032x}"
+
+
+def parsed(text: str, parser: Callable[[str], Iterable[Metric]]) -> list[tuple[object, ...]]:
+    """Every sample (family, name, labels, value) in document order."""
+    return [
+        (family.name, s.name, tuple(sorted(s.labels.items())), s.value)
+        for family in parser(text)
+        for s in family.samples
+    ]
+
+
+def assert_same(exposition: Exposition, state: FleetState, imei_label: bool) -> None:
+    """Fast output == reference output: byte for byte, sample for sample, gzip included."""
+    registry, _ = build_registry(state, imei_label=imei_label)
+    ref_text = generate_latest(registry)
+    fast_text = exposition.text()
+    assert fast_text == ref_text
+    assert parsed(fast_text.decode(), text_string_to_metric_families) == parsed(
+        ref_text.decode(), text_string_to_metric_families
+    )
+    ref_om = OPENMETRICS(registry)
+    fast_om = exposition.text(OPENMETRICS)
+    assert fast_om == ref_om
+    assert parsed(fast_om.decode(), om_text_to_families) == parsed(
+        ref_om.decode(), om_text_to_families
+    )
+    body = exposition.gzip()
+    # one gzip member that a single-member decoder (zlib, aiohttp, curl) reads to the end
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert inflater.decompress(body) + inflater.flush() == ref_text
+    assert inflater.eof
+    assert not inflater.unused_data
+    assert gzip.decompress(exposition.gzip(OPENMETRICS)) == ref_om
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    first=st.lists(sim_change, max_size=8),
+    rounds=st.lists(
+        st.lists(st.tuples(st.integers(0, 11), st.none() | sim_change), max_size=6),
+        max_size=4,
+    ),
+    block_size=st.integers(1, 4),
+    imei_label=st.booleans(),
+)
+def test_matches_the_reference_collector_through_changes(
+    first: list[Change],
+    rounds: list[list[tuple[int, Change | None]]],
+    block_size: int,
+    imei_label: bool,
+) -> None:
+    state = FleetState()
+    registry, _ = build_registry(state, imei_label=imei_label)
+    exposition = Exposition(state, registry, imei_label=imei_label, block_size=block_size)
+    for n, change in enumerate(first):
+        apply_change(state, sid_of(n), change)
+    assert_same(exposition, state, imei_label)
+    for changes in rounds:
+        for n, maybe in changes:
+            sid = sid_of(n)
+            if maybe is None:  # removed (e.g. no longer discovered)
+                state.retain(s for s in state.sims if s != sid)
+            else:  # polled again, relabelled, or new
+                apply_change(state, sid, maybe)
+        assert_same(exposition, state, imei_label)
+
+
+def test_an_unchanged_state_renders_nothing_again() -> None:
+    state = reference_suite.polled_state()
+    registry, _ = build_registry(state)
+    exposition = Exposition(state, registry, block_size=1)
+    first = exposition.refresh()
+    assert first.relayout
+    assert first.rendered == 2
+    again = exposition.refresh()
+    assert (again.rendered, again.blocks_changed, again.relayout) == (0, 0, False)
+    state.record_success(reference_suite.SID_A, ListingOutcome(), now=1.0)
+    polled = exposition.refresh()
+    assert polled.rendered == 1
+    # only the timestamp of the poll moved: one block of one family was spliced
+    assert polled.blocks_changed == 1
+    assert exposition.text() == generate_latest(registry)
+
+
+@pytest.mark.parametrize(
+    "test",
+    [
+        reference_suite.test_exact_values_of_a_polled_sim,
+        reference_suite.test_absent_data_is_absent_not_zero,
+        reference_suite.test_imei_label_only_on_opt_in,
+        reference_suite.test_every_family_has_help_saying_values_are_cached,
+        reference_suite.test_hostile_label_values_are_escaped,
+        reference_suite.test_promtool_check_metrics_is_clean,
+    ],
+    ids=lambda f: f.__name__,
+)
+def test_reference_suite_against_the_fast_path(
+    test: Callable[[], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/test_collector.py, with its ``render`` swapped for the incremental exposition."""
+    if test is reference_suite.test_promtool_check_metrics_is_clean and not shutil.which(
+        "promtool"
+    ):
+        pytest.skip("promtool not installed")
+
+    def fast_render(state: FleetState, *, imei_label: bool = False) -> str:
+        registry, _ = build_registry(state, imei_label=imei_label)
+        return Exposition(state, registry, imei_label=imei_label).text().decode()
+
+    monkeypatch.setattr(reference_suite, "render", fast_render)
+    test()
+
+
+@given(st.floats() | st.integers(-(2**70), 2**70))
+def test_values_are_formatted_like_prometheus_client(value: float) -> None:
+    assert format_value(value) == floatToGoString(value)  # type: ignore[no-untyped-call]
+
+
+@given(st.text())
+def test_label_values_are_escaped_like_prometheus_client(value: str) -> None:
+    assert escape_label_value(value) == om_format._escape(
+        value, om_format.ALLOWUTF8, om_format._is_legacy_labelname_rune
+    )
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ("", Format.TEXT),
+        ("text/plain;version=0.0.4", Format.TEXT),
+        ("text/plain;version=1.0.0;escaping=allow-utf-8", Format.TEXT),
+        ("application/openmetrics-text;version=1.0.0", Format.OPENMETRICS),
+        ("application/openmetrics-text", Format.OPENMETRICS),
+        (
+            "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+            "text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+            Format.OPENMETRICS,
+        ),
+        ("application/openmetrics-text;version=1.0.0;escaping=dots", None),
+        ("application/openmetrics-text;version=2.0.0", None),
+    ],
+)
+def test_negotiated_formats(accept: str, expected: Format | None) -> None:
+    encoder, _ = choose_encoder(accept)
+    assert format_of(encoder) is expected
+
+
+async def test_async_render_matches_and_shares_work() -> None:
+    state = FleetState()
+    for n in range(300):
+        apply_change(
+            state,
+            sid_of(n),
+            Change(
+                name=f"sim {n}",
+                labels={"site": "x\ny"},
+                identity=("u", "f", "active", "WP1"),
+                up=True,
+                last_success=1_700_000_000.5 + n,
+                baselined=True,
+                counters=(n, n, n * 1000, n * 2000, 0, 1),
+                latest=("LTE", "Op", "DEU", "262", "01", "490154203237518"),
+                location=(52.5, 13.4),
+                latest_start=1_700_000_000,
+                last_updated=1_700_000_100,
+            ),
+        )
+    registry, _ = build_registry(state)
+    exposition = Exposition(state, registry, block_size=16)
+    plain = await exposition.render(generate_latest, compress=False)
+    assert plain == generate_latest(registry)
+    zipped = await exposition.render(generate_latest, compress=True)
+    assert zipped is not None
+    assert gzip.decompress(zipped) == plain
+    om = await exposition.render(OPENMETRICS, compress=True)
+    assert om is not None
+    assert gzip.decompress(om) == OPENMETRICS(registry)
+    newer, _ = choose_encoder("application/openmetrics-text;version=2.0.0")
+    assert await exposition.render(newer, compress=False) is None
+
+
+async def test_non_legacy_label_names_fall_back_for_utf8_escaping() -> None:
+    state = FleetState()
+    state.ensure(sid_of(1), {"späti": "ja"})
+    registry, _ = build_registry(state)
+    exposition = Exposition(state, registry)
+    assert exposition.text() == generate_latest(registry)
+    utf8, _ = choose_encoder("text/plain;version=1.0.0;escaping=allow-utf-8")
+    assert await exposition.render(utf8, compress=False) is None
+
+
+def test_values_survive_the_round_trip() -> None:
+    """Sanity check of the parser-based comparison itself: it sees every sample."""
+    state = reference_suite.polled_state()
+    registry, _ = build_registry(state)
+    samples = parsed(Exposition(state, registry).text().decode(), text_string_to_metric_families)
+    assert len(samples) > 15
+    assert all(isinstance(v, float) and not math.isnan(v) for *_, v in samples)
