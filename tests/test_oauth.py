@@ -7,6 +7,7 @@ injected timeout of 100 ms.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -369,6 +370,25 @@ async def test_concurrent_requests_during_a_refresh_make_one_token_request(
     assert env.api(200) == 150
     assert env.up() == [True] * 50
     assert env.sleeps == []
+
+
+async def test_requests_keep_the_valid_token_while_a_slow_renewal_runs(make_env: MakeEnv) -> None:
+    env = await make_env(sims=50, lifetime=600)
+    await env.start(margin="60s")
+    await env.poll()
+    await env.clock.advance(540)  # refresh point
+    env.sim.faults.script("token", [FaultResponse(delay=30)])  # held until released
+    polls = asyncio.create_task(env.poll())
+    # the poll that started the renewal waits for it; the other 49 go ahead with the old token
+    await eventually(lambda: env.api(200) == 50 + 49)
+    assert env.sim.stats.token_requests == 2
+    assert not polls.done()
+    env.sim.release_delayed()
+    await polls
+    assert env.api(200) == 100
+    assert env.sim.stats.token_requests == 2
+    assert env.up() == [True] * 50
+    assert metric(await env.scrape(), EXPIRY) == START + 540 + 600
 
 
 # --------------------------------------------------------------------------------------------

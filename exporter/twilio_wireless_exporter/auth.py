@@ -171,7 +171,15 @@ class TokenSettings:
 class _Token:
     """One access token and when it must be renewed (monotonic times on the injected clock)."""
 
-    __slots__ = ("expires_at", "expires_at_unix", "header", "obtained_at", "refresh_at", "renewal")
+    __slots__ = (
+        "expires_at",
+        "expires_at_unix",
+        "header",
+        "obtained_at",
+        "refresh_at",
+        "renewal",
+        "warned",
+    )
 
     def __init__(
         self,
@@ -189,6 +197,7 @@ class _Token:
         self.expires_at_unix = obtained_at_unix + lifetime
         self.refresh_at = self.expires_at - min(margin, lifetime / 2.0)
         self.renewal = renewal  # obtained because the API rejected the previous token
+        self.warned = False  # the "rejected again" warning was logged for this token
 
     def __repr__(self) -> str:
         return f"_Token({_REDACTED}, expires_at={self.expires_at:.3f})"
@@ -230,7 +239,6 @@ class OAuth2Authenticator:
         self._failure: TokenError | None = None
         self._failed_rounds = 0
         self._next_attempt = -math.inf  # no token request before this (monotonic)
-        self._renewing = False  # the round in progress was started by a 401
         self._missing_expiry_logged = False
         self._observer.watch_token(self.status)
 
@@ -244,8 +252,13 @@ class OAuth2Authenticator:
 
     async def authorization(self) -> str:
         token = self._token
-        if token is not None and self._clock.monotonic() < token.refresh_at:
-            return token.header
+        if token is not None:
+            now = self._clock.monotonic()
+            if now < token.refresh_at:
+                return token.header
+            if now < token.expires_at and self._lock.locked():
+                # Being renewed right now; meanwhile this token is still good.
+                return token.header
         return (await self._refresh()).header
 
     async def renew(self, rejected: str) -> bool:
@@ -256,10 +269,13 @@ class OAuth2Authenticator:
         now = self._clock.monotonic()
         if token.renewal and now - token.obtained_at < self._settings.renew_min_interval:
             # A brand-new token rejected too: fetching more would not help; report the 401.
-            log.warning(
-                "the API rejected a freshly obtained access token; not renewing it again for %gs",
-                self._settings.renew_min_interval,
-            )
+            if not token.warned:
+                token.warned = True
+                log.warning(
+                    "the API rejected a freshly obtained access token; not renewing it again"
+                    " for %gs",
+                    self._settings.renew_min_interval,
+                )
             return False
         log.info("the API rejected the access token (expired or revoked); renewing it")
         self._token = None
