@@ -43,6 +43,10 @@ CODE_TRANSPORT_ERROR: Final = "error"
 
 _ERROR_SNIPPET_CHARS: Final = 200
 _MAX_RETRY_AFTER: Final = 600.0
+#: This many 429 answers in a row (from any requests) mean the account is over its limit: every
+#: request pauses until the Retry-After of the latest one has passed. A lone 429 only makes its
+#: own request wait.
+STORM_429S: Final = 3
 
 
 class ApiError(Exception):
@@ -233,6 +237,10 @@ class TwilioClient:
         burst = max(1.0, settings.requests_per_second / 10.0)
         self._limiter = AsyncLimiter(burst, burst / settings.requests_per_second)
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout)
+        self._consecutive_429 = 0
+        self._pause_holders = 0  # retries sleeping out a 429 storm; requests wait while > 0
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
 
     @property
     def settings(self) -> ClientSettings:
@@ -299,12 +307,32 @@ class TwilioClient:
         return url
 
     async def _get(self, url: str, kind: type[_T], endpoint: str) -> _T:
+        holding = False
+
+        def before_sleep(state: RetryCallState) -> None:
+            nonlocal holding
+            self._before_sleep(state)
+            exc = state.outcome.exception() if state.outcome else None
+            storm = self._consecutive_429 >= STORM_429S
+            if storm and isinstance(exc, ApiError) and exc.status == 429:
+                holding = True  # pause every request while this retry sleeps
+                self._hold_pause(state.upcoming_sleep)
+
+        async def sleep(seconds: float) -> None:
+            nonlocal holding
+            try:
+                await self._sleep(seconds)
+            finally:
+                if holding:
+                    holding = False
+                    self._release_pause()
+
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._settings.max_retries + 1),
             retry=retry_if_exception(_is_retryable),
             wait=self._wait,
-            before_sleep=self._before_sleep,
-            sleep=self._sleep,
+            before_sleep=before_sleep,
+            sleep=sleep,
             reraise=True,
         )
         result: _T = await retrying(self._attempt, url, kind, endpoint)
@@ -322,6 +350,21 @@ class TwilioClient:
             delay = max(delay, exc.retry_after)
         return delay
 
+    def _hold_pause(self, seconds: float) -> None:
+        if self._pause_holders == 0:
+            log.info(
+                "%d or more 429 Too Many Requests in a row: pausing all API requests for %.1fs",
+                STORM_429S,
+                seconds,
+            )
+        self._pause_holders += 1
+        self._unpaused.clear()
+
+    def _release_pause(self) -> None:
+        self._pause_holders -= 1
+        if self._pause_holders == 0:
+            self._unpaused.set()
+
     def _before_sleep(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
         if isinstance(exc, ApiError):
@@ -336,12 +379,10 @@ class TwilioClient:
             )
 
     async def _attempt(self, url: str, kind: type[_T], endpoint: str) -> _T:
-        header = await self._auth.authorization()
-        status, body, retry_after = await self._send(url, header, endpoint)
+        status, body, retry_after, header = await self._send(url, endpoint)
         if status == 401 and await self._auth.renew(header):
             # Credentials were renewed (e.g. an expired OAuth2 token): one more try.
-            header = await self._auth.authorization()
-            status, body, retry_after = await self._send(url, header, endpoint)
+            status, body, retry_after, header = await self._send(url, endpoint)
         if status == 200:
             try:
                 decoded: _T = _DECODERS[kind].decode(body)
@@ -361,15 +402,20 @@ class TwilioClient:
             retry_after=retry_after,
         )
 
-    async def _send(self, url: str, header: str, endpoint: str) -> tuple[int, bytes, float | None]:
-        """One HTTP GET under the concurrency and rate limits. Returns status, body, Retry-After."""
+    async def _send(self, url: str, endpoint: str) -> tuple[int, bytes, float | None, str]:
+        """One HTTP GET under the concurrency and rate limits.
+
+        Returns status, body, Retry-After and the Authorization header that was sent (taken
+        only once the request may go, so a long wait in the queue cannot send a stale token).
+        """
         headers = {
-            "Authorization": header,
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
         }
         async with self._semaphore:
+            await self._unpaused.wait()  # a 429 storm: nothing goes out until it has passed
             await self._limiter.acquire()
+            header = headers["Authorization"] = await self._auth.authorization()
             started = time.perf_counter()
             code_label = CODE_TRANSPORT_ERROR
             try:
@@ -379,7 +425,8 @@ class TwilioClient:
                     code_label = str(resp.status)
                     body = await self._read_body(resp, endpoint)
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    return resp.status, body, retry_after
+                    self._consecutive_429 = self._consecutive_429 + 1 if resp.status == 429 else 0
+                    return resp.status, body, retry_after, header
             except TimeoutError:
                 code_label = CODE_TRANSPORT_ERROR
                 raise ApiError(
