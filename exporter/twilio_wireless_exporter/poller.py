@@ -307,13 +307,18 @@ class Poller:
             now = self._clock.monotonic()
             if now - self._last_auth_log >= _AUTH_LOG_EVERY:
                 self._last_auth_log = now
+                hint = (
+                    "check twilio.auth.client_id and the client secret"
+                    if exc.endpoint == "token"
+                    else "check the account SID / auth token or API key"
+                )
                 log.error(
-                    "%s: the Twilio API rejected our credentials (HTTP %s, code %s: %s);"
-                    " check the account SID / auth token or API key",
+                    "%s: the API rejected our credentials (HTTP %s, code %s: %s); %s",
                     what,
                     exc.status,
                     exc.code,
                     exc.message,
+                    hint,
                 )
             return
         log.warning("%s: %s", what, exc)
