@@ -10,7 +10,7 @@ The format is the one of the Prometheus exporter-toolkit, so one file can serve 
       # client_auth_type: RequireAndVerifyClientCert   # with client_ca_file (mutual TLS)
       # client_ca_file: clients-ca.crt
     basic_auth_users:
-      prometheus: $2y$10$...         # bcrypt hash (htpasswd -nBC 10 "" | tr -d ':\\n')
+      prometheus: $2y$10$...         # bcrypt hash: htpasswd -nBC 10 prometheus | cut -d: -f2
     http_server_config:
       headers: {Strict-Transport-Security: max-age=31536000}
 
@@ -28,7 +28,8 @@ Every endpoint, ``/-/healthy`` and ``/-/ready`` included, requires the credentia
 toolkit; probes then send an ``Authorization`` header (or use a TCP check).
 
 Passwords are checked with ``bcrypt.checkpw`` in a worker thread (bcrypt is slow by design and must
-not stall the event loop). An unknown user name still costs one bcrypt check against a dummy hash,
+not stall the event loop; at most two checks run at once, so a flood of wrong passwords cannot
+take every worker thread). An unknown user name still costs one bcrypt check against a dummy hash,
 so response times do not reveal which users exist. A successful check is remembered as an HMAC of
 the password under a per-process random key and compared with :func:`hmac.compare_digest`, so that
 the scrapes after the first one do not pay bcrypt's cost again (the toolkit caches the same way).
