@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import settings
 
 from twilio_wireless_exporter.app import Exporter
 from twilio_wireless_exporter.clock import ManualClock
@@ -20,6 +22,11 @@ from twilio_wireless_exporter.simulator import (
     start_simulator,
 )
 from twilio_wireless_exporter.web import make_app
+
+# CI runs the property tests with a fixed seed (reproducible runs); developers get fresh examples.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None:
