@@ -1,0 +1,76 @@
+"""The benchmark (benchmarks/run.py) runs end to end at a tiny size and computes every figure.
+
+Not a timed test: numbers are only checked to be finite and positive. The real measurements
+come from running the script itself (see the README's Performance section).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+
+
+def positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.slow
+def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--sims", "20", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+
+    (size,) = results["sizes"]
+    cycle = size["poll_cycle"]
+    assert cycle["sims"] == 20
+    for client in ("bare_aiohttp", "project", "twilio_sdk"):
+        assert positive(cycle[client]["wall_s"]), client
+        assert cycle[client]["sessions"] > 0, client
+    assert all(positive(r) for r in cycle["ratios"].values()), cycle["ratios"]
+    assert cycle["requests_per_sim_per_cycle"] == 1.0  # one page per SIM: 6 h of sessions fit
+
+    scenarios = size["scrape"]["scenarios"]
+    assert {(s["path"], s["scrapers"], s["gzip"]) for s in scenarios} >= {
+        ("fast", 1, False),
+        ("fast", 1, True),
+        ("fast", 10, False),
+        ("fast", 10, True),
+        ("stock", 1, False),
+        ("stock", 1, True),
+    }
+    for s in scenarios:
+        assert positive(s["p50_ms"])
+        assert s["p99_ms"] >= s["p50_ms"]
+        assert s["lag_max_ms"] >= 0
+
+    render = size["render"]
+    assert all(positive(v) for k, v in render.items() if k.endswith("_ms"))
+    memory = size["memory"]
+    assert all(math.isfinite(v) for k, v in memory.items() if k.endswith("_per_sim"))
+
+    cap = results["concurrency_cap"]
+    assert cap["cycles"][-1]["polls_lost"] == 0
+    assert positive(cap["steady_vs_bare_at_cap"])
+
+    machine = results["machine"]
+    assert machine["cores"] >= 1
+    assert machine["python"]
+    # the report names no host and no path of this machine
+    text = out.read_text()
+    assert "127.0.0.1" not in text
+    assert str(Path.home()) not in text
+    assert "Poll cycle" in proc.stdout
