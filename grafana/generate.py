@@ -572,10 +572,18 @@ REQUESTS = "twilio_wireless_api_requests_total"
 CODE_429 = 'code="429"'
 
 
+def unknown_if_empty(expr: str, labels: str) -> str:
+    """Show an empty (null in the API) attribute label as "unknown" in legends."""
+    for label in (name.strip() for name in labels.split(",")):
+        expr = f'label_replace({expr}, "{label}", "unknown", "{label}", "")'
+    return expr
+
+
 def open_by(labels: str, sel: str = SEL) -> str:
-    return (
+    return unknown_if_empty(
         f"sum by ({labels}) (\n  {m(OPEN, sel)}\n"
-        f"  * {JOIN_ON} group_left ({labels}) {m(SESSION_INFO, sel)}\n)"
+        f"  * {JOIN_ON} group_left ({labels}) {m(SESSION_INFO, sel)}\n)",
+        labels,
     )
 
 
@@ -688,7 +696,9 @@ def fleet() -> Json:
             "none",
             [
                 target(
-                    f"count by (operator_country) ({m(SESSION_INFO)})",
+                    unknown_if_empty(
+                        f"count by (operator_country) ({m(SESSION_INFO)})", "operator_country"
+                    ),
                     "{{operator_country}}",
                     instant=True,
                 )
@@ -710,7 +720,7 @@ def fleet() -> Json:
             "none",
             [
                 target(
-                    f"count by (radio_link) ({m(SESSION_INFO)})",
+                    unknown_if_empty(f"count by (radio_link) ({m(SESSION_INFO)})", "radio_link"),
                     "{{radio_link}}",
                     instant=True,
                 )
