@@ -415,6 +415,13 @@ BAD_CONFIGS = [
         id="label-name-reserved-instance",
     ),
     pytest.param(
+        make(sims=[{"sid": SIM_A, "labels": {"display_name": "x"}}]),
+        ENV,
+        "sims[0].labels.display_name",
+        "a label the exporter sets itself",
+        id="label-name-reserved-display-name",
+    ),
+    pytest.param(
         make(sims=[{"sid": SIM_A, "labels": {"floor": 3}}]),
         ENV,
         "sims[0].labels.floor",

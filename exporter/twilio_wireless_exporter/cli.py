@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="lifetime of the demo's OAuth2 access tokens in wall-clock seconds (default 60)",
     )
     parser.add_argument(
+        "--demo.fault-rate",
+        dest="demo_fault_rate",
+        type=_fraction,
+        default=0.03,
+        metavar="F",
+        help="fraction of demo API responses that are 429 or 503 (retried; default 0.03)",
+    )
+    parser.add_argument(
         "--log.level",
         dest="log_level",
         choices=["debug", "info", "warning", "error"],
@@ -166,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log.format", dest="log_format", choices=["text", "json"], default="text")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+def _fraction(value: str) -> float:
+    try:
+        fraction = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not 0.0 <= fraction <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be between 0 and 1")
+    return fraction
 
 
 def _positive_seconds(value: str) -> float:
@@ -220,6 +238,7 @@ async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Con
     from .simulator import (
         DEMO_ACCOUNT_SID,
         DEMO_AUTH_TOKEN,
+        FaultConfig,
         SimulatorConfig,
         start_simulator,
     )
@@ -234,6 +253,13 @@ async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Con
         auth_mode="bearer" if oauth2 else "basic",
         token_lifetime=args.demo_token_lifetime,
         keep_history=False,  # ground truth is for tests; a long demo must not grow
+        # A little upstream trouble, so the retry and 429 panels have something to show.
+        faults=FaultConfig(
+            seed=args.demo_seed,
+            rate_429=args.demo_fault_rate * 2 / 3,
+            rate_503=args.demo_fault_rate / 3,
+            retry_after=1.0,
+        ),
     )
     async with start_simulator(sim_config, host=host, port=0) as sim:
         log.info(

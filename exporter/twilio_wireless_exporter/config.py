@@ -109,6 +109,7 @@ RESERVED_LABEL_NAMES: Final = frozenset(
         "quantile",
         "job",
         "instance",
+        "display_name",  # added by the shipped dashboards and alert rules
     }
 )
 
