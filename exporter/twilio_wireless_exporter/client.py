@@ -307,6 +307,22 @@ class TwilioClient:
         return url
 
     async def _get(self, url: str, kind: type[_T], endpoint: str) -> _T:
+        # Fast path: nearly every request succeeds at once, and setting up tenacity costs about
+        # 30 µs even then (a fifth of a request's CPU at fleet scale). A retryable first failure
+        # is replayed as tenacity's first attempt, so backoff, Retry-After, retry metrics and
+        # logs stay exactly what they were.
+        try:
+            return await self._attempt(url, kind, endpoint)
+        except ApiError as exc:
+            if not _is_retryable(exc) or self._settings.max_retries < 1:
+                raise
+            replay = [exc]
+
+        async def attempt() -> _T:
+            if replay:
+                raise replay.pop()
+            return await self._attempt(url, kind, endpoint)
+
         holding = False
 
         def before_sleep(state: RetryCallState) -> None:
@@ -335,7 +351,7 @@ class TwilioClient:
             sleep=sleep,
             reraise=True,
         )
-        result: _T = await retrying(self._attempt, url, kind, endpoint)
+        result: _T = await retrying(attempt)
         return result
 
     def _wait(self, state: RetryCallState) -> float:
