@@ -26,11 +26,13 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import eventually, exporter_mapping
+from tests.test_accounting import Model, histories
 from twilio_wireless_exporter.accounting import (
     ListingOutcome,
     SessionAttributes,
     SessionMemo,
     SimAccount,
+    apply_listing,
 )
 from twilio_wireless_exporter.app import Exporter
 from twilio_wireless_exporter.clock import ManualClock
@@ -46,6 +48,7 @@ from twilio_wireless_exporter.persist import (
     temp_path,
     write_state,
 )
+from twilio_wireless_exporter.records import DataSession
 from twilio_wireless_exporter.simulator import (
     FaultResponse,
     RunningSimulator,
@@ -237,6 +240,33 @@ def test_round_trip_property(accts: list[SimAccount], durations: list[float]) ->
         loaded = read_state(path, IDENTITY)
     assert loaded.accounts == {sid: r.account for sid, r in state.sims.items()}
     assert loaded.durations == state.durations
+
+
+@settings(max_examples=150, deadline=None)
+@given(histories(), st.integers(0, 8))
+def test_a_restart_between_any_two_listings_changes_nothing(
+    case: tuple[list[list[DataSession]], Model], cut: int
+) -> None:
+    """Listings applied straight through, or with a save and restore after any of them: the same
+    account (counters, remembered sessions with their absence counts, attributes)."""
+    listings, _ = case
+    cut = min(cut, len(listings))
+    straight = SimAccount()
+    for listing in listings:
+        apply_listing(straight, listing)
+
+    before = fresh_state([SID])
+    for listing in listings[:cut]:
+        apply_listing(before.sims[SID].account, listing)
+    after = fresh_state([SID])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "state.db"
+        save(before, path)
+        StateStore(path, IDENTITY).load(after, keep=lambda sid: True)
+    record = after.sims[SID]
+    for listing in listings[cut:]:
+        apply_listing(after.resume(record), listing)
+    assert after.restored.get(SID, record.account) == straight  # still held if nothing came
 
 
 def test_sims_no_longer_monitored_are_dropped(tmp_path: Path) -> None:
