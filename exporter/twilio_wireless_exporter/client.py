@@ -253,7 +253,7 @@ class TwilioClient:
 
         Pages may overlap or be unordered: de-duplication is the caller's job.
         """
-        url = f"{self._base}/v1/Sims/{sim_sid}/DataSessions?" + urlencode({"PageSize": page_size})
+        url = f"{self._base}/v1/Sims/{sim_sid}/DataSessions?PageSize={int(page_size)}"
         sessions: list[DataSession] = []
         async for page in self._pages(url, DataSessionPage, ENDPOINT_DATA_SESSIONS):
             sessions.extend(page.data_sessions)
@@ -466,6 +466,10 @@ class TwilioClient:
                 endpoint=endpoint,
                 status=resp.status,
             )
+        if resp.content_length is not None and "Content-Encoding" not in resp.headers:
+            # Framed by a Content-Length within the cap and not decompressed: aiohttp reads
+            # exactly that many bytes, so one read() is as safe as counting chunks, and cheaper.
+            return await resp.read()
         chunks: list[bytes] = []
         size = 0
         async for chunk in resp.content.iter_chunked(1 << 16):

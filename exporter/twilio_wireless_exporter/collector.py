@@ -274,6 +274,7 @@ class ApiMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
+        self._request_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
         self.token_requests: Counter | None = None  # created when OAuth2 is in use
         self._token_collector: TokenCollector | None = None
         self.requests = Counter(
@@ -312,8 +313,13 @@ class ApiMetrics:
         )
 
     def request_done(self, endpoint: str, code: str, duration: float) -> None:
-        self.requests.labels(endpoint, code).inc()
-        self.duration.labels(endpoint).observe(duration)
+        # Called for every request: the labelled children are looked up once per label pair.
+        children = self._request_children.get((endpoint, code))
+        if children is None:
+            children = (self.requests.labels(endpoint, code), self.duration.labels(endpoint))
+            self._request_children[(endpoint, code)] = children
+        children[0].inc()
+        children[1].observe(duration)
 
     def retry(self, endpoint: str, reason: str) -> None:
         self.retries.labels(endpoint, reason).inc()
