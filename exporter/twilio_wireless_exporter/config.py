@@ -65,6 +65,7 @@ __all__ = [
     "load_config",
     "parse_duration",
     "parse_size",
+    "read_yaml_file",
 ]
 
 DEFAULT_BASE_URL: Final = "https://wireless.twilio.com"
@@ -1249,31 +1250,35 @@ def config_from_mapping(
     raise ConfigError(problems, source)
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, parse and validate a YAML configuration file. Raises :class:`ConfigError`."""
-    path = Path(path)
+def read_yaml_file(path: Path, what: str = "config file") -> object:
+    """Read and parse one YAML file (duplicate keys refused). Raises :class:`ConfigError`.
+
+    Errors name only the problem and its position: the snippet PyYAML adds may show a secret.
+    """
     source = str(path)
-    problem: str | None = None
-    data: object = None
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        text = Path(path).read_bytes().decode("utf-8-sig")
     except OSError as exc:
-        problem = f"cannot read config file: {exc.strerror or type(exc).__name__}"
+        problem = f"cannot read {what}: {exc.strerror or type(exc).__name__}"
     except UnicodeDecodeError as exc:
-        problem = f"cannot read config file: not UTF-8 text (byte {exc.start})"
+        problem = f"cannot read {what}: not UTF-8 text (byte {exc.start})"
     else:
         try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+            return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.MarkedYAMLError as exc:
-            # Only the problem and its position: the snippet PyYAML adds may show a secret.
             mark = exc.problem_mark or exc.context_mark
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
             problem = f"{where}{exc.problem or exc.context or 'invalid YAML'}"
         except yaml.YAMLError as exc:
             problem = f"invalid YAML: {type(exc).__name__}"
-        else:
-            if data is None:
-                problem = "the configuration file is empty"
-    if problem is not None:
-        raise ConfigError([f"{source}: {problem}"], source)
-    return config_from_mapping(data, environ, source, base_dir=path.absolute().parent)
+    # raised outside the except blocks: no exception context that could carry file contents
+    raise ConfigError([f"{source}: {problem}"], source)
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate a YAML configuration file. Raises :class:`ConfigError`."""
+    path = Path(path)
+    data = read_yaml_file(path)
+    if data is None:
+        raise ConfigError([f"{path}: the configuration file is empty"], str(path))
+    return config_from_mapping(data, environ, str(path), base_dir=path.absolute().parent)

@@ -54,11 +54,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import bcrypt
-import yaml
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .config import ConfigError, _describe, _UniqueKeyLoader
+from .config import ConfigError, _describe, read_yaml_file
 
 __all__ = [
     "REALM",
@@ -436,23 +435,7 @@ def web_config_from_mapping(
 def load_web_config(path: Path) -> WebConfig:
     """Read and validate a web configuration file. Raises :class:`ConfigError`."""
     source = str(path)
-    try:
-        text = Path(path).read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        problem = f"cannot read web config file: {exc.strerror or type(exc).__name__}"
-        raise ConfigError([f"{source}: {problem}"], source) from None
-    except UnicodeDecodeError as exc:
-        problem = f"cannot read web config file: not UTF-8 text (byte {exc.start})"
-        raise ConfigError([f"{source}: {problem}"], source) from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = f"{where}{exc.problem or exc.context or 'invalid YAML'}"
-        raise ConfigError([f"{source}: {problem}"], source) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: invalid YAML: {type(exc).__name__}"], source) from None
+    data = read_yaml_file(Path(path), "web config file")
     return web_config_from_mapping(data, source, base_dir=Path(path).absolute().parent)
 
 
