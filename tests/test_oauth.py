@@ -13,7 +13,7 @@ import itertools
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -712,17 +712,6 @@ async def test_secrets_and_tokens_never_appear_in_logs_metrics_or_pages(
         assert secret not in everything
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """cli.main() configures the root logger; put it back for the tests after this one."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.mark.usefixtures("restore_logging")
 def test_check_config_output_has_no_secret(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
@@ -94,18 +94,6 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("tls")
     make_cert(directory)
     return directory
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    access = logging.getLogger("aiohttp.access")
-    access_level = access.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    access.setLevel(access_level)
 
 
 def secured_config(cert_dir: Path, **tls: str) -> WebConfig:
@@ -382,7 +370,6 @@ async def test_no_secret_in_logs_errors_pages_or_repr(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
-    restore_logging: None,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="aiohttp.access")
@@ -431,7 +418,6 @@ async def test_no_secret_in_logs_errors_pages_or_repr(
 # ------------------------------------------------------------------------------- secret files
 
 
-@pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o640, True), (0o600, False)])
 def test_secret_file_readable_by_others_is_warned_about(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int, warned: bool
@@ -456,7 +442,6 @@ def test_secret_file_readable_by_others_is_warned_about(
     assert leaks(captured.out + captured.err, SECRETS) == []
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_tls_key_readable_by_others_is_warned_about(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

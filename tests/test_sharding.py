@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -136,16 +134,6 @@ def test_shard_config_default_is_everything() -> None:
     assert (config.shard.index, config.shard.count) == (2, 5)
 
 
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.mark.usefixtures("restore_logging")
 def test_shard_flag_overrides_the_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

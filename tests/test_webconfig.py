@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import base64
-import logging
 import shutil
 import ssl
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
@@ -75,16 +73,6 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_cert(directory)
     make_cert(directory, "other")
     return directory
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """cli.main() replaces the root handlers; put them back after the test."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def write(directory: Path, text: str, name: str = "web.yml") -> Path:
@@ -360,7 +348,6 @@ def test_unreadable_files(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in line
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_cli_exit_2_with_the_path_of_the_problem(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -380,7 +367,6 @@ def test_cli_exit_2_with_the_path_of_the_problem(
     )
 
 
-@pytest.mark.usefixtures("restore_logging")
 def test_cli_check_config_reports_a_valid_web_config(
     cert_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
