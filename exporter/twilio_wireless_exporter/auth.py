@@ -41,6 +41,7 @@ from .client import (
     ApiError,
     describe_error_body,
     parse_retry_after,
+    read_capped,
 )
 from .clock import Clock, SystemClock
 
@@ -455,19 +456,15 @@ class OAuth2Authenticator:
 
     async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
         limit = self._settings.max_response_bytes
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_chunked(1 << 14):
-            size += len(chunk)
-            if size > limit:
-                raise TokenError(
-                    "too_large",
-                    f"token endpoint response exceeds {limit} bytes",
-                    status=resp.status,
-                    reason="too_large",
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        body = await read_capped(resp, limit)
+        if body is None:
+            raise TokenError(
+                "too_large",
+                f"token endpoint response exceeds {limit} bytes",
+                status=resp.status,
+                reason="too_large",
+            )
+        return body
 
     def _http_error(self, status: int, body: bytes, retry_after: float | None) -> TokenError:
         error, description = _oauth_error(body)

@@ -458,31 +458,38 @@ class TwilioClient:
 
     async def _read_body(self, resp: aiohttp.ClientResponse, endpoint: str) -> bytes:
         limit = self._settings.max_response_bytes
-        if resp.content_length is not None and resp.content_length > limit:
+        body = await read_capped(resp, limit)
+        if body is None:
+            length = resp.content_length
+            size = f"of {length} bytes " if length is not None and length > limit else ""
             raise ApiError(
                 "too_large",
-                f"response of {resp.content_length} bytes exceeds the {limit}-byte cap"
-                " (poll.max_response_bytes)",
+                f"response {size}exceeds the {limit}-byte cap (poll.max_response_bytes)",
                 endpoint=endpoint,
                 status=resp.status,
             )
-        if resp.content_length is not None and "Content-Encoding" not in resp.headers:
-            # Framed by a Content-Length within the cap and not decompressed: aiohttp reads
-            # exactly that many bytes, so one read() is as safe as counting chunks, and cheaper.
-            return await resp.read()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(
-                    "too_large",
-                    f"response exceeds the {limit}-byte cap (poll.max_response_bytes)",
-                    endpoint=endpoint,
-                    status=resp.status,
-                )
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return body
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The response body, or ``None`` as soon as it is known to exceed ``limit`` bytes.
+
+    A hostile or broken upstream cannot make us buffer more than ``limit`` bytes.
+    """
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    if resp.content_length is not None and "Content-Encoding" not in resp.headers:
+        # Framed by a Content-Length within the cap and not decompressed: aiohttp reads exactly
+        # that many bytes, so one read() is as safe as counting chunks, and cheaper.
+        return await resp.read()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _is_retryable(exc: BaseException) -> bool:
