@@ -1,0 +1,95 @@
+"""An in-flight limit that adapts to an API's concurrency cap (AIMD, like TCP's window).
+
+Twilio and KORE answer ``429 Too Many Requests`` when a client has too many requests in flight.
+With a fixed limit above the server's cap, most requests of a busy cycle come back 429, sleep
+out ``Retry-After`` and are sent again into the same wall: the cycle time explodes and polls
+run out of retries. :class:`AdaptiveLimit` halves the limit on a 429 (once per round: the 429s
+of requests sent before the cut are echoes of the old limit) and gives back one slot per
+``limit`` successful requests, never above the configured concurrency. An API without a cap
+never sends 429, so the limit stays at the configured concurrency.
+
+A lower limit never touches requests already in flight: new ones wait until enough have
+finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+THROTTLED = 429
+
+
+@dataclass(slots=True)
+class Slot:
+    """One admitted request. Set ``status`` to the HTTP status of its response, if any."""
+
+    ticket: int
+    status: int | None = None
+
+
+class AdaptiveLimit:
+    def __init__(self, maximum: int) -> None:
+        if maximum < 1:
+            raise ValueError("maximum must be >= 1")
+        self.maximum = maximum
+        self._target = float(maximum)
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._admitted = 0
+        self._cut_at = 0  # admission count at the latest decrease
+        self.in_flight = 0
+        self.decreases = 0
+
+    @property
+    def limit(self) -> int:
+        """Requests allowed in flight now (those admitted before a cut finish undisturbed)."""
+        return max(1, int(self._target))
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[Slot]:
+        """Wait for a free slot (first come, first served); the status set on it steers the
+        limit."""
+        await self._acquire()
+        self._admitted += 1
+        slot = Slot(self._admitted)
+        try:
+            yield slot
+        finally:
+            self._release(slot)
+
+    async def _acquire(self) -> None:
+        if not self._waiters and self.in_flight < self.limit:
+            self.in_flight += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # resolved by _wake, which counts us in flight
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.in_flight -= 1  # admitted, then cancelled before running: hand it on
+                self._wake()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def _release(self, slot: Slot) -> None:
+        self.in_flight -= 1
+        if slot.status == THROTTLED:
+            if slot.ticket > self._cut_at:  # a fresh signal, not an echo of the old limit
+                self._cut_at = self._admitted
+                self.decreases += 1
+                self._target = max(1.0, self._target / 2)
+        elif slot.status is not None and slot.status < 500 and self._target < self.maximum:
+            self._target = min(float(self.maximum), self._target + 1 / self._target)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)

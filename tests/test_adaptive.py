@@ -1,0 +1,140 @@
+"""The adaptive in-flight limit: halves on 429 once per round, grows back on success."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from twilio_wireless_exporter.adaptive import AdaptiveLimit
+
+
+async def test_without_429_the_limit_stays_at_the_maximum() -> None:
+    limit = AdaptiveLimit(4)
+    for _ in range(20):
+        async with limit.slot() as slot:
+            slot.status = 200
+    assert limit.limit == 4
+    assert limit.decreases == 0
+
+
+async def test_a_round_of_429s_halves_the_limit_once() -> None:
+    limit = AdaptiveLimit(32)
+    held = [limit.slot() for _ in range(32)]
+    slots = [await cm.__aenter__() for cm in held]
+    for cm, slot in zip(held, slots, strict=True):
+        slot.status = 429
+        await cm.__aexit__(None, None, None)
+    assert limit.limit == 16  # 32 echoes of one overload: one cut
+    assert limit.decreases == 1
+    async with limit.slot() as slot:  # sent after the cut: a new signal
+        slot.status = 429
+    assert limit.limit == 8
+
+
+async def test_successes_grow_the_limit_back_to_the_maximum() -> None:
+    limit = AdaptiveLimit(8)
+    async with limit.slot() as slot:
+        slot.status = 429
+    assert limit.limit == 4
+    successes = 0
+    while limit.limit < 8:
+        async with limit.slot() as slot:
+            slot.status = 200
+        successes += 1
+    # about one slot more per window of `limit` successes: 4 + 5 + 6 + 7 = 22
+    assert 15 <= successes <= 30
+    for _ in range(50):
+        async with limit.slot() as slot:
+            slot.status = 200
+    assert limit.limit == 8
+
+
+async def test_errors_without_a_status_and_5xx_leave_the_limit_alone() -> None:
+    limit = AdaptiveLimit(8)
+    async with limit.slot() as slot:
+        slot.status = 429
+    for status in (None, 500, 503):
+        async with limit.slot() as slot:
+            slot.status = status
+    assert limit.limit == 4
+    with pytest.raises(RuntimeError):
+        async with limit.slot():
+            raise RuntimeError("boom")
+    assert limit.limit == 4
+    assert limit.in_flight == 0
+
+
+async def test_a_lower_limit_is_enforced_on_admission() -> None:
+    limit = AdaptiveLimit(8)
+    async with limit.slot() as slot:
+        slot.status = 429
+    async with limit.slot() as slot:
+        slot.status = 429
+    assert limit.limit == 2
+    peak = 0
+
+    async def request() -> None:
+        nonlocal peak
+        async with limit.slot() as slot:
+            peak = max(peak, limit.in_flight)
+            await asyncio.sleep(0.001)
+            slot.status = 503
+
+    await asyncio.gather(*(request() for _ in range(20)))
+    assert peak == 2
+
+
+async def test_cancelled_waiters_do_not_leak_permits() -> None:
+    limit = AdaptiveLimit(1)
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with limit.slot() as slot:
+            await release.wait()
+            slot.status = 200
+
+    first = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(holder())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    release.set()
+    await first
+    await asyncio.gather(waiter, return_exceptions=True)
+    async with asyncio.timeout(1):
+        async with limit.slot() as slot:
+            slot.status = 200
+    assert limit.in_flight == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    maximum=st.integers(1, 64),
+    statuses=st.lists(st.sampled_from([200, 200, 200, 404, 429, 500, None]), max_size=300),
+)
+def test_the_limit_stays_within_bounds_and_permits_are_conserved(
+    maximum: int, statuses: list[int | None]
+) -> None:
+    async def scenario() -> None:
+        limit = AdaptiveLimit(maximum)
+        for status in statuses:
+            async with limit.slot() as slot:
+                assert limit.in_flight <= limit.limit + 1  # admitted before a cut
+                slot.status = status
+            assert 1 <= limit.limit <= maximum
+        # every permit that is not parked can be taken at once, and no more
+        held = [limit.slot() for _ in range(limit.limit)]
+        for cm in held:
+            await cm.__aenter__()
+        extra = asyncio.create_task(limit.slot().__aenter__())
+        await asyncio.sleep(0)
+        assert not extra.done()
+        extra.cancel()
+        await asyncio.gather(extra, return_exceptions=True)
+        for cm in held:
+            await cm.__aexit__(None, None, None)
+
+    asyncio.run(scenario())
