@@ -27,6 +27,7 @@ from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from . import __version__
+from .adaptive import AdaptiveLimit
 from .records import DataSession, DataSessionPage, Sim, SimPage, TwilioErrorBody
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,8 @@ class TwilioClient:
         self._observer: ApiObserver = observer or NullObserver()
         self._sleep = sleep
         self._rng = rng or random.Random()
-        self._semaphore = asyncio.Semaphore(settings.concurrency)
+        # At most `concurrency` in flight, fewer while the API answers 429 (see adaptive.py).
+        self._slots = AdaptiveLimit(settings.concurrency)
         # Leaky bucket: bursts of at most a tenth of a second's worth of requests.
         burst = max(1.0, settings.requests_per_second / 10.0)
         self._limiter = AsyncLimiter(burst, burst / settings.requests_per_second)
@@ -428,7 +430,7 @@ class TwilioClient:
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
         }
-        async with self._semaphore:
+        async with self._slots.slot() as slot:
             await self._unpaused.wait()  # a 429 storm: nothing goes out until it has passed
             await self._limiter.acquire()
             header = headers["Authorization"] = await self._auth.authorization()
@@ -439,6 +441,7 @@ class TwilioClient:
                     url, headers=headers, timeout=self._timeout, allow_redirects=False
                 ) as resp:
                     code_label = str(resp.status)
+                    slot.status = resp.status
                     body = await self._read_body(resp, endpoint)
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                     self._consecutive_429 = self._consecutive_429 + 1 if resp.status == 429 else 0
