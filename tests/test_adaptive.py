@@ -110,6 +110,30 @@ async def test_cancelled_waiters_do_not_leak_permits() -> None:
     assert limit.in_flight == 0
 
 
+async def test_many_cancelled_waiters_raise_cancelled_error_only() -> None:
+    """Shutdown cancels every queued request; a slot freed meanwhile skips their waiters."""
+    limit = AdaptiveLimit(2)
+    release = asyncio.Event()
+
+    async def request() -> None:
+        async with limit.slot() as slot:
+            await release.wait()
+            slot.status = 200
+
+    tasks = [asyncio.create_task(request()) for _ in range(10)]
+    await asyncio.sleep(0)
+    release.set()  # the two running requests finish first and come across the cancelled
+    for task in tasks[2:]:  # waiters before those tasks get to run
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert results[:2] == [None, None]
+    assert all(isinstance(r, asyncio.CancelledError) for r in results[2:])
+    assert limit.in_flight == 0
+    async with asyncio.timeout(1):
+        async with limit.slot(), limit.slot():
+            pass
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     maximum=st.integers(1, 64),

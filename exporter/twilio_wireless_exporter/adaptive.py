@@ -72,7 +72,7 @@ class AdaptiveLimit:
             if waiter.done() and not waiter.cancelled():
                 self.in_flight -= 1  # admitted, then cancelled before running: hand it on
                 self._wake()
-            else:
+            elif waiter in self._waiters:  # (_wake drops cancelled waiters it comes across)
                 self._waiters.remove(waiter)
             raise
 
