@@ -51,6 +51,7 @@ from typing import IO, Any, TypeVar
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import generate_latest
 
 from twilio_wireless_exporter import __version__
@@ -333,6 +334,8 @@ def exporter_config(url: str, settings: Settings, *, interval: float | None = No
                 "page_size": settings.page_size,
                 "concurrency": settings.concurrency,
                 "requests_per_second": 1_000_000,
+                # discovery lists /v1/Sims with the same page size: 10,000 SIMs are 100 pages
+                "max_pages": 1000,
             },
             "discovery": {"enabled": True, "status": list(SIM_STATUSES)},
         },
@@ -481,29 +484,66 @@ async def poll_cycles(url: str, settings: Settings, exporter: Exporter) -> dict[
 
 @dataclasses.dataclass
 class LoopWatch:
-    """Event-loop lag (how late a 5 ms sleep wakes up) and state updates over time."""
+    """What the exporter's event loop went through: lag (how late a 5 ms sleep wakes up),
+    state updates, CPU used, time spent in ``/metrics`` handlers (before the body is sent) and
+    garbage collector pauses, all stamped with ``time.monotonic()`` (comparable across processes)."""
 
-    samples: list[tuple[float, float, int]] = dataclasses.field(default_factory=list)
+    samples: list[tuple[float, float, int, float]] = dataclasses.field(default_factory=list)
+    handlers: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    gc_pauses: list[tuple[float, int, float]] = dataclasses.field(default_factory=list)
+    _gc_started: float = 0.0
 
     async def run(self, exporter: Exporter) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            before = loop.time()
-            await asyncio.sleep(0.005)
-            lag = loop.time() - before - 0.005
-            self.samples.append((time.monotonic(), max(0.0, lag), exporter.state.version))
+        gc.callbacks.append(self._gc)
+        try:
+            while True:
+                before = loop.time()
+                await asyncio.sleep(0.005)
+                lag = loop.time() - before - 0.005
+                self.samples.append(
+                    (time.monotonic(), max(0.0, lag), exporter.state.version, time.process_time())
+                )
+        finally:
+            gc.callbacks.remove(self._gc)
+
+    def _gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            pause = time.perf_counter() - self._gc_started
+            self.gc_pauses.append((time.monotonic(), info["generation"], pause))
+
+    @web.middleware
+    async def timing(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        response = await handler(request)
+        self.handlers.append((time.monotonic(), time.perf_counter() - started))
+        return response
 
     def window(self, start: float, end: float) -> dict[str, float]:
         inside = [s for s in self.samples if start <= s[0] <= end]
-        if len(inside) < 2:
-            return {"lag_max_ms": 0.0, "lag_p99_ms": 0.0, "state_updates_per_s": 0.0}
-        lags = [s[1] for s in inside]
-        span = inside[-1][0] - inside[0][0]
-        return {
-            "lag_max_ms": max(lags) * 1000,
-            "lag_p99_ms": percentile(lags, 99) * 1000,
-            "state_updates_per_s": ratio(inside[-1][2] - inside[0][2], span),
+        handlers = [h[1] for h in self.handlers if start <= h[0] <= end]
+        pauses = [g for g in self.gc_pauses if start <= g[0] <= end]
+        out = {
+            "lag_max_ms": 0.0,
+            "lag_p99_ms": 0.0,
+            "state_updates_per_s": 0.0,
+            "handler_p50_ms": percentile(handlers, 50) * 1000 if handlers else 0.0,
+            "handler_max_ms": max(handlers, default=0.0) * 1000,
+            "gc_pause_max_ms": max((g[2] for g in pauses), default=0.0) * 1000,
+            "gc_full_collections": sum(1 for g in pauses if g[1] == 2),
+            "cpu_share": 0.0,
         }
+        if len(inside) >= 2:
+            lags = [s[1] for s in inside]
+            span = inside[-1][0] - inside[0][0]
+            out["lag_max_ms"] = max(lags) * 1000
+            out["lag_p99_ms"] = percentile(lags, 99) * 1000
+            out["state_updates_per_s"] = ratio(inside[-1][2] - inside[0][2], span)
+            # CPU seconds of this process per wall second (1.0: one core busy all the time)
+            out["cpu_share"] = ratio(inside[-1][3] - inside[0][3], span)
+        return out
 
 
 def scrape_scenarios(settings: Settings) -> list[dict[str, Any]]:
@@ -624,12 +664,19 @@ async def wait_for_steady_polling(exporter: Exporter, interval: float, limit: fl
     await asyncio.sleep(max(0.0, started + interval * 1.1 - time.monotonic()))
 
 
-async def scrapes(exporter: Exporter, settings: Settings) -> dict[str, Any]:
+async def scrapes(
+    exporter: Exporter, settings: Settings, log: Callable[[str], None]
+) -> dict[str, Any]:
     watch = LoopWatch()
-    fast_app = exporter.web_app()  # polling starts and stops with this app
-    stock_app = make_app(dataclasses.replace(exporter.web_context(), exposition=None))
+    # polling starts and stops with the first app; the second one is the stock path (before)
+    fast_app = exporter.web_app(middlewares=[watch.timing])
+    stock_app = make_app(
+        dataclasses.replace(exporter.web_context(), exposition=None), middlewares=[watch.timing]
+    )
     async with serving(fast_app) as fast_url, serving(stock_app) as stock_url:
+        log(f"  polling every {settings.poll_interval:g}s; waiting for the steady rhythm")
         await wait_for_steady_polling(exporter, settings.poll_interval, 300)
+        log("  scraping")
         watcher = asyncio.create_task(watch.run(exporter))
         try:
             await asyncio.sleep(1.0 if not settings.quick else 0.1)
@@ -836,7 +883,7 @@ async def one_size(settings: Settings, sims: int, log: Callable[[str], None]) ->
             if cpu0 is not None and cpu1 is not None:
                 cycles["simulator_cpu_s_total"] = cpu1 - cpu0
             log(f"[{sims} SIMs] scrapes while polling")
-            scrape = await scrapes(exporter, settings)
+            scrape = await scrapes(exporter, settings, log)
             log(f"[{sims} SIMs] render costs in-process")
             render = render_costs(exporter, settings)
         log(f"[{sims} SIMs] memory (fresh processes)")
@@ -887,14 +934,20 @@ def _rows(results: dict[str, Any]) -> Iterator[str]:
             f" | {c['requests_per_sim_per_cycle']:.2f} |"
         )
     yield ""
-    yield "Scrape latency while polling (p50 / p99, event-loop lag max, state updates/s)"
-    yield "| SIMs | path | scrapers | encoding | p50 | p99 | body | loop lag max | updates/s |"
-    yield "|---:|---|---:|---|---:|---:|---:|---:|---:|"
+    yield (
+        "Scrape latency while polling (client-side p50 / p99; on the exporter: time in the"
+        " handler, event-loop lag, longest GC pause, state updates/s)"
+    )
+    yield (
+        "| SIMs | path | scrapers | encoding | p50 | p99 | body | handler p50 / max"
+        " | loop lag max | GC max | updates/s |"
+    )
+    yield "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"
     for size in results["sizes"]:
         q = size["scrape"]["without_scrapes"]
         yield (
-            f"| {size['sims']} | (no scrapes) | 0 | | | | | {q['lag_max_ms']:.1f} ms"
-            f" | {q['state_updates_per_s']:.0f} |"
+            f"| {size['sims']} | (no scrapes) | 0 | | | | | | {q['lag_max_ms']:.1f} ms"
+            f" | {q['gc_pause_max_ms']:.1f} ms | {q['state_updates_per_s']:.0f} |"
         )
         for x in size["scrape"]["scenarios"]:
             encoding = "gzip" if x["gzip"] else "plain"
@@ -902,7 +955,9 @@ def _rows(results: dict[str, Any]) -> Iterator[str]:
                 f"| {size['sims']} | {x['label']} | {x['scrapers']} | {encoding}"
                 f" | {x['p50_ms']:.1f} ms | {x['p99_ms']:.1f} ms"
                 f" | {x['body_bytes'] / 2**20:.2f} MiB"
-                f" | {x['lag_max_ms']:.1f} ms | {x['state_updates_per_s']:.0f} |"
+                f" | {x['handler_p50_ms']:.1f} / {x['handler_max_ms']:.1f} ms"
+                f" | {x['lag_max_ms']:.1f} ms | {x['gc_pause_max_ms']:.1f} ms"
+                f" | {x['state_updates_per_s']:.0f} |"
             )
     yield ""
     yield "Render cost in-process (ms): stock generator vs incremental exposition"

@@ -7,6 +7,7 @@ spliced blocks are compared with a from-scratch reference every time.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gzip
 import math
@@ -14,6 +15,7 @@ import shutil
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -326,3 +328,37 @@ def test_values_survive_the_round_trip() -> None:
     samples = parsed(Exposition(state, registry).text().decode(), text_string_to_metric_families)
     assert len(samples) > 15
     assert all(isinstance(v, float) and not math.isnan(v) for *_, v in samples)
+
+
+async def test_concurrent_scrapes_share_a_render_that_starts_after_they_arrive(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    state = reference_suite.polled_state()
+    registry, _ = build_registry(state)
+    exposition = Exposition(state, registry)
+    renders = 0
+    text = exposition._text
+
+    def counting(*args: Any) -> bytes:
+        nonlocal renders
+        renders += 1
+        return text(*args)
+
+    monkeypatch.setattr(exposition, "_text", counting)
+    bodies = await asyncio.gather(
+        *(exposition.render(generate_latest, compress=False) for _ in range(10))
+    )
+    assert renders == 1
+    assert all(body == generate_latest(registry) for body in bodies)
+
+    # a render already under way is not shared with a request that arrives after a change
+    first = asyncio.ensure_future(exposition.render(generate_latest, compress=False))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    state.record_success(reference_suite.SID_A, ListingOutcome(), now=12345.0)
+    second = await exposition.render(generate_latest, compress=False)
+    await first
+    assert second == generate_latest(registry)
+    assert b"_last_poll_success_timestamp_seconds{" in second
+    assert b"} 12345.0\n" in second
+    assert renders == 3

@@ -55,7 +55,6 @@ _FAMILY_INDEX = {spec.name: i for i, spec in enumerate(PER_SIM_FAMILIES)}
 _EMPTY = b""
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
 _YIELD_EVERY = 250  # SIMs rendered between two yields to the event loop
-_THREAD_MIN_BYTES = 256 * 1024  # compress smaller amounts inline: a thread hop costs more
 
 
 class Format(enum.Enum):
@@ -229,6 +228,7 @@ class Exposition:
         self._header_gz: dict[Format, list[bytes]] = {}
         self._crc: dict[Format, tuple[int, int, int]] = {}  # fmt -> (generation, crc, size)
         self._lock = asyncio.Lock()
+        self._queued: dict[tuple[Format, str, bool], asyncio.Future[bytes | None]] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -236,26 +236,45 @@ class Exposition:
         """The response body for ``encoder`` (from ``choose_encoder``), gzipped if asked.
 
         ``None`` when this format is not reproduced here: the caller uses the generic path.
-        Concurrent scrapes share the work: one brings the cache up to date, the others then
-        find (almost) nothing left to do.
+        Concurrent scrapes share work: a request that finds a render of the same body queued
+        (not yet started) waits for that one, so every response still reflects the state at or
+        after its request's arrival, and ten scrapers at once cost about one render.
         """
         fmt = format_of(encoder)
         if fmt is None:
             return None
+        key = (fmt, _escaping(encoder), compress)
+        queued = self._queued.get(key)
+        if queued is None:
+            queued = asyncio.ensure_future(self._render_next(key, fmt, encoder, compress))
+            queued.add_done_callback(_retrieve)
+            self._queued[key] = queued
+        # shielded: a scraper that goes away does not cancel the render others wait for
+        return await asyncio.shield(queued)
+
+    async def _render_next(
+        self, key: tuple[Format, str, bool], fmt: Format, encoder: Encoder, compress: bool
+    ) -> bytes | None:
         async with self._lock:
-            steps = self._refresh_steps(RefreshStats())
-            for _ in steps:
+            # Started: requests arriving from now on queue the next render.
+            self._queued.pop(key, None)
+            for _ in self._refresh_steps(RefreshStats()):
                 await asyncio.sleep(0)
             if not self._reproducible(encoder):
                 return None
             if not compress:
                 return self._text(fmt, encoder)
             stale = self._stale_blocks()
-            if sum(len(b.data) for b in stale) >= _THREAD_MIN_BYTES:
+            cached = self._crc.get(fmt)
+            middle = None if cached and cached[0] == self._generation else self._middle(fmt)
+            if stale or middle is not None:
+                # zlib releases the GIL: compression and the CRC run beside the event loop.
                 datas = [b.data for b in stale]
-                pieces = await asyncio.to_thread(self._deflate_all, datas)
+                pieces, crc = await asyncio.to_thread(self._deflate_and_crc, datas, middle)
                 for block, piece in zip(stale, pieces, strict=True):
                     block.gz = piece
+                if crc is not None:
+                    self._crc[fmt] = (self._generation, *crc)
             return self._gzip(fmt, encoder)
 
     def refresh(self) -> RefreshStats:
@@ -397,8 +416,11 @@ class Exposition:
     def _stale_blocks(self) -> list[_Block]:
         return [b for family_blocks in self._blocks for b in family_blocks if b.gz is None]
 
-    def _deflate_all(self, datas: list[bytes]) -> list[bytes]:
-        return [_deflate_piece(data, self._gzip_level) for data in datas]
+    def _deflate_and_crc(
+        self, datas: list[bytes], middle: list[bytes] | None
+    ) -> tuple[list[bytes], tuple[int, int] | None]:
+        pieces = [_deflate_piece(data, self._gzip_level) for data in datas]
+        return pieces, None if middle is None else _crc_and_size(middle)
 
     def _gzip(self, fmt: Format, encoder: Encoder) -> bytes:
         level = self._gzip_level
@@ -411,11 +433,7 @@ class Exposition:
             ]
         cached = self._crc.get(fmt)
         if cached is None or cached[0] != self._generation:
-            crc = size = 0
-            for part in self._middle(fmt):
-                crc = zlib.crc32(part, crc)
-                size += len(part)
-            cached = self._crc[fmt] = (self._generation, crc, size)
+            cached = self._crc[fmt] = (self._generation, *_crc_and_size(self._middle(fmt)))
         _, crc, size = cached
         tail = self._tail(encoder)
         crc = zlib.crc32(tail, crc)
@@ -427,6 +445,20 @@ class Exposition:
         parts.append(_deflate_last(tail, level))
         parts.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
         return b"".join(parts)
+
+
+def _crc_and_size(parts: list[bytes]) -> tuple[int, int]:
+    crc = size = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+        size += len(part)
+    return crc, size
+
+
+def _retrieve(future: asyncio.Future[bytes | None]) -> None:
+    """Mark a failed shared render's exception as seen (its scrapers may all be gone)."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _escaping(encoder: Encoder) -> str:
