@@ -486,7 +486,8 @@ async def poll_cycles(url: str, settings: Settings, exporter: Exporter) -> dict[
 class LoopWatch:
     """What the exporter's event loop went through: lag (how late a 5 ms sleep wakes up),
     state updates, CPU used, time spent in ``/metrics`` handlers (before the body is sent) and
-    garbage collector pauses, all stamped with ``time.monotonic()`` (comparable across processes)."""
+    garbage collector pauses, all stamped with ``time.monotonic()`` (which other processes on
+    this machine share)."""
 
     samples: list[tuple[float, float, int, float]] = dataclasses.field(default_factory=list)
     handlers: list[tuple[float, float]] = dataclasses.field(default_factory=list)
