@@ -16,19 +16,27 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 THROTTLED = 429
 
 
-@dataclass(slots=True)
 class Slot:
-    """One admitted request. Set ``status`` to the HTTP status of its response, if any."""
+    """One admitted request (an async context manager). Set ``status`` to the HTTP status of
+    its response, if there is one, before leaving the ``async with`` block."""
 
-    ticket: int
-    status: int | None = None
+    __slots__ = ("_limit", "status", "ticket")
+
+    def __init__(self, limit: AdaptiveLimit) -> None:
+        self._limit = limit
+        self.ticket = 0
+        self.status: int | None = None
+
+    async def __aenter__(self) -> Slot:
+        self.ticket = await self._limit._acquire()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self._limit._release(self)
 
 
 class AdaptiveLimit:
@@ -48,22 +56,17 @@ class AdaptiveLimit:
         """Requests allowed in flight now (those admitted before a cut finish undisturbed)."""
         return max(1, int(self._target))
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Slot]:
-        """Wait for a free slot (first come, first served); the status set on it steers the
-        limit."""
-        await self._acquire()
-        self._admitted += 1
-        slot = Slot(self._admitted)
-        try:
-            yield slot
-        finally:
-            self._release(slot)
+    def slot(self) -> Slot:
+        """``async with limit.slot() as slot``: wait for a free slot (first come, first
+        served); the status set on it steers the limit."""
+        return Slot(self)
 
-    async def _acquire(self) -> None:
+    async def _acquire(self) -> int:
+        """Wait for a slot; returns the admission's ticket number."""
         if not self._waiters and self.in_flight < self.limit:
             self.in_flight += 1
-            return
+            self._admitted += 1
+            return self._admitted
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -75,6 +78,8 @@ class AdaptiveLimit:
             elif waiter in self._waiters:  # (_wake drops cancelled waiters it comes across)
                 self._waiters.remove(waiter)
             raise
+        self._admitted += 1
+        return self._admitted
 
     def _release(self, slot: Slot) -> None:
         self.in_flight -= 1
