@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 _DISCOVERY_RETRY = 60.0
 _AUTH_LOG_EVERY = 60.0
+# Polls running at once (most of them waiting for one of the client's request slots). More only
+# cost memory and CPU: 10,000 waiting polls each hold a stack of coroutine frames.
+_POLL_TASKS_PER_REQUEST_SLOT = 16
+_MIN_POLL_TASKS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,9 @@ class Poller:
         self._clock: Clock = clock or SystemClock()
         self._observer = observer
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._max_tasks = max(
+            _MIN_POLL_TASKS, _POLL_TASKS_PER_REQUEST_SLOT * client.settings.concurrency
+        )
         self._heap: list[tuple[float, str]] = []
         self._wake = asyncio.Event()
         self._anchor = 0.0
@@ -132,7 +139,14 @@ class Poller:
 
     async def poll_all(self) -> None:
         """Poll every known SIM once, concurrently, and wait for all of them."""
-        await asyncio.gather(*(self.poll_sim(sid) for sid in list(self._state.sims)))
+        pending = iter(list(self._state.sims))
+
+        async def worker() -> None:
+            for sid in pending:
+                await self.poll_sim(sid)
+
+        workers = min(self._max_tasks, len(self._state.sims))
+        await asyncio.gather(*(worker() for _ in range(workers)))
 
     async def refresh_sims(self) -> bool:
         """Discover SIMs and/or refresh what ``/v1/Sims`` says about them. True on success."""
@@ -235,7 +249,8 @@ class Poller:
     async def _schedule_loop(self) -> None:
         while True:
             now = self._clock.monotonic()
-            while self._heap and self._heap[0][0] <= now:
+            # Due SIMs beyond the task cap stay on the heap: a finishing poll wakes the loop.
+            while self._heap and self._heap[0][0] <= now and len(self._inflight) < self._max_tasks:
                 _, sid = heapq.heappop(self._heap)
                 if sid not in self._state.sims:
                     continue  # no longer monitored
@@ -243,7 +258,10 @@ class Poller:
                     self._inflight[sid] = asyncio.create_task(self._poll_task(sid), name=sid)
                 # else: still polling; it takes its next slot when it finishes
             self._wake.clear()
-            delay = self._heap[0][0] - now if self._heap else None
+            if len(self._inflight) >= self._max_tasks:
+                delay = None  # capped: a finishing poll wakes the loop
+            else:
+                delay = self._heap[0][0] - now if self._heap else None
             await self._sleep_or_wake(delay)
 
     async def _poll_task(self, sid: str) -> None:
