@@ -281,7 +281,11 @@ class SimulatorProcess:
 
     def __enter__(self) -> SimulatorProcess:
         self.proc = subprocess.Popen(
-            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stderr is not None
         found = threading.Event()
@@ -626,6 +630,7 @@ async def run_child(args: list[str], limit: float) -> Any:
         _SCRIPT,
         "--child",
         *args,
+        stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -898,7 +903,7 @@ async def run(settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
     log(f"[{settings.cap_sims} SIMs] 429 above a concurrency cap of {settings.cap}")
     cap = await capped(settings)
     log("done")
-    return {
+    results = {
         "benchmark": "twilio-wireless-exporter issue 6",
         "machine": machine(),
         "settings": dataclasses.asdict(settings),
@@ -906,6 +911,33 @@ async def run(settings: Settings, log: Callable[[str], None]) -> dict[str, Any]:
         "sizes": sizes,
         "concurrency_cap": cap,
         "duration_s": time.monotonic() - started,
+    }
+    results["goals_met"] = goals_met(results)
+    return results
+
+
+def goals_met(results: dict[str, Any]) -> dict[str, bool]:
+    """Each goal, judged at the largest fleet size of the run."""
+    size = max(results["sizes"], key=lambda s: s["sims"])
+    cycle = size["poll_cycle"]
+    single = {
+        x["gzip"]: x
+        for x in size["scrape"]["scenarios"]
+        if x["path"] == "fast" and x["scrapers"] == 1
+    }
+    cap = results["concurrency_cap"]["cycles"][-1]
+    return {
+        "poll_wall_vs_bare": cycle["ratios"]["project_vs_bare_wall"]
+        <= GOALS["poll_wall_vs_bare_max"],
+        "sdk_vs_project": cycle["ratios"]["sdk_vs_project_wall"]
+        >= GOALS["sdk_wall_vs_project_min"],
+        "scrape_p99_plain": single[False]["p99_ms"] <= GOALS["scrape_p99_plain_ms_max"],
+        "scrape_p99_gzip": single[True]["p99_ms"] <= GOALS["scrape_p99_gzip_ms_max"],
+        "memory_per_sim": size["memory"]["state_and_exposition_kib_per_sim"]
+        <= GOALS["rss_per_sim_kib_max"],
+        "requests_per_sim": cycle["requests_per_sim_per_cycle"]
+        == GOALS["requests_per_sim_per_cycle"],
+        "no_poll_lost_under_cap": cap["polls_lost"] == 0,
     }
 
 
@@ -1008,7 +1040,8 @@ def _rows(results: dict[str, Any]) -> Iterator[str]:
 
 
 def report(results: dict[str, Any]) -> str:
-    return "\n".join(_rows(results)) + "\n"
+    met = ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in results["goals_met"].items())
+    return "\n".join(_rows(results)) + f"\nGoals met: {met}\n"
 
 
 def child_main(argv: list[str]) -> int:

@@ -66,6 +66,17 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert cap["cycles"][-1]["polls_lost"] == 0
     assert positive(cap["steady_vs_bare_at_cap"])
 
+    assert set(results["goals_met"]) == {
+        "poll_wall_vs_bare",
+        "sdk_vs_project",
+        "scrape_p99_plain",
+        "scrape_p99_gzip",
+        "memory_per_sim",
+        "requests_per_sim",
+        "no_poll_lost_under_cap",
+    }
+    assert all(isinstance(v, bool) for v in results["goals_met"].values())
+
     machine = results["machine"]
     assert machine["cores"] >= 1
     assert machine["python"]
