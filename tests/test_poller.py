@@ -123,3 +123,16 @@ async def test_shutdown_cancels_in_flight_polls(
         await eventually(lambda: h.exporter.is_ready())
     await asyncio.wait_for(h.exporter.stop(), timeout=2)
     assert h.exporter.poller.in_flight == 0
+
+
+async def test_discovery_uses_the_largest_pages(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    """Discovery pages /v1/Sims 1,000 at a time, whatever poll.page_size says."""
+    sids = {sim.fleet.add_sim(unique_name=f"d{i}") for i in range(5)}
+    h = await harness(
+        [], sims=[], poll={"page_size": 2, "max_pages": 1}, discovery={"enabled": True}
+    )
+    assert await h.exporter.poller.refresh_sims()
+    assert set(h.exporter.state.sims) == sids
+    assert sim.stats.count("sims") == 1

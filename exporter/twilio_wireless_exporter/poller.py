@@ -31,6 +31,8 @@ from .state import FleetState
 log = logging.getLogger(__name__)
 
 _DISCOVERY_RETRY = 60.0
+# /v1/Sims pages are cheap: always the API's maximum, so poll.max_pages covers 50,000+ SIMs.
+DISCOVERY_PAGE_SIZE = 1000
 _AUTH_LOG_EVERY = 60.0
 # Polls running at once (most of them waiting for one of the client's request slots). More only
 # cost memory and CPU: 10,000 waiting polls each hold a stack of coroutine frames.
@@ -155,7 +157,7 @@ class Poller:
         if self._settings.discovery:
             try:
                 sims = await self._client.list_sims(
-                    self._settings.discovery_statuses, min(self._settings.page_size, 1000)
+                    self._settings.discovery_statuses, DISCOVERY_PAGE_SIZE
                 )
             except ApiError as exc:
                 self._count(exc)
