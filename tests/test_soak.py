@@ -65,7 +65,7 @@ from twilio_wireless_exporter.simulator.faults import API_KINDS
 #: Wall seconds of accelerated simulated time (the baseline and the final drain come on top).
 SOAK_SECONDS = float(os.environ.get("TWE_SOAK_SECONDS", "60"))
 SPEED = 900.0  # simulated seconds per wall second: one wall minute is 15 simulated hours
-RETENTION = 10 * 3600.0  # simulated: sessions age out of the listing 10 h after they end
+RETENTION = 12 * 3600.0  # simulated: sessions age out of the listing 12 h after they end
 SIMS = 60
 SEED = int(os.environ.get("TWE_SOAK_SEED", "20260101"))
 
@@ -73,7 +73,7 @@ TIMEOUT = 0.5  # exporter's per-request timeout (wall seconds)
 CONCURRENCY = 4
 RPS = 40.0
 BURST = max(1.0, RPS / 10.0)  # client.py: a leaky bucket of a tenth of a second's requests
-POLL_INTERVAL = 3.0
+POLL_INTERVAL = 5.0
 PAGE_SIZE = 10
 RETRY_AFTER = 1.0
 
