@@ -57,6 +57,7 @@ from prometheus_client import generate_latest
 from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter.accounting import ListingOutcome
 from twilio_wireless_exporter.app import Exporter
+from twilio_wireless_exporter.cli import freeze_startup_heap
 from twilio_wireless_exporter.config import SIM_STATUSES, config_from_mapping
 from twilio_wireless_exporter.exposition import Exposition
 from twilio_wireless_exporter.simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
@@ -680,6 +681,7 @@ async def scrapes(
         dataclasses.replace(exporter.web_context(), exposition=None), middlewares=[watch.timing]
     )
     async with serving(fast_app) as fast_url, serving(stock_app) as stock_url:
+        freeze_startup_heap()  # as the command does once it serves
         log(f"  polling every {settings.poll_interval:g}s; waiting for the steady rhythm")
         await wait_for_steady_polling(exporter, settings.poll_interval, 300)
         log("  scraping")
@@ -702,6 +704,7 @@ async def scrapes(
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+            gc.unfreeze()  # the next fleet size starts from the same footing
     for result in results:
         result.update(watch.window(result.pop("start"), result.pop("end")))
     return {

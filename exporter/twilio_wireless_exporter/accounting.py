@@ -25,13 +25,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from .records import DataSession
 
 DEFAULT_FORGET_AFTER = 3
 
 
-@dataclass(slots=True)
-class SessionMemo:
+# The long-lived per-SIM records below are msgspec Structs with ``gc=False``: they hold only
+# scalars, strings and records of their own kind, so they can never be part of a reference
+# cycle, and leaving them out of the cyclic garbage collector's bookkeeping keeps a full
+# collection short at fleet scale (at 10,000 SIMs, tens of thousands of tracked objects fewer,
+# which made a 40-60 ms pause that landed in the middle of scrapes).
+
+
+class SessionMemo(msgspec.Struct, gc=False):
     """What is remembered of one session between listings."""
 
     packets_uploaded: int
@@ -40,8 +48,7 @@ class SessionMemo:
     absent: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class SessionAttributes:
+class SessionAttributes(msgspec.Struct, frozen=True, gc=False):
     """Attributes of a SIM's most recent session (exported as an info metric)."""
 
     radio_link: str
@@ -52,12 +59,14 @@ class SessionAttributes:
     imei: str
 
 
-@dataclass(slots=True)
-class SimAccount:
-    """Accounting state of one SIM. Counters only ever grow."""
+class SimAccount(msgspec.Struct, gc=False):
+    """Accounting state of one SIM. Counters only ever grow.
+
+    Not tracked by the garbage collector (see above); ``sessions``, the one container, is.
+    """
 
     baselined: bool = False
-    sessions: dict[str, SessionMemo] = field(default_factory=dict)
+    sessions: dict[str, SessionMemo] = msgspec.field(default_factory=dict)
     started_total: int = 0
     ended_total: int = 0
     packets_uploaded_total: int = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -299,12 +300,28 @@ async def serve(
         ssl_context = web_config.ssl_context if web_config is not None else None
         site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
+        log.debug("froze %d start-up objects out of the garbage collector", freeze_startup_heap())
         scheme = "https" if ssl_context is not None else "http"
         for address in runner.addresses:
             log.info("listening on %s", _format_address(address, scheme))
         await stop.wait()
         log.info("shutting down")
     return 0
+
+
+def freeze_startup_heap() -> int:
+    """Take what start-up allocated (modules, config, the web app) out of the cyclic garbage
+    collector's generations; returns how many objects are frozen.
+
+    Those objects live as long as the process, yet a full collection would walk all of them
+    (about 60,000, some 25 ms) every time, and such a pause lands in the middle of a scrape.
+    Together with per-SIM records the collector does not track (``accounting.py``), this keeps a
+    full collection well under a millisecond at 10,000 SIMs. A process-wide choice, so it
+    belongs to the command, not to the library.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _format_address(address: Any, scheme: str = "http") -> str:

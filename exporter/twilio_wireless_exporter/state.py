@@ -10,6 +10,8 @@ import bisect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import msgspec
+
 from .accounting import ListingOutcome, SimAccount
 
 SESSION_DURATION_BUCKETS: tuple[float, ...] = (
@@ -28,8 +30,7 @@ SESSION_DURATION_BUCKETS: tuple[float, ...] = (
 )
 
 
-@dataclass(slots=True)
-class SimIdentity:
+class SimIdentity(msgspec.Struct, gc=False):
     """What is known about a SIM besides its sessions (config and ``/v1/Sims``)."""
 
     name: str = ""
@@ -44,12 +45,14 @@ class SimIdentity:
         return self.name or self.friendly_name or self.unique_name
 
 
-@dataclass(slots=True)
-class SimRecord:
+class SimRecord(msgspec.Struct, gc=False):
+    """One SIM. Like the accounting records, not tracked by the cyclic garbage collector: it
+    refers only to strings, tuples of strings and records that never refer back."""
+
     sid: str
     labels: tuple[tuple[str, str], ...] = ()
-    identity: SimIdentity = field(default_factory=SimIdentity)
-    account: SimAccount = field(default_factory=SimAccount)
+    identity: SimIdentity = msgspec.field(default_factory=SimIdentity)
+    account: SimAccount = msgspec.field(default_factory=SimAccount)
     up: bool | None = None
     """``None`` until the first poll finished, then whether the latest poll succeeded."""
     last_success: float | None = None
