@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gc
+import gzip
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MakeHarness
+from twilio_wireless_exporter import web
 from twilio_wireless_exporter.cli import freeze_startup_heap
 from twilio_wireless_exporter.simulator import FaultResponse, RunningSimulator
+from twilio_wireless_exporter.web import coalesce
 
 HOUR = 3600.0
 
@@ -368,3 +372,40 @@ def test_the_command_freezes_its_start_up_heap() -> None:
         assert gc.get_count()[0] < 50  # and it collected first
     finally:
         gc.unfreeze()
+
+
+def test_coalesce_regroups_parts_without_copying_big_ones() -> None:
+    big = b"c" * 10
+    chunks = list(coalesce([b"aaa", b"bbb", big, b"d", b"", b"eeeee", b"f"], 5))
+    assert chunks == [b"aaabbb", big, b"d", b"eeeee", b"f"]
+    assert chunks[1] is big
+    assert list(coalesce([], 5)) == []
+
+
+async def test_metrics_are_sent_in_chunks_with_the_exact_length(
+    sim: RunningSimulator, harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(web, "SEND_CHUNK", 700)  # many chunks even for a small fleet
+    sids = [sim.fleet.add_sim(friendly_name=f"meter {i}") for i in range(5)]
+    for sid in sids:
+        sim.fleet.open_session(sid, packets_uploaded=1, packets_downloaded=2)
+    h = await harness(sids)
+    await h.poll()
+    expected = h.exporter.exposition.text()
+    assert len(expected) > 5 * 700
+
+    resp = await h.http.get("/metrics", headers={"Accept-Encoding": "identity"})
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(expected))
+    assert "Transfer-Encoding" not in resp.headers
+    assert await resp.read() == expected
+
+    resp = await h.http.get("/metrics", headers={"Accept-Encoding": "gzip"}, auto_decompress=False)
+    zipped = await resp.read()
+    assert resp.headers["Content-Length"] == str(len(zipped))
+    assert gzip.decompress(zipped) == expected
+
+    resp = await h.http.head("/metrics", headers={"Accept-Encoding": "identity"})
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(expected))
+    assert await resp.read() == b""

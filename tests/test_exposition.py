@@ -31,17 +31,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 import tests.test_collector as reference_suite
+from tests.conftest import eventually
 from twilio_wireless_exporter.accounting import ListingOutcome, SessionAttributes
 from twilio_wireless_exporter.collector import build_registry
 from twilio_wireless_exporter.config import RESERVED_LABEL_NAMES
 from twilio_wireless_exporter.exposition import (
+    Encoder,
     Exposition,
     Format,
+    _Block,
     escape_label_value,
     format_of,
     format_value,
 )
-from twilio_wireless_exporter.state import FleetState
+from twilio_wireless_exporter.state import FleetState, SimRecord
 
 OPENMETRICS = functools.partial(om_format.generate_latest, escaping="underscores", version="1.0.0")
 
@@ -299,16 +302,21 @@ async def test_async_render_matches_and_shares_work() -> None:
         )
     registry, _ = build_registry(state)
     exposition = Exposition(state, registry, block_size=16)
-    plain = await exposition.render(generate_latest, compress=False)
+    plain = await rendered(exposition, generate_latest, compress=False)
     assert plain == generate_latest(registry)
-    zipped = await exposition.render(generate_latest, compress=True)
-    assert zipped is not None
+    zipped = await rendered(exposition, generate_latest, compress=True)
     assert gzip.decompress(zipped) == plain
-    om = await exposition.render(OPENMETRICS, compress=True)
-    assert om is not None
+    om = await rendered(exposition, OPENMETRICS, compress=True)
     assert gzip.decompress(om) == OPENMETRICS(registry)
     newer, _ = choose_encoder("application/openmetrics-text;version=2.0.0")
     assert await exposition.render(newer, compress=False) is None
+
+
+async def rendered(exposition: Exposition, encoder: Encoder, *, compress: bool) -> bytes:
+    """The body that ``render`` gives in parts."""
+    parts = await exposition.render(encoder, compress=compress)
+    assert parts is not None
+    return b"".join(parts)
 
 
 async def test_non_legacy_label_names_fall_back_for_utf8_escaping() -> None:
@@ -337,28 +345,110 @@ async def test_concurrent_scrapes_share_a_render_that_starts_after_they_arrive(
     registry, _ = build_registry(state)
     exposition = Exposition(state, registry)
     renders = 0
-    text = exposition._text
+    text_parts = exposition._text_parts
 
-    def counting(*args: Any) -> bytes:
+    def counting(*args: Any) -> list[bytes]:
         nonlocal renders
         renders += 1
-        return text(*args)
+        return text_parts(*args)
 
-    monkeypatch.setattr(exposition, "_text", counting)
+    monkeypatch.setattr(exposition, "_text_parts", counting)
     bodies = await asyncio.gather(
-        *(exposition.render(generate_latest, compress=False) for _ in range(10))
+        *(rendered(exposition, generate_latest, compress=False) for _ in range(10))
     )
     assert renders == 1
     assert all(body == generate_latest(registry) for body in bodies)
 
     # a render already under way is not shared with a request that arrives after a change
-    first = asyncio.ensure_future(exposition.render(generate_latest, compress=False))
+    first = asyncio.ensure_future(rendered(exposition, generate_latest, compress=False))
     for _ in range(3):
         await asyncio.sleep(0)
     state.record_success(reference_suite.SID_A, ListingOutcome(), now=12345.0)
-    second = await exposition.render(generate_latest, compress=False)
+    second = await rendered(exposition, generate_latest, compress=False)
     await first
     assert second == generate_latest(registry)
     assert b"_last_poll_success_timestamp_seconds{" in second
     assert b"} 12345.0\n" in second
     assert renders == 3
+
+
+class Ticker:
+    """A sleep that returns when the test says so, counting the calls."""
+
+    def __init__(self) -> None:
+        self.ticks: asyncio.Queue[None] = asyncio.Queue()
+        self.calls = 0
+
+    async def sleep(self, _: float) -> None:
+        self.calls += 1
+        await self.ticks.get()
+
+    async def tick(self) -> None:
+        """Let one sleep return and wait until the next one has begun."""
+        calls = self.calls
+        self.ticks.put_nowait(None)
+        await eventually(lambda: self.calls == calls + 1)
+
+
+async def test_keep_fresh_renders_changes_between_scrapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = FleetState()
+    for n in range(40):
+        state.ensure(sid_of(n))
+        state.record_success(sid_of(n), ListingOutcome(), now=1_700_000_000.0 + n)
+    registry, _ = build_registry(state)
+    exposition = Exposition(state, registry, block_size=8)
+    rendered_sids: list[str] = []
+    render_sim = exposition.render_sim
+
+    def counting(record: SimRecord) -> list[bytes]:
+        rendered_sids.append(record.sid)
+        return render_sim(record)
+
+    monkeypatch.setattr(exposition, "render_sim", counting)
+    ticker = Ticker()
+    refresher = asyncio.ensure_future(exposition.keep_fresh(1.0, ticker.sleep))
+    try:
+        await eventually(lambda: ticker.calls == 1)
+        await ticker.tick()
+        assert rendered_sids == []  # nobody has scraped yet: no work
+
+        assert await rendered(exposition, generate_latest, compress=True) != b""
+        assert len(rendered_sids) == 40
+        changed = [sid_of(3), sid_of(17), sid_of(39)]
+        for sid in changed:
+            state.record_success(sid, ListingOutcome(), now=1_800_000_000.0)
+        rendered_sids.clear()
+        await ticker.tick()
+        assert sorted(rendered_sids) == sorted(changed)  # rendered between scrapes ...
+        assert exposition._stale_blocks() == []  # ... and compressed too
+
+        rendered_sids.clear()
+        body = await rendered(exposition, generate_latest, compress=True)
+        assert rendered_sids == []  # so the scrape had nothing left to do
+        assert gzip.decompress(body) == generate_latest(registry)
+        assert b"} 1.8e+09\n" in gzip.decompress(body)
+    finally:
+        refresher.cancel()
+        await asyncio.gather(refresher, return_exceptions=True)
+
+
+@given(
+    st.lists(st.binary(max_size=6), min_size=1, max_size=12).flatmap(
+        lambda frags: st.tuples(
+            st.just(frags),
+            st.dictionaries(
+                st.integers(0, len(frags) - 1), st.binary(max_size=9), max_size=len(frags)
+            ),
+        )
+    )
+)
+def test_block_splice_equals_a_rebuilt_block(case: tuple[list[bytes], dict[int, bytes]]) -> None:
+    frags, replacements = case
+    block = _Block(frags)
+    block.gz = b"stale"
+    block.splice(replacements)
+    expected = [replacements.get(j, f) for j, f in enumerate(frags)]
+    assert block.data == b"".join(expected)
+    assert [block.fragment(j) for j in range(len(frags))] == expected
+    assert block.ends == _Block(expected).ends
+    assert block.gz is (b"stale" if not replacements else None)

@@ -888,8 +888,9 @@ async def test_scheduled_polling_over_many_expiries(make_env: MakeEnv) -> None:
     exporter = await env.start(margin="0.5s", interval="1s")
     await exporter.start()
 
-    def settled() -> bool:  # every poll done, the scheduler and the SIM refresher asleep
-        return exporter.poller.in_flight == 0 and env.clock.sleepers == 2
+    def settled() -> bool:
+        # every poll done; asleep: the scheduler, the SIM refresher and the exposition refresher
+        return exporter.poller.in_flight == 0 and env.clock.sleepers == 3
 
     await eventually(lambda: env.api(200, "sim") == 8 and settled())
     for _ in range(600):

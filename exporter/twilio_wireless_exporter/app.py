@@ -24,6 +24,9 @@ from .web import WebContext, make_app
 
 log = logging.getLogger(__name__)
 
+#: How often the cached ``/metrics`` text catches up with the state between scrapes (seconds).
+EXPOSITION_REFRESH_INTERVAL = 1.0
+
 
 def client_settings(config: Config) -> ClientSettings:
     poll = config.poll
@@ -112,6 +115,7 @@ class Exporter:
         self._task: asyncio.Task[None] | None = None
         self._store: StateStore | None = None
         self._saver: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
 
     @property
     def poller(self) -> Poller:
@@ -172,6 +176,9 @@ class Exporter:
         if self._store is not None:
             saver = self._store.run(self.state, self.config.state.save_interval, self.clock.sleep)
             self._saver = asyncio.create_task(saver, name="state-saver")
+        refresher = self.exposition.keep_fresh(EXPOSITION_REFRESH_INTERVAL, self.clock.sleep)
+        self._refresher = asyncio.create_task(refresher, name="exposition-refresher")
+        self._refresher.add_done_callback(_log_crash)
         log.info(
             "polling %d configured SIMs%s every %gs from %s",
             len(self.config.sims),
@@ -197,10 +204,11 @@ class Exporter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self._saver is not None:
-            self._saver.cancel()
-            await asyncio.gather(self._saver, return_exceptions=True)
-            self._saver = None
+        for task in (self._saver, self._refresher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._saver = self._refresher = None
         if self._store is not None:
             await self._store.save(self.state)  # polling has stopped: the final state
         if self._session is not None:
@@ -234,4 +242,4 @@ def _log_crash(task: asyncio.Task[None]) -> None:
         return
     exc = task.exception()
     if exc is not None:
-        log.critical("the poller stopped unexpectedly", exc_info=exc)
+        log.critical("the %s stopped unexpectedly", task.get_name(), exc_info=exc)

@@ -34,7 +34,7 @@ import functools
 import struct
 import zlib
 from array import array
-from collections.abc import Callable, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -55,6 +55,7 @@ _FAMILY_INDEX = {spec.name: i for i, spec in enumerate(PER_SIM_FAMILIES)}
 _EMPTY = b""
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
 _YIELD_EVERY = 250  # SIMs rendered between two yields to the event loop
+_SPLICE_YIELD_EVERY = 8  # blocks (of every family) spliced between two yields
 
 
 class Format(enum.Enum):
@@ -172,16 +173,33 @@ class _Block:
         return self.data[start : self.ends[j]]
 
     def splice(self, replacements: Mapping[int, bytes]) -> None:
-        """Replace the fragments at the given in-block positions (one pass over the block)."""
+        """Replace the fragments at the given in-block positions.
+
+        Copies the unchanged runs between replacements as a few slices (usually one SIM of a
+        block changed: three pieces), then shifts the end offsets after the first change.
+        """
+        if not replacements:
+            return
+        ends = self.ends
         view = memoryview(self.data)
+        order = sorted(replacements)
         pieces: list[bytes | memoryview] = []
-        start = 0
-        for j, end in enumerate(self.ends):
-            new = replacements.get(j)
-            pieces.append(view[start:end] if new is None else new)
-            start = end
+        previous = 0
+        for j in order:
+            pieces.append(view[previous : ends[j - 1] if j else 0])
+            pieces.append(replacements[j])
+            previous = ends[j]
+        pieces.append(view[previous:])
+        first = order[0]
+        new_ends = ends[:first]
+        shift = 0
+        for k in range(first, len(ends)):
+            new = replacements.get(k)
+            if new is not None:
+                shift += len(new) - (ends[k] - (ends[k - 1] if k else 0))
+            new_ends.append(ends[k] + shift)
         self.data = b"".join(pieces)
-        self.ends = array("I", accumulate(len(p) for p in pieces))
+        self.ends = new_ends
         self.gz = None
 
 
@@ -228,13 +246,18 @@ class Exposition:
         self._header_gz: dict[Format, list[bytes]] = {}
         self._crc: dict[Format, tuple[int, int, int]] = {}  # fmt -> (generation, crc, size)
         self._lock = asyncio.Lock()
-        self._queued: dict[tuple[Format, str, bool], asyncio.Future[bytes | None]] = {}
+        self._scraped = False
+        self._queued: dict[tuple[Format, str, bool], asyncio.Future[list[bytes] | None]] = {}
 
     # ------------------------------------------------------------------ public API
 
-    async def render(self, encoder: Encoder, *, compress: bool) -> bytes | None:
-        """The response body for ``encoder`` (from ``choose_encoder``), gzipped if asked.
+    async def render(self, encoder: Encoder, *, compress: bool) -> list[bytes] | None:
+        """The response body for ``encoder`` (from ``choose_encoder``), gzipped if asked, as
+        parts to send one after the other (their concatenation is the body).
 
+        The parts are the cached blocks themselves, not a copy: blocks are immutable ``bytes``
+        replaced on change, so the list is a consistent snapshot however long sending takes,
+        and a 14 MB body costs no 14 MB join on the event loop.
         ``None`` when this format is not reproduced here: the caller uses the generic path.
         Concurrent scrapes share work: a request that finds a render of the same body queued
         (not yet started) waits for that one, so every response still reflects the state at or
@@ -254,28 +277,59 @@ class Exposition:
 
     async def _render_next(
         self, key: tuple[Format, str, bool], fmt: Format, encoder: Encoder, compress: bool
-    ) -> bytes | None:
+    ) -> list[bytes] | None:
         async with self._lock:
             # Started: requests arriving from now on queue the next render.
             self._queued.pop(key, None)
-            for _ in self._refresh_steps(RefreshStats()):
-                await asyncio.sleep(0)
+            self._scraped = True
+            await self._refresh_locked()
             if not self._reproducible(encoder):
                 return None
             if not compress:
-                return self._text(fmt, encoder)
-            stale = self._stale_blocks()
+                return self._text_parts(fmt, encoder)
             cached = self._crc.get(fmt)
             middle = None if cached and cached[0] == self._generation else self._middle(fmt)
-            if stale or middle is not None:
-                # zlib releases the GIL: compression and the CRC run beside the event loop.
-                datas = [b.data for b in stale]
-                pieces, crc = await asyncio.to_thread(self._deflate_and_crc, datas, middle)
-                for block, piece in zip(stale, pieces, strict=True):
-                    block.gz = piece
-                if crc is not None:
-                    self._crc[fmt] = (self._generation, *crc)
-            return self._gzip(fmt, encoder)
+            crc = await self._deflate_stale(middle)
+            if crc is not None:
+                self._crc[fmt] = (self._generation, *crc)
+            return self._gzip_parts(fmt, encoder)
+
+    async def keep_fresh(
+        self, interval: float, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    ) -> None:
+        """Bring the cache up to date every ``interval`` seconds, until cancelled.
+
+        Without it a scrape renders everything that changed since the previous scrape: at
+        10,000 SIMs polled every 15 s and scraped every 15 s, that is every SIM, some 250 ms
+        in the scrape. With it a scrape renders only what changed since the latest refresh.
+        Starts working once ``/metrics`` has been asked for (no one scrapes: no cost), and
+        keeps the gzip pieces fresh as well once a gzip body has been asked for.
+        """
+        while True:
+            await sleep(interval)
+            if not self._scraped:
+                continue
+            async with self._lock:
+                await self._refresh_locked()
+                if self._header_gz:
+                    await self._deflate_stale(None)
+
+    async def _refresh_locked(self) -> None:
+        for _ in self._refresh_steps(RefreshStats()):
+            await asyncio.sleep(0)
+
+    async def _deflate_stale(self, middle: list[bytes] | None) -> tuple[int, int] | None:
+        """Compress the blocks changed since their last compression, and take the CRC and
+        size of ``middle`` if given (under the lock: no block changes meanwhile)."""
+        stale = self._stale_blocks()
+        if not stale and middle is None:
+            return None
+        # zlib releases the GIL: compression and the CRC run beside the event loop.
+        datas = [b.data for b in stale]
+        pieces, crc = await asyncio.to_thread(self._deflate_and_crc, datas, middle)
+        for block, piece in zip(stale, pieces, strict=True):
+            block.gz = piece
+        return crc
 
     def refresh(self) -> RefreshStats:
         """Bring the cached text up to date with the state (synchronously)."""
@@ -290,7 +344,7 @@ class Exposition:
         self.refresh()
         if fmt is None or not self._reproducible(encoder):
             raise ValueError(f"format not reproduced by the incremental exposition: {encoder!r}")
-        return self._text(fmt, encoder)
+        return b"".join(self._text_parts(fmt, encoder))
 
     def gzip(self, encoder: Encoder = text_format.generate_latest) -> bytes:
         """The whole body gzipped, synchronously (tests and benchmarks)."""
@@ -298,7 +352,7 @@ class Exposition:
         self.refresh()
         if fmt is None or not self._reproducible(encoder):
             raise ValueError(f"format not reproduced by the incremental exposition: {encoder!r}")
-        return self._gzip(fmt, encoder)
+        return b"".join(self._gzip_parts(fmt, encoder))
 
     def _reproducible(self, encoder: Encoder) -> bool:
         """Label names outside the legacy charset are written differently per escaping scheme;
@@ -349,7 +403,7 @@ class Exposition:
             stats.rendered += 1
             if stats.rendered % _YIELD_EVERY == 0:
                 yield
-        for b, members in changed.items():
+        for n, (b, members) in enumerate(changed.items(), 1):
             for f, family_blocks in enumerate(self._blocks):
                 block = family_blocks[b]
                 replacements = {
@@ -358,6 +412,8 @@ class Exposition:
                 if replacements:
                     block.splice(replacements)
                     stats.blocks_changed += 1
+            if n % _SPLICE_YIELD_EVERY == 0:
+                yield
         if stats.blocks_changed:
             self._generation += 1
 
@@ -408,10 +464,10 @@ class Exposition:
             parts.extend(block.data for block in family_blocks)
         return parts
 
-    def _text(self, fmt: Format, encoder: Encoder) -> bytes:
+    def _text_parts(self, fmt: Format, encoder: Encoder) -> list[bytes]:
         parts = self._middle(fmt)
         parts.append(self._tail(encoder))
-        return b"".join(parts)
+        return parts
 
     def _stale_blocks(self) -> list[_Block]:
         return [b for family_blocks in self._blocks for b in family_blocks if b.gz is None]
@@ -422,7 +478,7 @@ class Exposition:
         pieces = [_deflate_piece(data, self._gzip_level) for data in datas]
         return pieces, None if middle is None else _crc_and_size(middle)
 
-    def _gzip(self, fmt: Format, encoder: Encoder) -> bytes:
+    def _gzip_parts(self, fmt: Format, encoder: Encoder) -> list[bytes]:
         level = self._gzip_level
         for block in self._stale_blocks():
             block.gz = _deflate_piece(block.data, level)
@@ -444,7 +500,7 @@ class Exposition:
             parts.extend(block.gz or _EMPTY for block in family_blocks)
         parts.append(_deflate_last(tail, level))
         parts.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
-        return b"".join(parts)
+        return parts
 
 
 def _crc_and_size(parts: list[bytes]) -> tuple[int, int]:
@@ -455,7 +511,7 @@ def _crc_and_size(parts: list[bytes]) -> tuple[int, int]:
     return crc, size
 
 
-def _retrieve(future: asyncio.Future[bytes | None]) -> None:
+def _retrieve(future: asyncio.Future[list[bytes] | None]) -> None:
     """Mark a failed shared render's exception as seen (its scrapers may all be gone)."""
     if not future.cancelled():
         future.exception()
