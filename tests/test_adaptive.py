@@ -162,3 +162,50 @@ def test_the_limit_stays_within_bounds_and_permits_are_conserved(
             await cm.__aexit__(None, None, None)
 
     asyncio.run(scenario())
+
+
+async def test_waiters_are_admitted_oldest_operation_first() -> None:
+    limit = AdaptiveLimit(1)
+    older, newer = limit.new_order(), limit.new_order()
+    admitted: list[str] = []
+
+    async def request(name: str, order: int | None) -> None:
+        async with limit.slot(order) as slot:
+            admitted.append(name)
+            slot.status = 200
+
+    held = limit.slot()
+    await held.__aenter__()
+    tasks = [
+        asyncio.create_task(request("newer 1", newer)),
+        asyncio.create_task(request("newer 2", newer)),
+        asyncio.create_task(request("no order", None)),  # an operation that begins now
+        asyncio.create_task(request("older", older)),
+    ]
+    await asyncio.sleep(0)  # all four queue behind the held slot
+    await held.__aexit__(None, None, None)
+    await asyncio.gather(*tasks)
+    assert admitted == ["older", "newer 1", "newer 2", "no order"]
+    assert limit.in_flight == 0
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_in_order() -> None:
+    limit = AdaptiveLimit(1)
+    admitted: list[int] = []
+
+    async def request(order: int) -> None:
+        async with limit.slot(order) as slot:
+            admitted.append(order)
+            slot.status = 200
+
+    held = limit.slot()
+    await held.__aenter__()
+    orders = [limit.new_order() for _ in range(5)]
+    tasks = {order: asyncio.create_task(request(order)) for order in reversed(orders)}
+    await asyncio.sleep(0)
+    tasks[orders[1]].cancel()
+    await asyncio.gather(tasks[orders[1]], return_exceptions=True)
+    await held.__aexit__(None, None, None)
+    await asyncio.gather(*(t for o, t in tasks.items() if o != orders[1]))
+    assert admitted == [orders[0], *orders[2:]]
+    assert limit.in_flight == 0

@@ -10,12 +10,20 @@ never sends 429, so the limit stays at the configured concurrency.
 
 A lower limit never touches requests already in flight: new ones wait until enough have
 finished.
+
+Waiting requests are admitted oldest operation first, not first come, first served: every
+request of one operation (all pages and retries of one listing) carries the order number the
+operation drew when it began. When requests queue, a listing's next page or retry therefore goes
+ahead of the first pages of listings that began after it, instead of queueing behind the whole
+fleet's requests again for every page and every retry: a listing of ten pages would otherwise
+wait out the queue ten times.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import heapq
+import itertools
 
 THROTTLED = 429
 
@@ -24,15 +32,16 @@ class Slot:
     """One admitted request (an async context manager). Set ``status`` to the HTTP status of
     its response, if there is one, before leaving the ``async with`` block."""
 
-    __slots__ = ("_limit", "status", "ticket")
+    __slots__ = ("_limit", "_order", "status", "ticket")
 
-    def __init__(self, limit: AdaptiveLimit) -> None:
+    def __init__(self, limit: AdaptiveLimit, order: int) -> None:
         self._limit = limit
+        self._order = order
         self.ticket = 0
         self.status: int | None = None
 
     async def __aenter__(self) -> Slot:
-        self.ticket = await self._limit._acquire()
+        self.ticket = await self._limit._acquire(self._order)
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -45,7 +54,10 @@ class AdaptiveLimit:
             raise ValueError("maximum must be >= 1")
         self.maximum = maximum
         self._target = float(maximum)
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # (order, arrival, waiter): a heap, oldest operation first, then first come.
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._orders = itertools.count()
+        self._arrivals = itertools.count()
         self._admitted = 0
         self._cut_at = 0  # admission count at the latest decrease
         self.in_flight = 0
@@ -56,27 +68,37 @@ class AdaptiveLimit:
         """Requests allowed in flight now (those admitted before a cut finish undisturbed)."""
         return max(1, int(self._target))
 
-    def slot(self) -> Slot:
-        """``async with limit.slot() as slot``: wait for a free slot (first come, first
-        served); the status set on it steers the limit."""
-        return Slot(self)
+    def new_order(self) -> int:
+        """An order number for an operation that begins now (later operations get higher ones).
 
-    async def _acquire(self) -> int:
+        Pass it to :meth:`slot` for every request of the operation."""
+        return next(self._orders)
+
+    def slot(self, order: int | None = None) -> Slot:
+        """``async with limit.slot(order) as slot``: wait for a free slot; waiting requests are
+        admitted lowest ``order`` first (see :meth:`new_order`; none: an operation of its own
+        that begins now), first come, first served within one order. The status set on the
+        slot steers the limit."""
+        return Slot(self, self.new_order() if order is None else order)
+
+    async def _acquire(self, order: int) -> int:
         """Wait for a slot; returns the admission's ticket number."""
         if not self._waiters and self.in_flight < self.limit:
             self.in_flight += 1
             self._admitted += 1
             return self._admitted
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
+        entry = (order, next(self._arrivals), waiter)
+        heapq.heappush(self._waiters, entry)
         try:
             await waiter  # resolved by _wake, which counts us in flight
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.in_flight -= 1  # admitted, then cancelled before running: hand it on
                 self._wake()
-            elif waiter in self._waiters:  # (_wake drops cancelled waiters it comes across)
-                self._waiters.remove(waiter)
+            elif entry in self._waiters:  # (_wake drops cancelled waiters it comes across)
+                self._waiters.remove(entry)
+                heapq.heapify(self._waiters)
             raise
         self._admitted += 1
         return self._admitted
@@ -94,7 +116,7 @@ class AdaptiveLimit:
 
     def _wake(self) -> None:
         while self._waiters and self.in_flight < self.limit:
-            waiter = self._waiters.popleft()
+            _, _, waiter = heapq.heappop(self._waiters)
             if not waiter.done():
                 self.in_flight += 1
                 waiter.set_result(None)

@@ -257,7 +257,8 @@ class TwilioClient:
         """
         url = f"{self._base}/v1/Sims/{sim_sid}/DataSessions?PageSize={int(page_size)}"
         sessions: list[DataSession] = []
-        async for page in self._pages(url, DataSessionPage, ENDPOINT_DATA_SESSIONS):
+        order = self._slots.new_order()
+        async for page in self._pages(url, DataSessionPage, ENDPOINT_DATA_SESSIONS, order):
             sessions.extend(page.data_sessions)
         return sessions
 
@@ -265,23 +266,30 @@ class TwilioClient:
         """Every SIM of the account with one of ``statuses`` (all SIMs when empty)."""
         sims: dict[str, Sim] = {}
         status_filters: list[str | None] = list(statuses) or [None]
+        order = self._slots.new_order()
         for status in status_filters:
             query: dict[str, str | int] = {"PageSize": page_size}
             if status is not None:
                 query["Status"] = status
             url = f"{self._base}/v1/Sims?" + urlencode(query)
-            async for page in self._pages(url, SimPage, ENDPOINT_SIMS):
+            async for page in self._pages(url, SimPage, ENDPOINT_SIMS, order):
                 for sim in page.sims:
                     sims[sim.sid] = sim
         return list(sims.values())
 
     async def fetch_sim(self, sim_sid: str) -> Sim:
-        return await self._get(f"{self._base}/v1/Sims/{sim_sid}", Sim, ENDPOINT_SIM)
+        url = f"{self._base}/v1/Sims/{sim_sid}"
+        return await self._get(url, Sim, ENDPOINT_SIM, self._slots.new_order())
 
     # ----------------------------------------------------------------- internals
 
-    async def _pages(self, url: str, kind: type[_P], endpoint: str) -> AsyncIterator[_P]:
-        """Pages of one listing, following ``next_page_url``, at most ``max_pages`` of them."""
+    async def _pages(
+        self, url: str, kind: type[_P], endpoint: str, order: int
+    ) -> AsyncIterator[_P]:
+        """Pages of one listing, following ``next_page_url``, at most ``max_pages`` of them.
+
+        Every request of a listing carries the ``order`` the listing drew when it began, so its
+        next pages and retries wait behind older listings only (see adaptive.py)."""
         next_url: str | None = url
         count = 0
         while next_url is not None:
@@ -291,7 +299,7 @@ class TwilioClient:
                     f"listing has more than {self._settings.max_pages} pages (poll.max_pages)",
                     endpoint=endpoint,
                 )
-            page = await self._get(next_url, kind, endpoint)
+            page = await self._get(next_url, kind, endpoint, order)
             count += 1
             yield page
             nxt = page.meta.next_page_url
@@ -308,13 +316,13 @@ class TwilioClient:
             )
         return url
 
-    async def _get(self, url: str, kind: type[_T], endpoint: str) -> _T:
+    async def _get(self, url: str, kind: type[_T], endpoint: str, order: int) -> _T:
         # Fast path: nearly every request succeeds at once, and setting up tenacity costs about
         # 30 µs even then (a fifth of a request's CPU at fleet scale). A retryable first failure
         # is replayed as tenacity's first attempt, so backoff, Retry-After, retry metrics and
         # logs stay exactly what they were.
         try:
-            return await self._attempt(url, kind, endpoint)
+            return await self._attempt(url, kind, endpoint, order)
         except ApiError as exc:
             if not _is_retryable(exc) or self._settings.max_retries < 1:
                 raise
@@ -323,7 +331,7 @@ class TwilioClient:
         async def attempt() -> _T:
             if replay:
                 raise replay.pop()
-            return await self._attempt(url, kind, endpoint)
+            return await self._attempt(url, kind, endpoint, order)
 
         holding = False
 
@@ -396,11 +404,11 @@ class TwilioClient:
                 state.upcoming_sleep,
             )
 
-    async def _attempt(self, url: str, kind: type[_T], endpoint: str) -> _T:
-        status, body, retry_after, header = await self._send(url, endpoint)
+    async def _attempt(self, url: str, kind: type[_T], endpoint: str, order: int) -> _T:
+        status, body, retry_after, header = await self._send(url, endpoint, order)
         if status == 401 and await self._auth.renew(header):
             # Credentials were renewed (e.g. an expired OAuth2 token): one more try.
-            status, body, retry_after, header = await self._send(url, endpoint)
+            status, body, retry_after, header = await self._send(url, endpoint, order)
         if status == 200:
             try:
                 decoded: _T = _DECODERS[kind].decode(body)
@@ -420,8 +428,10 @@ class TwilioClient:
             retry_after=retry_after,
         )
 
-    async def _send(self, url: str, endpoint: str) -> tuple[int, bytes, float | None, str]:
-        """One HTTP GET under the concurrency and rate limits.
+    async def _send(
+        self, url: str, endpoint: str, order: int
+    ) -> tuple[int, bytes, float | None, str]:
+        """One HTTP GET under the concurrency and rate limits, queued by ``order`` for a slot.
 
         Returns status, body, Retry-After and the Authorization header that was sent (taken
         only once the request may go, so a long wait in the queue cannot send a stale token).
@@ -430,7 +440,7 @@ class TwilioClient:
             "User-Agent": USER_AGENT,
             "Accept": "application/json",
         }
-        async with self._slots.slot() as slot:
+        async with self._slots.slot(order) as slot:
             await self._unpaused.wait()  # a 429 storm: nothing goes out until it has passed
             await self._limiter.acquire()
             header = headers["Authorization"] = await self._auth.authorization()
