@@ -75,7 +75,8 @@ def test_api_error_text_and_retry_reason() -> None:
     assert ApiError("http", "x", endpoint="e", status=503).retry_reason == "5xx"
     assert ApiError("http", "x", endpoint="e", status=404).retry_reason is None
     assert ApiError("timeout", "x", endpoint="e").retry_reason == "timeout"
-    assert ApiError("decode", "x", endpoint="e").retry_reason is None
+    assert ApiError("decode", "x", endpoint="e", status=200).retry_reason == "decode"
+    assert ApiError("bad_next_page", "x", endpoint="e").retry_reason is None
 
 
 async def test_timeouts_are_retried_and_reported(

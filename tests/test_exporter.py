@@ -254,7 +254,7 @@ async def test_malformed_responses_fail_the_poll_only(
 ) -> None:
     sid = sim.fleet.add_sim()
     sim.fleet.open_session(sid)
-    h = await harness([sid])
+    h = await harness([sid], poll={"max_retries": 0})
     await h.poll()
     sim.faults.script(
         "data_sessions",
@@ -269,6 +269,28 @@ async def test_malformed_responses_fail_the_poll_only(
     assert metric(text, "twilio_wireless_sim_data_sessions_open", sid) == 1
     await h.poll()
     assert metric(await h.scrape(), "twilio_wireless_sim_up", sid) == 1
+
+
+async def test_a_garbled_page_is_retried_like_a_5xx(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    sid = sim.fleet.add_sim()
+    h = await harness([sid], poll={"max_retries": 2, "page_size": 1})
+    await h.poll()
+    sim.fleet.open_session(sid)
+    sim.fleet.open_session(sid)
+    sim.faults.script(
+        "data_sessions",
+        [FaultResponse(), FaultResponse(truncated=True), FaultResponse(malformed=True)],
+    )
+    await h.poll()
+    text = await h.scrape()
+    assert metric(text, "twilio_wireless_sim_up", sid) == 1
+    assert metric(text, "twilio_wireless_sim_data_sessions_started_total", sid) == 2
+    retries = "twilio_wireless_api_retries_total"
+    assert metric(text, retries, endpoint="data_sessions", reason="decode") == 2
+    assert metric(text, "twilio_wireless_poll_errors_total", kind="decode") is None
+    assert len(h.sleeps) == 2  # backed off before each retry, the second page kept its place
 
 
 async def test_paging_follows_next_page_url(sim: RunningSimulator, harness: MakeHarness) -> None:

@@ -82,6 +82,10 @@ class ApiError(Exception):
         """The retry reason label when this error is worth retrying, else ``None``."""
         if self.kind in ("timeout", "connection"):
             return self.kind
+        if self.kind == "decode":
+            # A 200 whose body is cut short or garbled (a proxy or connection hiccup) is as
+            # transient as a 5xx; the token endpoint's bad answers are retried alike.
+            return "decode"
         if self.status == 429:
             return "429"
         if self.status is not None and 500 <= self.status <= 599:
