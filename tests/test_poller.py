@@ -136,3 +136,34 @@ async def test_discovery_uses_the_largest_pages(
     assert await h.exporter.poller.refresh_sims()
     assert set(h.exporter.state.sims) == sids
     assert sim.stats.count("sims") == 1
+
+
+async def test_sims_are_kept_in_poll_slot_order(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    """SIMs polled one after the other sit side by side in the state (and in /metrics), so
+    the changes of any second touch a few cached blocks of the exposition."""
+    configured = [sim.fleet.add_sim() for _ in range(12)]
+    discovered = [sim.fleet.add_sim() for _ in range(12)]
+    h = await harness(
+        configured,
+        discovery={"enabled": True, "status": ["active"], "refresh_interval": "10m"},
+    )
+    state = h.exporter.state
+    assert list(state.sims) == sorted(configured, key=sim_offset)
+    assert await h.exporter.poller.refresh_sims()
+    assert list(state.sims) == sorted(configured + discovered, key=sim_offset)
+    version = state.version
+    assert await h.exporter.poller.refresh_sims()
+    assert state.version == version  # nothing moved, nothing to re-lay out
+    newcomer = sim.fleet.add_sim()
+    assert await h.exporter.poller.refresh_sims()
+    assert list(state.sims) == sorted([*configured, *discovered, newcomer], key=sim_offset)
+    await h.poll()
+    text = await h.scrape()
+    shown = [
+        line.split('sim_sid="')[1][:34]
+        for line in text.splitlines()
+        if line.startswith("twilio_wireless_sim_up{")
+    ]
+    assert shown == list(state.sims)

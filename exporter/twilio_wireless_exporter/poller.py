@@ -102,6 +102,7 @@ class Poller:
         self._last_auth_log = -math.inf
         for target in targets:
             state.ensure(target.sid, target.labels, target.name)
+        state.arrange(sim_offset)
 
     # ------------------------------------------------------------------ status
 
@@ -172,6 +173,7 @@ class Poller:
                 elif sid not in self._state.sims:
                     self._state.ensure(sid)
             dropped = self._state.retain(wanted)
+            self._state.arrange(sim_offset)
             if dropped:
                 log.info("discovery: %d SIMs no longer listed, stopped polling them", len(dropped))
             self._schedule_new()
