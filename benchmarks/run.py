@@ -95,6 +95,8 @@ class Settings:
     scrapes_single: int = 100
     scrapes_each_concurrent: int = 20
     scrapes_stock: int = 5
+    scrapes_paced: int = 6
+    scrape_every: float = 5.0
     cap: int = 8
     cap_sims: int = 1000
     cap_latency: float = 0.02
@@ -151,6 +153,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
             scrapes_single=4,
             scrapes_each_concurrent=1,
             scrapes_stock=1,
+            scrapes_paced=2,
+            scrape_every=0.3,
             poll_interval=1.0,
             cap_sims=min(args.cap_sims, max(sims)),
             cap_latency=0.0,  # no 429 storm: their 1 s Retry-After would dominate the run
@@ -553,7 +557,7 @@ class LoopWatch:
 
 
 def scrape_scenarios(settings: Settings) -> list[dict[str, Any]]:
-    return [
+    back_to_back = [
         {"path": path, "label": label, "scrapers": scrapers, "count": count, "gzip": gz}
         for path, label, counts in (
             ("fast", "incremental", (settings.scrapes_single, settings.scrapes_each_concurrent)),
@@ -563,6 +567,24 @@ def scrape_scenarios(settings: Settings) -> list[dict[str, Any]]:
         if count > 0
         for gz in (False, True)
     ]
+    # Like Prometheus: one gzip scrape now and then, so every SIM polled in between has changed;
+    # with and without the exporter's background refresh of the cache.
+    every = settings.scrape_every
+    paced = [
+        {
+            "path": path,
+            "label": f"{label}, a scrape every {every:g} s",
+            "scrapers": 1,
+            "count": settings.scrapes_paced,
+            "gzip": True,
+            "every": every,
+        }
+        for path, label in (
+            ("fast", "incremental"),
+            ("cold", "incremental without background refresh"),
+        )
+    ]
+    return back_to_back + paced
 
 
 async def _scrape(
@@ -572,6 +594,7 @@ async def _scrape(
     count: int,
     latencies: list[float],
     sizes: list[int],
+    every: float = 0.0,
 ) -> None:
     for _ in range(count):
         started = time.perf_counter()
@@ -581,6 +604,7 @@ async def _scrape(
                 raise RuntimeError(f"scrape: HTTP {resp.status}")
         latencies.append(time.perf_counter() - started)
         sizes.append(len(body))
+        await asyncio.sleep(max(0.0, started + every - time.perf_counter()))
 
 
 async def scrape_child(
@@ -602,9 +626,11 @@ async def scrape_child(
             # one scrape each first: connections are set up outside the measurement
             await asyncio.gather(*(_scrape(http, url, headers, 1, [], []) for _ in scrapers))
             start = time.monotonic()
+            every = scenario.get("every", 0.0)
+            await asyncio.sleep(every)
             await asyncio.gather(
                 *(
-                    _scrape(http, url, headers, scenario["count"], latencies, sizes)
+                    _scrape(http, url, headers, scenario["count"], latencies, sizes, every)
                     for _ in scrapers
                 )
             )
@@ -680,7 +706,18 @@ async def scrapes(
     stock_app = make_app(
         dataclasses.replace(exporter.web_context(), exposition=None), middlewares=[watch.timing]
     )
-    async with serving(fast_app) as fast_url, serving(stock_app) as stock_url:
+    # the same incremental cache, with no background refresh: a scrape renders every change
+    cold = Exposition(
+        exporter.state, exporter.registry, imei_label=exporter.config.metrics.imei_label
+    )
+    cold_app = make_app(
+        dataclasses.replace(exporter.web_context(), exposition=cold), middlewares=[watch.timing]
+    )
+    async with (
+        serving(fast_app) as fast_url,
+        serving(stock_app) as stock_url,
+        serving(cold_app) as cold_url,
+    ):
         freeze_startup_heap()  # as the command does once it serves
         log(f"  polling every {settings.poll_interval:g}s; waiting for the steady rhythm")
         await wait_for_steady_polling(exporter, settings.poll_interval, 300)
@@ -695,7 +732,7 @@ async def scrapes(
             results = await run_child(
                 [
                     "scrape",
-                    json.dumps({"fast": fast_url, "stock": stock_url}),
+                    json.dumps({"fast": fast_url, "stock": stock_url, "cold": cold_url}),
                     json.dumps(scenarios),
                 ],
                 limit=1800,
@@ -926,7 +963,7 @@ def goals_met(results: dict[str, Any]) -> dict[str, bool]:
     single = {
         x["gzip"]: x
         for x in size["scrape"]["scenarios"]
-        if x["path"] == "fast" and x["scrapers"] == 1
+        if x["path"] == "fast" and x["scrapers"] == 1 and not x.get("every")
     }
     cap = results["concurrency_cap"]["cycles"][-1]
     return {
