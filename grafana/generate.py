@@ -568,8 +568,28 @@ LAST_START = "twilio_wireless_sim_last_session_start_timestamp_seconds"
 LAST_UPDATED = "twilio_wireless_sim_last_updated_timestamp_seconds"
 LAST_POLL = "twilio_wireless_sim_last_poll_success_timestamp_seconds"
 SIM_UP = "twilio_wireless_sim_up"
+POLL_INTERVAL = "twilio_wireless_poll_interval_seconds"
 REQUESTS = "twilio_wireless_api_requests_total"
 CODE_429 = 'code="429"'
+
+
+def poll_stale_threshold() -> tuple[str, str]:
+    """The age at which TwilioWirelessPollStale fires (3 x poll.interval, at least 15
+    minutes), for the longest poll.interval of the chosen exporters: (expr, legend)."""
+    return f"clamp_min(3 * max({m(POLL_INTERVAL)}), 900)", "PollStale threshold"
+
+
+# The threshold line is dashed, so that it does not read as one more SIM.
+DASHED_THRESHOLD = [
+    {
+        "matcher": {"id": "byName", "options": "PollStale threshold"},
+        "properties": [
+            {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+            {"id": "custom.fillOpacity", "value": 0},
+            {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
+        ],
+    }
+]
 
 
 def unknown_if_empty(expr: str, labels: str) -> str:
@@ -877,12 +897,15 @@ def fleet() -> Json:
             "Poll staleness",
             "Age of the newest successful poll: the oldest over all SIMs and the median. It "
             "should stay near poll.interval; growth means polls fail or the exporter cannot "
-            "keep up (alert TwilioWirelessPollStale).",
+            "keep up. A SIM above the dashed line (3 x poll.interval, at least 15 minutes) "
+            "for 5 minutes fires TwilioWirelessPollStale.",
             "s",
             targets(
                 (f"max(time() - {m(LAST_POLL)})", "oldest"),
                 (f"quantile(0.5, time() - {m(LAST_POLL)})", "median"),
+                poll_stale_threshold(),
             ),
+            overrides=DASHED_THRESHOLD,
         ),
         timeseries(
             "SIMs up / down",
@@ -1122,10 +1145,15 @@ def sim_detail() -> Json:
         timeseries(
             "Time since last successful poll",
             "Age of the SIM's newest successful poll; should stay near poll.interval. Above "
-            "15 minutes fires TwilioWirelessPollStale.",
+            "the dashed line (3 x poll.interval, at least 15 minutes) for 5 minutes fires "
+            "TwilioWirelessPollStale.",
             "s",
-            targets((named(f"time() - {m(LAST_POLL, s)}", s), "since last successful poll")),
+            targets(
+                (named(f"time() - {m(LAST_POLL, s)}", s), "since last successful poll"),
+                poll_stale_threshold(),
+            ),
             w=8,
+            overrides=DASHED_THRESHOLD,
         ),
         state_timeline(
             "Poll status over time",

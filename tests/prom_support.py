@@ -80,6 +80,7 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "twilio_wireless_api_request_duration_seconds": ("histogram", frozenset({"endpoint"})),
     "twilio_wireless_api_retries_total": ("counter", frozenset({"endpoint", "reason"})),
     "twilio_wireless_sims_monitored": ("gauge", frozenset()),
+    "twilio_wireless_poll_interval_seconds": ("gauge", frozenset()),
     "twilio_wireless_exporter_build_info": ("gauge", frozenset({"version", "python_version"})),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")

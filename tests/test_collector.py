@@ -111,6 +111,14 @@ def test_exact_values_of_a_polled_sim() -> None:
     assert value(text, hist + "_bucket", radio_link="LTE", le="+Inf") == 1
 
 
+def test_poll_interval_is_exported_only_when_given() -> None:
+    registry, _ = build_registry(polled_state(), poll_interval=450.0)
+    text = generate_latest(registry).decode()
+    assert value(text, "twilio_wireless_poll_interval_seconds") == 450
+    assert "# TYPE twilio_wireless_poll_interval_seconds gauge\n" in text
+    assert "twilio_wireless_poll_interval_seconds" not in render(polled_state())
+
+
 def test_absent_data_is_absent_not_zero() -> None:
     text = render(polled_state())
     names_for_b = {name for (name, labels) in samples(text) if ("sim_sid", SID_B) in labels}

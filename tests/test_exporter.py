@@ -322,6 +322,16 @@ async def test_concurrency_limit_is_respected(sim: RunningSimulator, harness: Ma
     assert sum(metric(text, "twilio_wireless_sim_up", s) or 0 for s in sids) == 24
 
 
+async def test_poll_interval_is_exported_from_the_config(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    h = await harness([sim.fleet.add_sim()], poll={"interval": "7m30s"})
+    text = await h.scrape()  # there before the first poll: alerts compare against it
+    assert metric(text, "twilio_wireless_poll_interval_seconds") == 450
+    await h.poll()
+    assert metric(await h.scrape(), "twilio_wireless_poll_interval_seconds") == 450
+
+
 async def test_health_and_readiness(sim: RunningSimulator, harness: MakeHarness) -> None:
     sid = sim.fleet.add_sim()
     h = await harness([sid])

@@ -194,6 +194,10 @@ def test_promtool_unit_tests_pass() -> None:
         ("> 21600", "> 86400"),  # offline after a day instead of 6 hours
         ("(twilio_wireless_sim_up == 0)", "(twilio_wireless_sim_up == 2)"),  # never down
         ('code=~"401|403"', 'code=~"401"'),  # 403 no longer counts
+        # stale after one poll interval instead of three
+        ("3 * twilio_wireless_poll_interval_seconds", "1 * twilio_wireless_poll_interval_seconds"),
+        ("poll_interval_seconds, 900)", "poll_interval_seconds, 300)"),  # no 15-minute floor
+        ("or on (job, instance)", "or"),  # the fallback duplicates a target's threshold
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str) -> None:

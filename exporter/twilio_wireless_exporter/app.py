@@ -104,7 +104,7 @@ class Exporter:
         self._retry_sleep = retry_sleep or asyncio.sleep
         self.state = FleetState()
         self.registry, self.api_metrics = build_registry(
-            self.state, imei_label=config.metrics.imei_label
+            self.state, imei_label=config.metrics.imei_label, poll_interval=config.poll.interval
         )
         self.exposition = Exposition(
             self.state, self.registry, imei_label=config.metrics.imei_label

@@ -123,6 +123,11 @@ LAST_SUCCESS = _spec(
     "Unix time of the latest successful poll of the SIM's data sessions.",
 )
 SIMS_MONITORED = _spec("sims_monitored", "gauge", "SIMs currently polled by this exporter.")
+POLL_INTERVAL = _spec(
+    "poll_interval_seconds",
+    "gauge",
+    "Configured interval between two polls of each SIM's data sessions (poll.interval).",
+)
 BUILD_INFO = _spec(
     "exporter_build_info",
     "gauge",
@@ -217,11 +222,18 @@ def per_sim_families_rendered_elsewhere() -> Iterator[None]:
 
 
 class FleetCollector(Collector):
-    """Renders :class:`FleetState` as metric families on every collect()."""
+    """Renders :class:`FleetState` as metric families on every collect().
 
-    def __init__(self, state: FleetState, *, imei_label: bool = False) -> None:
+    ``poll_interval`` (seconds) is exported as ``twilio_wireless_poll_interval_seconds`` so that
+    alerts can scale with it; without it the family is left out.
+    """
+
+    def __init__(
+        self, state: FleetState, *, imei_label: bool = False, poll_interval: float | None = None
+    ) -> None:
         self._state = state
         self._imei_label = imei_label
+        self._poll_interval = poll_interval
 
     def collect(self) -> Iterable[Metric]:
         if not _PER_SIM_ELSEWHERE.get():
@@ -253,6 +265,11 @@ class FleetCollector(Collector):
         monitored = Metric(SIMS_MONITORED.name, SIMS_MONITORED.help, SIMS_MONITORED.kind)
         monitored.add_sample(SIMS_MONITORED.name, {}, float(len(self._state.sims)))
         yield monitored
+
+        if self._poll_interval is not None:
+            interval = Metric(POLL_INTERVAL.name, POLL_INTERVAL.help, POLL_INTERVAL.kind)
+            interval.add_sample(POLL_INTERVAL.name, {}, float(self._poll_interval))
+            yield interval
 
         build = Metric(BUILD_INFO.name, BUILD_INFO.help, BUILD_INFO.kind)
         build.add_sample(
@@ -388,14 +405,16 @@ class TokenCollector(Collector):
 
 
 def build_registry(
-    state: FleetState, *, imei_label: bool = False
+    state: FleetState, *, imei_label: bool = False, poll_interval: float | None = None
 ) -> tuple[CollectorRegistry, ApiMetrics]:
     """A private registry with the fleet collector and the API metrics.
+
+    Pass the configured ``poll_interval`` (seconds) to export it; the exporter always does.
 
     ``*_created`` samples are switched off (process-wide): they double the series of every
     counter and histogram and no dashboard of ours uses them.
     """
     disable_created_metrics()  # type: ignore[no-untyped-call]
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(state, imei_label=imei_label))
+    registry.register(FleetCollector(state, imei_label=imei_label, poll_interval=poll_interval))
     return registry, ApiMetrics(registry)
