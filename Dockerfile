@@ -40,8 +40,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1
 USER 10311:10311
 EXPOSE 10311
-# The health check assumes the default port; change it with --web.listen-address and adjust it.
+# The health check asks /-/healthy over HTTP, then HTTPS when --web.config.file turns TLS on; a
+# 401 from basic auth counts as alive (no password needed). It assumes the default port: with
+# another --web.listen-address, give the check that address as its argument.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:10311/-/healthy', timeout=4)"]
+    CMD ["python", "-m", "twilio_wireless_exporter.healthcheck", "127.0.0.1:10311"]
 ENTRYPOINT ["twilio-wireless-exporter"]
 CMD ["--config", "/etc/twilio-wireless-exporter/config.yaml", "--web.listen-address", ":10311"]

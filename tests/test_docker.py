@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import json
 import os
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from tests.prom_support import GRAFANA, REPO, RULE_FILES, require_tool, run
+from twilio_wireless_exporter import healthcheck
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -105,13 +107,62 @@ def test_dockerfile_exposes_port_and_checks_health() -> None:
     assert str(PORT) in " ".join(exposed).split()
     health = [a for ins, a in stage if ins == "HEALTHCHECK"]
     assert len(health) == 1
-    assert f"127.0.0.1:{PORT}/-/healthy" in health[0]
+    options, command = healthcheck_instruction(health[0])
+    # The package's check (HTTP or HTTPS, a 401 from basic auth counts) on the exposed port.
+    assert command == ["python", "-m", "twilio_wireless_exporter.healthcheck", f"127.0.0.1:{PORT}"]
+    assert healthcheck.PATH == "/-/healthy"
+    # Both attempts (HTTP, then HTTPS) fit Docker's timeout.
+    assert duration_seconds(options["timeout"]) > 2 * healthcheck.DEFAULT_TIMEOUT
     entrypoint = [a for ins, a in stage if ins == "ENTRYPOINT"]
     assert entrypoint
     assert json.loads(entrypoint[-1]) == ["twilio-wireless-exporter"]
     cmd = json.loads([a for ins, a in stage if ins == "CMD"][-1])
     assert cmd[:2] == ["--config", CONFIG_PATH]
     assert f":{PORT}" in cmd
+
+
+def healthcheck_instruction(args: str) -> tuple[dict[str, str], list[str]]:
+    """HEALTHCHECK arguments as ({option: value}, exec-form command)."""
+    options, sep, command = args.partition("CMD ")
+    assert sep, args
+    parsed = dict(o.removeprefix("--").split("=", 1) for o in options.split())
+    return parsed, json.loads(command)
+
+
+def duration_seconds(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text)
+    assert match, text
+    return float(match.group(1)) * units[match.group(2)]
+
+
+async def test_the_dockerfile_health_check_passes_behind_tls_and_basic_auth(
+    tmp_path: Path,
+) -> None:
+    """The HEALTHCHECK command as written, against an exporter whose --web.config.file turns on
+    TLS and basic auth (every endpoint answers 401), then against a closed port."""
+    from tests.test_healthcheck import AUTH, TLS, exporter
+    from tests.test_webconfig import make_cert
+
+    make_cert(tmp_path)
+    stage = last_stage(dockerfile_instructions())
+    _, command = healthcheck_instruction(next(a for ins, a in stage if ins == "HEALTHCHECK"))
+    assert command[0] == "python"
+
+    async def run_in_container(port: int) -> tuple[int | None, str]:
+        argv = [sys.executable, *command[1:-1], command[-1].replace(str(PORT), str(port))]
+        proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+        return proc.returncode, out.decode()
+
+    async with exporter({"tls_server_config": TLS, "basic_auth_users": AUTH}, tmp_path) as port:
+        assert await run_in_container(port) == (
+            0,
+            f"healthy: https://127.0.0.1:{port}/-/healthy: HTTP 401\n",
+        )
+    code, out = await run_in_container(port)  # the exporter is gone
+    assert code == 1
+    assert out.startswith(f"unhealthy: http://127.0.0.1:{port}/-/healthy: ConnectionRefusedError")
 
 
 def ignored(relative: str, patterns: list[str]) -> bool:
