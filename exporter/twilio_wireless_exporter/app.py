@@ -24,8 +24,10 @@ from .web import WebContext, make_app
 
 log = logging.getLogger(__name__)
 
-#: How often the cached ``/metrics`` text catches up with the state between scrapes (seconds).
-EXPOSITION_REFRESH_INTERVAL = 1.0
+#: How often the cached ``/metrics`` text catches up with the state between scrapes (seconds):
+#: a scrape then renders at most this long's changes (at 10,000 SIMs polled every 15 s, some
+#: 170 SIMs, ~12 ms). Idle until the first scrape; about 1 ms of CPU per refresh otherwise.
+EXPOSITION_REFRESH_INTERVAL = 0.25
 
 
 def client_settings(config: Config) -> ClientSettings:

@@ -54,7 +54,7 @@ _FAMILY_COUNT = len(PER_SIM_FAMILIES)
 _FAMILY_INDEX = {spec.name: i for i, spec in enumerate(PER_SIM_FAMILIES)}
 _EMPTY = b""
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
-_YIELD_EVERY = 250  # SIMs rendered between two yields to the event loop
+_YIELD_EVERY = 64  # SIMs rendered between two yields to the event loop (a few ms)
 _SPLICE_YIELD_EVERY = 8  # blocks (of every family) spliced between two yields
 
 
