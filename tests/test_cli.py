@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,13 +11,24 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
-from twilio_wireless_exporter import __version__
-from twilio_wireless_exporter.cli import main, parse_listen_address
+from twilio_wireless_exporter import __version__, simulator
+from twilio_wireless_exporter.app import Exporter
+from twilio_wireless_exporter.cli import _demo_config, build_parser, main, parse_listen_address
+from twilio_wireless_exporter.clock import ManualClock
+from twilio_wireless_exporter.simulator import (
+    RunningSimulator,
+    SimClock,
+    SimulatorConfig,
+    start_simulator,
+)
+from twilio_wireless_exporter.web import make_app
 
 SID = "DE" + "1" * 32
 GOOD_YAML = f"""
@@ -180,3 +192,59 @@ def test_demo_serves_metrics_and_shuts_down_cleanly(
     assert any(m.startswith("listening on http://127.0.0.1:") for m in messages)
     assert "shutting down" in messages
     assert not [entry for entry in lines if entry["level"] in ("error", "critical")]
+
+
+async def test_demo_reports_timestamps_on_the_real_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six (fake) real hours into ``--demo`` at 60x, 15 simulated days have passed, yet every
+    last-session-start the exporter exports is in the past of the real clock it runs on."""
+    real = ManualClock()  # the real clock of the exporter, and the simulator's wall clock
+    sleeps: list[float] = []
+    started: list[RunningSimulator] = []
+
+    @contextlib.asynccontextmanager
+    async def on_real_clock(
+        config: SimulatorConfig, host: str, port: int
+    ) -> AsyncIterator[RunningSimulator]:
+        clock = SimClock(speed=config.speed, wall=real.monotonic, wall_start=real.time())
+        async with start_simulator(config, host, port, clock=clock) as sim:
+            started.append(sim)
+            yield sim
+
+    async def record_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    monkeypatch.setattr(simulator, "start_simulator", on_real_clock)
+    args = build_parser().parse_args(["--demo", "--demo.sims", "12", "--demo.fault-rate", "0"])
+    async with _demo_config(args, "127.0.0.1") as config:
+        [sim] = started
+        assert (sim.config.speed, sim.config.wall_timestamps) == (60.0, True)
+        await real.advance(6 * 3600.0)
+        assert sim.clock.now() == real.time() + 59 * 6 * 3600.0
+        exporter = Exporter(config, clock=real, retry_sleep=record_sleep)
+        await exporter.open()
+        http = TestClient(TestServer(make_app(exporter.web_context())))
+        await http.start_server()
+        try:
+            assert await exporter.poller.refresh_sims()
+            await exporter.poller.poll_all()
+            resp = await http.get("/metrics")
+            assert resp.status == 200
+            text = await resp.text()
+        finally:
+            await http.close()
+            await exporter.stop()
+    assert sleeps == []
+    exported = {
+        s.labels["sim_sid"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "twilio_wireless_sim_last_session_start_timestamp_seconds"
+    }
+    fleet = sim.fleet
+    polled = set(fleet.sim_sids("active")) | set(fleet.sim_sids("suspended"))
+    newest = {sid: max(v.start for v in fleet.listing(sid)) for sid in polled if fleet.listing(sid)}
+    # exactly the newest session starts, mapped onto the real clock ...
+    assert exported == {sid: fleet.reported_time(start) for sid, start in newest.items()}
+    assert max(exported.values()) <= real.time()
+    # ... where in simulated time most of them lie in the real future
+    assert sum(start > real.time() for start in newest.values()) > len(newest) // 2

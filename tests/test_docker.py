@@ -240,6 +240,7 @@ def test_simulator_service_command_parses() -> None:
     config = config_from_args(args)
     assert config.speed is not None
     assert config.speed > 1, "the demo should be lively"
+    assert config.wall_timestamps, "accelerated, yet no timestamp in the real future"
     assert args.listen == ("0.0.0.0", 8080)
 
 

@@ -12,7 +12,12 @@ import aiohttp
 import pytest
 
 from tests.simulator_support import basic, get_json
-from twilio_wireless_exporter.simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, main
+from twilio_wireless_exporter.simulator import (
+    DEMO_ACCOUNT_SID,
+    DEMO_AUTH_TOKEN,
+    SimulatorConfig,
+    main,
+)
 from twilio_wireless_exporter.simulator.cli import build_parser, config_from_args, parse_duration
 
 
@@ -43,6 +48,7 @@ def test_flags_map_to_the_config() -> None:
             "--sims=7",
             "--seed=3",
             "--speed=60",
+            "--wall-timestamps",
             "--auth-mode=bearer",
             "--token-lifetime=5m",
             "--retention=2h",
@@ -62,6 +68,7 @@ def test_flags_map_to_the_config() -> None:
     assert (config.token_lifetime, config.retention, config.max_concurrent) == (300.0, 7200.0, 4)
     assert config.api_keys == {"SK" + "a" * 32: "s3cret"}
     assert config.keep_history is False
+    assert config.wall_timestamps is True
     f = config.faults
     assert (f.rate_429, f.retry_after, f.rate_500, f.rate_timeout) == (0.1, 2.0, 0.05, 0.01)
     assert (f.timeout_delay, f.rate_truncated, f.latency) == (10.0, 0.02, (0.01, 0.2))
@@ -78,7 +85,19 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
 
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
-    assert "--fault-429" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--fault-429" in out
+    assert "--wall-timestamps" in out
+
+
+def test_timestamps_are_simulated_unless_asked() -> None:
+    assert config_from_args(build_parser().parse_args([])).wall_timestamps is False
+
+
+def test_wall_timestamps_need_an_accelerated_clock() -> None:
+    with pytest.raises(ValueError, match="wall_timestamps needs speed"):
+        SimulatorConfig(wall_timestamps=True)
+    assert SimulatorConfig(speed=1.0, wall_timestamps=True).wall_timestamps
 
 
 async def test_standalone_process_serves_and_stops_on_sigterm() -> None:

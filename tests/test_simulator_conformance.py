@@ -33,8 +33,11 @@ from twilio_wireless_exporter.simulator import (
     STATE_KEY,
     UNKNOWN_OPERATOR,
     RunningSimulator,
+    SimClock,
     SimulatorConfig,
     build_app,
+    format_time,
+    start_simulator,
 )
 
 DS_PATH = "/v1/Sims/{SimSid}/DataSessions"
@@ -206,6 +209,59 @@ async def test_scripted_nulls_validate() -> None:
             s.sid for s in fleet.listing(sid)
         }
         assert list(body["data_sessions"]) == [s.to_api() for s in fleet.listing(sid)]
+
+
+async def test_wall_timestamps_validate_and_never_lie_in_the_real_future() -> None:
+    """An accelerated fleet reporting wall-clock times, one fake real hour (60 simulated) in."""
+    sim_start, wall_start, speed = 1_767_225_600, 1_700_000_000, 60.0
+    wall = [0.0]
+    clock = SimClock(sim_start, speed=speed, wall=lambda: wall[0], wall_start=wall_start)
+    config = SimulatorConfig(
+        sims=40, seed=7, retention=2 * 86400.0, speed=speed, wall_timestamps=True
+    )
+    async with (
+        start_simulator(config, clock=clock) as sim,
+        aiohttp.ClientSession() as http,
+    ):
+        wall[0] += 3600.0
+        real_now = wall_start + 3600
+        fleet = sim.fleet
+        assert clock.now() == sim_start + 60 * 3600.0
+
+        def reported(t: int) -> str:
+            return dt.datetime.fromtimestamp(wall_start + (t - sim_start) // 60, dt.UTC).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"
+            )
+
+        sims, _ = await list_all(http, f"{sim.url}/v1/Sims", "sims", path=SIMS_PATH)
+        assert len(sims) == 40
+        for item in sims:
+            sim_view = fleet.sim(item["sid"])
+            assert sim_view is not None
+            assert item["date_created"] == reported(sim_view.date_created)
+            assert item["date_updated"] == reported(sim_view.date_updated)
+        _, one, _ = await get_json(http, f"{sim.url}/v1/Sims/{sims[0]['sid']}")
+        validate(response_schema(SIM_PATH), one)
+        assert one == sims[0]
+
+        starts: list[int] = []
+        for sid in fleet.sim_sids():
+            status, body, _ = await get_json(http, _ds_url(sim, sid, 1000))
+            assert status == 200
+            validate_list_page(DS_PATH, body, "data_sessions")
+            views = fleet.listing(sid)
+            assert body["data_sessions"] == [v.to_api(fleet.time_format) for v in views]
+            for item, view in zip(body["data_sessions"], views, strict=True):
+                validate_session(item)
+                assert item["start"] == reported(view.start)
+                assert item["last_updated"] == reported(view.last_updated)
+                assert item["end"] == (None if view.end is None else reported(view.end))
+                assert item["last_updated"] <= format_time(real_now)
+                starts.append(view.start)
+    # sessions started during the hour, hours of simulated time in the real future: the
+    # mapping is what kept them in the past
+    assert sum(start > real_now for start in starts) > 10
+    assert max(starts) > sim_start + 59 * 3600
 
 
 async def test_schema_validation_can_fail() -> None:

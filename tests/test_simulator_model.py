@@ -68,6 +68,105 @@ def test_accelerated_clock_uses_speed_times_wall_time() -> None:
         SimClock(speed=0)
 
 
+SIM_START = 1_767_225_600  # simulated start (2026-01-01T00:00:00Z)
+WALL_START = 1_700_000_000  # the real unix time at which the clock started
+
+
+def accelerated(speed: float = 60.0) -> tuple[SimClock, list[float]]:
+    """An accelerated clock on a fake monotonic wall clock (advance it through the list)."""
+    wall = [5000.0]
+    return SimClock(SIM_START, speed=speed, wall=lambda: wall[0], wall_start=WALL_START), wall
+
+
+def test_wall_time_maps_simulated_time_onto_the_real_clock() -> None:
+    clock, wall = accelerated()
+    assert clock.wall_start_time == WALL_START
+    assert clock.wall_time(SIM_START) == WALL_START
+    assert clock.wall_time(SIM_START + HOUR) == WALL_START + 60
+    # backfilled past maps to the recent past, compressed the same way
+    assert clock.wall_time(SIM_START - DAY) == WALL_START - 1440
+    # while the clock runs, simulated now maps to the real time now
+    wall[0] += 90.0
+    assert clock.wall_time(clock.now()) == WALL_START + 90
+    # a fixed mapping: manual adjustments do not move it
+    clock.advance(HOUR)
+    assert clock.wall_time(SIM_START + HOUR) == WALL_START + 60
+    # without a start time, simulated time starts at the real time
+    assert SimClock(speed=10.0, wall_start=WALL_START).start_time == WALL_START
+    with pytest.raises(ValueError, match="manual"):
+        SimClock().wall_time(SIM_START)
+    with pytest.raises(ValueError, match="wall_start"):
+        SimClock(wall_start=WALL_START)
+    assert SimClock().wall_start_time is None
+
+
+def test_wall_timestamps_report_mapped_times_and_compress_durations() -> None:
+    clock, _ = accelerated()
+    fleet = Fleet(clock, sims=0, wall_timestamps=True)
+    sid = fleet.add_sim(unique_name="pump-1")
+    clock.set(SIM_START + 2 * HOUR)
+    session = fleet.open_session(sid)  # started at simulated X = start + 2 h
+    clock.advance(HOUR)
+    fleet.close_session(session)  # lasted one simulated hour
+    [view] = fleet.listing(sid)
+    # the model stays in simulated time ...
+    assert (view.start, view.end, view.last_updated) == (
+        SIM_START + 2 * HOUR,
+        SIM_START + 3 * HOUR,
+        SIM_START + 3 * HOUR,
+    )
+    assert fleet.history(sid) == [view]
+    # ... what the API reports is on the real clock: X maps to wall_start + 2 h / 60
+    api = view.to_api(fleet.time_format)
+    assert (api["start"], api["end"], api["last_updated"]) == (
+        "2023-11-14T22:15:20Z",
+        "2023-11-14T22:16:20Z",
+        "2023-11-14T22:16:20Z",
+    )
+    assert api["start"] == format_time(WALL_START + 120)
+    assert fleet.reported_time(view.start) == WALL_START + 120
+    # one simulated hour lasts one reported minute
+    assert fleet.reported_time(view.end or 0) - fleet.reported_time(view.start) == 60
+    sim = fleet.sim(sid)
+    assert sim is not None
+    assert sim.date_created == SIM_START  # added before the clock was set forward
+    dates = sim.to_api("http://sim", fleet.time_format)
+    assert (dates["date_created"], dates["date_updated"]) == (
+        format_time(WALL_START),
+        format_time(WALL_START),
+    )
+    # a fraction of a reported second rounds down, never into the future
+    assert fleet.reported_time(SIM_START + 59) == WALL_START
+    assert fleet.reported_time(SIM_START - 1) == WALL_START - 1
+
+
+def test_wall_timestamps_are_per_fleet_and_off_by_default() -> None:
+    clock, _ = accelerated()
+    plain = Fleet(clock, sims=3, seed=9)
+    assert plain.wall_timestamps is False
+    assert plain.time_format is format_time
+    assert plain.reported_time(SIM_START + HOUR) == SIM_START + HOUR
+    # another fleet with another mapping at the same simulated second: the shared format_time
+    # cache holds reported seconds, so neither leaks into the other
+    fast, _ = accelerated(speed=600.0)
+    wall = Fleet(clock, sims=3, seed=9, wall_timestamps=True)
+    faster = Fleet(fast, sims=3, seed=9, wall_timestamps=True)
+    t = SIM_START + 3600
+    assert [f.time_format(t) for f in (plain, wall, faster)] == [
+        format_time(SIM_START + 3600),
+        format_time(WALL_START + 60),
+        format_time(WALL_START + 6),
+    ]
+    # the same generated sessions, reported differently
+    sid = next(s for s in plain.sim_sids() if plain.listing(s))
+    assert plain.listing(sid) == wall.listing(sid)
+    assert [v.to_api() for v in plain.listing(sid)] == [
+        v.to_api(plain.time_format) for v in plain.listing(sid)
+    ]
+    with pytest.raises(ValueError, match="wall_timestamps"):
+        Fleet(SimClock(), wall_timestamps=True)
+
+
 # ------------------------------------------------------------------------------------------
 # Determinism
 # ------------------------------------------------------------------------------------------

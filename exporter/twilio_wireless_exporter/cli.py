@@ -249,6 +249,8 @@ async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Con
         sims=args.demo_sims,
         seed=args.demo_seed,
         speed=args.demo_speed,
+        # Report times on the real clock so "time since" panels and alerts make sense.
+        wall_timestamps=True,
         account_sid=DEMO_ACCOUNT_SID,
         auth_token=DEMO_AUTH_TOKEN,
         auth_mode="bearer" if oauth2 else "basic",

@@ -205,6 +205,7 @@ class SimulatorState:
                 update_granularity=config.update_granularity,
                 keep_history=config.keep_history,
                 backfill=config.backfill,
+                wall_timestamps=config.wall_timestamps,
             )
         )
         self.faults: FaultConfig = config.faults
@@ -450,7 +451,8 @@ class SimulatorState:
             listing.keys, paging, fault, "sims"
         )
         base = self.base_url(request)
-        items = [_encode(sim.to_api(base)) for sim in listing.views(lo, hi)]
+        time_format = self.fleet.time_format
+        items = [_encode(sim.to_api(base, time_format)) for sim in listing.views(lo, hi)]
         if shuffle:
             self.faults.shuffle(items)
         filters = [
@@ -468,7 +470,7 @@ class SimulatorState:
         sim = self.fleet.sim(sid)
         if sim is None:
             return _twilio_error(404, 20404, f"The requested resource /v1/Sims/{sid} was not found")
-        return _Reply(200, _encode(sim.to_api(self.base_url(request))))
+        return _Reply(200, _encode(sim.to_api(self.base_url(request), self.fleet.time_format)))
 
     async def data_sessions(self, request: web.Request, fault: FaultResponse | None) -> _Reply:
         sim_sid = request.match_info["sim_sid"]
@@ -656,7 +658,11 @@ def _url_host(host: str) -> str:
 
 
 class RunningSimulator:
-    """A simulator served on a real socket; use ``async with`` or ``start()``/``close()``."""
+    """A simulator served on a real socket; use ``async with`` or ``start()``/``close()``.
+
+    ``clock``: a :class:`SimClock` to use instead of one built from the config (tests inject
+    one with a fake wall clock).
+    """
 
     def __init__(
         self,
@@ -665,11 +671,12 @@ class RunningSimulator:
         port: int = 0,
         *,
         access_log: bool = False,
+        clock: SimClock | None = None,
     ) -> None:
         self.config = config if config is not None else SimulatorConfig()
         self.host = host
         self.port = port
-        self.app = build_app(self.config)
+        self.app = build_app(self.config, clock=clock)
         self.state = self.app[STATE_KEY]
         self._access_log = access_log
         self._runner: web.AppRunner | None = None
@@ -787,11 +794,15 @@ class _Starter:
 
 
 def start_simulator(
-    config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    config: SimulatorConfig | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    clock: SimClock | None = None,
 ) -> _Starter:
-    """Serve a simulator on ``host:port`` (0: a free port).
+    """Serve a simulator on ``host:port`` (0: a free port), optionally on an injected ``clock``.
 
     ``async with start_simulator(cfg) as sim: ...`` or ``sim = await start_simulator(cfg)`` (then
     ``await sim.close()``).
     """
-    return _Starter(RunningSimulator(config, host, port))
+    return _Starter(RunningSimulator(config, host, port, clock=clock))

@@ -104,6 +104,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--start-time", type=float, help="simulated start, unix seconds (default: now)")
     p.add_argument(
+        "--wall-timestamps",
+        action="store_true",
+        help="report times (session start/end/last_updated, SIM dates) mapped to real time:"
+        " start + simulated seconds since start / speed, so with --speed above 1 nothing lies in"
+        " the future of the real clock (a fast-forward demo; durations shrink by the speed)",
+    )
+    p.add_argument(
         "--retention", type=parse_duration, default=30 * 86400.0, help="e.g. 30d (default)"
     )
     p.add_argument(
@@ -182,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         faults=faults,
         public_url=args.public_url,
         keep_history=args.history,
+        wall_timestamps=args.wall_timestamps,
     )
 
 
@@ -189,11 +197,12 @@ def _describe(sim: RunningSimulator) -> None:
     cfg = sim.config
     log.info("Twilio Wireless API simulator listening on %s", sim.url)
     log.info(
-        "%d SIMs, seed %d, %s, simulated time %s",
+        "%d SIMs, seed %d, %s, simulated time %s%s",
         len(sim.fleet),
         cfg.seed,
         "manual clock" if cfg.speed is None else f"speed {cfg.speed:g}x",
         format_time(int(sim.clock.now())),
+        ", reported as wall-clock time" if cfg.wall_timestamps else "",
     )
     if cfg.auth_mode == "basic":
         log.info(

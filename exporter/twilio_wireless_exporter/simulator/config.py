@@ -43,6 +43,13 @@ class SimulatorConfig:
     * ``speed=None``: manual simulated clock starting at ``start_time`` (default
       2026-01-01T00:00:00Z); a number: accelerated real time (``speed`` simulated seconds per
       wall second) starting at ``start_time`` (default: now).
+    * ``wall_timestamps`` (needs ``speed``; an error with a manual clock, which has no wall
+      time): the API reports its times (session ``start``/``end``/``last_updated``, SIM
+      ``date_created``/``date_updated``) mapped from simulated to real time,
+      ``wall_start + (t - start_time) / speed``, so nothing lies in the real future and
+      ``time() - timestamp`` stays meaningful: a fast-forward demo on a real clock. Simulated
+      durations shrink by ``speed`` in what is reported; the model itself (and ``fleet.history``)
+      stays in simulated time.
     * ``retention``: sessions ended longer ago than this are no longer listed. ``backfill``:
       simulated past before the start time (default: ``retention``).
     * ``max_concurrent``: API requests beyond this many in flight get 429 (code 20429) with
@@ -73,6 +80,7 @@ class SimulatorConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     public_url: str | None = None
     keep_history: bool = True
+    wall_timestamps: bool = False
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -95,6 +103,8 @@ class SimulatorConfig:
             problems.append("backfill must be >= 0")
         if self.speed is not None and not self.speed > 0:
             problems.append("speed must be > 0 (or None for a manual clock)")
+        if self.wall_timestamps and self.speed is None:
+            problems.append("wall_timestamps needs speed (a manual clock has no wall time)")
         if not self.update_granularity > 0:
             problems.append("update_granularity must be > 0")
         if self.max_concurrent is not None and self.max_concurrent < 1:

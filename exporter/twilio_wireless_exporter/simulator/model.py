@@ -87,7 +87,8 @@ class SimClock:
       at ``start`` (default :data:`DEFAULT_START_TIME`).
     * Accelerated (``speed=60.0``): ``start + speed * elapsed wall time`` (plus any manual
       adjustments), starting at ``start`` (default: the real time now). ``wall`` is the
-      monotonic wall clock (injectable for tests).
+      monotonic wall clock (injectable for tests). ``wall_start`` is the real unix time at which
+      the clock starts (default: the real time now), the origin of :meth:`wall_time`.
     """
 
     def __init__(
@@ -96,13 +97,19 @@ class SimClock:
         *,
         speed: float | None = None,
         wall: Callable[[], float] = time.monotonic,
+        wall_start: float | None = None,
     ) -> None:
         if speed is not None and not speed > 0:
             raise ValueError(f"speed must be > 0, got {speed}")
+        if speed is None and wall_start is not None:
+            raise ValueError("wall_start needs an accelerated clock (speed); a manual one has none")
         self._speed = speed
         self._wall = wall
+        self._wall_start: float | None = None
+        if speed is not None:
+            self._wall_start = time.time() if wall_start is None else float(wall_start)
         if start is None:
-            start = DEFAULT_START_TIME if speed is None else time.time()
+            start = DEFAULT_START_TIME if self._wall_start is None else self._wall_start
         self._start = float(start)
         self._wall0 = wall() if speed is not None else 0.0
         self._offset = 0.0
@@ -118,6 +125,23 @@ class SimClock:
     @property
     def start_time(self) -> float:
         return self._start
+
+    @property
+    def wall_start_time(self) -> float | None:
+        """The real unix time at which an accelerated clock started (``None`` when manual)."""
+        return self._wall_start
+
+    def wall_time(self, t: float) -> float:
+        """The real unix time that simulated time ``t`` corresponds to, on an accelerated clock:
+        ``wall_start + (t - start) / speed``.
+
+        A fixed mapping (manual adjustments through :meth:`advance` and :meth:`set` do not move
+        it): simulated time before the start maps to the recent past, compressed by ``speed``
+        like everything else.
+        """
+        if self._speed is None or self._wall_start is None:
+            raise ValueError("a manual SimClock has no wall time")
+        return self._wall_start + (t - self._start) / self._speed
 
     def now(self) -> float:
         """The current simulated unix time in seconds."""
@@ -318,8 +342,9 @@ class SessionView:
     end: int | None
     imei: str | None
 
-    def to_api(self) -> dict[str, Any]:
-        """The JSON object of this session in an API response."""
+    def to_api(self, time_format: Callable[[int], str] = format_time) -> dict[str, Any]:
+        """The JSON object of this session in an API response (times through ``time_format``;
+        pass :attr:`Fleet.time_format` for exactly what that fleet's API serves)."""
         loc = self.cell_location_estimate
         return {
             "sid": self.sid,
@@ -334,9 +359,9 @@ class SessionView:
             "cell_location_estimate": None if loc is None else dict(loc),
             "packets_uploaded": self.packets_uploaded,
             "packets_downloaded": self.packets_downloaded,
-            "last_updated": format_time(self.last_updated),
-            "start": format_time(self.start),
-            "end": None if self.end is None else format_time(self.end),
+            "last_updated": time_format(self.last_updated),
+            "start": time_format(self.start),
+            "end": None if self.end is None else time_format(self.end),
             "imei": self.imei,
         }
 
@@ -356,8 +381,11 @@ class SimView:
     date_updated: int
     scripted: bool
 
-    def to_api(self, base_url: str) -> dict[str, Any]:
-        """The JSON object of this SIM, with absolute URLs under ``base_url``."""
+    def to_api(
+        self, base_url: str, time_format: Callable[[int], str] = format_time
+    ) -> dict[str, Any]:
+        """The JSON object of this SIM, with absolute URLs under ``base_url`` (times through
+        ``time_format``; pass :attr:`Fleet.time_format` for exactly what that fleet serves)."""
         sim_url = f"{base_url}/v1/Sims/{self.sid}"
         return {
             "sid": self.sid,
@@ -379,8 +407,8 @@ class SimView:
             "voice_fallback_url": None,
             "voice_method": "POST",
             "voice_url": None,
-            "date_created": format_time(self.date_created),
-            "date_updated": format_time(self.date_updated),
+            "date_created": time_format(self.date_created),
+            "date_updated": time_format(self.date_updated),
             "url": sim_url,
             "links": {
                 "data_sessions": f"{sim_url}/DataSessions",
@@ -503,8 +531,9 @@ class _Session:
             imei=self.imei,
         )
 
-    def fragment(self, now: int, granularity: float) -> bytes:
-        """The serialized JSON object of this session at ``now`` (cached per state)."""
+    def fragment(self, now: int, granularity: float, time_format: Callable[[int], str]) -> bytes:
+        """The serialized JSON object of this session at ``now`` (cached per state; a session
+        belongs to one fleet, so ``time_format`` is always the same)."""
         end, lu, up, down = self.state(now, granularity)
         key = (end, lu, up, down, self.rev)
         if key != self.frag_key:
@@ -525,9 +554,9 @@ class _Session:
                     "cell_location_estimate": None if loc is None else dict(loc),
                     "packets_uploaded": up,
                     "packets_downloaded": down,
-                    "last_updated": format_time(lu),
-                    "start": format_time(self.start),
-                    "end": None if end is None else format_time(end),
+                    "last_updated": time_format(lu),
+                    "start": time_format(self.start),
+                    "end": None if end is None else time_format(end),
                     "imei": self.imei,
                 }
             )
@@ -587,20 +616,27 @@ class _Generator:
 class _Listing:
     """A SIM's listing at one instant: sessions in API order, their keys, and their states."""
 
-    __slots__ = ("granularity", "keys", "now", "sessions")
+    __slots__ = ("granularity", "keys", "now", "sessions", "time_format")
 
-    def __init__(self, sessions: list[_Session], now: int, granularity: float) -> None:
+    def __init__(
+        self,
+        sessions: list[_Session],
+        now: int,
+        granularity: float,
+        time_format: Callable[[int], str],
+    ) -> None:
         sessions.sort(key=lambda s: s.order_key)
         self.sessions = sessions
         self.keys = [s.order_key for s in sessions]
         self.now = now
         self.granularity = granularity
+        self.time_format = time_format
 
     def __len__(self) -> int:
         return len(self.sessions)
 
     def fragment(self, index: int) -> bytes:
-        return self.sessions[index].fragment(self.now, self.granularity)
+        return self.sessions[index].fragment(self.now, self.granularity, self.time_format)
 
     def views(self) -> list[SessionView]:
         return [s.view(self.now, self.granularity) for s in self.sessions]
@@ -723,6 +759,12 @@ class Fleet:
     ``update_granularity``: open sessions' ``last_updated`` (and packets) move in steps of this
     many seconds of unix time. ``keep_history``: keep every session for :meth:`history` (off for
     long runs and benchmarks to bound memory).
+
+    ``wall_timestamps`` (accelerated clock only): the API reports every time (session ``start``,
+    ``end``, ``last_updated``, SIM ``date_created``/``date_updated``) mapped to real time with
+    :meth:`SimClock.wall_time`, so a demo's timestamps never lie in the real future: at speed
+    60 a session of one simulated hour shows as lasting one minute. Only what is serialised
+    changes; the model, the views and :meth:`history` stay in simulated time.
     """
 
     def __init__(
@@ -736,9 +778,12 @@ class Fleet:
         update_granularity: float = 60.0,
         keep_history: bool = True,
         backfill: float | None = None,
+        wall_timestamps: bool = False,
     ) -> None:
         if sims < 0:
             raise ValueError("sims must be >= 0")
+        if wall_timestamps and clock.manual:
+            raise ValueError("wall_timestamps needs an accelerated clock (speed)")
         if not retention > 0:
             raise ValueError("retention must be > 0")
         if not update_granularity > 0:
@@ -749,6 +794,12 @@ class Fleet:
         self.retention = float(retention)
         self.granularity = float(update_granularity)
         self.keep_history = keep_history
+        self.wall_timestamps = wall_timestamps
+        #: Formats a simulated unix second as the API reports it (:func:`format_time` itself
+        #: unless ``wall_timestamps``).
+        self.time_format: Callable[[int], str] = (
+            self._format_wall_time if wall_timestamps else format_time
+        )
         self.backfill = self.retention if backfill is None else float(backfill)
         self._origin = int(clock.start_time - self.backfill)
         self._sims: list[_Sim] = []
@@ -761,6 +812,18 @@ class Fleet:
         self._rate_plans = tuple("WP" + _hex("plan", seed, k) for k in range(_RATE_PLANS))
         for index in range(sims):
             self._register(self._generated_sim(index))
+
+    # -- reported time ---------------------------------------------------------------------
+
+    def reported_time(self, t: float) -> int:
+        """The unix second the API reports for simulated time ``t``."""
+        if self.wall_timestamps:
+            return math.floor(self.clock.wall_time(t))
+        return int(t)
+
+    def _format_wall_time(self, t: int) -> str:
+        # format_time stays cached on the reported second: the mapping is this fleet's own.
+        return format_time(math.floor(self.clock.wall_time(t)))
 
     # -- construction ----------------------------------------------------------------------
 
@@ -998,7 +1061,7 @@ class Fleet:
             return cached
         self._prune(sim, now)
         visible = [s for s in sim.sessions if s.start <= now]
-        listing = _Listing(visible, now, self.granularity)
+        listing = _Listing(visible, now, self.granularity, self.time_format)
         sim.cache = listing
         sim.cache_key = (now, sim.version)
         return listing
