@@ -89,7 +89,7 @@ class Settings:
     page_size: int = 100
     retention: str = "6h"
     speed: float = 60.0
-    repeat: int = 5
+    repeat: int = 9
     sdk_repeat: int = 1
     poll_interval: float = 15.0
     scrapes_single: int = 100
@@ -114,7 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None]:
     p.add_argument("--page-size", type=int, default=100)
     p.add_argument("--retention", default="6h", help="simulator listing window (a few sessions)")
     p.add_argument("--speed", type=float, default=60.0, help="simulated seconds per second")
-    p.add_argument("--repeat", type=int, default=5, help="measured cycles per client")
+    p.add_argument("--repeat", type=int, default=9, help="measured cycles per client")
     p.add_argument("--sdk-repeat", type=int, default=1, help="measured cycles of the SDK")
     p.add_argument(
         "--poll-interval", type=float, default=15.0, help="per-SIM interval while scraping"
