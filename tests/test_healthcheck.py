@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.test_security import offline_exporter
+from tests.test_security import serve_https
 from tests.test_webconfig import hashed, make_cert
 from twilio_wireless_exporter.healthcheck import Result, check, main, parse_address
-from twilio_wireless_exporter.web import make_app
 from twilio_wireless_exporter.webconfig import web_config_from_mapping
 
 TLS = {"cert_file": "server.crt", "key_file": "server.key"}
@@ -35,17 +34,8 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @contextlib.asynccontextmanager
 async def exporter(web_config: dict[str, Any], cert_dir: Path) -> AsyncIterator[int]:
     """The exporter's web app behind ``web_config`` (as ``--web.config.file``) on a real port."""
-    config = web_config_from_mapping(web_config, base_dir=cert_dir)
-    app = make_app(offline_exporter().web_context(), middlewares=config.middlewares())
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=config.ssl_context)
-        await site.start()
-        port: int = runner.addresses[0][1]
+    async with serve_https(web_config_from_mapping(web_config, base_dir=cert_dir)) as port:
         yield port
-    finally:
-        await runner.cleanup()
 
 
 async def run_check(port: int) -> Result:

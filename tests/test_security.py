@@ -121,7 +121,8 @@ def offline_exporter() -> Exporter:
 
 @contextlib.asynccontextmanager
 async def serve_https(web_config: WebConfig) -> AsyncIterator[int]:
-    """The exporter's web app with the web config's middlewares, on a real TLS port."""
+    """The exporter's web app with the web config's middlewares on a real port (TLS when the web
+    config has it)."""
     app = make_app(offline_exporter().web_context(), middlewares=web_config.middlewares())
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
