@@ -65,7 +65,7 @@ from twilio_wireless_exporter.simulator.faults import API_KINDS
 #: Wall seconds of accelerated simulated time (the baseline and the final drain come on top).
 SOAK_SECONDS = float(os.environ.get("TWE_SOAK_SECONDS", "60"))
 SPEED = 900.0  # simulated seconds per wall second: one wall minute is 15 simulated hours
-RETENTION = 12 * 3600.0  # simulated: sessions age out of the listing 12 h after they end
+RETENTION = 14 * 3600.0  # simulated: sessions age out of the listing 14 h after they end
 SIMS = 60
 SEED = int(os.environ.get("TWE_SOAK_SEED", "20260101"))
 
