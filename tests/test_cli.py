@@ -19,8 +19,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from twilio_wireless_exporter import __version__, simulator
+from twilio_wireless_exporter.address import parse_listen_address
 from twilio_wireless_exporter.app import Exporter
-from twilio_wireless_exporter.cli import _demo_config, build_parser, main, parse_listen_address
+from twilio_wireless_exporter.cli import _demo_config, build_parser, main
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.simulator import (
     RunningSimulator,

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
+from .address import netloc, parse_listen_address
 from .app import Exporter
 from .config import Config, ConfigError, ShardSettings, config_from_mapping, load_config
 from .sharding import Shard, parse_shard
@@ -62,21 +63,6 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(
         logging.DEBUG if level == "debug" else logging.WARNING
     )
-
-
-def parse_listen_address(value: str) -> tuple[str | None, int]:
-    """``HOST:PORT``, ``:PORT`` (all interfaces) or ``[IPv6]:PORT``."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: port must be a number") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"{value!r}: port must be between 0 and 65535")
-    host = host.strip("[]")
-    return (host or None), port
 
 
 def _shard_argument(value: str) -> Shard:
@@ -328,8 +314,7 @@ def freeze_startup_heap() -> int:
 
 def _format_address(address: Any, scheme: str = "http") -> str:
     if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"{scheme}://[{host}]:{port}/" if ":" in str(host) else f"{scheme}://{host}:{port}/"
+        return f"{scheme}://{netloc(str(address[0]), address[1])}/"
     return str(address)
 
 

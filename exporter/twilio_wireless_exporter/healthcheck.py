@@ -36,6 +36,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .address import netloc, parse_listen_address
+
 DEFAULT_ADDRESS = "127.0.0.1:10311"
 PATH = "/-/healthy"
 #: HTTP statuses that prove the exporter is alive: healthy, or its auth layer asks for credentials.
@@ -56,16 +58,19 @@ class Result:
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port`` or ``:port`` (loopback) to ``(host, port)``."""
-    host, sep, port_text = address.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    """An address as ``--web.listen-address`` takes it (``host:port``, ``[v6]:port``, ``:port``)
+    to the ``(host, port)`` to ask: a wildcard host means loopback; port 0 is refused."""
+    try:
+        host, port = parse_listen_address(address)
+    except argparse.ArgumentTypeError:
+        port = 0
+    if port == 0:
         raise ValueError(f"expected HOST:PORT, got {address!r}")
-    host = host.removeprefix("[").removesuffix("]")
-    if host in ("", "0.0.0.0"):  # a wildcard listen address: ask on loopback
+    if host in (None, "0.0.0.0"):  # a wildcard listen address: ask on loopback
         host = "127.0.0.1"
     elif host == "::":
         host = "::1"
-    return host, int(port_text)
+    return host, port
 
 
 def _unverified_tls() -> ssl.SSLContext:
@@ -101,7 +106,7 @@ def handshake_answered(host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT
 
 def probe(host: str, port: int, *, tls: bool, timeout: float = DEFAULT_TIMEOUT) -> Result:
     """One ``GET /-/healthy`` over HTTP or HTTPS."""
-    url = f"{'https' if tls else 'http'}://{_netloc(host, port)}{PATH}"
+    url = f"{'https' if tls else 'http'}://{netloc(host, port)}{PATH}"
     conn: http.client.HTTPConnection
     if tls:
         conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=_unverified_tls())
@@ -134,10 +139,6 @@ def check(address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -
     if handshake_answered(host, port, timeout=timeout):
         return Result(True, f"{secure.detail}, but the TLS handshake was answered (mutual TLS?)")
     return Result(False, f"{plain.detail}; {secure.detail}")
-
-
-def _netloc(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
