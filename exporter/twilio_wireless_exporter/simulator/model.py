@@ -823,7 +823,7 @@ class Fleet:
 
     def _format_wall_time(self, t: int) -> str:
         # format_time stays cached on the reported second: the mapping is this fleet's own.
-        return format_time(math.floor(self.clock.wall_time(t)))
+        return format_time(self.reported_time(t))
 
     # -- construction ----------------------------------------------------------------------
 
