@@ -107,16 +107,17 @@ class PartsPayload(Payload):
     body is never joined into one 14 MB string, and the event loop runs other work whenever
     the socket is full."""
 
+    _value: Sequence[bytes]
+
     def __init__(self, parts: Sequence[bytes], content_type: str) -> None:
         super().__init__(parts, content_type=content_type)
-        self._parts = parts
         self._size = sum(len(part) for part in parts)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        return b"".join(self._parts).decode(encoding, errors)
+        return b"".join(self._value).decode(encoding, errors)
 
     async def write(self, writer: AbstractStreamWriter) -> None:
-        for chunk in coalesce(self._parts, SEND_CHUNK):
+        for chunk in coalesce(self._value, SEND_CHUNK):
             await writer.write(chunk)
 
 
