@@ -33,6 +33,7 @@ from prometheus_client.utils import floatToGoString
 import tests.test_collector as reference_suite
 from tests.conftest import eventually
 from twilio_wireless_exporter.accounting import ListingOutcome, SessionAttributes
+from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.collector import build_registry
 from twilio_wireless_exporter.config import RESERVED_LABEL_NAMES
 from twilio_wireless_exporter.exposition import (
@@ -372,24 +373,6 @@ async def test_concurrent_scrapes_share_a_render_that_starts_after_they_arrive(
     assert renders == 3
 
 
-class Ticker:
-    """A sleep that returns when the test says so, counting the calls."""
-
-    def __init__(self) -> None:
-        self.ticks: asyncio.Queue[None] = asyncio.Queue()
-        self.calls = 0
-
-    async def sleep(self, _: float) -> None:
-        self.calls += 1
-        await self.ticks.get()
-
-    async def tick(self) -> None:
-        """Let one sleep return and wait until the next one has begun."""
-        calls = self.calls
-        self.ticks.put_nowait(None)
-        await eventually(lambda: self.calls == calls + 1)
-
-
 async def test_keep_fresh_renders_changes_between_scrapes(monkeypatch: pytest.MonkeyPatch) -> None:
     state = FleetState()
     for n in range(40):
@@ -405,11 +388,17 @@ async def test_keep_fresh_renders_changes_between_scrapes(monkeypatch: pytest.Mo
         return render_sim(record)
 
     monkeypatch.setattr(exposition, "render_sim", counting)
-    ticker = Ticker()
-    refresher = asyncio.ensure_future(exposition.keep_fresh(1.0, ticker.sleep))
+    clock = ManualClock()
+
+    async def tick() -> None:
+        """One refresh interval passes; returns once the refresher sleeps again."""
+        await clock.advance(1.0)
+        await eventually(lambda: clock.sleepers == 1)
+
+    refresher = asyncio.ensure_future(exposition.keep_fresh(1.0, clock.sleep))
     try:
-        await eventually(lambda: ticker.calls == 1)
-        await ticker.tick()
+        await eventually(lambda: clock.sleepers == 1)
+        await tick()
         assert rendered_sids == []  # nobody has scraped yet: no work
 
         assert await rendered(exposition, generate_latest, compress=True) != b""
@@ -418,7 +407,7 @@ async def test_keep_fresh_renders_changes_between_scrapes(monkeypatch: pytest.Mo
         for sid in changed:
             state.record_success(sid, ListingOutcome(), now=1_800_000_000.0)
         rendered_sids.clear()
-        await ticker.tick()
+        await tick()
         assert sorted(rendered_sids) == sorted(changed)  # rendered between scrapes ...
         assert exposition._stale_blocks() == []  # ... and compressed too
 
