@@ -44,6 +44,6 @@ EXPOSE 10311
 # 401 from basic auth counts as alive (no password needed). It assumes the default port: with
 # another --web.listen-address, give the check that address as its argument.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-m", "twilio_wireless_exporter.healthcheck", "127.0.0.1:10311"]
+    CMD ["python", "-m", "twilio_wireless_exporter.web.healthcheck", "127.0.0.1:10311"]
 ENTRYPOINT ["twilio-wireless-exporter"]
 CMD ["--config", "/etc/twilio-wireless-exporter/config.yaml", "--web.listen-address", ":10311"]

@@ -55,13 +55,13 @@ from aiohttp.typedefs import Handler
 from prometheus_client import generate_latest
 
 from twilio_wireless_exporter import __version__
-from twilio_wireless_exporter.accounting import ListingOutcome
-from twilio_wireless_exporter.app import Exporter
 from twilio_wireless_exporter.cli import freeze_startup_heap
-from twilio_wireless_exporter.config import SIM_STATUSES, config_from_mapping
-from twilio_wireless_exporter.exposition import Exposition
-from twilio_wireless_exporter.simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
-from twilio_wireless_exporter.web import make_app
+from twilio_wireless_exporter.config.models import SIM_STATUSES, config_from_mapping
+from twilio_wireless_exporter.exposition.renderer import Exposition
+from twilio_wireless_exporter.fleet.accounting import ListingOutcome
+from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_exporter.web.app import make_app
+from twilio_wireless_simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
 
 GOALS = {
     "poll_wall_vs_bare_max": 1.2,
@@ -255,7 +255,7 @@ async def timed(action: Callable[[], Awaitable[tuple[int, int]]]) -> Cycle:
 
 
 class SimulatorProcess:
-    """``python -m twilio_wireless_exporter.simulator`` on a free loopback port."""
+    """``python -m twilio_wireless_simulator`` on a free loopback port."""
 
     def __init__(
         self, settings: Settings, sims: int, *, cap: int | None = None, latency: float = 0.0
@@ -263,7 +263,7 @@ class SimulatorProcess:
         self.command = [
             sys.executable,
             "-m",
-            "twilio_wireless_exporter.simulator",
+            "twilio_wireless_simulator",
             "--listen",
             "127.0.0.1:0",
             "--sims",

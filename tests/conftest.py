@@ -12,17 +12,17 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings
 
-from twilio_wireless_exporter.app import Exporter
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config import Config, config_from_mapping
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_exporter.config.models import Config, config_from_mapping
+from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_exporter.web.app import make_app
+from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_AUTH_TOKEN,
     RunningSimulator,
     SimulatorConfig,
     start_simulator,
 )
-from twilio_wireless_exporter.web import make_app
 
 # CI runs the property tests with a fixed seed (reproducible runs); developers get fresh examples.
 settings.register_profile("ci", derandomize=True, print_blob=True)

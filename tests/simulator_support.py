@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import aiohttp
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
 
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_AUTH_TOKEN,
     RunningSimulator,

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twilio_wireless_exporter.accounting import SimAccount, apply_listing, deduplicate
-from twilio_wireless_exporter.records import CellLocation, DataSession
+from twilio_wireless_exporter.api.records import CellLocation, DataSession
+from twilio_wireless_exporter.fleet.accounting import SimAccount, apply_listing, deduplicate
 
 T0 = 1_700_000_000
 

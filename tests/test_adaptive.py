@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from twilio_wireless_exporter.adaptive import AdaptiveLimit
+from twilio_wireless_exporter.api.adaptive import AdaptiveLimit
 
 
 async def test_without_429_the_limit_stays_at_the_maximum() -> None:

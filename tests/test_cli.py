@@ -18,18 +18,19 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from twilio_wireless_exporter import __version__, simulator
-from twilio_wireless_exporter.address import parse_listen_address
-from twilio_wireless_exporter.app import Exporter
+import twilio_wireless_simulator as simulator
+from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter.cli import _demo_config, build_parser, main
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_exporter.web.address import parse_listen_address
+from twilio_wireless_exporter.web.app import make_app
+from twilio_wireless_simulator import (
     RunningSimulator,
     SimClock,
     SimulatorConfig,
     start_simulator,
 )
-from twilio_wireless_exporter.web import make_app
 
 SID = "DE" + "1" * 32
 GOOD_YAML = f"""

@@ -12,13 +12,13 @@ from aiohttp.test_utils import TestServer
 from tests.conftest import MakeHarness
 from tests.test_exporter import metric
 from twilio_wireless_exporter import __version__
-from twilio_wireless_exporter.client import (
+from twilio_wireless_exporter.api.client import (
     USER_AGENT,
     ApiError,
     describe_error_body,
     parse_retry_after,
 )
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_AUTH_TOKEN,
     FaultResponse,

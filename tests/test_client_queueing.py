@@ -16,8 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import eventually
-from twilio_wireless_exporter.client import BasicAuthenticator, ClientSettings, TwilioClient
-from twilio_wireless_exporter.simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
+from twilio_wireless_exporter.api.client import BasicAuthenticator, ClientSettings, TwilioClient
+from twilio_wireless_simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
 
 LONG = "DE" + "a" * 32  # three pages
 SHORT = ["DE" + c * 32 for c in "bcde"]  # one page each

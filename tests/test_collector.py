@@ -10,10 +10,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.test_accounting import T0, session
-from twilio_wireless_exporter.accounting import apply_listing
-from twilio_wireless_exporter.collector import build_registry
-from twilio_wireless_exporter.records import CellLocation
-from twilio_wireless_exporter.state import FleetState
+from twilio_wireless_exporter.api.records import CellLocation
+from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.fleet.accounting import apply_listing
+from twilio_wireless_exporter.fleet.state import FleetState
 
 SID_A = "DE" + "a" * 32
 SID_B = "DE" + "b" * 32

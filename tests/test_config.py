@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import SecretStr, ValidationError
 
-from twilio_wireless_exporter.config import (
+from twilio_wireless_exporter.config.models import (
     BasicCredentials,
     Config,
     ConfigError,

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.prom_support import GRAFANA, REPO, RULE_FILES, require_tool, run
-from twilio_wireless_exporter import healthcheck
+from twilio_wireless_exporter.web import healthcheck
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -109,7 +109,12 @@ def test_dockerfile_exposes_port_and_checks_health() -> None:
     assert len(health) == 1
     options, command = healthcheck_instruction(health[0])
     # The package's check (HTTP or HTTPS, a 401 from basic auth counts) on the exposed port.
-    assert command == ["python", "-m", "twilio_wireless_exporter.healthcheck", f"127.0.0.1:{PORT}"]
+    assert command == [
+        "python",
+        "-m",
+        "twilio_wireless_exporter.web.healthcheck",
+        f"127.0.0.1:{PORT}",
+    ]
     assert healthcheck.PATH == "/-/healthy"
     # Both attempts (HTTP, then HTTPS) fit Docker's timeout.
     assert duration_seconds(options["timeout"]) > 2 * healthcheck.DEFAULT_TIMEOUT
@@ -232,7 +237,7 @@ def test_compose_images_are_pinned() -> None:
 
 
 def test_simulator_service_command_parses() -> None:
-    from twilio_wireless_exporter.simulator.cli import build_parser, config_from_args
+    from twilio_wireless_simulator.cli import build_parser, config_from_args
 
     command = compose()["services"]["simulator"]["command"]
     assert command[0] == "simulate"

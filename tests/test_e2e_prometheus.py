@@ -162,7 +162,7 @@ def _basic(user: str, password: str) -> dict[str, str]:
 def exporter_on_simulator(workdir: Path) -> Iterator[tuple[str, list[Path]]]:
     """Simulator + exporter as real processes; yields the exporter's host:port and log files."""
     require_exporter()
-    from twilio_wireless_exporter.simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
+    from twilio_wireless_simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
 
     python = sys.executable
     sim_port, exp_port = free_port(), free_port()

@@ -9,10 +9,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MakeHarness
-from twilio_wireless_exporter import web
 from twilio_wireless_exporter.cli import freeze_startup_heap
-from twilio_wireless_exporter.simulator import FaultResponse, RunningSimulator
-from twilio_wireless_exporter.web import coalesce
+from twilio_wireless_exporter.web import app as web
+from twilio_wireless_exporter.web.app import coalesce
+from twilio_wireless_simulator import FaultResponse, RunningSimulator
 
 HOUR = 3600.0
 

@@ -32,11 +32,10 @@ from prometheus_client.utils import floatToGoString
 
 import tests.test_collector as reference_suite
 from tests.conftest import eventually
-from twilio_wireless_exporter.accounting import ListingOutcome, SessionAttributes
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.collector import build_registry
-from twilio_wireless_exporter.config import RESERVED_LABEL_NAMES
-from twilio_wireless_exporter.exposition import (
+from twilio_wireless_exporter.config.models import RESERVED_LABEL_NAMES
+from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.exposition.renderer import (
     Encoder,
     Exposition,
     Format,
@@ -45,7 +44,8 @@ from twilio_wireless_exporter.exposition import (
     format_of,
     format_value,
 )
-from twilio_wireless_exporter.state import FleetState, SimRecord
+from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SessionAttributes
+from twilio_wireless_exporter.fleet.state import FleetState, SimRecord
 
 OPENMETRICS = functools.partial(om_format.generate_latest, escaping="underscores", version="1.0.0")
 

@@ -18,8 +18,8 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MakeHarness, exporter_mapping
-from twilio_wireless_exporter.config import config_from_mapping
-from twilio_wireless_exporter.simulator import RunningSimulator
+from twilio_wireless_exporter.config.models import config_from_mapping
+from twilio_wireless_simulator import RunningSimulator
 
 MIB = 1024 * 1024
 ENDLESS = "DE" + "e" * 32
@@ -41,7 +41,7 @@ def poller_messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "twilio_wireless_exporter.poller" and r.levelno == level
+        if r.name == "twilio_wireless_exporter.polling.poller" and r.levelno == level
     ]
 
 

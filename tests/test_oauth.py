@@ -25,26 +25,26 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import eventually
-from twilio_wireless_exporter.app import Exporter
-from twilio_wireless_exporter.auth import (
+from twilio_wireless_exporter.api.auth import (
     OAuth2Authenticator,
     TokenError,
     TokenSettings,
     TokenStatus,
     parse_expires_in,
 )
+from twilio_wireless_exporter.api.client import USER_AGENT, ApiError
 from twilio_wireless_exporter.cli import _demo_config, build_parser, main
-from twilio_wireless_exporter.client import USER_AGENT, ApiError
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config import OAuth2Credentials, config_from_mapping
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_exporter.config.models import OAuth2Credentials, config_from_mapping
+from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_exporter.web.app import make_app
+from twilio_wireless_simulator import (
     DEMO_CLIENT_ID,
     FaultResponse,
     RunningSimulator,
     SimulatorConfig,
     start_simulator,
 )
-from twilio_wireless_exporter.web import make_app
 
 SECRET = "kore-secret-5d1f0c9e7ab2"  # the simulator's client secret in these tests
 START = 1_700_000_000.0  # ManualClock's default unix start
@@ -400,7 +400,7 @@ async def test_bad_client_secret_fails_polls_clearly_and_backs_off(
 ) -> None:
     env = await make_env(sims=3)
     await env.start(secret="not-the-secret")
-    with caplog.at_level(logging.ERROR, logger="twilio_wireless_exporter.auth"):
+    with caplog.at_level(logging.ERROR, logger="twilio_wireless_exporter.api.auth"):
         await env.poll()
     assert env.up() == [False] * 3
     assert env.sim.stats.token_requests == 1  # one request for three polls, no retries
@@ -412,7 +412,7 @@ async def test_bad_client_secret_fails_polls_clearly_and_backs_off(
     assert metric(text, "twilio_wireless_poll_errors_total", kind="auth") == 3
     assert metric(text, "twilio_wireless_sim_up", sim_sid=env.sids[0]) == 0
     assert metric(text, EXPIRY) is None
-    [record] = [r for r in caplog.records if r.name == "twilio_wireless_exporter.auth"]
+    [record] = [r for r in caplog.records if r.name == "twilio_wireless_exporter.api.auth"]
     assert "rejected the client credentials" in record.getMessage()
     assert "twilio.auth.client_id" in record.getMessage()
 
@@ -594,7 +594,7 @@ async def test_the_current_token_stays_in_use_while_its_renewal_fails(
     await env.poll()
     await env.clock.advance(90)
     env.sim.faults.script("token", [FaultResponse(status=503)] * 5)
-    with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.auth"):
+    with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.api.auth"):
         await env.poll()
     assert env.up() == [True]  # the old token is valid until t=100
     assert env.sim.stats.token_requests == 6
@@ -626,7 +626,7 @@ async def test_missing_expires_in_assumes_an_hour(
 
     async with token_endpoint([answer]) as endpoint:
         await env.start(mapping=oauth_mapping(env.sim, env.sids, token_url=endpoint.url))
-        with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.auth"):
+        with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.api.auth"):
             await env.poll()
             assert env.up() == [True]
             assert metric(await env.scrape(), EXPIRY) == START + 3600

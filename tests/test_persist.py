@@ -27,17 +27,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import eventually, exporter_mapping
 from tests.test_accounting import Model, histories
-from twilio_wireless_exporter.accounting import (
+from twilio_wireless_exporter.api.records import DataSession
+from twilio_wireless_exporter.clock import ManualClock
+from twilio_wireless_exporter.config.models import Config, ConfigError, config_from_mapping
+from twilio_wireless_exporter.fleet.accounting import (
     ListingOutcome,
     SessionAttributes,
     SessionMemo,
     SimAccount,
     apply_listing,
 )
-from twilio_wireless_exporter.app import Exporter
-from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
-from twilio_wireless_exporter.persist import (
+from twilio_wireless_exporter.fleet.persist import (
     SCHEMA_VERSION,
     StateFileError,
     StateIdentity,
@@ -48,15 +48,15 @@ from twilio_wireless_exporter.persist import (
     temp_path,
     write_state,
 )
-from twilio_wireless_exporter.records import DataSession
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_exporter.fleet.state import SESSION_DURATION_BUCKETS, FleetState, Histogram
+from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_simulator import (
     FaultResponse,
     RunningSimulator,
     SessionView,
     SimulatorConfig,
     start_simulator,
 )
-from twilio_wireless_exporter.state import SESSION_DURATION_BUCKETS, FleetState, Histogram
 
 IDENTITY = StateIdentity("http://127.0.0.1:1", "AC" + "1" * 32)
 SID = "DE" + "a" * 32
@@ -464,7 +464,7 @@ def test_bad_files_give_a_warning_and_a_fresh_start(
 
     state = fresh_state([sim_sid(i) for i in range(3)])
     store = StateStore(path, IDENTITY)
-    with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.persist"):
+    with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.fleet.persist"):
         assert store.load(state, keep=lambda sid: True) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
@@ -491,7 +491,7 @@ def test_histogram_with_other_buckets_is_started_afresh(tmp_path: Path) -> None:
 
 def test_no_file_is_a_quiet_fresh_start(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     store = StateStore(tmp_path / "state.db", IDENTITY)
-    with caplog.at_level(logging.INFO, logger="twilio_wireless_exporter.persist"):
+    with caplog.at_level(logging.INFO, logger="twilio_wireless_exporter.fleet.persist"):
         assert store.load(FleetState(), keep=lambda sid: True) is None
     assert [r.levelno for r in caplog.records] == [logging.INFO]
     assert "no state file" in caplog.records[0].getMessage()
@@ -515,7 +515,7 @@ def test_a_failed_save_leaves_the_previous_file(
 
     registry = CollectorRegistry()
     store = StateStore(path, IDENTITY, registry=registry)
-    with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.persist"):
+    with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.fleet.persist"):
         assert asyncio.run(store.save(fleet_state(5))) is False
     assert path.read_bytes() == before
     assert not temp_path(path).exists()
@@ -554,9 +554,9 @@ _KILL_WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from twilio_wireless_exporter.accounting import SessionMemo
-    from twilio_wireless_exporter.persist import StateIdentity, snapshot, write_state
-    from twilio_wireless_exporter.state import FleetState
+    from twilio_wireless_exporter.fleet.accounting import SessionMemo
+    from twilio_wireless_exporter.fleet.persist import StateIdentity, snapshot, write_state
+    from twilio_wireless_exporter.fleet.state import FleetState
 
     path = Path(sys.argv[1])
     ident = StateIdentity("http://127.0.0.1:1", "AC" + "1" * 32)

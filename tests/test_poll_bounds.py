@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tests.conftest import MakeHarness, eventually
-from twilio_wireless_exporter.simulator import RunningSimulator
+from twilio_wireless_simulator import RunningSimulator
 
 
 async def test_the_first_cycle_runs_a_bounded_number_of_polls_at_once(

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from tests.conftest import MakeHarness, eventually
-from twilio_wireless_exporter.poller import sim_offset
-from twilio_wireless_exporter.simulator import FaultResponse, RunningSimulator
+from twilio_wireless_exporter.polling.poller import sim_offset
+from twilio_wireless_simulator import FaultResponse, RunningSimulator
 
 
 def session_requests(sim: RunningSimulator) -> int:

@@ -31,11 +31,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MakeHarness, eventually
 from tests.test_webconfig import hashed, make_cert
-from twilio_wireless_exporter.app import Exporter
 from twilio_wireless_exporter.cli import JsonFormatter, main
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config import config_from_mapping, load_config
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_exporter.config.models import config_from_mapping, load_config
+from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_exporter.web.app import make_app
+from twilio_wireless_exporter.web.security import (
+    WWW_AUTHENTICATE,
+    WebConfig,
+    web_config_from_mapping,
+)
+from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_CLIENT_ID,
     TOKEN_PATH,
@@ -44,8 +50,6 @@ from twilio_wireless_exporter.simulator import (
     SimulatorConfig,
     start_simulator,
 )
-from twilio_wireless_exporter.web import make_app
-from twilio_wireless_exporter.webconfig import WWW_AUTHENTICATE, WebConfig, web_config_from_mapping
 
 WEB_USER = "prometheus"
 WEB_PASSWORD = "web-pass-3e8c1d"

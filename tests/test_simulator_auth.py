@@ -18,7 +18,7 @@ from tests.simulator_support import (
     running,
     validate,
 )
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_CLIENT_ID,
     DEMO_CLIENT_SECRET,

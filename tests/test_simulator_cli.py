@@ -12,13 +12,13 @@ import aiohttp
 import pytest
 
 from tests.simulator_support import basic, get_json
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_AUTH_TOKEN,
     SimulatorConfig,
     main,
 )
-from twilio_wireless_exporter.simulator.cli import build_parser, config_from_args, parse_duration
+from twilio_wireless_simulator.cli import build_parser, config_from_args, parse_duration
 
 
 @pytest.mark.parametrize(
@@ -105,7 +105,7 @@ async def test_standalone_process_serves_and_stops_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "twilio_wireless_exporter.simulator",
+        "twilio_wireless_simulator",
         "--listen=127.0.0.1:0",
         "--sims=5",
         "--speed=60",

@@ -26,7 +26,7 @@ from tests.simulator_support import (
     validate_list_page,
     validate_session,
 )
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_AUTH_TOKEN,
     SIM_STATUSES,

@@ -20,7 +20,7 @@ from tests.simulator_support import (
     until,
     validate,
 )
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_simulator import (
     DEMO_CLIENT_ID,
     DEMO_CLIENT_SECRET,
     FaultConfig,

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_simulator import (
     COUNTRIES,
     DEFAULT_START_TIME,
     RADIO_LINKS,

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from twilio_wireless_exporter.simulator import Fleet, SessionView, SimClock
+from twilio_wireless_simulator import Fleet, SessionView, SimClock
 
 HOUR = 3600.0
 

@@ -45,11 +45,11 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import exporter_mapping
-from twilio_wireless_exporter.accounting import DEFAULT_FORGET_AFTER
-from twilio_wireless_exporter.app import Exporter
-from twilio_wireless_exporter.client import BasicAuthenticator, ClientSettings, TwilioClient
-from twilio_wireless_exporter.config import config_from_mapping
-from twilio_wireless_exporter.simulator import (
+from twilio_wireless_exporter.api.client import BasicAuthenticator, ClientSettings, TwilioClient
+from twilio_wireless_exporter.config.models import config_from_mapping
+from twilio_wireless_exporter.fleet.accounting import DEFAULT_FORGET_AFTER
+from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_AUTH_TOKEN,
     RADIO_LINKS,
@@ -60,7 +60,7 @@ from twilio_wireless_exporter.simulator import (
     SimulatorConfig,
     start_simulator,
 )
-from twilio_wireless_exporter.simulator.faults import API_KINDS
+from twilio_wireless_simulator.faults import API_KINDS
 
 #: Wall seconds of accelerated simulated time (the baseline and the final drain come on top).
 SOAK_SECONDS = float(os.environ.get("TWE_SOAK_SECONDS", "60"))

@@ -12,8 +12,8 @@ import bcrypt
 import pytest
 
 from twilio_wireless_exporter.cli import main
-from twilio_wireless_exporter.config import ConfigError
-from twilio_wireless_exporter.webconfig import (
+from twilio_wireless_exporter.config.models import ConfigError
+from twilio_wireless_exporter.web.security import (
     BasicAuth,
     load_web_config,
     parse_basic_authorization,
@@ -423,7 +423,7 @@ class RecordingCheckpw:
 @pytest.fixture
 def checkpw(monkeypatch: pytest.MonkeyPatch) -> RecordingCheckpw:
     recorder = RecordingCheckpw()
-    monkeypatch.setattr("twilio_wireless_exporter.webconfig.bcrypt.checkpw", recorder)
+    monkeypatch.setattr("twilio_wireless_exporter.web.security.bcrypt.checkpw", recorder)
     return recorder
 
 
@@ -456,7 +456,7 @@ async def test_verified_credentials_are_cached(
         compared.append((a, b))
         return a == b
 
-    monkeypatch.setattr("twilio_wireless_exporter.webconfig.hmac.compare_digest", compare_digest)
+    monkeypatch.setattr("twilio_wireless_exporter.web.security.hmac.compare_digest", compare_digest)
     for _ in range(5):
         assert await auth.check(basic("alice", "pw-1")) == "alice"
     assert len(checkpw.hashes) == 1  # bcrypt once, then the cache

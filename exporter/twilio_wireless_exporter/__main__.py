@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from twilio_wireless_exporter.cli import main
 
 sys.exit(main())

@@ -16,12 +16,18 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
-from .address import netloc, parse_listen_address
-from .app import Exporter
-from .config import Config, ConfigError, ShardSettings, config_from_mapping, load_config
-from .sharding import Shard, parse_shard
-from .webconfig import WebConfig, load_web_config
+from twilio_wireless_exporter import __version__
+from twilio_wireless_exporter.config.models import (
+    Config,
+    ConfigError,
+    ShardSettings,
+    config_from_mapping,
+    load_config,
+)
+from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_exporter.sharding import Shard, parse_shard
+from twilio_wireless_exporter.web.address import netloc, parse_listen_address
+from twilio_wireless_exporter.web.security import WebConfig, load_web_config
 
 DEFAULT_PORT = 10311
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
@@ -185,7 +191,7 @@ def _positive_seconds(value: str) -> float:
 
 def demo_oauth2_twilio(base_url: str, token_url: str, token_lifetime: float) -> dict[str, Any]:
     """The ``twilio`` section of ``--demo --demo.auth oauth2`` (the simulator's bearer mode)."""
-    from .simulator import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
+    from twilio_wireless_simulator import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET
 
     return {
         "base_url": base_url,
@@ -222,7 +228,7 @@ def demo_mapping(base_url: str, account_sid: str, auth_token: str) -> dict[str, 
 
 @contextlib.asynccontextmanager
 async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Config]:
-    from .simulator import (
+    from twilio_wireless_simulator import (
         DEMO_ACCOUNT_SID,
         DEMO_AUTH_TOKEN,
         FaultConfig,
@@ -321,7 +327,7 @@ def _format_address(address: Any, scheme: str = "http") -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["simulate"]:
-        from .simulator.__main__ import main as simulate
+        from twilio_wireless_simulator.__main__ import main as simulate
 
         status: int = simulate(argv[1:])
         return status

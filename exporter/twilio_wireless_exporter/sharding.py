@@ -7,7 +7,7 @@ happens to see. The hash is
 * **stable**: the same SID lands on the same shard in every process, on every machine and across
   restarts (BLAKE2b of the case-folded SID, not Python's salted ``hash()``);
 * **independent of the poll phase**: the poller spreads SIMs over the interval with another hash
-  of the SID (:func:`~twilio_wireless_exporter.poller.sim_offset`); this one is personalised
+  of the SID (:func:`~twilio_wireless_exporter.polling.poller.sim_offset`); this one is personalised
   differently, so each shard still spreads its SIMs evenly over the whole interval;
 * **consistent** (jump consistent hash, Lamping and Veach 2014): going from N to N+1 replicas moves
   only about 1/(N+1) of the SIMs, each to the new replica, instead of reshuffling nearly all of

@@ -39,7 +39,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from .sharding import MAX_SHARDS
+from twilio_wireless_exporter.sharding import MAX_SHARDS
 
 __all__ = [
     "DEFAULT_BASE_URL",

@@ -1,4 +1,4 @@
-"""Container health check: ``python -m twilio_wireless_exporter.healthcheck [ADDRESS]``.
+"""Container health check: ``python -m twilio_wireless_exporter.web.healthcheck [ADDRESS]``.
 
 Asks the exporter at ``ADDRESS`` (default ``127.0.0.1:10311``) for ``/-/healthy`` and exits 0 when
 it is alive, else 1 (Docker's HEALTHCHECK contract), printing one line about what it found.
@@ -36,7 +36,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .address import netloc, parse_listen_address
+from twilio_wireless_exporter.web.address import netloc, parse_listen_address
 
 DEFAULT_ADDRESS = "127.0.0.1:10311"
 PATH = "/-/healthy"
@@ -143,7 +143,7 @@ def check(address: str = DEFAULT_ADDRESS, *, timeout: float = DEFAULT_TIMEOUT) -
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m twilio_wireless_exporter.healthcheck",
+        prog="python -m twilio_wireless_exporter.web.healthcheck",
         description="Exit 0 when the exporter at ADDRESS answers /-/healthy over HTTP or HTTPS"
         " (200, or 401 with basic auth; with mutual TLS, its TLS handshake), else 1.",
     )

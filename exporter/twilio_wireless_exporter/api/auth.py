@@ -1,7 +1,7 @@
 """OAuth 2.0 client credentials for KORE Wireless: one shared bearer token, renewed in time.
 
 :class:`OAuth2Authenticator` implements the client's
-:class:`~twilio_wireless_exporter.client.Authenticator` protocol:
+:class:`~twilio_wireless_exporter.api.client.Authenticator` protocol:
 
 * The first request fetches a token (``POST token_url`` with ``grant_type=client_credentials``,
   ``client_id``, ``client_secret`` and optionally ``scope``); every request after it shares that
@@ -35,7 +35,7 @@ import aiohttp
 import msgspec
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from .client import (
+from twilio_wireless_exporter.api.client import (
     CODE_TRANSPORT_ERROR,
     USER_AGENT,
     ApiError,
@@ -43,7 +43,7 @@ from .client import (
     parse_retry_after,
     read_capped,
 )
-from .clock import Clock, SystemClock
+from twilio_wireless_exporter.clock import Clock, SystemClock
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from . import __version__
-from .exposition import Exposition
-from .state import FleetState
+from twilio_wireless_exporter import __version__
+from twilio_wireless_exporter.exposition.renderer import Exposition
+from twilio_wireless_exporter.fleet.state import FleetState
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,9 +24,9 @@ aside to ``<path>.rejected`` with one clear warning, and the exporter starts fre
 crashes on a bad file. SIMs in the file that are no longer monitored are dropped.
 
 Restored state is *held* until the SIMs are polled again (see
-:meth:`~twilio_wireless_exporter.state.FleetState.restore`): the file can be older than what the
-exporter showed just before a crash, and showing the older, lower counters would look like a
-counter reset to Prometheus.
+:meth:`~twilio_wireless_exporter.fleet.state.FleetState.restore`): the file can be older than
+what the exporter showed just before a crash, and showing the older, lower counters would look
+like a counter reset to Prometheus.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from . import __version__
-from .accounting import SessionAttributes, SessionMemo, SimAccount
-from .config import BasicCredentials, Config
-from .state import SESSION_DURATION_BUCKETS, FleetState, Histogram
+from twilio_wireless_exporter import __version__
+from twilio_wireless_exporter.config.models import BasicCredentials, Config
+from twilio_wireless_exporter.fleet.accounting import SessionAttributes, SessionMemo, SimAccount
+from twilio_wireless_exporter.fleet.state import SESSION_DURATION_BUCKETS, FleetState, Histogram
 
 log = logging.getLogger(__name__)
 

@@ -21,12 +21,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .accounting import DEFAULT_FORGET_AFTER, apply_listing
-from .client import ApiError, TwilioClient
-from .clock import Clock, SystemClock
-from .records import Sim
-from .sharding import Shard
-from .state import FleetState
+from twilio_wireless_exporter.api.client import ApiError, TwilioClient
+from twilio_wireless_exporter.api.records import Sim
+from twilio_wireless_exporter.clock import Clock, SystemClock
+from twilio_wireless_exporter.fleet.accounting import DEFAULT_FORGET_AFTER, apply_listing
+from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_exporter.sharding import Shard
 
 log = logging.getLogger(__name__)
 

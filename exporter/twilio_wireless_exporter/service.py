@@ -10,17 +10,22 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from .auth import OAuth2Authenticator, TokenObserver, TokenSettings
-from .client import Authenticator, BasicAuthenticator, ClientSettings, TwilioClient
-from .clock import Clock, SystemClock
-from .collector import build_registry
-from .config import BasicCredentials, Config
-from .exposition import Exposition
-from .persist import StateStore, state_identity
-from .poller import Poller, PollerSettings, SimTarget
-from .sharding import Shard
-from .state import FleetState
-from .web import WebContext, make_app
+from twilio_wireless_exporter.api.auth import OAuth2Authenticator, TokenObserver, TokenSettings
+from twilio_wireless_exporter.api.client import (
+    Authenticator,
+    BasicAuthenticator,
+    ClientSettings,
+    TwilioClient,
+)
+from twilio_wireless_exporter.clock import Clock, SystemClock
+from twilio_wireless_exporter.config.models import BasicCredentials, Config
+from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.exposition.renderer import Exposition
+from twilio_wireless_exporter.fleet.persist import StateStore, state_identity
+from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_exporter.polling.poller import Poller, PollerSettings, SimTarget
+from twilio_wireless_exporter.sharding import Shard
+from twilio_wireless_exporter.web.app import WebContext, make_app
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,15 @@ import msgspec
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from . import __version__
-from .adaptive import AdaptiveLimit
-from .records import DataSession, DataSessionPage, Sim, SimPage, TwilioErrorBody
+from twilio_wireless_exporter import __version__
+from twilio_wireless_exporter.api.adaptive import AdaptiveLimit
+from twilio_wireless_exporter.api.records import (
+    DataSession,
+    DataSessionPage,
+    Sim,
+    SimPage,
+    TwilioErrorBody,
+)
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :class:`FleetCollector` is a custom ``prometheus_client`` collector over :class:`FleetState`;
 :class:`ApiMetrics` holds the exporter's own request/retry/poll-error metrics and is the
-client's :class:`~twilio_wireless_exporter.client.ApiObserver`. Both live on a private
+client's :class:`~twilio_wireless_exporter.api.client.ApiObserver`. Both live on a private
 ``CollectorRegistry`` built by :func:`build_registry`; nothing touches the global registry.
 """
 
@@ -18,8 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from . import __version__
-from .state import FleetState, SimRecord
+from twilio_wireless_exporter import __version__
+from twilio_wireless_exporter.fleet.state import FleetState, SimRecord
 
 NAMESPACE = "twilio_wireless"
 CACHED = " Cached from the exporter's latest poll of the Twilio API."

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from .records import DataSession
+from twilio_wireless_exporter.api.records import DataSession
 
 DEFAULT_FORGET_AFTER = 3
 

@@ -1,4 +1,4 @@
-"""``python -m twilio_wireless_exporter.simulator``."""
+"""``python -m twilio_wireless_simulator``."""
 
 import sys
 

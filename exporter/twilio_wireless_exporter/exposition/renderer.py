@@ -2,11 +2,12 @@
 
 The stock ``prometheus_client`` generators rebuild every sample line on every scrape (about a
 second for 10,000 SIMs). :class:`Exposition` keeps the rendered text of every per-SIM family
-and re-renders a SIM only when its :attr:`~twilio_wireless_exporter.state.SimRecord.version`
+and re-renders a SIM only when its :attr:`~twilio_wireless_exporter.fleet.state.SimRecord.version`
 changed since the previous scrape. The samples themselves still come from
-:func:`~twilio_wireless_exporter.collector.sim_samples`, the reference collector's own source of
-truth; only the formatting is done here (same rules as ``prometheus_client``: labels sorted by
-name, values as Go floats, label values escaped for backslash, double quote and newline).
+:func:`~twilio_wireless_exporter.exposition.collector.sim_samples`, the reference
+collector's own source of truth; only the formatting is done here (same rules as
+``prometheus_client``: labels sorted by name, values as Go floats,
+label values escaped for backslash, double quote and newline).
 
 Layout: the text of each per-SIM family is cut into *blocks* of ``block_size`` consecutive SIMs
 (one ``bytes`` object per block plus the end offset of each SIM's fragment). A changed SIM
@@ -44,8 +45,12 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as om_format
 from prometheus_client.registry import Collector
 
-from .collector import PER_SIM_FAMILIES, per_sim_families_rendered_elsewhere, sim_samples
-from .state import FleetState, SimRecord
+from twilio_wireless_exporter.exposition.collector import (
+    PER_SIM_FAMILIES,
+    per_sim_families_rendered_elsewhere,
+    sim_samples,
+)
+from twilio_wireless_exporter.fleet.state import FleetState, SimRecord
 
 Encoder = Callable[[CollectorRegistry], bytes]
 
@@ -215,7 +220,7 @@ class RefreshStats:
 class Exposition:
     """Per-SIM cached rendering of a :class:`FleetState` plus the rest of ``registry``.
 
-    ``registry`` must hold the state's :class:`~twilio_wireless_exporter.collector.
+    ``registry`` must hold the state's :class:`~twilio_wireless_exporter.exposition.collector.
     FleetCollector` (its fleet-wide families come out of the stock generator, like every other
     collector in the registry). Call it from one thread: the event loop that owns the state.
     """

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from .accounting import ListingOutcome, SimAccount
+from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SimAccount
 
 SESSION_DURATION_BUCKETS: tuple[float, ...] = (
     60.0,

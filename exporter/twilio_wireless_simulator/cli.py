@@ -1,6 +1,6 @@
 """Command line of the simulator.
 
-``python -m twilio_wireless_exporter.simulator`` (or ``twilio-wireless-exporter simulate``).
+``python -m twilio_wireless_simulator`` (or ``twilio-wireless-exporter simulate``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .model import format_time
 
 __all__ = ["build_parser", "config_from_args", "main", "parse_duration"]
 
-log = logging.getLogger("twilio_wireless_exporter.simulator")
+log = logging.getLogger("twilio_wireless_simulator")
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -89,7 +89,7 @@ def _api_key(text: str) -> tuple[str, str]:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog or "python -m twilio_wireless_exporter.simulator",
+        prog=prog or "python -m twilio_wireless_simulator",
         description="Serve a simulated Twilio Programmable Wireless API (demo credentials only).",
     )
     p.add_argument("--listen", type=_listen, default=("127.0.0.1", 8080), metavar="HOST:PORT")

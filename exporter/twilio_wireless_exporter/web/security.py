@@ -57,7 +57,7 @@ import bcrypt
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from .config import ConfigError, _describe, read_yaml_file
+from twilio_wireless_exporter.config.models import ConfigError, _describe, read_yaml_file
 
 __all__ = [
     "REALM",

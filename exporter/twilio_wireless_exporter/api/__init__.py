@@ -1,0 +1,1 @@
+"""The Wireless REST API: one transport, the typed records, authentication and request limits."""

@@ -1,0 +1,1 @@
+"""Exposition: the metric families and the incremental renderer of /metrics."""

@@ -1,0 +1,1 @@
+"""Polling: when each SIM is read, and which SIMs this replica owns."""
