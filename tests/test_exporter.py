@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import gzip
+import logging
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MakeHarness
+from tests.conftest import MakeHarness, eventually, exporter_mapping
 from twilio_wireless_exporter.cli import freeze_startup_heap
+from twilio_wireless_exporter.clock import ManualClock
+from twilio_wireless_exporter.config.models import config_from_mapping
+from twilio_wireless_exporter.fleet.persist import read_state, state_identity
+from twilio_wireless_exporter.service import Exporter, Loops
 from twilio_wireless_exporter.web import app as web
 from twilio_wireless_exporter.web.app import coalesce
 from twilio_wireless_simulator import FaultResponse, RunningSimulator
@@ -441,3 +450,116 @@ async def test_metrics_are_sent_in_chunks_with_the_exact_length(
     assert resp.status == 200
     assert resp.headers["Content-Length"] == str(len(expected))
     assert await resp.read() == b""
+
+
+# ------------------------------------------------------------------------------ lifecycle
+
+
+async def _stopped() -> None:
+    return None
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+async def test_a_crashing_loop_is_logged_by_name_and_stops_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    failures: list[str] = []
+    loops = Loops(on_failure=lambda: failures.append("called"))
+    survivor_cancelled = asyncio.Event()
+
+    async def crash() -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("a bug in the loop")
+
+    async def survivor() -> None:
+        try:
+            await _forever()
+        finally:
+            survivor_cancelled.set()
+
+    with caplog.at_level(logging.CRITICAL, logger="twilio_wireless_exporter.service"):
+        loops.start({"crasher": crash, "survivor": survivor})
+        assert loops.running
+        await asyncio.wait_for(survivor_cancelled.wait(), timeout=5)
+        await eventually(lambda: not loops.running)
+    assert loops.failed
+    assert failures == ["called"]
+    [record] = caplog.records
+    assert record.getMessage() == "the crasher stopped unexpectedly; stopping the exporter"
+    assert record.exc_info is not None
+    assert "a bug in the loop" in str(record.exc_info[1])
+    await loops.stop()  # the crash is not raised again
+
+
+async def test_a_loop_that_returns_counts_as_a_crash(caplog: pytest.LogCaptureFixture) -> None:
+    loops = Loops()
+    with caplog.at_level(logging.CRITICAL, logger="twilio_wireless_exporter.service"):
+        loops.start({"quitter": _stopped, "other": _forever})
+        await eventually(lambda: not loops.running)
+    assert loops.failed
+    assert [r.getMessage() for r in caplog.records] == [
+        "the quitter returned unexpectedly; stopping the exporter"
+    ]
+    await loops.stop()
+
+
+async def test_stop_cancels_every_loop_without_calling_it_a_failure() -> None:
+    failures: list[str] = []
+    loops = Loops(on_failure=lambda: failures.append("called"))
+    ended: list[str] = []
+
+    def loop(name: str) -> Callable[[], Coroutine[Any, Any, None]]:
+        async def run() -> None:
+            try:
+                await _forever()
+            finally:
+                ended.append(name)
+
+        return run
+
+    loops.start({"a": loop("a"), "b": loop("b")})
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="already running"):
+        loops.start({"c": loop("c")})
+    await loops.stop()
+    assert sorted(ended) == ["a", "b"]
+    assert not loops.running
+    assert not loops.failed
+    assert failures == []
+    await loops.stop()  # stopping twice is harmless
+
+
+async def test_a_crashed_poller_fails_the_exporter_and_the_final_save_still_runs(
+    sim: RunningSimulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sid = sim.fleet.add_sim()
+    path = tmp_path / "state.db"
+    mapping = exporter_mapping(sim.url, [sid], state={"path": str(path)})
+    failures: list[str] = []
+    exporter = Exporter(
+        config_from_mapping(mapping, environ={}),
+        clock=ManualClock(),
+        on_failure=lambda: failures.append("failed"),
+    )
+    await exporter.open()
+    await exporter.poller.poll_all()  # a baselined SIM, so the final save has something to keep
+
+    async def broken_refresh() -> bool:
+        raise RuntimeError("a bug in discovery")
+
+    exporter.poller.refresh_sims = broken_refresh  # type: ignore[method-assign]
+    with caplog.at_level(logging.CRITICAL, logger="twilio_wireless_exporter.service"):
+        await exporter.start()
+        await eventually(lambda: exporter.failed)
+        await eventually(lambda: not exporter.running)
+    assert failures == ["failed"]
+    assert not exporter.is_ready()  # every SIM was polled, but nothing polls them any more
+    [record] = caplog.records
+    assert record.getMessage() == "the poller stopped unexpectedly; stopping the exporter"
+    assert record.exc_info is not None
+    assert "a bug in discovery" in repr(record.exc_info[1])
+    await exporter.stop()
+    assert sid in read_state(path, state_identity(exporter.config)).accounts

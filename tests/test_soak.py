@@ -386,7 +386,7 @@ async def test_soak_against_a_hostile_api(
             scraper.cancel()
             await asyncio.gather(scraper, return_exceptions=True)
             final = parse(await (await http.get(url + "/metrics")).text())
-            poller_alive = exporter._task is not None and not exporter._task.done()
+            poller_alive = exporter.running
 
     # ------------------------------------------------------------------ verdicts
     loop.set_exception_handler(None)

@@ -285,7 +285,7 @@ async def serve(
         if config is None:
             demo = await stack.enter_async_context(_demo_config(args, "127.0.0.1"))
             config = with_shard(demo, args.shard)
-        exporter = Exporter(config)
+        exporter = Exporter(config, on_failure=stop.set)  # a crashed loop ends the process
         middlewares = web_config.middlewares() if web_config is not None else []
         app = exporter.web_app(middlewares=middlewares)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -300,7 +300,7 @@ async def serve(
             log.info("listening on %s", _format_address(address, scheme))
         await stop.wait()
         log.info("shutting down")
-    return 0
+    return 1 if exporter.failed else 0
 
 
 def freeze_startup_heap() -> int:

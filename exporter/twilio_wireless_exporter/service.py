@@ -1,10 +1,12 @@
-"""Wiring: validated config in, a running exporter (client, poller, state, web app) out."""
+"""Wiring and lifecycle: validated config in, a running exporter (client, poller, state, web
+app) out, and the one place that starts and stops its long-lived tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -30,9 +32,11 @@ from twilio_wireless_exporter.web.app import WebContext, make_app
 log = logging.getLogger(__name__)
 
 #: How often the cached ``/metrics`` text catches up with the state between scrapes (seconds):
-#: a scrape then renders at most this long's changes (at 10,000 SIMs polled every 15 s, some
-#: 170 SIMs, ~12 ms). Idle until the first scrape; about 1 ms of CPU per refresh otherwise.
+#: a scrape then renders at most this long's changes. Idle until the first scrape.
 EXPOSITION_REFRESH_INTERVAL = 0.25
+
+#: A long-lived loop of the exporter: called once, runs until cancelled.
+Loop = Callable[[], Coroutine[Any, Any, None]]
 
 
 def client_settings(config: Config) -> ClientSettings:
@@ -105,7 +109,9 @@ class Exporter:
         *,
         clock: Clock | None = None,
         retry_sleep: Callable[[float], Awaitable[None]] | None = None,
+        on_failure: Callable[[], None] | None = None,
     ) -> None:
+        """``on_failure`` is called once if a background loop crashes (see :class:`Loops`)."""
         self.config = config
         self.clock: Clock = clock or SystemClock()
         self._retry_sleep = retry_sleep or asyncio.sleep
@@ -119,10 +125,8 @@ class Exporter:
         self._session: aiohttp.ClientSession | None = None
         self._client: TwilioClient | None = None
         self._poller: Poller | None = None
-        self._task: asyncio.Task[None] | None = None
         self._store: StateStore | None = None
-        self._saver: asyncio.Task[None] | None = None
-        self._refresher: asyncio.Task[None] | None = None
+        self._loops = Loops(on_failure)
 
     @property
     def poller(self) -> Poller:
@@ -136,8 +140,18 @@ class Exporter:
             raise RuntimeError("exporter not started")
         return self._client
 
+    @property
+    def failed(self) -> bool:
+        """Whether a background loop crashed (the exporter then no longer polls)."""
+        return self._loops.failed
+
+    @property
+    def running(self) -> bool:
+        """Whether the background loops run (started, not stopped, none crashed)."""
+        return self._loops.running
+
     def is_ready(self) -> bool:
-        return self._poller is not None and self._poller.ready
+        return self._poller is not None and self._poller.ready and not self.failed
 
     async def open(self) -> None:
         """Create the HTTP session, client and poller without starting to poll."""
@@ -175,17 +189,19 @@ class Exporter:
             )
 
     async def start(self) -> None:
-        """Open (if needed) and start the background poller."""
+        """Open (if needed) and start the background loops: polling, state saves and the
+        exposition's catch-up."""
         if self._poller is None:
             await self.open()
-        self._task = asyncio.create_task(self.poller.run(), name="poller")
-        self._task.add_done_callback(_log_crash)
-        if self._store is not None:
-            saver = self._store.run(self.state, self.config.state.save_interval, self.clock.sleep)
-            self._saver = asyncio.create_task(saver, name="state-saver")
-        refresher = self.exposition.keep_fresh(EXPOSITION_REFRESH_INTERVAL, self.clock.sleep)
-        self._refresher = asyncio.create_task(refresher, name="exposition-refresher")
-        self._refresher.add_done_callback(_log_crash)
+        loops: dict[str, Loop] = {"poller": self.poller.run}
+        store = self._store
+        if store is not None:
+            interval = self.config.state.save_interval
+            loops["state saver"] = lambda: store.run(self.state, interval, self.clock.sleep)
+        loops["exposition refresher"] = lambda: self.exposition.keep_fresh(
+            EXPOSITION_REFRESH_INTERVAL, self.clock.sleep
+        )
+        self._loops.start(loops)
         log.info(
             "polling %d configured SIMs%s every %gs from %s",
             len(self.config.sims),
@@ -206,16 +222,9 @@ class Exporter:
             )
 
     async def stop(self) -> None:
-        """Cancel in-flight polls and close the HTTP session."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-        for task in (self._saver, self._refresher):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._saver = self._refresher = None
+        """Stop the background loops (cancelling in-flight polls), save the state a last time
+        and close the HTTP session."""
+        await self._loops.stop()
         if self._store is not None:
             await self._store.save(self.state)  # polling has stopped: the final state
         if self._session is not None:
@@ -244,9 +253,63 @@ class Exporter:
         return app
 
 
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None:
-        log.critical("the %s stopped unexpectedly", task.get_name(), exc_info=exc)
+class Loops:
+    """The exporter's long-lived loops, run in one :class:`asyncio.TaskGroup` and stopped
+    together.
+
+    Every loop runs until cancelled and handles the failures it expects (API errors, a failed
+    save). One that ends any other way is a bug: its name and traceback are logged, the other
+    loops are stopped with it (the group's rule), and ``on_failure`` is called, so the command
+    exits with an error status for whatever supervises the process to restart it, instead of
+    serving numbers that no longer move while its health endpoint says all is well.
+    """
+
+    def __init__(self, on_failure: Callable[[], None] | None = None) -> None:
+        self._on_failure = on_failure
+        self._group: asyncio.Task[None] | None = None
+        self.failed = False
+
+    @property
+    def running(self) -> bool:
+        return self._group is not None and not self._group.done()
+
+    def start(self, loops: Mapping[str, Loop]) -> None:
+        if self._group is not None:
+            raise RuntimeError("the exporter's loops are already running")
+        self._group = asyncio.create_task(self._run(dict(loops)), name="exporter")
+
+    async def stop(self) -> None:
+        """Cancel every loop and wait until all of them have ended."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        group.cancel()
+        # A crash was logged when it happened; what the group re-raises is that crash.
+        await asyncio.gather(group, return_exceptions=True)
+
+    async def _run(self, loops: dict[str, Loop]) -> None:
+        async with asyncio.TaskGroup() as group:
+            for name, loop in loops.items():
+                group.create_task(self._guard(name, loop), name=name)
+
+    async def _guard(self, name: str, loop: Loop) -> None:
+        try:
+            await loop()
+        except Exception:
+            log.critical("the %s stopped unexpectedly; stopping the exporter", name, exc_info=True)
+            self._failed()
+            raise
+        log.critical("the %s returned unexpectedly; stopping the exporter", name)
+        self._failed()
+        raise LoopReturnedError(name)
+
+    def _failed(self) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        if self._on_failure is not None:
+            self._on_failure()
+
+
+class LoopReturnedError(Exception):
+    """A loop that should run until cancelled returned (ends the group like a crash)."""

@@ -70,10 +70,6 @@ class Shard:
                 f" got {self.index}"
             )
 
-    @property
-    def is_whole(self) -> bool:
-        return self.count == 1
-
     def owns(self, sid: str) -> bool:
         return self.count == 1 or shard_of(sid, self.count) == self.index
 

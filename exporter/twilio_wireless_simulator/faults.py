@@ -143,12 +143,6 @@ class FaultConfig:
             if lo < 0 or hi < lo:
                 raise ValueError(f"latency must be (min, max) with 0 <= min <= max, got {lo, hi}")
 
-    def reseed(self, seed: int | None = None) -> None:
-        """Restart the fault RNG (with ``seed`` or the configured one)."""
-        if seed is not None:
-            self.seed = seed
-        self._rng = random.Random(self.seed)
-
     # -- scripted faults -------------------------------------------------------------------
 
     def script(

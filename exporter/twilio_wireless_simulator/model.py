@@ -1103,12 +1103,6 @@ class Fleet:
         """Sessions held for listing (generated so far and not aged out or removed)."""
         return len(self._sessions)
 
-    def advance_all(self) -> None:
-        """Generate every SIM's sessions up to now (otherwise this happens lazily per SIM)."""
-        now = self._now()
-        for sim in self._sims:
-            self._extend(sim, now)
-
     # -- SIMs --------------------------------------------------------------------------------
 
     def __len__(self) -> int:

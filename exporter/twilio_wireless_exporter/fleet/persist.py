@@ -580,12 +580,6 @@ class StateStore:
             except Exception:  # a bug here must not stop future saves
                 log.exception("unexpected error while saving state to %s", self.path)
 
-    async def close(self) -> None:
-        """Wait for a write still running in its thread (after a cancelled save)."""
-        if self._writing is not None and not self._writing.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._writing)
-
 
 def _ago(saved_at: float, now: float) -> str:
     if saved_at != saved_at:

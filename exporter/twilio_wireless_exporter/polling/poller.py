@@ -57,8 +57,6 @@ class PollerSettings:
     discovery_statuses: tuple[str, ...] = ("active",)
     discovery_interval: float = 600.0
     forget_after: int = DEFAULT_FORGET_AFTER
-    fetch_identity: bool = True
-    """Fetch ``/v1/Sims/{sid}`` for configured SIMs that discovery does not cover."""
     shard: Shard = field(default_factory=Shard)
     """Poll only the SIMs (configured or discovered) that this shard owns."""
 
@@ -180,40 +178,41 @@ class Poller:
             self._discovered_once = True
         for sim in discovered.values():
             self._set_identity(sim)
-        if self._settings.fetch_identity:
-            missing = [sid for sid in self._targets if sid not in discovered]
-            results = await asyncio.gather(
-                *(self._client.fetch_sim(sid) for sid in missing), return_exceptions=True
-            )
-            for sid, result in zip(missing, results, strict=True):
-                if isinstance(result, Sim):
-                    self._set_identity(result)
-                elif isinstance(result, ApiError):
-                    ok = False
-                    self._count(result)
-                    self._report(result, f"cannot read SIM {sid}")
-                elif isinstance(result, BaseException):
-                    raise result
+        # Configured SIMs that discovery does not cover: their own /v1/Sims/{sid}.
+        missing = [sid for sid in self._targets if sid not in discovered]
+        results = await asyncio.gather(
+            *(self._client.fetch_sim(sid) for sid in missing), return_exceptions=True
+        )
+        for sid, result in zip(missing, results, strict=True):
+            if isinstance(result, Sim):
+                self._set_identity(result)
+            elif isinstance(result, ApiError):
+                ok = False
+                self._count(result)
+                self._report(result, f"cannot read SIM {sid}")
+            elif isinstance(result, BaseException):
+                raise result
         return ok
 
     # ------------------------------------------------------------------ the long-running loop
 
     async def run(self) -> None:
-        """Poll forever (until cancelled). Cancellation stops every in-flight poll."""
+        """Poll forever (until cancelled), with discovery / identity refreshes beside it.
+
+        Every task it starts (the refresh loop, one per in-flight poll) belongs to one task
+        group: cancelling ``run`` stops all of them, and a bug that escapes the refresh loop
+        ends ``run`` with that error instead of dying unseen.
+        """
         self._anchor = self._clock.monotonic()
-        refresher = asyncio.create_task(self._refresh_loop(), name="sim-refresh")
         try:
-            if self._settings.discovery and not self._discovered_once:
-                # The SIM list comes from discovery; polls start as soon as it is known.
-                await self._wait_for_discovery()
-            self._schedule_new(initial=True)
-            await self._schedule_loop()
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._refresh_loop(), name="sim-refresh")
+                if self._settings.discovery and not self._discovered_once:
+                    # The SIM list comes from discovery; polls start as soon as it is known.
+                    await self._wait_for_discovery()
+                self._schedule_new(initial=True)
+                await self._schedule_loop(group)
         finally:
-            refresher.cancel()
-            tasks = [refresher, *self._inflight.values()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             self._inflight.clear()
 
     async def _wait_for_discovery(self) -> None:
@@ -250,7 +249,7 @@ class Poller:
         k = max(1, math.floor((now - base) / interval) + 1)
         return base + k * interval
 
-    async def _schedule_loop(self) -> None:
+    async def _schedule_loop(self, group: asyncio.TaskGroup) -> None:
         while True:
             now = self._clock.monotonic()
             # Due SIMs beyond the task cap stay on the heap: a finishing poll wakes the loop.
@@ -259,7 +258,7 @@ class Poller:
                 if sid not in self._state.sims:
                     continue  # no longer monitored
                 if sid not in self._inflight:
-                    self._inflight[sid] = asyncio.create_task(self._poll_task(sid), name=sid)
+                    self._inflight[sid] = group.create_task(self._poll_task(sid), name=sid)
                 # else: still polling; it takes its next slot when it finishes
             self._wake.clear()
             if len(self._inflight) >= self._max_tasks:
