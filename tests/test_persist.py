@@ -429,6 +429,41 @@ BAD_FILES = [
         id="float-flag",
     ),
     pytest.param(
+        lambda p: _sql(p, "UPDATE sims SET sid='' WHERE rowid=1"),
+        "bad sid: ''",
+        id="empty-sim-sid",
+    ),
+    pytest.param(
+        lambda p: _sql(p, "UPDATE sims SET latitude='north'"),
+        "bad latitude: 'north'",
+        id="text-in-location",
+    ),
+    pytest.param(
+        lambda p: _sql(p, "UPDATE sims SET latest_operator_name=X'00ff'"),
+        "bad latest_operator_name: b'\\x00\\xff'",
+        id="blob-in-attribute",
+    ),
+    pytest.param(
+        lambda p: _sql(p, "UPDATE sessions SET sid=''"),
+        "bad sid: ''",
+        id="empty-session-sid",
+    ),
+    pytest.param(
+        lambda p: _sql(p, "UPDATE durations SET counts='[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1]'"),
+        "bad duration histogram",
+        id="negative-bucket",
+    ),
+    pytest.param(
+        lambda p: _sql(p, "UPDATE durations SET counts='[1, 2]'"),
+        "bad duration histogram",
+        id="too-few-buckets",
+    ),
+    pytest.param(
+        lambda p: _sql(p, "UPDATE durations SET total='long'"),
+        "bad total: 'long'",
+        id="text-in-histogram-sum",
+    ),
+    pytest.param(
         lambda p: _sql(p, "UPDATE durations SET count=count+1"),
         "inconsistent duration histogram",
         id="inconsistent-histogram",

@@ -36,13 +36,15 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final, TypeVar
 
+import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from twilio_wireless_exporter import __version__
@@ -99,11 +101,9 @@ CREATE TABLE durations (
 );
 """
 
-_SIM_COLUMNS: Final = 21
 _INSERT_SIM: Final = (
     "INSERT INTO sims VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
-_SESSION_COLUMNS: Final = 6
 
 
 class StateFileError(Exception):
@@ -275,78 +275,135 @@ def write_state(path: Path, snap: Snapshot, identity: StateIdentity, saved_at: f
 
 # ----------------------------------------------------------------------------------- reading
 
-
-def _int(value: object, what: str) -> int:
-    if type(value) is not int or value < 0:
-        raise StateFileError(f"bad {what}: {value!r}")
-    return value
-
-
-def _float(value: object, what: str) -> float | None:
-    if value is None:
-        return None
-    if type(value) is int:
-        return float(value)
-    if type(value) is not float or value != value:
-        raise StateFileError(f"bad {what}: {value!r}")
-    return value
+#: A counter, a count or a flag: an integer (not a float, not a bool), never negative.
+Count = Annotated[int, msgspec.Meta(ge=0)]
+#: A SID: text, not empty.
+Sid = Annotated[str, msgspec.Meta(min_length=1)]
 
 
-def _text(value: object, what: str) -> str | None:
-    if value is None or type(value) is str:
-        return value
-    raise StateFileError(f"bad {what}: {value!r}")
+class _Row(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """A table row as SQLite returns it (a tuple in column order), checked cell by cell by
+    :func:`_decode` against the types its subclass declares, in the order of ``_SCHEMA``."""
 
 
-def _account(row: tuple[Any, ...]) -> tuple[str, SimAccount, float | None]:
-    if len(row) != _SIM_COLUMNS:
-        raise StateFileError("bad sims row")
-    sid = _text(row[0], "SIM sid")
-    if not sid:
-        raise StateFileError("bad SIM sid")
-    attrs = [_text(v, "session attribute") for v in row[8:14]]
-    latest: SessionAttributes | None = None
-    if attrs[0] is not None:
-        radio, name, country, mcc, mnc, imei = (a or "" for a in attrs)
-        latest = SessionAttributes(radio, name, country, mcc, mnc, imei)
-    lat, lon = _float(row[15], "latitude"), _float(row[16], "longitude")
-    acct = SimAccount(
-        baselined=bool(_int(row[1], "baselined")),
-        started_total=_int(row[2], "started_total"),
-        ended_total=_int(row[3], "ended_total"),
-        packets_uploaded_total=_int(row[4], "packets_uploaded_total"),
-        packets_downloaded_total=_int(row[5], "packets_downloaded_total"),
-        imei_changes_total=_int(row[6], "imei_changes_total"),
-        open_sessions=_int(row[7], "open_sessions"),
-        latest=latest,
-        latest_start=_float(row[14], "latest_start"),
-        location=None if lat is None or lon is None else (lat, lon),
-        location_start=_float(row[17], "location_start"),
-        last_updated=_float(row[18], "last_updated"),
-        last_imei=_text(row[19], "last_imei"),
-    )
-    return sid, acct, _float(row[20], "last_success")
+class SimRow(_Row):
+    sid: Sid
+    baselined: Count
+    started_total: Count
+    ended_total: Count
+    packets_uploaded_total: Count
+    packets_downloaded_total: Count
+    imei_changes_total: Count
+    open_sessions: Count
+    latest_radio_link: str | None
+    latest_operator_name: str | None
+    latest_operator_country: str | None
+    latest_operator_mcc: str | None
+    latest_operator_mnc: str | None
+    latest_imei: str | None
+    latest_start: float | None
+    latitude: float | None
+    longitude: float | None
+    location_start: float | None
+    last_updated: float | None
+    last_imei: str | None
+    last_success: float | None
 
 
-def _histogram(row: tuple[Any, ...]) -> tuple[str, Histogram] | None:
-    radio_link = _text(row[0], "radio_link")
+class SessionRow(_Row):
+    sim_sid: str
+    sid: Sid
+    packets_uploaded: Count
+    packets_downloaded: Count
+    ended: Count
+    absent: Count
+
+
+class DurationRow(_Row):
+    radio_link: str
+    bounds: str
+    """JSON list of the bucket bounds."""
+    counts: str
+    """JSON list of the per-bucket counts (one more than the bounds: the +Inf bucket)."""
+    total: float
+    count: Count
+
+
+_CELL_AT: Final = re.compile(r"(?P<reason>.*) - at `\$\[(?P<index>\d+)\]`$")
+
+
+_R = TypeVar("_R", bound=_Row)
+
+
+def _decode(row: tuple[Any, ...], kind: type[_R], table: str) -> _R:
+    """``row`` as a ``kind``, or a :class:`StateFileError` naming the bad cell and its value."""
     try:
-        bounds = json.loads(row[1])
-        counts = json.loads(row[2])
-    except (TypeError, ValueError):
-        raise StateFileError("bad duration histogram") from None
-    if radio_link is None or not isinstance(bounds, list) or not isinstance(counts, list):
-        raise StateFileError("bad duration histogram")
+        return msgspec.convert(row, kind, strict=True)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        message = message[:1].lower() + message[1:]
+        cell = _CELL_AT.match(message)
+        if cell is None:  # the row itself: too few or too many columns
+            raise StateFileError(f"bad {table} row ({message})") from None
+        index = int(cell["index"])
+        field = kind.__struct_fields__[index]
+        raise StateFileError(
+            f"bad {field}: {row[index]!r} in table {table} ({cell['reason']})"
+        ) from None
+
+
+def _account(row: SimRow) -> SimAccount:
+    latest: SessionAttributes | None = None
+    if row.latest_radio_link is not None:
+        latest = SessionAttributes(
+            row.latest_radio_link,
+            row.latest_operator_name or "",
+            row.latest_operator_country or "",
+            row.latest_operator_mcc or "",
+            row.latest_operator_mnc or "",
+            row.latest_imei or "",
+        )
+    lat, lon = row.latitude, row.longitude
+    return SimAccount(
+        baselined=bool(row.baselined),
+        started_total=row.started_total,
+        ended_total=row.ended_total,
+        packets_uploaded_total=row.packets_uploaded_total,
+        packets_downloaded_total=row.packets_downloaded_total,
+        imei_changes_total=row.imei_changes_total,
+        open_sessions=row.open_sessions,
+        latest=latest,
+        latest_start=row.latest_start,
+        location=None if lat is None or lon is None else (lat, lon),
+        location_start=row.location_start,
+        last_updated=row.last_updated,
+        last_imei=row.last_imei,
+    )
+
+
+def _histogram(row: DurationRow) -> Histogram | None:
+    """The histogram of ``row``; None when its buckets are not today's (it starts afresh)."""
+    try:
+        bounds = msgspec.json.decode(row.bounds, type=list[float])
+        counts = msgspec.json.decode(row.counts, type=list[Count])
+    except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
+        reason = str(exc)
+        raise StateFileError(
+            f"bad duration histogram of {row.radio_link!r} ({reason[:1].lower()}{reason[1:]})"
+        ) from None
     if tuple(bounds) != SESSION_DURATION_BUCKETS:
         return None  # buckets changed between versions: start this histogram afresh
     if len(counts) != len(bounds) + 1:
-        raise StateFileError("bad duration histogram")
-    total = _float(row[3], "histogram sum")
-    count = _int(row[4], "histogram count")
-    checked = [_int(c, "histogram bucket") for c in counts]
-    if sum(checked) != count or total is None:
-        raise StateFileError("inconsistent duration histogram")
-    return radio_link, Histogram(SESSION_DURATION_BUCKETS, checked, total, count)
+        raise StateFileError(
+            f"bad duration histogram of {row.radio_link!r}: {len(counts)} counts for"
+            f" {len(bounds)} buckets and +Inf"
+        )
+    if sum(counts) != row.count:
+        raise StateFileError(
+            f"inconsistent duration histogram of {row.radio_link!r}: its buckets hold"
+            f" {sum(counts)} sessions, its count says {row.count}"
+        )
+    return Histogram(SESSION_DURATION_BUCKETS, counts, row.total, row.count)
 
 
 def read_state(
@@ -406,35 +463,29 @@ def _read(
 
     accounts: dict[str, SimAccount] = {}
     last_success: dict[str, float] = {}
-    for row in conn.execute("SELECT * FROM sims"):
-        sid, acct, success = _account(row)
-        if keep is not None and not keep(sid):
+    for cells in conn.execute("SELECT * FROM sims"):
+        sim = _decode(cells, SimRow, "sims")
+        if keep is not None and not keep(sim.sid):
             continue
-        accounts[sid] = acct
-        if success is not None:
-            last_success[sid] = success
-    for row in conn.execute("SELECT * FROM sessions"):
-        if len(row) != _SESSION_COLUMNS:
+        accounts[sim.sid] = _account(sim)
+        if sim.last_success is not None:
+            last_success[sim.sid] = sim.last_success
+    for cells in conn.execute("SELECT * FROM sessions"):
+        if len(cells) != len(SessionRow.__struct_fields__):
             raise StateFileError("bad sessions row")
-        sim_sid, ses = row[0], row[1]
-        acct_of = accounts.get(sim_sid)
+        acct_of = accounts.get(cells[0])
         if acct_of is None:
             continue  # a SIM that is no longer monitored (or a stray row)
-        if type(ses) is not str or not ses:
-            raise StateFileError("bad session sid")
-        acct_of.sessions[ses] = SessionMemo(
-            _int(row[2], "packets_uploaded"),
-            _int(row[3], "packets_downloaded"),
-            bool(_int(row[4], "ended")),
-            _int(row[5], "absent"),
+        ses = _decode(cells, SessionRow, "sessions")
+        acct_of.sessions[ses.sid] = SessionMemo(
+            ses.packets_uploaded, ses.packets_downloaded, bool(ses.ended), ses.absent
         )
     durations: dict[str, Histogram] = {}
-    for row in conn.execute("SELECT * FROM durations"):
-        if len(row) != 5:
-            raise StateFileError("bad durations row")
+    for cells in conn.execute("SELECT * FROM durations"):
+        row = _decode(cells, DurationRow, "durations")
         hist = _histogram(row)
         if hist is not None:
-            durations[hist[0]] = hist[1]
+            durations[row.radio_link] = hist
     return LoadedState(accounts, last_success, durations, saved_at, written_by)
 
 
