@@ -7,9 +7,11 @@ import os
 import re
 import signal
 import sys
+from typing import Any
 
 import aiohttp
 import pytest
+from pydantic import ValidationError
 
 from tests.simulator_support import basic, get_json
 from twilio_wireless_simulator import (
@@ -19,6 +21,7 @@ from twilio_wireless_simulator import (
     main,
 )
 from twilio_wireless_simulator.cli import build_parser, config_from_args, parse_duration
+from twilio_wireless_simulator.config import describe_errors
 
 
 @pytest.mark.parametrize(
@@ -98,6 +101,62 @@ def test_wall_timestamps_need_an_accelerated_clock() -> None:
     with pytest.raises(ValueError, match="wall_timestamps needs speed"):
         SimulatorConfig(wall_timestamps=True)
     assert SimulatorConfig(speed=1.0, wall_timestamps=True).wall_timestamps
+
+
+BAD_SETTINGS: list[tuple[dict[str, Any], str]] = [
+    ({"sims": -1}, "sims: Input should be greater than or equal to 0 (got -1)"),
+    ({"account_sid": "AC123"}, "account_sid: String should match pattern"),
+    ({"api_keys": {"SK1": "secret"}}, "api_keys.SK1: String should match pattern"),
+    ({"auth_mode": "digest"}, "auth_mode: Input should be 'basic' or 'bearer' (got 'digest')"),
+    ({"token_lifetime": 0}, "token_lifetime: Input should be greater than 0 (got 0)"),
+    ({"retention": -1.0}, "retention: Input should be greater than 0"),
+    ({"backfill": -1.0}, "backfill: Input should be greater than or equal to 0"),
+    ({"speed": 0.0}, "speed: Input should be greater than 0"),
+    ({"update_granularity": 0.0}, "update_granularity: Input should be greater than 0"),
+    ({"max_concurrent": 0}, "max_concurrent: Input should be greater than or equal to 1"),
+    ({"concurrency_retry_after": -1}, "concurrency_retry_after: Input should be greater than"),
+    ({"public_url": "https://host/path"}, "public_url: String should match pattern"),
+    ({"public_url": "ftp://host"}, "public_url: String should match pattern"),
+    ({"wall_timestamps": True}, "wall_timestamps needs speed (a manual clock has no wall time)"),
+]
+
+
+@pytest.mark.parametrize(("settings", "problem"), BAD_SETTINGS)
+def test_bad_settings_are_rejected_where_the_config_is_made(
+    settings: dict[str, Any], problem: str
+) -> None:
+    with pytest.raises(ValidationError) as info:
+        SimulatorConfig(**settings)
+    assert describe_errors(info.value).startswith("invalid SimulatorConfig: ")
+    assert problem in describe_errors(info.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(ValidationError) as info:
+        SimulatorConfig(sims=-1, speed=-2.0)
+    assert describe_errors(info.value) == (
+        "invalid SimulatorConfig: sims: Input should be greater than or equal to 0 (got -1);"
+        " speed: Input should be greater than 0 (got -2.0)"
+    )
+
+
+def test_good_urls_and_keys_are_accepted() -> None:
+    key = "SK" + "a" * 32
+    config = SimulatorConfig(public_url="https://wireless.example:8443/", api_keys={key: "s"})
+    assert (config.public_url, dict(config.api_keys)) == (
+        "https://wireless.example:8443/",
+        {key: "s"},
+    )
+
+
+def test_a_bad_setting_from_the_command_line_exits_2_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["--sims=-1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "python -m twilio_wireless_simulator: error: invalid SimulatorConfig:"
+        " sims: Input should be greater than or equal to 0 (got -1)"
+    ]
 
 
 async def test_standalone_process_serves_and_stops_on_sigterm() -> None:

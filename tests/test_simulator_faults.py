@@ -366,3 +366,25 @@ def test_fault_config_validation() -> None:
         FaultConfig().script("health", [FaultResponse(status=500)])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="status"):
         FaultResponse(status=1000)
+    with pytest.raises(ValueError, match="delay"):
+        FaultResponse(delay=-1)
+    with pytest.raises(ValueError, match="retry_after"):
+        FaultResponse(retry_after=-1)
+    with pytest.raises(ValueError, match="retry_after"):
+        FaultConfig(retry_after=-0.5)
+    with pytest.raises(ValueError, match="timeout_delay"):
+        FaultConfig(timeout_delay=-1)
+    with pytest.raises(ValueError, match="latency"):
+        FaultConfig(latency=(-0.1, 0.1))
+
+
+def test_changed_rates_are_checked_by_validate() -> None:
+    faults = FaultConfig(rate_429=0.5)
+    faults.validate()
+    faults.rate_500 = 0.75  # a live change is taken as it is ...
+    assert faults.rate_500 == 0.75
+    with pytest.raises(ValueError, match="sum"):
+        faults.validate()  # ... and checked when asked
+    faults.rate_500 = 1.5
+    with pytest.raises(ValueError, match="rate_500"):
+        faults.validate()

@@ -15,6 +15,7 @@ from twilio_wireless_simulator import (
     Operator,
     SessionView,
     SimClock,
+    SimulatorConfig,
     format_time,
     luhn_check_digit,
 )
@@ -163,8 +164,9 @@ def test_wall_timestamps_are_per_fleet_and_off_by_default() -> None:
     assert [v.to_api() for v in plain.listing(sid)] == [
         v.to_api(plain.time_format) for v in plain.listing(sid)
     ]
+    # the rule lives in the config, which the fleet trusts
     with pytest.raises(ValueError, match="wall_timestamps"):
-        Fleet(SimClock(), wall_timestamps=True)
+        SimulatorConfig(wall_timestamps=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from .app import RunningSimulator
 from .config import (
     DEMO_ACCOUNT_SID,
@@ -21,6 +23,7 @@ from .config import (
     DEMO_CLIENT_ID,
     DEMO_CLIENT_SECRET,
     SimulatorConfig,
+    describe_errors,
 )
 from .faults import FaultConfig
 from .model import format_time
@@ -253,8 +256,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
     )
     try:
         config = config_from_args(args)
-    except ValueError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(f"{parser.prog}: error: {describe_errors(exc)}", file=sys.stderr)
         return 2
     host, port = args.listen
     try:

@@ -1,14 +1,22 @@
-"""Simulator settings and the demo credentials."""
+"""Simulator settings and the demo credentials.
+
+The settings are checked once, here, when a :class:`SimulatorConfig` is made: each rule is in
+the type of its field (pydantic), the one cross-field rule in a model validator. What builds
+the simulator from a config (the clock, the fleet, the app) trusts it.
+"""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Final, Literal
+from dataclasses import field
+from typing import Annotated, Final, Literal
+
+from pydantic import ConfigDict, Field, InstanceOf, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from .faults import FaultConfig
+from .rules import NonNegative, Positive
 
 __all__ = [
     "DEMO_ACCOUNT_SID",
@@ -17,6 +25,7 @@ __all__ = [
     "DEMO_CLIENT_SECRET",
     "AuthMode",
     "SimulatorConfig",
+    "describe_errors",
 ]
 
 #: Demo credentials: not secrets, they only open the simulator.
@@ -27,11 +36,13 @@ DEMO_CLIENT_SECRET: Final = "demo-client-secret"  # noqa: S105 (a published demo
 
 AuthMode = Literal["basic", "bearer"]
 
-_ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
-_API_KEY_SID = re.compile(r"^SK[0-9a-fA-F]{32}$")
+AccountSid = Annotated[str, Field(pattern=r"^AC[0-9a-fA-F]{32}$")]
+ApiKeySid = Annotated[str, Field(pattern=r"^SK[0-9a-fA-F]{32}$")]
+#: ``http(s)://host[:port]``, nothing after the authority but slashes.
+PublicUrl = Annotated[str, Field(pattern=r"^https?://[^/]+/*$")]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=ConfigDict(arbitrary_types_allowed=True))
 class SimulatorConfig:
     """Everything a simulator instance needs.
 
@@ -59,63 +70,44 @@ class SimulatorConfig:
     * ``keep_history``: keep every session for ``fleet.history`` (turn off for long runs).
     """
 
-    sims: int = 20
+    sims: Annotated[int, Field(ge=0)] = 20
     seed: int = 1
-    account_sid: str = DEMO_ACCOUNT_SID
+    account_sid: AccountSid = DEMO_ACCOUNT_SID
     auth_token: str = DEMO_AUTH_TOKEN
-    api_keys: Mapping[str, str] = field(default_factory=dict)
+    api_keys: Mapping[ApiKeySid, str] = field(default_factory=dict)
     auth_mode: AuthMode = "basic"
     client_id: str = DEMO_CLIENT_ID
     client_secret: str = DEMO_CLIENT_SECRET
-    token_lifetime: float = 3600.0
+    token_lifetime: Positive = 3600.0
     token_clock: Callable[[], float] = time.monotonic
     token_scope: str = "programmable-wireless"  # noqa: S105 (an OAuth scope)
-    retention: float = 30 * 86400.0
-    backfill: float | None = None
-    speed: float | None = None
+    retention: Positive = 30 * 86400.0
+    backfill: NonNegative | None = None
+    speed: Positive | None = None
     start_time: float | None = None
-    update_granularity: float = 60.0
-    max_concurrent: int | None = None
-    concurrency_retry_after: float = 1.0
-    faults: FaultConfig = field(default_factory=FaultConfig)
-    public_url: str | None = None
+    update_granularity: Positive = 60.0
+    max_concurrent: Annotated[int, Field(ge=1)] | None = None
+    concurrency_retry_after: NonNegative = 1.0
+    # InstanceOf: the caller's own object (it becomes the live ``sim.faults``), not a copy.
+    faults: InstanceOf[FaultConfig] = field(default_factory=FaultConfig)
+    public_url: PublicUrl | None = None
     keep_history: bool = True
     wall_timestamps: bool = False
 
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        if self.sims < 0:
-            problems.append(f"sims must be >= 0, got {self.sims}")
-        if not _ACCOUNT_SID.match(self.account_sid):
-            problems.append(f"account_sid must be AC + 32 hex digits, got {self.account_sid!r}")
-        problems.extend(
-            f"api key {key!r} must be SK + 32 hex digits"
-            for key in self.api_keys
-            if not _API_KEY_SID.match(key)
-        )
-        if self.auth_mode not in ("basic", "bearer"):
-            problems.append(f"auth_mode must be 'basic' or 'bearer', got {self.auth_mode!r}")
-        if not self.token_lifetime > 0:
-            problems.append("token_lifetime must be > 0")
-        if not self.retention > 0:
-            problems.append("retention must be > 0")
-        if self.backfill is not None and self.backfill < 0:
-            problems.append("backfill must be >= 0")
-        if self.speed is not None and not self.speed > 0:
-            problems.append("speed must be > 0 (or None for a manual clock)")
+    @model_validator(mode="after")
+    def _wall_time_needs_speed(self) -> SimulatorConfig:
         if self.wall_timestamps and self.speed is None:
-            problems.append("wall_timestamps needs speed (a manual clock has no wall time)")
-        if not self.update_granularity > 0:
-            problems.append("update_granularity must be > 0")
-        if self.max_concurrent is not None and self.max_concurrent < 1:
-            problems.append("max_concurrent must be >= 1 (or None)")
-        if self.concurrency_retry_after < 0:
-            problems.append("concurrency_retry_after must be >= 0")
-        if self.public_url is not None and not re.match(
-            r"^https?://[^/]+$", self.public_url.rstrip("/")
-        ):
-            problems.append(
-                f"public_url must look like http(s)://host[:port], got {self.public_url!r}"
-            )
-        if problems:
-            raise ValueError("invalid SimulatorConfig: " + "; ".join(problems))
+            raise ValueError("wall_timestamps needs speed (a manual clock has no wall time)")
+        return self
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """The problems of a rejected config on one line: ``sims: ... (got -1); ...``."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"] if part != "[key]")
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] != "value_error":
+            message += f" (got {error['input']!r})"
+        problems.append(f"{where}: {message}" if where else message)
+    return f"invalid {exc.title}: " + "; ".join(problems)

@@ -12,11 +12,16 @@ endpoint. ``/health`` is never affected.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Annotated, Final, Literal
+
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
+
+from .rules import NonNegative, Rate
 
 __all__ = [
     "API_KINDS",
@@ -53,31 +58,18 @@ class FaultResponse:
       in a script).
     """
 
-    status: int = 200
-    retry_after: float | None = None
-    delay: float = 0.0
+    status: Annotated[int, Field(ge=100, le=599)] = 200
+    retry_after: NonNegative | None = None
+    delay: NonNegative = 0.0
     truncated: bool = False
     malformed: bool = False
     overlap: bool = False
     body: bytes | None = None
     content_type: str = "application/json"
 
-    def __post_init__(self) -> None:
-        if not 100 <= self.status <= 599:
-            raise ValueError(f"status must be an HTTP status code, got {self.status}")
-        if self.delay < 0:
-            raise ValueError(f"delay must be >= 0, got {self.delay}")
-        if self.retry_after is not None and self.retry_after < 0:
-            raise ValueError(f"retry_after must be >= 0, got {self.retry_after}")
-
     @property
     def is_error(self) -> bool:
         return self.status != 200
-
-
-def _check_rate(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be between 0 and 1, got {value}")
 
 
 @dataclass(eq=False)
@@ -92,38 +84,20 @@ class FaultConfig:
     """
 
     seed: int = 0
-    rate_429: float = 0.0
-    retry_after: float = 1.0
-    rate_500: float = 0.0
-    rate_503: float = 0.0
-    rate_timeout: float = 0.0
-    timeout_delay: float = 30.0
-    rate_truncated: float = 0.0
-    rate_malformed: float = 0.0
-    latency: tuple[float, float] | None = None
-    rate_overlap: float = 0.0
+    rate_429: Rate = 0.0
+    retry_after: NonNegative = 1.0
+    rate_500: Rate = 0.0
+    rate_503: Rate = 0.0
+    rate_timeout: Rate = 0.0
+    timeout_delay: NonNegative = 30.0
+    rate_truncated: Rate = 0.0
+    rate_malformed: Rate = 0.0
+    latency: tuple[NonNegative, NonNegative] | None = None
+    rate_overlap: Rate = 0.0
     apply_to_token: bool = False
-    _script: deque[tuple[str | None, FaultResponse]] = field(
-        init=False, repr=False, default_factory=deque
-    )
-    _rng: random.Random = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.validate()
-        self._rng = random.Random(self.seed)
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` if a setting is out of range."""
-        for name in (
-            "rate_429",
-            "rate_500",
-            "rate_503",
-            "rate_timeout",
-            "rate_truncated",
-            "rate_malformed",
-            "rate_overlap",
-        ):
-            _check_rate(name, getattr(self, name))
+    @model_validator(mode="after")
+    def _consistent(self) -> FaultConfig:
         exclusive = (
             self.rate_429
             + self.rate_500
@@ -134,14 +108,18 @@ class FaultConfig:
         )
         if exclusive > 1.0 + 1e-9:
             raise ValueError(f"the exclusive fault rates sum to {exclusive:.3f} > 1")
-        if self.retry_after < 0:
-            raise ValueError("retry_after must be >= 0")
-        if self.timeout_delay < 0:
-            raise ValueError("timeout_delay must be >= 0")
-        if self.latency is not None:
-            lo, hi = self.latency
-            if lo < 0 or hi < lo:
-                raise ValueError(f"latency must be (min, max) with 0 <= min <= max, got {lo, hi}")
+        if self.latency is not None and self.latency[1] < self.latency[0]:
+            raise ValueError(f"latency must be (min, max) with min <= max, got {self.latency}")
+        return self
+
+    def __post_init__(self) -> None:  # after validation: the live state
+        self._script: deque[tuple[str | None, FaultResponse]] = deque()
+        self._rng = random.Random(self.seed)
+
+    def validate(self) -> None:
+        """Check the settings as they are now (rates may be changed on the live object);
+        raises ``ValueError`` (a pydantic ``ValidationError``) if one is out of range."""
+        dataclasses.replace(self)  # a checked copy, thrown away
 
     # -- scripted faults -------------------------------------------------------------------
 

@@ -765,6 +765,10 @@ class Fleet:
     :meth:`SimClock.wall_time`, so a demo's timestamps never lie in the real future: at speed
     60 a session of one simulated hour shows as lasting one minute. Only what is serialised
     changes; the model, the views and :meth:`history` stay in simulated time.
+
+    The arguments are trusted: they come from a :class:`~.config.SimulatorConfig`, which
+    checked them (``sims >= 0``, ``retention`` and ``update_granularity`` above zero,
+    ``wall_timestamps`` only with ``speed``).
     """
 
     def __init__(
@@ -780,14 +784,6 @@ class Fleet:
         backfill: float | None = None,
         wall_timestamps: bool = False,
     ) -> None:
-        if sims < 0:
-            raise ValueError("sims must be >= 0")
-        if wall_timestamps and clock.manual:
-            raise ValueError("wall_timestamps needs an accelerated clock (speed)")
-        if not retention > 0:
-            raise ValueError("retention must be > 0")
-        if not update_granularity > 0:
-            raise ValueError("update_granularity must be > 0")
         self.clock = clock
         self.seed = seed
         self.account_sid = account_sid
