@@ -14,10 +14,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MakeHarness, eventually, exporter_mapping
-from twilio_wireless_exporter.cli import freeze_startup_heap
+from twilio_wireless_exporter.cli import build_parser, freeze_startup_heap, serve
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config.models import config_from_mapping
 from twilio_wireless_exporter.fleet.persist import read_state, state_identity
+from twilio_wireless_exporter.polling.poller import Poller
 from twilio_wireless_exporter.service import Exporter, Loops
 from twilio_wireless_exporter.web import app as web
 from twilio_wireless_exporter.web.app import coalesce
@@ -563,3 +564,17 @@ async def test_a_crashed_poller_fails_the_exporter_and_the_final_save_still_runs
     assert "a bug in discovery" in repr(record.exc_info[1])
     await exporter.stop()
     assert sid in read_state(path, state_identity(exporter.config)).accounts
+
+
+async def test_the_command_exits_with_an_error_status_when_a_loop_crashes(
+    sim: RunningSimulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sid = sim.fleet.add_sim()
+    config = config_from_mapping(exporter_mapping(sim.url, [sid]), environ={})
+
+    async def broken_refresh(self: Poller) -> bool:
+        raise RuntimeError("a bug in discovery")
+
+    monkeypatch.setattr(Poller, "refresh_sims", broken_refresh)
+    args = build_parser().parse_args(["--web.listen-address=127.0.0.1:0"])
+    assert await asyncio.wait_for(serve(args, config), timeout=10) == 1

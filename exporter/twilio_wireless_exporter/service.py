@@ -101,7 +101,7 @@ def make_authenticator(
 
 
 class Exporter:
-    """One exporter instance: owns the HTTP session, the poller task and the state."""
+    """One exporter instance: owns the HTTP session, the state and the background loops."""
 
     def __init__(
         self,
@@ -277,6 +277,7 @@ class Loops:
         if self._group is not None:
             raise RuntimeError("the exporter's loops are already running")
         self._group = asyncio.create_task(self._run(dict(loops)), name="exporter")
+        self._group.add_done_callback(_retrieve)  # logged already; not again by asyncio
 
     async def stop(self) -> None:
         """Cancel every loop and wait until all of them have ended."""
@@ -309,6 +310,11 @@ class Loops:
         self.failed = True
         if self._on_failure is not None:
             self._on_failure()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class LoopReturnedError(Exception):
