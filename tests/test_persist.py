@@ -39,6 +39,9 @@ from twilio_wireless_exporter.fleet.accounting import (
 )
 from twilio_wireless_exporter.fleet.persist import (
     SCHEMA_VERSION,
+    DurationRow,
+    SessionRow,
+    SimRow,
     StateFileError,
     StateIdentity,
     StateStore,
@@ -514,6 +517,22 @@ def test_bad_files_give_a_warning_and_a_fresh_start(
     # and the next save writes a good file again
     asyncio.run(store.save(fleet_state(2)))
     assert set(read_state(path, IDENTITY).accounts) == {sim_sid(0), sim_sid(1)}
+
+
+def test_the_row_types_declare_the_columns_of_the_schema(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    _valid(path)
+    conn = sqlite3.connect(path)
+    try:
+        for table, row_type in (
+            ("sims", SimRow),
+            ("sessions", SessionRow),
+            ("durations", DurationRow),
+        ):
+            columns = [info[1] for info in conn.execute(f"PRAGMA table_info({table})")]
+            assert columns == list(row_type.__struct_fields__)
+    finally:
+        conn.close()
 
 
 def test_histogram_with_other_buckets_is_started_afresh(tmp_path: Path) -> None:

@@ -340,8 +340,7 @@ def _decode(row: tuple[Any, ...], kind: type[_R], table: str) -> _R:
     try:
         return msgspec.convert(row, kind, strict=True)
     except msgspec.ValidationError as exc:
-        message = str(exc)
-        message = message[:1].lower() + message[1:]
+        message = _reason(exc)
         cell = _CELL_AT.match(message)
         if cell is None:  # the row itself: too few or too many columns
             raise StateFileError(f"bad {table} row ({message})") from None
@@ -350,6 +349,11 @@ def _decode(row: tuple[Any, ...], kind: type[_R], table: str) -> _R:
         raise StateFileError(
             f"bad {field}: {row[index]!r} in table {table} ({cell['reason']})"
         ) from None
+
+
+def _reason(exc: msgspec.DecodeError) -> str:
+    text = str(exc)
+    return text[:1].lower() + text[1:]
 
 
 def _account(row: SimRow) -> SimAccount:
@@ -387,9 +391,8 @@ def _histogram(row: DurationRow) -> Histogram | None:
         bounds = msgspec.json.decode(row.bounds, type=list[float])
         counts = msgspec.json.decode(row.counts, type=list[Count])
     except msgspec.DecodeError as exc:  # ValidationError is a DecodeError too
-        reason = str(exc)
         raise StateFileError(
-            f"bad duration histogram of {row.radio_link!r} ({reason[:1].lower()}{reason[1:]})"
+            f"bad duration histogram of {row.radio_link!r} ({_reason(exc)})"
         ) from None
     if tuple(bounds) != SESSION_DURATION_BUCKETS:
         return None  # buckets changed between versions: start this histogram afresh
