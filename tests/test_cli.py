@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
 import twilio_wireless_simulator as simulator
+from tests.metrics_support import values_by_label
 from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter.cli import _demo_config, build_parser, main
 from twilio_wireless_exporter.clock import ManualClock
@@ -236,12 +236,9 @@ async def test_demo_reports_timestamps_on_the_real_clock(monkeypatch: pytest.Mon
             await http.close()
             await exporter.stop()
     assert sleeps == []
-    exported = {
-        s.labels["sim_sid"]: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "twilio_wireless_sim_last_session_start_timestamp_seconds"
-    }
+    exported = values_by_label(
+        text, "twilio_wireless_sim_last_session_start_timestamp_seconds", "sim_sid"
+    )
     fleet = sim.fleet
     polled = set(fleet.sim_sids("active")) | set(fleet.sim_sids("suspended"))
     newest = {sid: max(v.start for v in fleet.listing(sid)) for sid in polled if fleet.listing(sid)}

@@ -9,8 +9,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import MakeHarness
-from tests.test_exporter import metric
+from tests.harness_support import MakeHarness
+from tests.metrics_support import find_value as metric
 from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter.api.client import (
     USER_AGENT,

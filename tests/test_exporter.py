@@ -6,27 +6,15 @@ import gc
 import gzip
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MakeHarness
+from tests.harness_support import MakeHarness
+from tests.metrics_support import find_value as metric
 from twilio_wireless_exporter.cli import freeze_startup_heap
 from twilio_wireless_exporter.web import app as web
 from twilio_wireless_exporter.web.app import coalesce
 from twilio_wireless_simulator import FaultResponse, RunningSimulator
 
 HOUR = 3600.0
-
-
-def metric(text: str, name: str, sim_sid: str | None = None, **labels: str) -> float | None:
-    """The value of one sample, or None when absent."""
-    want = dict(labels)
-    if sim_sid is not None:
-        want["sim_sid"] = sim_sid
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
-                return s.value
-    return None
 
 
 def counters(text: str, sid: str) -> tuple[float | None, ...]:

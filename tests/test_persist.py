@@ -23,10 +23,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import eventually, exporter_mapping
-from tests.test_accounting import Model, histories
+from tests.fleet_support import Model, histories
+from tests.harness_support import eventually, exporter_mapping
+from tests.metrics_support import sample_value as value
 from twilio_wireless_exporter.api.records import DataSession
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config.models import Config, ConfigError, config_from_mapping
@@ -119,18 +119,6 @@ def fresh_state(sids: list[str]) -> FleetState:
 
 def save(state: FleetState, path: Path, identity: StateIdentity = IDENTITY) -> None:
     write_state(path, snapshot(state), identity, 1_767_230_000.0)
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(text: str, name: str, **labels: str) -> float | None:
-    return samples(text).get((name, tuple(sorted(labels.items()))))
 
 
 def counters(text: str, sid: str) -> tuple[float | None, ...]:
