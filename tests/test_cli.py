@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import twilio_wireless_simulator as simulator
 from tests.metrics_support import values_by_label
+from tests.process_support import PipeLog
 from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter.cli import _demo_config, build_parser, main
 from twilio_wireless_exporter.clock import ManualClock
@@ -110,13 +110,6 @@ def test_listen_address(text: str, expected: tuple[str | None, int]) -> None:
     assert parse_listen_address(text) == expected
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def fetch(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -126,8 +119,8 @@ def fetch(url: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def demo_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    port = free_port()
+def demo_process() -> Iterator[tuple[subprocess.Popen[str], PipeLog, str]]:
+    """``--demo`` on port 0; yields the process, its JSON log (stderr) and its URL."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [
@@ -140,7 +133,7 @@ def demo_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
             "--demo.speed",
             "600",
             "--web.listen-address",
-            f"127.0.0.1:{port}",
+            "127.0.0.1:0",
             "--log.format",
             "json",
         ],
@@ -150,7 +143,8 @@ def demo_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
         env=env,
     )
     try:
-        yield proc, f"http://127.0.0.1:{port}"
+        log = PipeLog(proc)
+        yield proc, log, log.wait_for_url()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -171,9 +165,11 @@ def wait_ready(base: str, within: float = 20.0) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_demo_serves_metrics_and_shuts_down_cleanly(
-    demo_process: tuple[subprocess.Popen[str], str], sig: signal.Signals
+    demo_process: tuple[subprocess.Popen[str], PipeLog, str], sig: signal.Signals
 ) -> None:
-    proc, base = demo_process
+    proc, log, base = demo_process
+    assert base.startswith("http://127.0.0.1:")
+    assert not base.endswith(":0")
     wait_ready(base)
     status, body = fetch(base + "/metrics")
     assert status == 200
@@ -189,7 +185,7 @@ def test_demo_serves_metrics_and_shuts_down_cleanly(
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
-    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    lines = [json.loads(line) for line in [*log.lines, *err.splitlines()] if line.strip()]
     messages = [entry["message"] for entry in lines]
     assert any(m.startswith("listening on http://127.0.0.1:") for m in messages)
     assert "shutting down" in messages

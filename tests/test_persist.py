@@ -27,6 +27,7 @@ from prometheus_client import generate_latest
 from tests.fleet_support import Model, histories
 from tests.harness_support import eventually, exporter_mapping
 from tests.metrics_support import sample_value as value
+from tests.process_support import listen_url
 from twilio_wireless_exporter.api.records import DataSession
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config.models import Config, ConfigError, config_from_mapping
@@ -889,9 +890,8 @@ class ExporterProcess:
         async for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             self.lines.append(line)
-            marker = "listening on "
-            if marker in line and not listening.done():
-                listening.set_result(line.split(marker, 1)[1].rstrip("/"))
+            if (url := listen_url(line)) and not listening.done():
+                listening.set_result(url)
         if not listening.done():
             listening.set_exception(AssertionError("exporter exited:\n" + "\n".join(self.lines)))
 

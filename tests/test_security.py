@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 import os
-import selectors
 import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness_support import MakeHarness, eventually
 from tests.metrics_support import iter_samples
+from tests.process_support import PipeLog
 from tests.tls_support import hashed, make_cert, serve_https
 from twilio_wireless_exporter.cli import JsonFormatter, main
 from twilio_wireless_exporter.clock import ManualClock
@@ -182,27 +180,6 @@ async def test_min_version_is_enforced(cert_dir: Path) -> None:
             assert resp.status == 401  # the handshake worked; now credentials are needed
 
 
-def read_log_until(proc: subprocess.Popen[bytes], prefix: str, within: float = 20.0) -> str:
-    """Read the process's JSON log lines until a message starts with ``prefix`` (bounded)."""
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
-    buffer = b""
-    deadline = time.monotonic() + within
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0 and selector.select(left):
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                message = str(json.loads(line)["message"])
-                if message.startswith(prefix):
-                    return message
-    raise AssertionError(f"no log line starting with {prefix!r}; got {buffer!r}")
-
-
 def fetch(url: str, context: ssl.SSLContext, auth: str | None = None) -> int:
     request = urllib.request.Request(url, headers={"Authorization": auth} if auth else {})
     try:
@@ -239,9 +216,10 @@ def test_the_cli_serves_https_with_basic_auth(cert_dir: Path, tmp_path: Path) ->
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        message = read_log_until(proc, "listening on ")
-        assert message.startswith("listening on https://127.0.0.1:")
-        port = int(message.rsplit(":", 1)[1].rstrip("/"))
+        log = PipeLog(proc)
+        url = log.wait_for_url()
+        assert url.startswith("https://127.0.0.1:")
+        port = int(url.rsplit(":", 1)[1])
         context = client_context(cert_dir)
         base = f"https://localhost:{port}"
         assert fetch(base + "/metrics", context) == 401
@@ -251,7 +229,7 @@ def test_the_cli_serves_https_with_basic_auth(cert_dir: Path, tmp_path: Path) ->
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
         assert proc.returncode == 0, err
-        assert leaks(err.decode(), SECRETS) == []
+        assert leaks("\n".join([*log.lines, err.decode()]), SECRETS) == []
     finally:
         if proc.poll() is None:
             proc.kill()
