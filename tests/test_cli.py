@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -14,14 +16,17 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import twilio_wireless_simulator as simulator
+from tests.harness_support import exporter_mapping
 from tests.metrics_support import values_by_label
 from tests.process_support import PipeLog
-from twilio_wireless_exporter import __version__
-from twilio_wireless_exporter.cli import _demo_config, build_parser, main
+from twilio_wireless_exporter import __version__, cli
+from twilio_wireless_exporter.cli import _demo_config, build_parser, main, serve
 from twilio_wireless_exporter.clock import ManualClock
+from twilio_wireless_exporter.config.models import config_from_mapping
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.web.address import parse_listen_address
 from twilio_wireless_exporter.web.app import make_app
@@ -243,3 +248,30 @@ async def test_demo_reports_timestamps_on_the_real_clock(monkeypatch: pytest.Mon
     assert max(exported.values()) <= real.time()
     # ... where in simulated time most of them lie in the real future
     assert sum(start > real.time() for start in newest.values()) > len(newest) // 2
+
+
+async def test_the_command_freezes_its_start_up_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` takes what start-up built (the web app among it) out of the collector's
+    generations once it listens, after a collection, and keeps serving until told to stop."""
+    config = config_from_mapping(exporter_mapping("http://127.0.0.1:9", ["DE" + "f" * 32]), {})
+    args = build_parser().parse_args(["--web.listen-address", "127.0.0.1:0"])
+    before = gc.get_freeze_count()
+    seen: list[tuple[int, int, int]] = []
+    real_freeze = cli.freeze_startup_heap
+
+    def freeze_and_stop() -> int:
+        frozen = real_freeze()
+        apps = sum(isinstance(o, web.Application) for o in gc.get_objects())
+        seen.append((frozen, gc.get_count()[0], apps))
+        signal.raise_signal(signal.SIGTERM)  # the command's own handler stops it
+        return frozen
+
+    monkeypatch.setattr(cli, "freeze_startup_heap", freeze_and_stop)
+    try:
+        assert await asyncio.wait_for(serve(args, config), 30) == 0
+    finally:
+        gc.unfreeze()
+    [(frozen, young, apps)] = seen
+    assert frozen > before + 1000  # the imported modules at least
+    assert young < 50  # and it collected first
+    assert apps == 0  # the web app it serves is frozen with the rest

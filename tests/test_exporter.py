@@ -9,7 +9,6 @@ import pytest
 
 from tests.harness_support import MakeHarness
 from tests.metrics_support import find_value as metric
-from twilio_wireless_exporter.cli import freeze_startup_heap
 from twilio_wireless_exporter.web import app as web
 from twilio_wireless_exporter.web.app import coalesce
 from twilio_wireless_simulator import FaultResponse, RunningSimulator
@@ -381,17 +380,6 @@ async def test_per_sim_state_is_invisible_to_the_cyclic_garbage_collector(
     assert len(objects) == 20 * 7
     assert [type(o).__name__ for o in objects if gc.is_tracked(o)] == []
     assert [r.sid for r in records if gc.is_tracked(r.account.sessions)] == []
-
-
-def test_the_command_freezes_its_start_up_heap() -> None:
-    before = gc.get_freeze_count()
-    try:
-        frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count()
-        assert frozen > before + 1000  # the imported modules at least
-        assert gc.get_count()[0] < 50  # and it collected first
-    finally:
-        gc.unfreeze()
 
 
 def test_coalesce_regroups_parts_without_copying_big_ones() -> None:
