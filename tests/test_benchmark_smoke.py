@@ -21,6 +21,7 @@ def positive(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "results.json"

@@ -168,6 +168,7 @@ def wait_ready(base: str, within: float = 20.0) -> None:
     raise AssertionError("exporter did not become ready")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_demo_serves_metrics_and_shuts_down_cleanly(
     demo_process: tuple[subprocess.Popen[str], PipeLog, str], sig: signal.Signals

@@ -131,6 +131,7 @@ def test_hostile_label_values_are_escaped(render: Render) -> None:
     assert all(line.startswith(("#", "twilio_wireless_")) for line in text.splitlines())
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_check_metrics_is_clean(render: Render) -> None:
     result = subprocess.run(

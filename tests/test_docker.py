@@ -176,6 +176,7 @@ def duration_seconds(text: str) -> float:
     return float(match.group(1)) * units[match.group(2)]
 
 
+@pytest.mark.e2e
 async def test_the_dockerfile_health_check_passes_behind_tls_and_basic_auth(
     cert_dir: Path,
 ) -> None:
@@ -236,6 +237,7 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
         assert ignored(secret_or_bulky, patterns), f"{secret_or_bulky} would be sent to the build"
 
 
+@pytest.mark.e2e
 def test_hadolint() -> None:
     hadolint = shutil.which("hadolint")
     if not hadolint:
@@ -283,6 +285,7 @@ def test_simulator_service_command_parses() -> None:
     assert args.listen == ("0.0.0.0", 8080)
 
 
+@pytest.mark.e2e
 def test_exporter_service_config_is_valid() -> None:
     exporter = compose()["services"]["exporter"]
     config = host_path(exporter, CONFIG_PATH)
@@ -309,6 +312,7 @@ def test_exporter_service_config_is_valid() -> None:
     assert base_url == f"http://simulator:{listen.rsplit(':', 1)[1]}"
 
 
+@pytest.mark.e2e
 def test_prometheus_service_loads_the_shipped_rules_and_scrapes_the_exporter(
     tmp_path: Path,
 ) -> None:

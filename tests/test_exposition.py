@@ -168,6 +168,7 @@ def assert_same(exposition: Exposition, state: FleetState, imei_label: bool) -> 
     assert gzip.decompress(exposition.gzip(OPENMETRICS)) == ref_om
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     first=st.lists(sim_change, max_size=8),

@@ -567,6 +567,7 @@ _KILL_WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_whole_old_or_new_file(tmp_path: Path) -> None:
     """A writer saving 3,000 SIMs in a loop is killed at random moments; the file is always whole."""
@@ -935,6 +936,7 @@ async def wait_for_counts(
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 async def test_sigkill_mid_cycle_and_restart_loses_nothing_and_counts_nothing_twice(
     scripted: RunningSimulator, tmp_path: Path

@@ -190,6 +190,7 @@ def fetch(url: str, context: ssl.SSLContext, auth: str | None = None) -> int:
         return err.code
 
 
+@pytest.mark.e2e
 def test_the_cli_serves_https_with_basic_auth(cert_dir: Path, tmp_path: Path) -> None:
     web_config = tmp_path / "web.yml"
     web_config.write_text(

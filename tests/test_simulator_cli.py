@@ -100,6 +100,7 @@ def test_wall_timestamps_need_an_accelerated_clock() -> None:
     assert SimulatorConfig(speed=1.0, wall_timestamps=True).wall_timestamps
 
 
+@pytest.mark.e2e
 async def test_standalone_process_serves_and_stops_on_sigterm() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(

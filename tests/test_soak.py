@@ -233,6 +233,7 @@ class SimTimeDriver:
 # ------------------------------------------------------------------------------ 429 storms
 
 
+@pytest.mark.slow
 async def test_a_429_storm_pauses_every_request_not_just_the_refused_ones() -> None:
     """Regression (found by the soak): in a 429 storm every request used to retry on its own
     after ``Retry-After``, so N SIMs kept sending about N requests per ``Retry-After``; now a run
