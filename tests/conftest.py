@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,16 @@ def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_cert(directory)
     make_cert(directory, "other")
     return directory
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port where every connection is refused: a socket is bound to it (so no other
+    process can take it while the test runs) but never listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        yield port
 
 
 @pytest.fixture

@@ -353,9 +353,9 @@ async def test_openmetrics_and_gzip(sim: RunningSimulator, harness: MakeHarness)
 async def test_per_sim_state_is_invisible_to_the_cyclic_garbage_collector(
     sim: RunningSimulator, harness: MakeHarness
 ) -> None:
-    """A full collection walks every tracked object; at 10,000 SIMs the per-SIM records made
-    it a 40-60 ms pause in the middle of scrapes. They can form no cycles, so they are not
-    tracked at all, nor is a SIM's dict of remembered sessions."""
+    """A full collection walks every tracked object, so at fleet scale tracked per-SIM records
+    would pause scrapes (docs/performance.md has the measurement). They can form no cycles, so
+    they are not tracked at all, nor is a SIM's dict of remembered sessions."""
     fleet = sim.fleet
     sids = [fleet.add_sim(friendly_name=f"pump {i}") for i in range(20)]
     for sid in sids:

@@ -70,15 +70,8 @@ async def test_another_http_answer_is_unhealthy() -> None:
     assert result == Result(False, f"http://127.0.0.1:{port}/-/healthy: HTTP 404")
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def test_nothing_listening_is_unhealthy_without_trying_tls() -> None:
-    port = closed_port()
+def test_nothing_listening_is_unhealthy_without_trying_tls(refused_port: int) -> None:
+    port = refused_port
     result = check(f"127.0.0.1:{port}")
     assert not result.alive
     assert result.detail.startswith(f"http://127.0.0.1:{port}/-/healthy: ConnectionRefusedError")
@@ -117,8 +110,8 @@ async def test_a_port_that_hangs_up_at_once_is_unhealthy() -> None:
     assert "handshake was answered" not in result.detail
 
 
-def test_main_exit_codes_and_output(capsys: pytest.CaptureFixture[str]) -> None:
-    port = closed_port()
+def test_main_exit_codes_and_output(capsys: pytest.CaptureFixture[str], refused_port: int) -> None:
+    port = refused_port
     assert main([f"127.0.0.1:{port}"]) == 1
     out = capsys.readouterr().out
     assert out.startswith(f"unhealthy: http://127.0.0.1:{port}/-/healthy: ConnectionRefusedError")

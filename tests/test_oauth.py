@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -557,10 +556,10 @@ async def test_a_token_endpoint_timeout_is_retried(make_env: MakeEnv) -> None:
     assert metric(text, "twilio_wireless_api_requests_total", endpoint="token", code="error") == 1
 
 
-async def test_an_unreachable_token_endpoint_is_a_connection_error(make_env: MakeEnv) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+async def test_an_unreachable_token_endpoint_is_a_connection_error(
+    make_env: MakeEnv, refused_port: int
+) -> None:
+    port = refused_port
     env = await make_env(sims=1)
     await env.start(
         mapping=oauth_mapping(
