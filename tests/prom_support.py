@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,6 +25,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.process_support import wait_for_log_line
 
 REPO = Path(__file__).resolve().parent.parent
 GRAFANA = REPO / "grafana"
@@ -597,13 +598,6 @@ def run(cmd: list[str], *, stdin: str | None = None, timeout: float = 60) -> tup
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def http_get(url: str, *, timeout: float = 5, headers: Mapping[str, str] | None = None) -> str:
     request = urllib.request.Request(url, headers=dict(headers or {}))
     with urllib.request.urlopen(request, timeout=timeout) as resp:
@@ -629,19 +623,27 @@ def wait_for(
         time.sleep(interval)
 
 
+# Prometheus' web server, once bound (2.x logfmt and 3.x slog alike).
+_PROMETHEUS_LISTENING = re.compile(r'msg="Listening on".*?\baddress=(?P<address>\S+)')
+
+
 class PromQueryError(Exception):
     pass
 
 
 class Prometheus:
-    """A Prometheus server of its own: temp storage, a free port, 1 s scrapes and evaluations."""
+    """A Prometheus server of its own: temp storage, port 0, 1 s scrapes and evaluations.
+
+    Prometheus binds ``127.0.0.1:0`` and logs the address it got (``msg="Listening on"
+    address=127.0.0.1:PORT``, at info); ``start`` reads it from the log, so no port is picked
+    first and bound later.
+    """
 
     def __init__(self, binary: str, workdir: Path, scrape: Mapping[str, str]) -> None:
         self.binary = binary
         self.workdir = workdir
         self.scrape = scrape  # job -> host:port
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = ""  # known once started
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "prometheus.log"
 
@@ -668,15 +670,17 @@ class Prometheus:
                     self.binary,
                     f"--config.file={config}",
                     f"--storage.tsdb.path={self.workdir / 'data'}",
-                    f"--web.listen-address=127.0.0.1:{self.port}",
-                    "--log.level=warn",
+                    "--web.listen-address=127.0.0.1:0",
+                    "--log.level=info",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         try:
+            listening = wait_for_log_line(self.log, _PROMETHEUS_LISTENING, self.proc, timeout)
+            self.url = f"http://{listening['address']}"
             wait_for(self._ready, timeout=timeout, what="Prometheus to be ready")
-        except TimeoutError:
+        except (TimeoutError, AssertionError):
             self.stop()
             raise
 

@@ -2,51 +2,11 @@
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-from datetime import UTC, datetime
-
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
+from tests.fleet_support import T0, Model, histories, session
 from twilio_wireless_exporter.api.records import CellLocation, DataSession
 from twilio_wireless_exporter.fleet.accounting import SimAccount, apply_listing, deduplicate
-
-T0 = 1_700_000_000
-
-
-def ts(seconds: float) -> datetime:
-    return datetime.fromtimestamp(T0 + seconds, tz=UTC)
-
-
-def session(
-    sid: str,
-    *,
-    start: float | None = 0,
-    end: float | None = None,
-    up: int | None = 0,
-    down: int | None = 0,
-    updated: float | None = None,
-    radio: str | None = "LTE",
-    imei: str | None = None,
-    loc: CellLocation | None = None,
-    operator: str | None = "Telekom",
-) -> DataSession:
-    return DataSession(
-        sid=sid,
-        start=None if start is None else ts(start),
-        end=None if end is None else ts(end),
-        packets_uploaded=up,
-        packets_downloaded=down,
-        last_updated=None if updated is None else ts(updated),
-        radio_link=radio,
-        imei=imei,
-        cell_location_estimate=loc,
-        operator_name=operator,
-        operator_country="DEU",
-        operator_mcc="262",
-        operator_mnc="01",
-    )
 
 
 def test_first_listing_is_the_baseline() -> None:
@@ -189,87 +149,6 @@ def test_imei_changes_count_device_swaps_only() -> None:
 
 
 # --------------------------------------------------------------------------- property test
-
-
-@dataclass
-class Planned:
-    """One session's life across listings, for the generator."""
-
-    sid: str
-    appear: int
-    end_at: int | None
-    vanish: int | None
-    up_steps: list[int | None]
-
-
-@dataclass
-class Model:
-    """The reference: what the counters must be, computed the simplest way."""
-
-    started: int = 0
-    ended: int = 0
-    up: int = 0
-
-
-@st.composite
-def histories(draw: st.DrawFn) -> tuple[list[list[DataSession]], Model]:
-    n_listings = draw(st.integers(min_value=1, max_value=8))
-    n_sessions = draw(st.integers(min_value=0, max_value=8))
-    plans = []
-    for i in range(n_sessions):
-        appear = draw(st.integers(min_value=0, max_value=n_listings - 1))
-        end_at = draw(st.one_of(st.none(), st.integers(min_value=appear, max_value=n_listings)))
-        vanish = draw(
-            st.one_of(
-                st.none(),
-                st.integers(min_value=max(appear + 1, end_at or 0), max_value=n_listings),
-            )
-        )
-        steps = draw(
-            st.lists(
-                st.one_of(st.none(), st.integers(min_value=0, max_value=50)),
-                min_size=n_listings,
-                max_size=n_listings,
-            )
-        )
-        plans.append(Planned(f"WN{i:032x}", appear, end_at, vanish, steps))
-    seed = draw(st.integers(min_value=0, max_value=2**16))
-    rng = random.Random(seed)
-
-    listings: list[list[DataSession]] = []
-    model = Model()
-    first_value: dict[str, int] = {}
-    max_value: dict[str, int] = {}
-    cumulative = {p.sid: 0 for p in plans}
-    for k in range(n_listings):
-        listing: list[DataSession] = []
-        for p in plans:
-            step = p.up_steps[k]
-            if step is not None:
-                cumulative[p.sid] += step
-            if k < p.appear or (p.vanish is not None and k >= p.vanish):
-                continue
-            ended = p.end_at is not None and k >= p.end_at
-            value = None if step is None else cumulative[p.sid]
-            copy = session(p.sid, start=p.appear, end=p.end_at if ended else None, up=value)
-            listing.append(copy)
-            if rng.random() < 0.3:  # the same session again on another page
-                listing.append(copy)
-            # reference model
-            if p.sid not in first_value:
-                first_value[p.sid] = (value or 0) if k == 0 else 0
-                if k > 0:
-                    model.started += 1
-                    if ended:
-                        model.ended += 1
-            elif ended and not (p.end_at is not None and k - 1 >= p.end_at):
-                model.ended += 1
-            if value is not None:
-                max_value[p.sid] = max(max_value.get(p.sid, 0), value)
-        rng.shuffle(listing)
-        listings.append(listing)
-    model.up = sum(max(0, max_value.get(sid, 0) - base) for sid, base in first_value.items())
-    return listings, model
 
 
 @settings(max_examples=300, deadline=None)

@@ -1,7 +1,7 @@
 """The benchmark (benchmarks/run.py) runs end to end at a tiny size and computes every figure.
 
 Not a timed test: numbers are only checked to be finite and positive. The real measurements
-come from running the script itself (see the README's Performance section).
+come from running the script itself (docs/performance.md says how).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def positive(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "results.json"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +16,17 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
 import twilio_wireless_simulator as simulator
-from twilio_wireless_exporter import __version__
-from twilio_wireless_exporter.cli import _demo_config, build_parser, main
+from tests.harness_support import exporter_mapping
+from tests.metrics_support import values_by_label
+from tests.process_support import PipeLog
+from twilio_wireless_exporter import __version__, cli
+from twilio_wireless_exporter.cli import _demo_config, build_parser, main, serve
 from twilio_wireless_exporter.clock import ManualClock
+from twilio_wireless_exporter.config.models import config_from_mapping
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.web.address import parse_listen_address
 from twilio_wireless_exporter.web.app import make_app
@@ -110,13 +115,6 @@ def test_listen_address(text: str, expected: tuple[str | None, int]) -> None:
     assert parse_listen_address(text) == expected
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def fetch(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -126,8 +124,8 @@ def fetch(url: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def demo_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    port = free_port()
+def demo_process() -> Iterator[tuple[subprocess.Popen[str], PipeLog, str]]:
+    """``--demo`` on port 0; yields the process, its JSON log (stderr) and its URL."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [
@@ -140,7 +138,7 @@ def demo_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
             "--demo.speed",
             "600",
             "--web.listen-address",
-            f"127.0.0.1:{port}",
+            "127.0.0.1:0",
             "--log.format",
             "json",
         ],
@@ -150,7 +148,8 @@ def demo_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
         env=env,
     )
     try:
-        yield proc, f"http://127.0.0.1:{port}"
+        log = PipeLog(proc)
+        yield proc, log, log.wait_for_url()
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -169,11 +168,14 @@ def wait_ready(base: str, within: float = 20.0) -> None:
     raise AssertionError("exporter did not become ready")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_demo_serves_metrics_and_shuts_down_cleanly(
-    demo_process: tuple[subprocess.Popen[str], str], sig: signal.Signals
+    demo_process: tuple[subprocess.Popen[str], PipeLog, str], sig: signal.Signals
 ) -> None:
-    proc, base = demo_process
+    proc, log, base = demo_process
+    assert base.startswith("http://127.0.0.1:")
+    assert not base.endswith(":0")
     wait_ready(base)
     status, body = fetch(base + "/metrics")
     assert status == 200
@@ -189,7 +191,7 @@ def test_demo_serves_metrics_and_shuts_down_cleanly(
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
-    lines = [json.loads(line) for line in err.splitlines() if line.strip()]
+    lines = [json.loads(line) for line in [*log.lines, *err.splitlines()] if line.strip()]
     messages = [entry["message"] for entry in lines]
     assert any(m.startswith("listening on http://127.0.0.1:") for m in messages)
     assert "shutting down" in messages
@@ -236,12 +238,9 @@ async def test_demo_reports_timestamps_on_the_real_clock(monkeypatch: pytest.Mon
             await http.close()
             await exporter.stop()
     assert sleeps == []
-    exported = {
-        s.labels["sim_sid"]: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "twilio_wireless_sim_last_session_start_timestamp_seconds"
-    }
+    exported = values_by_label(
+        text, "twilio_wireless_sim_last_session_start_timestamp_seconds", "sim_sid"
+    )
     fleet = sim.fleet
     polled = set(fleet.sim_sids("active")) | set(fleet.sim_sids("suspended"))
     newest = {sid: max(v.start for v in fleet.listing(sid)) for sid in polled if fleet.listing(sid)}
@@ -250,3 +249,30 @@ async def test_demo_reports_timestamps_on_the_real_clock(monkeypatch: pytest.Mon
     assert max(exported.values()) <= real.time()
     # ... where in simulated time most of them lie in the real future
     assert sum(start > real.time() for start in newest.values()) > len(newest) // 2
+
+
+async def test_the_command_freezes_its_start_up_heap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` takes what start-up built (the web app among it) out of the collector's
+    generations once it listens, after a collection, and keeps serving until told to stop."""
+    config = config_from_mapping(exporter_mapping("http://127.0.0.1:9", ["DE" + "f" * 32]), {})
+    args = build_parser().parse_args(["--web.listen-address", "127.0.0.1:0"])
+    before = gc.get_freeze_count()
+    seen: list[tuple[int, int, int]] = []
+    real_freeze = cli.freeze_startup_heap
+
+    def freeze_and_stop() -> int:
+        frozen = real_freeze()
+        apps = sum(isinstance(o, web.Application) for o in gc.get_objects())
+        seen.append((frozen, gc.get_count()[0], apps))
+        signal.raise_signal(signal.SIGTERM)  # the command's own handler stops it
+        return frozen
+
+    monkeypatch.setattr(cli, "freeze_startup_heap", freeze_and_stop)
+    try:
+        assert await asyncio.wait_for(serve(args, config), 30) == 0
+    finally:
+        gc.unfreeze()
+    [(frozen, young, apps)] = seen
+    assert frozen > before + 1000  # the imported modules at least
+    assert young < 50  # and it collected first
+    assert apps == 0  # the web app it serves is frozen with the rest

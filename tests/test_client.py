@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import socket
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import MakeHarness
-from tests.test_exporter import metric
+from tests.harness_support import MakeHarness
+from tests.metrics_support import find_value as metric
 from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter.api.client import (
     USER_AGENT,
@@ -101,10 +100,10 @@ async def test_timeouts_are_retried_and_reported(
     assert metric(text, "twilio_wireless_poll_errors_total", kind="timeout") == 1
 
 
-async def test_connection_errors_are_retried_and_reported(harness: MakeHarness) -> None:
-    with socket.socket() as s:  # a port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+async def test_connection_errors_are_retried_and_reported(
+    harness: MakeHarness, refused_port: int
+) -> None:
+    port = refused_port
     sid = "DE" + "2" * 32
     h = await harness(
         [sid], twilio={"base_url": f"http://127.0.0.1:{port}"}, poll={"max_retries": 2}

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.conftest import eventually
+from tests.harness_support import eventually
 from twilio_wireless_exporter.api.client import BasicAuthenticator, ClientSettings, TwilioClient
 from twilio_wireless_simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
 

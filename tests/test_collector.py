@@ -4,67 +4,40 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.test_accounting import T0, session
-from twilio_wireless_exporter.api.records import CellLocation
+from tests.fleet_support import SID_A, SID_B, T0, polled_state, session
+from tests.metrics_support import parse_samples as samples
+from tests.metrics_support import sample_value as value
 from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.accounting import apply_listing
 from twilio_wireless_exporter.fleet.state import FleetState
 
-SID_A = "DE" + "a" * 32
-SID_B = "DE" + "b" * 32
+Render = Callable[..., str]
 
 
-def render(state: FleetState, *, imei_label: bool = False) -> str:
+def reference_render(state: FleetState, *, imei_label: bool = False) -> str:
     registry, _ = build_registry(state, imei_label=imei_label)
     return generate_latest(registry).decode()
 
 
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
+def incremental_render(state: FleetState, *, imei_label: bool = False) -> str:
+    registry, _ = build_registry(state, imei_label=imei_label)
+    return Exposition(state, registry, imei_label=imei_label).text().decode()
 
 
-def value(text: str, name: str, **labels: str) -> float | None:
-    return samples(text).get((name, frozenset(labels.items())))
+@pytest.fixture(params=[reference_render, incremental_render], ids=["reference", "incremental"])
+def render(request: pytest.FixtureRequest) -> Render:
+    """Every test here holds for the stock generator and for the incremental exposition."""
+    renderer: Render = request.param
+    return renderer
 
 
-def polled_state() -> FleetState:
-    state = FleetState()
-    rec = state.ensure(SID_A, {"site": "berlin"}, "pump-17")
-    state.set_identity(
-        SID_A, unique_name="sim-a", friendly_name=None, status="active", rate_plan_sid="WP1"
-    )
-    apply_listing(rec.account, [session("WN1", up=10, down=5, imei="490154203237518")])
-    out = apply_listing(
-        rec.account,
-        [
-            session("WN1", up=12, down=9, end=3600, imei="490154203237518"),
-            session(
-                "WN2",
-                start=4000,
-                up=3,
-                down=1,
-                updated=4100,
-                loc=CellLocation(lat=52.52, lon=13.405),
-                imei="356938035643809",
-                radio="LTE-M",
-            ),
-        ],
-    )
-    state.record_success(SID_A, out, now=T0 + 5000)
-    state.ensure(SID_B)  # never polled
-    return state
-
-
-def test_exact_values_of_a_polled_sim() -> None:
+def test_exact_values_of_a_polled_sim(render: Render) -> None:
     text = render(polled_state())
     base = {"sim_sid": SID_A, "site": "berlin"}
     assert value(text, "twilio_wireless_sim_data_sessions_open", **base) == 1
@@ -111,7 +84,7 @@ def test_exact_values_of_a_polled_sim() -> None:
     assert value(text, hist + "_bucket", radio_link="LTE", le="+Inf") == 1
 
 
-def test_poll_interval_is_exported_only_when_given() -> None:
+def test_poll_interval_is_exported_only_when_given(render: Render) -> None:
     registry, _ = build_registry(polled_state(), poll_interval=450.0)
     text = generate_latest(registry).decode()
     assert value(text, "twilio_wireless_poll_interval_seconds") == 450
@@ -119,19 +92,19 @@ def test_poll_interval_is_exported_only_when_given() -> None:
     assert "twilio_wireless_poll_interval_seconds" not in render(polled_state())
 
 
-def test_absent_data_is_absent_not_zero() -> None:
+def test_absent_data_is_absent_not_zero(render: Render) -> None:
     text = render(polled_state())
     names_for_b = {name for (name, labels) in samples(text) if ("sim_sid", SID_B) in labels}
     assert names_for_b == {"twilio_wireless_sim_info"}
 
 
-def test_imei_label_only_on_opt_in() -> None:
+def test_imei_label_only_on_opt_in(render: Render) -> None:
     assert 'imei="' not in render(polled_state())
     text = render(polled_state(), imei_label=True)
     assert 'imei="356938035643809"' in text
 
 
-def test_every_family_has_help_saying_values_are_cached() -> None:
+def test_every_family_has_help_saying_values_are_cached(render: Render) -> None:
     text = render(polled_state())
     helps = [line for line in text.splitlines() if line.startswith("# HELP twilio_wireless_sim_")]
     assert helps
@@ -143,7 +116,7 @@ def test_every_family_has_help_saying_values_are_cached() -> None:
     assert all("Cached from the exporter's latest poll" in h for h in cached)
 
 
-def test_hostile_label_values_are_escaped() -> None:
+def test_hostile_label_values_are_escaped(render: Render) -> None:
     state = FleetState()
     rec = state.ensure(SID_A, name='evil "name"\nwith newline \\ and ünïcödé')
     apply_listing(rec.account, [session("WN1", operator='Op "quoted"\n\\ 📶')])
@@ -158,8 +131,9 @@ def test_hostile_label_values_are_escaped() -> None:
     assert all(line.startswith(("#", "twilio_wireless_")) for line in text.splitlines())
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-def test_promtool_check_metrics_is_clean() -> None:
+def test_promtool_check_metrics_is_clean(render: Render) -> None:
     result = subprocess.run(
         ["promtool", "check", "metrics"],
         input=render(polled_state()).encode(),

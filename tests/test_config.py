@@ -1172,18 +1172,6 @@ def test_config_error_pickles() -> None:
     assert str(copy) == "a: one\nb: two"
 
 
-def test_settings_are_immutable() -> None:
-    cfg = config_from_mapping(make(), ENV)
-    with pytest.raises(ValidationError):
-        cfg.poll.page_size = 5  # frozen: mypy has no pydantic plugin here to see it
-    with pytest.raises(ValidationError):
-        cfg.sims = ()
-    credentials = cfg.twilio.credentials
-    assert isinstance(credentials, BasicCredentials)
-    with pytest.raises(AttributeError):
-        credentials.username = "x"  # type: ignore[misc]
-
-
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [

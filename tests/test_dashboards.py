@@ -169,6 +169,7 @@ def test_fixture_follows_the_contract() -> None:
             assert labels <= set(sample.labels), (name, sample.labels)
 
 
+@pytest.mark.e2e
 def test_fixture_passes_promtool_check_metrics() -> None:
     promtool = require_tool("promtool")
     code, output = run([promtool, "check", "metrics"], stdin=FIXTURE.read_text())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
+import importlib
+import importlib.util
 import json
 import os
 import re
@@ -11,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -18,12 +21,14 @@ import pytest
 import yaml
 
 from tests.prom_support import GRAFANA, REPO, RULE_FILES, require_tool, run
+from tests.tls_support import TLS, hashed, offline_exporter, serve_web_config
+from twilio_wireless_exporter.cli import DEFAULT_PORT, build_parser, main
 from twilio_wireless_exporter.web import healthcheck
+from twilio_wireless_exporter.web.app import make_app
 
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
-PORT = 10311
 CONFIG_PATH = "/etc/twilio-wireless-exporter/config.yaml"
 
 
@@ -94,36 +99,66 @@ def test_dockerfile_is_multi_stage_on_a_slim_python() -> None:
     assert any(ins == "COPY" and a.startswith("--from=") for ins, a in instructions)
 
 
-def test_dockerfile_runs_as_non_root() -> None:
-    users = [args for ins, args in last_stage(dockerfile_instructions()) if ins == "USER"]
-    assert users, "the runtime stage has no USER"
-    user = users[-1].split(":")[0]
-    assert user not in ("root", "0"), users[-1]
-
-
-def test_dockerfile_exposes_port_and_checks_health() -> None:
+def test_the_runtime_user_is_numeric_and_not_root() -> None:
+    """Kubernetes' ``runAsNonRoot`` can only verify a numeric user; it must be the one created."""
     stage = last_stage(dockerfile_instructions())
-    exposed = [a for ins, a in stage if ins == "EXPOSE"]
-    assert str(PORT) in " ".join(exposed).split()
+    users = [args for ins, args in stage if ins == "USER"]
+    assert users, "the runtime stage has no USER"
+    user, _, group = users[-1].partition(":")
+    assert user.isdigit(), users[-1]
+    assert int(user) != 0, users[-1]
+    assert not group or (group.isdigit() and int(group) != 0), users[-1]
+    created = " ".join(args for ins, args in stage if ins == "RUN")
+    assert re.search(rf"useradd\b[^&]*--uid {user}\b", created), "USER is not the user created"
+
+
+def test_the_exposed_port_is_the_default_listen_port() -> None:
+    stage = last_stage(dockerfile_instructions())
+    exposed = " ".join(a for ins, a in stage if ins == "EXPOSE").split()
+    assert exposed == [str(DEFAULT_PORT)]
+    # What the image runs by default, read by the command's own parser.
+    cmd = json.loads([a for ins, a in stage if ins == "CMD"][-1])
+    args = build_parser().parse_args(cmd)
+    assert args.listen[1] == DEFAULT_PORT
+    assert args.config == Path(CONFIG_PATH)
+
+
+def test_the_health_check_runs_the_package_check_on_the_exposed_port() -> None:
+    stage = last_stage(dockerfile_instructions())
     health = [a for ins, a in stage if ins == "HEALTHCHECK"]
     assert len(health) == 1
     options, command = healthcheck_instruction(health[0])
-    # The package's check (HTTP or HTTPS, a 401 from basic auth counts) on the exposed port.
-    assert command == [
-        "python",
-        "-m",
-        "twilio_wireless_exporter.web.healthcheck",
-        f"127.0.0.1:{PORT}",
-    ]
-    assert healthcheck.PATH == "/-/healthy"
+    python, flag, module, address = command
+    assert (python, flag) == ("python", "-m")
+    # The module exists and is the package's check (HTTP, then HTTPS; a 401 counts as alive) ...
+    assert importlib.util.find_spec(module) is not None, module
+    assert importlib.import_module(module) is healthcheck
+    # ... on the port the image exposes, asking a path the exporter serves.
+    assert healthcheck.parse_address(address) == ("127.0.0.1", DEFAULT_PORT)
+    served = {
+        route.resource.canonical
+        for route in make_app(offline_exporter().web_context()).router.routes()
+        if route.resource is not None
+    }
+    assert healthcheck.PATH in served
     # Both attempts (HTTP, then HTTPS) fit Docker's timeout.
     assert duration_seconds(options["timeout"]) > 2 * healthcheck.DEFAULT_TIMEOUT
+
+
+def test_the_entrypoint_is_the_console_script_of_the_package() -> None:
+    stage = last_stage(dockerfile_instructions())
     entrypoint = [a for ins, a in stage if ins == "ENTRYPOINT"]
     assert entrypoint
-    assert json.loads(entrypoint[-1]) == ["twilio-wireless-exporter"]
-    cmd = json.loads([a for ins, a in stage if ins == "CMD"][-1])
-    assert cmd[:2] == ["--config", CONFIG_PATH]
-    assert f":{PORT}" in cmd
+    (script,) = json.loads(entrypoint[-1])
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "scripts"
+    ]
+    assert script in scripts, f"{script} is not a console script of pyproject.toml"
+    module, _, attribute = scripts[script].partition(":")
+    assert getattr(importlib.import_module(module), attribute) is main
+    # The build stage proves the script was installed into the venv the runtime stage copies.
+    build = " ".join(args for ins, args in dockerfile_instructions() if ins == "RUN")
+    assert f"/opt/venv/bin/{script} --version" in build
 
 
 def healthcheck_instruction(args: str) -> tuple[dict[str, str], list[str]]:
@@ -141,26 +176,26 @@ def duration_seconds(text: str) -> float:
     return float(match.group(1)) * units[match.group(2)]
 
 
+@pytest.mark.e2e
 async def test_the_dockerfile_health_check_passes_behind_tls_and_basic_auth(
-    tmp_path: Path,
+    cert_dir: Path,
 ) -> None:
     """The HEALTHCHECK command as written, against an exporter whose --web.config.file turns on
     TLS and basic auth (every endpoint answers 401), then against a closed port."""
-    from tests.test_healthcheck import AUTH, TLS, exporter
-    from tests.test_webconfig import make_cert
-
-    make_cert(tmp_path)
     stage = last_stage(dockerfile_instructions())
     _, command = healthcheck_instruction(next(a for ins, a in stage if ins == "HEALTHCHECK"))
     assert command[0] == "python"
 
     async def run_in_container(port: int) -> tuple[int | None, str]:
-        argv = [sys.executable, *command[1:-1], command[-1].replace(str(PORT), str(port))]
+        argv = [sys.executable, *command[1:-1], command[-1].replace(str(DEFAULT_PORT), str(port))]
         proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
         return proc.returncode, out.decode()
 
-    async with exporter({"tls_server_config": TLS, "basic_auth_users": AUTH}, tmp_path) as port:
+    auth = {"prometheus": hashed("web-pass")}
+    async with serve_web_config(
+        {"tls_server_config": TLS, "basic_auth_users": auth}, cert_dir
+    ) as port:
         assert await run_in_container(port) == (
             0,
             f"healthy: https://127.0.0.1:{port}/-/healthy: HTTP 401\n",
@@ -202,6 +237,7 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
         assert ignored(secret_or_bulky, patterns), f"{secret_or_bulky} would be sent to the build"
 
 
+@pytest.mark.e2e
 def test_hadolint() -> None:
     hadolint = shutil.which("hadolint")
     if not hadolint:
@@ -219,7 +255,7 @@ def test_hadolint() -> None:
 def test_compose_file_parses_and_has_the_demo_services() -> None:
     services = compose()["services"]
     assert {"simulator", "exporter", "prometheus", "grafana"} <= set(services)
-    assert f"{PORT}:{PORT}" in services["exporter"]["ports"]
+    assert f"{DEFAULT_PORT}:{DEFAULT_PORT}" in services["exporter"]["ports"]
     for name, service in services.items():
         assert "image" in service or "build" in service, name
         for target, source in mounts(service).items():
@@ -249,6 +285,7 @@ def test_simulator_service_command_parses() -> None:
     assert args.listen == ("0.0.0.0", 8080)
 
 
+@pytest.mark.e2e
 def test_exporter_service_config_is_valid() -> None:
     exporter = compose()["services"]["exporter"]
     config = host_path(exporter, CONFIG_PATH)
@@ -275,6 +312,7 @@ def test_exporter_service_config_is_valid() -> None:
     assert base_url == f"http://simulator:{listen.rsplit(':', 1)[1]}"
 
 
+@pytest.mark.e2e
 def test_prometheus_service_loads_the_shipped_rules_and_scrapes_the_exporter(
     tmp_path: Path,
 ) -> None:
@@ -290,7 +328,7 @@ def test_prometheus_service_loads_the_shipped_rules_and_scrapes_the_exporter(
         for static in job["static_configs"]
         for target in static["targets"]
     ]
-    assert f"exporter:{PORT}" in targets
+    assert f"exporter:{DEFAULT_PORT}" in targets
     # promtool checks the file with the rule paths pointing at the repository's copies.
     promtool = require_tool("promtool")
     config["rule_files"] = [str(p) for p in rule_sources]

@@ -34,12 +34,12 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.process_support import LISTENING, wait_for_log_line
 from tests.prom_support import (
     FIXTURE,
     Json,
     Prometheus,
     PromQueryError,
-    free_port,
     grafana_query_result_text,
     grafana_regex,
     http_get,
@@ -138,11 +138,12 @@ def fixture_server() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[None]:
+def process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run ``cmd`` (which binds port 0) logging to ``log``; yields the address it logged."""
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        yield
+        yield wait_for_log_line(log, LISTENING, proc, within=20)["url"]
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -165,24 +166,22 @@ def exporter_on_simulator(workdir: Path) -> Iterator[tuple[str, list[Path]]]:
     from twilio_wireless_simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
 
     python = sys.executable
-    sim_port, exp_port = free_port(), free_port()
     sim_log, exp_log = workdir / "simulator.log", workdir / "exporter.log"
     simulator = [
         python,
         "-m",
         "twilio_wireless_exporter",
         "simulate",
-        f"--listen=127.0.0.1:{sim_port}",
+        "--listen=127.0.0.1:0",
         "--sims=12",
         "--seed=5",
         "--speed=600",
         "--fault-429=0.05",
         "--retry-after=0.2",
         "--fault-503=0.03",
-        "--log-level=warning",
+        "--log-level=info",  # for the "listening on" line with the bound port
     ]
-    sim_url = f"http://127.0.0.1:{sim_port}"
-    with process(simulator, sim_log):
+    with process(simulator, sim_log) as sim_url:
         wait_for(lambda: http_get(f"{sim_url}/health", timeout=1), timeout=20, what="simulator")
         # Two SIMs get a configured name and a constant label; discovery finds the rest.
         sims = json.loads(
@@ -225,11 +224,11 @@ def exporter_on_simulator(workdir: Path) -> Iterator[tuple[str, list[Path]]]:
             "-m",
             "twilio_wireless_exporter",
             f"--config={config_file}",
-            f"--web.listen-address=127.0.0.1:{exp_port}",
-            "--log.level=warning",
+            "--web.listen-address=127.0.0.1:0",
+            "--log.level=info",
         ]
-        with process(exporter, exp_log, env=env):
-            address = f"127.0.0.1:{exp_port}"
+        with process(exporter, exp_log, env=env) as exporter_url:
+            address = exporter_url.removeprefix("http://")
             try:
                 wait_for(
                     lambda: http_get(f"http://{address}/-/healthy", timeout=1),
@@ -245,20 +244,19 @@ def exporter_on_simulator(workdir: Path) -> Iterator[tuple[str, list[Path]]]:
 def exporter_demo(workdir: Path) -> Iterator[tuple[str, list[Path]]]:
     """``twilio-wireless-exporter --demo`` as a real process."""
     require_exporter()
-    port = free_port()
     log = workdir / "demo.log"
     command = [
         sys.executable,
         "-m",
         "twilio_wireless_exporter",
         "--demo",
-        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.listen-address=127.0.0.1:0",
         "--demo.sims=12",
         "--demo.speed=600",
-        "--log.level=warning",
+        "--log.level=info",
     ]
-    with process(command, log):
-        address = f"127.0.0.1:{port}"
+    with process(command, log) as url:
+        address = url.removeprefix("http://")
         try:
             wait_for(
                 lambda: http_get(f"http://{address}/-/healthy", timeout=1),

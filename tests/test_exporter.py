@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MakeHarness, eventually, exporter_mapping
-from twilio_wireless_exporter.cli import build_parser, freeze_startup_heap, serve
+from tests.harness_support import MakeHarness, eventually, exporter_mapping
+from tests.metrics_support import find_value as metric
+from twilio_wireless_exporter.cli import build_parser, serve
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config.models import config_from_mapping
 from twilio_wireless_exporter.fleet.persist import read_state, state_identity
@@ -25,18 +25,6 @@ from twilio_wireless_exporter.web.app import coalesce
 from twilio_wireless_simulator import FaultResponse, RunningSimulator
 
 HOUR = 3600.0
-
-
-def metric(text: str, name: str, sim_sid: str | None = None, **labels: str) -> float | None:
-    """The value of one sample, or None when absent."""
-    want = dict(labels)
-    if sim_sid is not None:
-        want["sim_sid"] = sim_sid
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in want.items()):
-                return s.value
-    return None
 
 
 def counters(text: str, sid: str) -> tuple[float | None, ...]:
@@ -376,9 +364,9 @@ async def test_openmetrics_and_gzip(sim: RunningSimulator, harness: MakeHarness)
 async def test_per_sim_state_is_invisible_to_the_cyclic_garbage_collector(
     sim: RunningSimulator, harness: MakeHarness
 ) -> None:
-    """A full collection walks every tracked object; at 10,000 SIMs the per-SIM records made
-    it a 40-60 ms pause in the middle of scrapes. They can form no cycles, so they are not
-    tracked at all, nor is a SIM's dict of remembered sessions."""
+    """A full collection walks every tracked object, so at fleet scale tracked per-SIM records
+    would pause scrapes (docs/performance.md has the measurement). They can form no cycles, so
+    they are not tracked at all, nor is a SIM's dict of remembered sessions."""
     fleet = sim.fleet
     sids = [fleet.add_sim(friendly_name=f"pump {i}") for i in range(20)]
     for sid in sids:
@@ -403,17 +391,6 @@ async def test_per_sim_state_is_invisible_to_the_cyclic_garbage_collector(
     assert len(objects) == 20 * 7
     assert [type(o).__name__ for o in objects if gc.is_tracked(o)] == []
     assert [r.sid for r in records if gc.is_tracked(r.account.sessions)] == []
-
-
-def test_the_command_freezes_its_start_up_heap() -> None:
-    before = gc.get_freeze_count()
-    try:
-        frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count()
-        assert frozen > before + 1000  # the imported modules at least
-        assert gc.get_count()[0] < 50  # and it collected first
-    finally:
-        gc.unfreeze()
 
 
 def test_coalesce_regroups_parts_without_copying_big_ones() -> None:

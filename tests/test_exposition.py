@@ -11,7 +11,6 @@ import asyncio
 import functools
 import gzip
 import math
-import shutil
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,8 +29,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-import tests.test_collector as reference_suite
-from tests.conftest import eventually
+from tests.fleet_support import SID_A, polled_state
+from tests.harness_support import eventually
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config.models import RESERVED_LABEL_NAMES
 from twilio_wireless_exporter.exposition.collector import build_registry
@@ -169,6 +168,7 @@ def assert_same(exposition: Exposition, state: FleetState, imei_label: bool) -> 
     assert gzip.decompress(exposition.gzip(OPENMETRICS)) == ref_om
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     first=st.lists(sim_change, max_size=8),
@@ -202,7 +202,7 @@ def test_matches_the_reference_collector_through_changes(
 
 
 def test_an_unchanged_state_renders_nothing_again() -> None:
-    state = reference_suite.polled_state()
+    state = polled_state()
     registry, _ = build_registry(state)
     exposition = Exposition(state, registry, block_size=1)
     first = exposition.refresh()
@@ -210,41 +210,12 @@ def test_an_unchanged_state_renders_nothing_again() -> None:
     assert first.rendered == 2
     again = exposition.refresh()
     assert (again.rendered, again.blocks_changed, again.relayout) == (0, 0, False)
-    state.record_success(reference_suite.SID_A, ListingOutcome(), now=1.0)
+    state.record_success(SID_A, ListingOutcome(), now=1.0)
     polled = exposition.refresh()
     assert polled.rendered == 1
     # only the timestamp of the poll moved: one block of one family was spliced
     assert polled.blocks_changed == 1
     assert exposition.text() == generate_latest(registry)
-
-
-@pytest.mark.parametrize(
-    "test",
-    [
-        reference_suite.test_exact_values_of_a_polled_sim,
-        reference_suite.test_absent_data_is_absent_not_zero,
-        reference_suite.test_imei_label_only_on_opt_in,
-        reference_suite.test_every_family_has_help_saying_values_are_cached,
-        reference_suite.test_hostile_label_values_are_escaped,
-        reference_suite.test_promtool_check_metrics_is_clean,
-    ],
-    ids=lambda f: f.__name__,
-)
-def test_reference_suite_against_the_fast_path(
-    test: Callable[[], None], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """tests/test_collector.py, with its ``render`` swapped for the incremental exposition."""
-    if test is reference_suite.test_promtool_check_metrics_is_clean and not shutil.which(
-        "promtool"
-    ):
-        pytest.skip("promtool not installed")
-
-    def fast_render(state: FleetState, *, imei_label: bool = False) -> str:
-        registry, _ = build_registry(state, imei_label=imei_label)
-        return Exposition(state, registry, imei_label=imei_label).text().decode()
-
-    monkeypatch.setattr(reference_suite, "render", fast_render)
-    test()
 
 
 @given(st.floats() | st.integers(-(2**70), 2**70))
@@ -332,7 +303,7 @@ async def test_non_legacy_label_names_fall_back_for_utf8_escaping() -> None:
 
 def test_values_survive_the_round_trip() -> None:
     """Sanity check of the parser-based comparison itself: it sees every sample."""
-    state = reference_suite.polled_state()
+    state = polled_state()
     registry, _ = build_registry(state)
     samples = parsed(Exposition(state, registry).text().decode(), text_string_to_metric_families)
     assert len(samples) > 15
@@ -342,7 +313,7 @@ def test_values_survive_the_round_trip() -> None:
 async def test_concurrent_scrapes_share_a_render_that_starts_after_they_arrive(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    state = reference_suite.polled_state()
+    state = polled_state()
     registry, _ = build_registry(state)
     exposition = Exposition(state, registry)
     renders = 0
@@ -364,7 +335,7 @@ async def test_concurrent_scrapes_share_a_render_that_starts_after_they_arrive(
     first = asyncio.ensure_future(rendered(exposition, generate_latest, compress=False))
     for _ in range(3):
         await asyncio.sleep(0)
-    state.record_success(reference_suite.SID_A, ListingOutcome(), now=12345.0)
+    state.record_success(SID_A, ListingOutcome(), now=12345.0)
     second = await rendered(exposition, generate_latest, compress=False)
     await first
     assert second == generate_latest(registry)

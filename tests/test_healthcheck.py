@@ -6,36 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from tests.test_security import serve_https
-from tests.test_webconfig import hashed, make_cert
+from tests.tls_support import TLS, hashed, serve_web_config
 from twilio_wireless_exporter.web.healthcheck import Result, check, main, parse_address
-from twilio_wireless_exporter.web.security import web_config_from_mapping
 
-TLS = {"cert_file": "server.crt", "key_file": "server.key"}
 # The server's own certificate doubles as the client CA: the check has no client certificate.
 MUTUAL = {**TLS, "client_auth_type": "RequireAndVerifyClientCert", "client_ca_file": "server.crt"}
 AUTH = {"prometheus": hashed("web-pass")}
-
-
-@pytest.fixture(scope="module")
-def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("healthcheck-tls")
-    make_cert(directory)
-    return directory
-
-
-@contextlib.asynccontextmanager
-async def exporter(web_config: dict[str, Any], cert_dir: Path) -> AsyncIterator[int]:
-    """The exporter's web app behind ``web_config`` (as ``--web.config.file``) on a real port."""
-    async with serve_https(web_config_from_mapping(web_config, base_dir=cert_dir)) as port:
-        yield port
 
 
 async def run_check(port: int) -> Result:
@@ -59,14 +42,14 @@ async def run_check(port: int) -> Result:
 async def test_alive_whatever_the_web_config(
     cert_dir: Path, web_config: dict[str, Any], detail: str
 ) -> None:
-    async with exporter(web_config, cert_dir) as port:
+    async with serve_web_config(web_config, cert_dir) as port:
         assert await run_check(port) == Result(True, detail.format(port=port))
 
 
 @pytest.mark.parametrize("max_version", ["TLS12", "TLS13"])
 async def test_alive_with_mutual_tls_from_the_handshake(cert_dir: Path, max_version: str) -> None:
     web_config = {"tls_server_config": {**MUTUAL, "max_version": max_version}}
-    async with exporter(web_config, cert_dir) as port:
+    async with serve_web_config(web_config, cert_dir) as port:
         result = await run_check(port)
     assert result.alive, result
     assert result.detail.startswith(f"https://127.0.0.1:{port}/-/healthy: ")
@@ -87,15 +70,8 @@ async def test_another_http_answer_is_unhealthy() -> None:
     assert result == Result(False, f"http://127.0.0.1:{port}/-/healthy: HTTP 404")
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def test_nothing_listening_is_unhealthy_without_trying_tls() -> None:
-    port = closed_port()
+def test_nothing_listening_is_unhealthy_without_trying_tls(refused_port: int) -> None:
+    port = refused_port
     result = check(f"127.0.0.1:{port}")
     assert not result.alive
     assert result.detail.startswith(f"http://127.0.0.1:{port}/-/healthy: ConnectionRefusedError")
@@ -134,8 +110,8 @@ async def test_a_port_that_hangs_up_at_once_is_unhealthy() -> None:
     assert "handshake was answered" not in result.detail
 
 
-def test_main_exit_codes_and_output(capsys: pytest.CaptureFixture[str]) -> None:
-    port = closed_port()
+def test_main_exit_codes_and_output(capsys: pytest.CaptureFixture[str], refused_port: int) -> None:
+    port = refused_port
     assert main([f"127.0.0.1:{port}"]) == 1
     out = capsys.readouterr().out
     assert out.startswith(f"unhealthy: http://127.0.0.1:{port}/-/healthy: ConnectionRefusedError")

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MakeHarness, exporter_mapping
+from tests.harness_support import MakeHarness, exporter_mapping
+from tests.metrics_support import find_value as value
 from twilio_wireless_exporter.config.models import config_from_mapping
 from twilio_wireless_simulator import RunningSimulator
 
@@ -27,14 +27,6 @@ HUGE = "DE" + "b" * 32
 STREAM = "DE" + "5" * 32
 FINE = "DE" + "f" * 32
 STREAM_LIMIT = 256 * MIB  # what the hostile API would send if nobody stopped reading
-
-
-def value(text: str, name: str, **labels: str) -> float | None:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None
 
 
 def poller_messages(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:

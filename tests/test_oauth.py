@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +21,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import eventually
+from tests.harness_support import eventually
+from tests.metrics_support import find_value as metric
 from twilio_wireless_exporter.api.auth import (
     OAuth2Authenticator,
     TokenError,
@@ -52,15 +51,6 @@ TOKEN = "twilio_wireless_oauth_token_requests_total"
 EXPIRY = "twilio_wireless_oauth_token_expiry_timestamp_seconds"
 REMAINING = "twilio_wireless_oauth_token_remaining_lifetime_seconds"
 INVALID_CLIENT = b'{"error":"invalid_client","error_description":"Client authentication failed"}'
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample, or None when absent."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None
 
 
 class TokenEndpoint:
@@ -566,10 +556,10 @@ async def test_a_token_endpoint_timeout_is_retried(make_env: MakeEnv) -> None:
     assert metric(text, "twilio_wireless_api_requests_total", endpoint="token", code="error") == 1
 
 
-async def test_an_unreachable_token_endpoint_is_a_connection_error(make_env: MakeEnv) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+async def test_an_unreachable_token_endpoint_is_a_connection_error(
+    make_env: MakeEnv, refused_port: int
+) -> None:
+    port = refused_port
     env = await make_env(sims=1)
     await env.start(
         mapping=oauth_mapping(

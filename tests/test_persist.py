@@ -23,10 +23,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import eventually, exporter_mapping
-from tests.test_accounting import Model, histories
+from tests.fleet_support import Model, histories
+from tests.harness_support import eventually, exporter_mapping
+from tests.metrics_support import sample_value as value
+from tests.process_support import listen_url
 from twilio_wireless_exporter.api.records import DataSession
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config.models import Config, ConfigError, config_from_mapping
@@ -122,18 +123,6 @@ def fresh_state(sids: list[str]) -> FleetState:
 
 def save(state: FleetState, path: Path, identity: StateIdentity = IDENTITY) -> None:
     write_state(path, snapshot(state), identity, 1_767_230_000.0)
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(text: str, name: str, **labels: str) -> float | None:
-    return samples(text).get((name, tuple(sorted(labels.items()))))
 
 
 def counters(text: str, sid: str) -> tuple[float | None, ...]:
@@ -632,6 +621,7 @@ _KILL_WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_sigkill_at_any_moment_leaves_a_whole_old_or_new_file(tmp_path: Path) -> None:
     """A writer saving 3,000 SIMs in a loop is killed at random moments; the file is always whole."""
@@ -955,9 +945,8 @@ class ExporterProcess:
         async for raw in self.proc.stderr:
             line = raw.decode(errors="replace").rstrip()
             self.lines.append(line)
-            marker = "listening on "
-            if marker in line and not listening.done():
-                listening.set_result(line.split(marker, 1)[1].rstrip("/"))
+            if (url := listen_url(line)) and not listening.done():
+                listening.set_result(url)
         if not listening.done():
             listening.set_exception(AssertionError("exporter exited:\n" + "\n".join(self.lines)))
 
@@ -1001,6 +990,7 @@ async def wait_for_counts(
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 async def test_sigkill_mid_cycle_and_restart_loses_nothing_and_counts_nothing_twice(
     scripted: RunningSimulator, tmp_path: Path

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tests.conftest import MakeHarness, eventually
+from tests.harness_support import MakeHarness, eventually
 from twilio_wireless_simulator import RunningSimulator
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.conftest import MakeHarness, eventually
+from tests.harness_support import MakeHarness, eventually
 from twilio_wireless_exporter.polling.poller import sim_offset
 from twilio_wireless_simulator import FaultResponse, RunningSimulator
 

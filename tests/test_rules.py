@@ -172,6 +172,7 @@ def test_runbook_urls_point_at_readme_sections() -> None:
         assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in {README.name}"
 
 
+@pytest.mark.e2e
 def test_promtool_check_rules() -> None:
     promtool = require_tool("promtool")
     code, output = run([promtool, "check", "rules", *map(str, RULE_FILES)])
@@ -180,6 +181,7 @@ def test_promtool_check_rules() -> None:
     assert "WARNING" not in output.upper(), output
 
 
+@pytest.mark.e2e
 def test_promtool_unit_tests_pass() -> None:
     promtool = require_tool("promtool")
     assert RULE_TEST_FILES
@@ -187,6 +189,7 @@ def test_promtool_unit_tests_pass() -> None:
     assert code == 0, output
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("old", "new"),
     [

@@ -4,36 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import json
 import logging
 import os
-import selectors
 import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
 import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import MakeHarness, eventually
-from tests.test_webconfig import hashed, make_cert
+from tests.harness_support import MakeHarness, eventually
+from tests.metrics_support import iter_samples
+from tests.process_support import PipeLog
+from tests.tls_support import hashed, make_cert, serve_https
 from twilio_wireless_exporter.cli import JsonFormatter, main
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import config_from_mapping, load_config
+from twilio_wireless_exporter.config.models import load_config
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.web.app import make_app
 from twilio_wireless_exporter.web.security import (
@@ -93,13 +89,6 @@ def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-@pytest.fixture(scope="module")
-def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tls")
-    make_cert(directory)
-    return directory
-
-
 def secured_config(cert_dir: Path, **tls: str) -> WebConfig:
     return web_config_from_mapping(
         {
@@ -109,34 +98,6 @@ def secured_config(cert_dir: Path, **tls: str) -> WebConfig:
         },
         base_dir=cert_dir,
     )
-
-
-def offline_exporter() -> Exporter:
-    """An exporter that is never opened: its web app renders an empty fleet."""
-    config = config_from_mapping(
-        {
-            "twilio": {"account_sid": DEMO_ACCOUNT_SID, "auth_token": "unused-token"},
-            "sims": [{"sid": "DE" + "1" * 32}],
-        },
-        environ={},
-    )
-    return Exporter(config)
-
-
-@contextlib.asynccontextmanager
-async def serve_https(web_config: WebConfig) -> AsyncIterator[int]:
-    """The exporter's web app with the web config's middlewares on a real port (TLS when the web
-    config has it)."""
-    app = make_app(offline_exporter().web_context(), middlewares=web_config.middlewares())
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=web_config.ssl_context)
-        await site.start()
-        port: int = runner.addresses[0][1]
-        yield port
-    finally:
-        await runner.cleanup()
 
 
 def client_context(cert_dir: Path) -> ssl.SSLContext:
@@ -219,27 +180,6 @@ async def test_min_version_is_enforced(cert_dir: Path) -> None:
             assert resp.status == 401  # the handshake worked; now credentials are needed
 
 
-def read_log_until(proc: subprocess.Popen[bytes], prefix: str, within: float = 20.0) -> str:
-    """Read the process's JSON log lines until a message starts with ``prefix`` (bounded)."""
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
-    buffer = b""
-    deadline = time.monotonic() + within
-    with selectors.DefaultSelector() as selector:
-        selector.register(fd, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0 and selector.select(left):
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                message = str(json.loads(line)["message"])
-                if message.startswith(prefix):
-                    return message
-    raise AssertionError(f"no log line starting with {prefix!r}; got {buffer!r}")
-
-
 def fetch(url: str, context: ssl.SSLContext, auth: str | None = None) -> int:
     request = urllib.request.Request(url, headers={"Authorization": auth} if auth else {})
     try:
@@ -250,6 +190,7 @@ def fetch(url: str, context: ssl.SSLContext, auth: str | None = None) -> int:
         return err.code
 
 
+@pytest.mark.e2e
 def test_the_cli_serves_https_with_basic_auth(cert_dir: Path, tmp_path: Path) -> None:
     web_config = tmp_path / "web.yml"
     web_config.write_text(
@@ -276,9 +217,10 @@ def test_the_cli_serves_https_with_basic_auth(cert_dir: Path, tmp_path: Path) ->
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
-        message = read_log_until(proc, "listening on ")
-        assert message.startswith("listening on https://127.0.0.1:")
-        port = int(message.rsplit(":", 1)[1].rstrip("/"))
+        log = PipeLog(proc)
+        url = log.wait_for_url()
+        assert url.startswith("https://127.0.0.1:")
+        port = int(url.rsplit(":", 1)[1])
         context = client_context(cert_dir)
         base = f"https://localhost:{port}"
         assert fetch(base + "/metrics", context) == 401
@@ -288,7 +230,7 @@ def test_the_cli_serves_https_with_basic_auth(cert_dir: Path, tmp_path: Path) ->
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
         assert proc.returncode == 0, err
-        assert leaks(err.decode(), SECRETS) == []
+        assert leaks("\n".join([*log.lines, err.decode()]), SECRETS) == []
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -363,10 +305,7 @@ async def run_once(
         metrics = await (await http.get("/metrics", headers=right)).text()
     await exporter.stop()
     up = [
-        sample.value
-        for family in text_string_to_metric_families(metrics)
-        for sample in family.samples
-        if sample.name == "twilio_wireless_sim_up"
+        sample.value for sample in iter_samples(metrics) if sample.name == "twilio_wireless_sim_up"
     ]
     assert up == ([1.0, 1.0] if expect_up else [0.0, 0.0])
 

@@ -7,9 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Harness, MakeHarness
+from tests.harness_support import Harness, MakeHarness
+from tests.metrics_support import iter_samples
 from twilio_wireless_exporter.cli import main
 from twilio_wireless_exporter.config.models import ConfigError, config_from_mapping
 from twilio_wireless_exporter.polling.poller import sim_offset
@@ -161,8 +161,7 @@ def test_shard_flag_overrides_the_config(
 def polled_sids(text: str) -> set[str]:
     return {
         sample.labels["sim_sid"]
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
+        for sample in iter_samples(text)
         if sample.name == "twilio_wireless_sim_up" and sample.value == 1
     }
 
@@ -170,8 +169,7 @@ def polled_sids(text: str) -> set[str]:
 def requests(text: str, endpoint: str) -> float:
     return sum(
         sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
+        for sample in iter_samples(text)
         if sample.name == "twilio_wireless_api_requests_total"
         and sample.labels["endpoint"] == endpoint
     )

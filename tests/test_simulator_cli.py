@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import sys
 from typing import Any
@@ -13,6 +12,7 @@ import aiohttp
 import pytest
 from pydantic import ValidationError
 
+from tests.process_support import read_listen_url
 from tests.simulator_support import basic, get_json
 from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
@@ -159,6 +159,7 @@ def test_a_bad_setting_from_the_command_line_exits_2_with_one_line(
     ]
 
 
+@pytest.mark.e2e
 async def test_standalone_process_serves_and_stops_on_sigterm() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
@@ -173,14 +174,11 @@ async def test_standalone_process_serves_and_stops_on_sigterm() -> None:
     )
     assert proc.stderr is not None
     try:
-        log = ""
-        url = None
-        while url is None:
-            line = await asyncio.wait_for(proc.stderr.readline(), 15)
-            assert line, f"simulator exited early: {log}"
-            log += line.decode()
-            match = re.search(r"listening on (http://\S+)", log)
-            url = match.group(1) if match else None
+        lines: list[str] = []
+        url = await read_listen_url(proc.stderr, lines, within=15)
+        assert url.startswith("http://127.0.0.1:")
+        assert not url.endswith(":0")
+        log = "\n".join(lines)
         # The demo credentials are printed for the user.
         while DEMO_AUTH_TOKEN not in log:
             log += (await asyncio.wait_for(proc.stderr.readline(), 15)).decode()

@@ -42,9 +42,11 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import exporter_mapping
+from tests.harness_support import exporter_mapping
+from tests.metrics_support import SampleKey as Sample
+from tests.metrics_support import parse_samples as parse
+from tests.metrics_support import series_key
 from twilio_wireless_exporter.api.client import BasicAuthenticator, ClientSettings, TwilioClient
 from twilio_wireless_exporter.config.models import config_from_mapping
 from twilio_wireless_exporter.fleet.accounting import DEFAULT_FORGET_AFTER
@@ -100,8 +102,6 @@ METRIC_NAMES = (
     "packets_downloaded_total",
 )
 
-Sample = tuple[str, tuple[tuple[str, str], ...]]
-
 
 # ------------------------------------------------------------------------------ bookkeeping
 
@@ -131,21 +131,13 @@ class Observations:
     loop_errors: list[dict[str, Any]] = field(default_factory=list)
 
 
-def parse(text: str) -> dict[Sample, float]:
-    out: dict[Sample, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 def is_monotonic(name: str) -> bool:
     return name.endswith(("_total", "_count", "_bucket", "_sum"))
 
 
 def sim_counters(samples: dict[Sample, float], sid: str) -> tuple[float | None, ...]:
     return tuple(
-        samples.get((f"twilio_wireless_sim_{name}", (("sim_sid", sid),))) for name in METRIC_NAMES
+        samples.get(series_key(f"twilio_wireless_sim_{name}", sim_sid=sid)) for name in METRIC_NAMES
     )
 
 
@@ -241,6 +233,7 @@ class SimTimeDriver:
 # ------------------------------------------------------------------------------ 429 storms
 
 
+@pytest.mark.slow
 async def test_a_429_storm_pauses_every_request_not_just_the_refused_ones() -> None:
     """Regression (found by the soak): in a 429 storm every request used to retry on its own
     after ``Retry-After``, so N SIMs kept sending about N requests per ``Retry-After``; now a run

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import ssl
-import subprocess
 from pathlib import Path
 
 import bcrypt
 import pytest
 
+from tests.tls_support import hashed
 from twilio_wireless_exporter.cli import main
 from twilio_wireless_exporter.config.models import ConfigError
 from twilio_wireless_exporter.web.security import (
@@ -27,52 +26,6 @@ twilio:
   auth_token: webconfig-test-token
 sims: [DE{"1" * 32}]
 """
-
-
-def hashed(password: str) -> str:
-    """A bcrypt hash at the lowest cost (fast tests; the cost does not change the logic)."""
-    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
-
-
-def make_cert(directory: Path, name: str = "server") -> tuple[Path, Path]:
-    """A self-signed certificate for localhost and 127.0.0.1, and its key (mode 0600)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    key.chmod(0o600)
-    return cert, key
-
-
-@pytest.fixture(scope="module")
-def cert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("certs")
-    make_cert(directory)
-    make_cert(directory, "other")
-    return directory
 
 
 def write(directory: Path, text: str, name: str = "web.yml") -> Path:

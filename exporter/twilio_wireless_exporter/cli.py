@@ -296,6 +296,8 @@ async def serve(
         await site.start()
         log.debug("froze %d start-up objects out of the garbage collector", freeze_startup_heap())
         scheme = "https" if ssl_context is not None else "http"
+        # The addresses actually bound, so that with port 0 (`127.0.0.1:0`) whoever started the
+        # command learns its port from this line (the tests do; the wording is kept stable).
         for address in runner.addresses:
             log.info("listening on %s", _format_address(address, scheme))
         await stop.wait()

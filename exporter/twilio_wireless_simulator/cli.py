@@ -198,6 +198,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
 
 def _describe(sim: RunningSimulator) -> None:
     cfg = sim.config
+    # sim.url holds the port actually bound: with --listen HOST:0 this line tells the caller.
     log.info("Twilio Wireless API simulator listening on %s", sim.url)
     log.info(
         "%d SIMs, seed %d, %s, simulated time %s%s",
