@@ -16,7 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.conftest import eventually
-from twilio_wireless_exporter.api.client import BasicAuthenticator, ClientSettings, TwilioClient
+from twilio_wireless_exporter.api.auth import BasicAuthenticator
+from twilio_wireless_exporter.api.client import ClientSettings, TwilioClient
 from twilio_wireless_simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
 
 LONG = "DE" + "a" * 32  # three pages

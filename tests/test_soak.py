@@ -45,7 +45,8 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import exporter_mapping
-from twilio_wireless_exporter.api.client import BasicAuthenticator, ClientSettings, TwilioClient
+from twilio_wireless_exporter.api.auth import BasicAuthenticator
+from twilio_wireless_exporter.api.client import ClientSettings, TwilioClient
 from twilio_wireless_exporter.config.models import config_from_mapping
 from twilio_wireless_exporter.fleet.accounting import DEFAULT_FORGET_AFTER
 from twilio_wireless_exporter.service import Exporter
