@@ -533,6 +533,26 @@ async def test_garbage_token_answers_fail_the_round_and_are_reported(
     assert metric(text, "twilio_wireless_poll_errors_total", kind="decode") == 1
 
 
+async def test_an_oversized_token_answer_fails_the_round_without_retries(
+    make_env: MakeEnv,
+) -> None:
+    """A size cap is not a transient failure: like an API page, it is not retried."""
+    env = await make_env(sims=1)
+    huge = b'{"access_token": "' + b"a" * (64 * 1024) + b'"}'
+    async with token_endpoint([huge]) as endpoint:
+        await env.start(mapping=oauth_mapping(env.sim, env.sids, token_url=endpoint.url))
+        await env.poll()
+    assert len(endpoint.requests) == 1
+    assert env.sleeps == []
+    assert env.up() == [False]
+    assert env.error() == (
+        f"token: response of {len(huge)} bytes exceeds the 65536-byte cap status=200"
+    )
+    text = await env.scrape()
+    assert metric(text, "twilio_wireless_poll_errors_total", kind="too_large") == 1
+    assert metric(text, TOKEN, result="error") == 1
+
+
 async def test_exhausted_retries_fail_the_poll_then_recover(make_env: MakeEnv) -> None:
     env = await make_env(sims=2)
     await env.start()
