@@ -233,6 +233,9 @@ async def test_a_run_of_429s_is_a_storm_and_any_other_answer_ends_it() -> None:
     assert limits.storming()
     await answer(404)
     assert not limits.storming()
+    with limits.pausing(60.0, 429):  # a lone 429's retry sleeps: the other requests go on
+        async with asyncio.timeout(1):
+            await answer(200)
     assert limits.slots.in_flight == 0
 
 
@@ -240,20 +243,23 @@ async def test_a_request_cancelled_during_the_storm_pause_hands_its_slot_on() ->
     limits = RequestLimits(1, 1000.0)
     admitted: list[int] = []
 
-    async def request(name: int) -> None:
-        async with limits.admit(limits.new_order()):
+    async def request(name: int, status: int | None = None) -> None:
+        async with limits.admit(limits.new_order()) as ticket:
             admitted.append(name)
+            ticket.status = status
 
-    limits.hold(60.0)  # a storm's retry sleeps: nothing goes out
-    paused = asyncio.create_task(request(1))
-    await asyncio.sleep(0)
-    assert limits.slots.in_flight == 1  # it holds the only slot while it waits
-    assert admitted == []
-    paused.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await paused
-    assert limits.slots.in_flight == 0
-    limits.release()
+    for _ in range(STORM_429S):
+        await request(0, 429)
+    admitted.clear()
+    with limits.pausing(60.0, 429):  # a storm's retry sleeps: nothing goes out
+        paused = asyncio.create_task(request(1))
+        await asyncio.sleep(0)
+        assert limits.slots.in_flight == 1  # it holds the only slot while it waits
+        assert admitted == []
+        paused.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await paused
+        assert limits.slots.in_flight == 0
     async with asyncio.timeout(1):
         await request(2)
     assert admitted == [2]

@@ -12,7 +12,9 @@ over its limit, so every request pauses while the retry of the latest one sleeps
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Final
 
 from aiolimiter import AsyncLimiter
@@ -78,9 +80,16 @@ class RequestLimits:
         return Admission(self, order)
 
     def storming(self) -> bool:
+        """Whether the latest answers were a run of :data:`STORM_429S` or more 429s."""
         return self._consecutive_429 >= STORM_429S
 
-    def hold(self, seconds: float) -> None:
+    @contextlib.contextmanager
+    def pausing(self, seconds: float, status: int | None) -> Iterator[None]:
+        """Wraps a retry's sleep after an answer of ``status``: in a 429 storm, every request
+        waits until the sleep is over, not just the refused ones."""
+        if status != THROTTLED or not self.storming():
+            yield
+            return
         if self._pause_holders == 0:
             log.info(
                 "%d or more 429 Too Many Requests in a row: pausing all API requests for %.1fs",
@@ -89,8 +98,9 @@ class RequestLimits:
             )
         self._pause_holders += 1
         self._unpaused.clear()
-
-    def release(self) -> None:
-        self._pause_holders -= 1
-        if self._pause_holders == 0:
-            self._unpaused.set()
+        try:
+            yield
+        finally:
+            self._pause_holders -= 1
+            if self._pause_holders == 0:
+                self._unpaused.set()

@@ -20,12 +20,13 @@ request succeeds at once, and only a retryable failure enters the loop in :meth:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Final, Generic, NamedTuple, Protocol, TypeVar
@@ -258,21 +259,15 @@ class Ticket(Protocol):
 
 
 class Gate(Protocol):
-    """Admits attempts and may pause everything while a 429 storm's retry sleeps."""
+    """Admits attempts, and may hold every request while one retry sleeps (a 429 storm)."""
 
     def admit(self, order: int) -> AbstractAsyncContextManager[Ticket]:
         """``async with gate.admit(order) as ticket``: the attempt runs inside the block."""
         ...
 
-    def storming(self) -> bool:
-        """Whether the latest answers were a run of 429s (then every request should wait)."""
+    def pausing(self, seconds: float, status: int | None) -> AbstractContextManager[None]:
+        """Wraps the ``seconds`` a retry sleeps after an answer of ``status``."""
         ...
-
-    def hold(self, seconds: float) -> None:
-        """Pause every request until the matching :meth:`release` (a storm's retry sleeps)."""
-        ...
-
-    def release(self) -> None: ...
 
 
 class _Admitted:
@@ -294,14 +289,8 @@ class OpenGate:
     def admit(self, order: int) -> _Admitted:
         return _Admitted()
 
-    def storming(self) -> bool:
-        return False
-
-    def hold(self, seconds: float) -> None:
-        return None
-
-    def release(self) -> None:
-        return None
+    def pausing(self, seconds: float, status: int | None) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,7 +383,8 @@ class Transport:
                 attempt,
                 failure,
             )
-            await self._wait(delay, failure)
+            with self._gate.pausing(delay, failure.status):
+                await self._sleep(delay)
             try:
                 return await self._attempt(route, url, order, form)
             except ApiError as exc:
@@ -407,17 +397,6 @@ class Transport:
         ceiling = min(settings.backoff_max, settings.backoff_initial * 2 ** (attempt - 1))
         delay = self._rng.uniform(ceiling / 2, ceiling)
         return delay if retry_after is None else max(delay, retry_after)
-
-    async def _wait(self, delay: float, failure: ApiError) -> None:
-        # In a 429 storm every request waits with this one, not just the refused ones.
-        holding = failure.status == 429 and self._gate.storming()
-        if holding:
-            self._gate.hold(delay)
-        try:
-            await self._sleep(delay)
-        finally:
-            if holding:
-                self._gate.release()
 
     # ----------------------------------------------------------------- one attempt
 
