@@ -204,7 +204,7 @@ def _decode_grant(body: bytes) -> _Grant:
     if not isinstance(answer, TokenAnswer):
         raise MalformedBodyError(f"the token endpoint answered with a JSON {type(answer).__name__}")
     value = answer.access_token.strip()
-    if not value or not value.isprintable():
+    if not value or not answer.access_token.isprintable():
         raise MalformedBodyError("the token endpoint's answer has no access_token")
     token_type = answer.token_type
     if token_type is not None and token_type.lower() != "bearer":
