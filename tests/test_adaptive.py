@@ -1,4 +1,5 @@
-"""The adaptive in-flight limit: halves on 429 once per round, grows back on success."""
+"""The adaptive in-flight limit: halves on 429 once per round, grows back on success; and the
+client's admission around it (the 429-storm pause, the rate limit)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from twilio_wireless_exporter.api.adaptive import AdaptiveLimit
+from twilio_wireless_exporter.api.limits import STORM_429S, RequestLimits
 
 
 async def test_without_429_the_limit_stays_at_the_maximum() -> None:
@@ -209,3 +211,56 @@ async def test_a_cancelled_waiter_leaves_the_queue_in_order() -> None:
     await asyncio.gather(*(t for o, t in tasks.items() if o != orders[1]))
     assert admitted == [orders[0], *orders[2:]]
     assert limit.in_flight == 0
+
+
+# ------------------------------------------------------------------------------ admission
+
+
+async def test_a_run_of_429s_is_a_storm_and_any_other_answer_ends_it() -> None:
+    limits = RequestLimits(4, 1000.0)
+
+    async def answer(status: int | None) -> None:
+        async with limits.admit(limits.new_order()) as ticket:
+            ticket.status = status
+
+    for status in [429] * (STORM_429S - 1) + [None, 200]:  # no answer (a timeout) keeps the run
+        await answer(status)
+    assert not limits.storming()
+    for _ in range(STORM_429S - 1):
+        await answer(429)
+    assert not limits.storming()
+    await answer(429)
+    assert limits.storming()
+    await answer(404)
+    assert not limits.storming()
+    with limits.pausing(60.0, 429):  # a lone 429's retry sleeps: the other requests go on
+        async with asyncio.timeout(1):
+            await answer(200)
+    assert limits.slots.in_flight == 0
+
+
+async def test_a_request_cancelled_during_the_storm_pause_hands_its_slot_on() -> None:
+    limits = RequestLimits(1, 1000.0)
+    admitted: list[int] = []
+
+    async def request(name: int, status: int | None = None) -> None:
+        async with limits.admit(limits.new_order()) as ticket:
+            admitted.append(name)
+            ticket.status = status
+
+    for _ in range(STORM_429S):
+        await request(0, 429)
+    admitted.clear()
+    with limits.pausing(60.0, 429):  # a storm's retry sleeps: nothing goes out
+        paused = asyncio.create_task(request(1))
+        await asyncio.sleep(0)
+        assert limits.slots.in_flight == 1  # it holds the only slot while it waits
+        assert admitted == []
+        paused.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await paused
+        assert limits.slots.in_flight == 0
+    async with asyncio.timeout(1):
+        await request(2)
+    assert admitted == [2]
+    assert limits.slots.in_flight == 0

@@ -11,9 +11,10 @@ from aiohttp.test_utils import TestServer
 from tests.harness_support import MakeHarness
 from tests.metrics_support import find_value as metric
 from twilio_wireless_exporter import __version__
-from twilio_wireless_exporter.api.client import (
+from twilio_wireless_exporter.api.transport import (
     USER_AGENT,
     ApiError,
+    ErrorKind,
     describe_error_body,
     parse_retry_after,
 )
@@ -68,14 +69,16 @@ def test_error_bodies_of_any_shape(body: bytes, expected: tuple[int | None, str]
 
 
 def test_api_error_text_and_retry_reason() -> None:
-    err = ApiError("http", "Too Many Requests", endpoint="data_sessions", status=429, code=20429)
+    err = ApiError(
+        ErrorKind.HTTP, "Too Many Requests", endpoint="data_sessions", status=429, code=20429
+    )
     assert str(err) == "data_sessions: Too Many Requests status=429 twilio_code=20429"
     assert err.retry_reason == "429"
-    assert ApiError("http", "x", endpoint="e", status=503).retry_reason == "5xx"
-    assert ApiError("http", "x", endpoint="e", status=404).retry_reason is None
-    assert ApiError("timeout", "x", endpoint="e").retry_reason == "timeout"
-    assert ApiError("decode", "x", endpoint="e", status=200).retry_reason == "decode"
-    assert ApiError("bad_next_page", "x", endpoint="e").retry_reason is None
+    assert ApiError(ErrorKind.HTTP, "x", endpoint="e", status=503).retry_reason == "5xx"
+    assert ApiError(ErrorKind.HTTP, "x", endpoint="e", status=404).retry_reason is None
+    assert ApiError(ErrorKind.TIMEOUT, "x", endpoint="e").retry_reason == "timeout"
+    assert ApiError(ErrorKind.DECODE, "x", endpoint="e", status=200).retry_reason == "decode"
+    assert ApiError(ErrorKind.BAD_NEXT_PAGE, "x", endpoint="e").retry_reason is None
 
 
 async def test_timeouts_are_retried_and_reported(

@@ -1,9 +1,8 @@
 """Queueing for a request slot: a listing that began earlier goes first, page after page.
 
 Regression (found by the soak): requests queued first come, first served, so every next page and
-every retry of a listing joined the back of the fleet's queue. A SIM with ten pages waited out the
-whole queue ten times or more; in the soak single polls took 10 to 19 s, and SIMs went 30 to 46 s
-between successful polls.
+every retry of a listing joined the back of the fleet's queue: a SIM with ten pages waited out the
+whole queue ten times or more.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from tests.harness_support import eventually
-from twilio_wireless_exporter.api.client import BasicAuthenticator, ClientSettings, TwilioClient
+from twilio_wireless_exporter.api.auth import BasicAuthenticator
+from twilio_wireless_exporter.api.client import ClientSettings, TwilioClient
 from twilio_wireless_simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
 
 LONG = "DE" + "a" * 32  # three pages

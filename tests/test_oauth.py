@@ -26,12 +26,13 @@ from tests.harness_support import eventually
 from tests.metrics_support import find_value as metric
 from twilio_wireless_exporter.api.auth import (
     OAuth2Authenticator,
-    TokenError,
+    TokenResult,
     TokenSettings,
     TokenStatus,
     parse_expires_in,
+    token_result,
 )
-from twilio_wireless_exporter.api.client import USER_AGENT, ApiError
+from twilio_wireless_exporter.api.transport import USER_AGENT, ApiError, ErrorKind
 from twilio_wireless_exporter.cli import _demo_config, build_parser, main
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config.models import OAuth2Credentials, config_from_mapping
@@ -53,14 +54,18 @@ REMAINING = "twilio_wireless_oauth_token_remaining_lifetime_seconds"
 INVALID_CLIENT = b'{"error":"invalid_client","error_description":"Client authentication failed"}'
 
 
+Answer = bytes | Callable[[], bytes] | tuple[int, bytes]
+
+
 class TokenEndpoint:
     """A minimal token endpoint serving the given answers in order (the last one repeats).
 
     The simulator's token endpoint only issues good tokens or errors; this one can answer 200
-    with any body. An answer is bytes, or a function returning bytes at request time.
+    with any body. An answer is bytes, or a function returning bytes at request time, or a
+    ``(status, bytes)`` pair.
     """
 
-    def __init__(self, answers: list[bytes | Callable[[], bytes]]) -> None:
+    def __init__(self, answers: list[Answer]) -> None:
         self.answers = answers
         self.requests: list[tuple[dict[str, str], dict[str, str]]] = []
         app = web.Application()
@@ -71,8 +76,9 @@ class TokenEndpoint:
         form = await request.post()
         self.requests.append(({k: str(v) for k, v in form.items()}, dict(request.headers)))
         answer = self.answers[min(len(self.requests), len(self.answers)) - 1]
+        status, answer = answer if isinstance(answer, tuple) else (200, answer)
         body = answer() if callable(answer) else answer
-        return web.Response(body=body, content_type="application/json")
+        return web.Response(status=status, body=body, content_type="application/json")
 
     @property
     def url(self) -> str:
@@ -80,9 +86,7 @@ class TokenEndpoint:
 
 
 @contextlib.asynccontextmanager
-async def token_endpoint(
-    answers: list[bytes | Callable[[], bytes]],
-) -> AsyncIterator[TokenEndpoint]:
+async def token_endpoint(answers: list[Answer]) -> AsyncIterator[TokenEndpoint]:
     endpoint = TokenEndpoint(answers)
     await endpoint.server.start_server()
     try:
@@ -519,6 +523,26 @@ async def test_garbage_token_answers_fail_the_round_and_are_reported(
     assert metric(text, "twilio_wireless_poll_errors_total", kind="decode") == 1
 
 
+async def test_an_oversized_token_answer_fails_the_round_without_retries(
+    make_env: MakeEnv,
+) -> None:
+    """A size cap is not a transient failure: like an API page, it is not retried."""
+    env = await make_env(sims=1)
+    huge = b'{"access_token": "' + b"a" * (64 * 1024) + b'"}'
+    async with token_endpoint([huge]) as endpoint:
+        await env.start(mapping=oauth_mapping(env.sim, env.sids, token_url=endpoint.url))
+        await env.poll()
+    assert len(endpoint.requests) == 1
+    assert env.sleeps == []
+    assert env.up() == [False]
+    assert env.error() == (
+        f"token: response of {len(huge)} bytes exceeds the 65536-byte cap status=200"
+    )
+    text = await env.scrape()
+    assert metric(text, "twilio_wireless_poll_errors_total", kind="too_large") == 1
+    assert metric(text, TOKEN, result="error") == 1
+
+
 async def test_exhausted_retries_fail_the_poll_then_recover(make_env: MakeEnv) -> None:
     env = await make_env(sims=2)
     await env.start()
@@ -692,7 +716,12 @@ async def test_secrets_and_tokens_never_appear_in_logs_metrics_or_pages(
     assert len(env.tokens) == 4
 
     client = env.exp.client
-    outputs += [await env.scrape(), await env.get("/"), repr(client._auth), repr(env.exp.config)]
+    outputs += [
+        await env.scrape(),
+        await env.get("/"),
+        repr(client._transport._auth),
+        repr(env.exp.config),
+    ]
     outputs += [r.getMessage() for r in caplog.records]
     outputs += [str(r.args) for r in caplog.records]
     assert len(caplog.records) > 10
@@ -740,18 +769,18 @@ def test_check_config_output_has_no_secret(
 
 
 async def test_repr_and_errors_hide_secrets() -> None:
-    async with aiohttp.ClientSession() as session:
+    echo = (400, f'{{"error":"invalid_request","error_description":"bad {SECRET}"}}'.encode())
+    async with token_endpoint([echo]) as endpoint, aiohttp.ClientSession() as session:
         auth = OAuth2Authenticator(
-            session, token_url="https://auth.example/token", client_id="cid", client_secret=SECRET
+            session, token_url=endpoint.url, client_id="cid", client_secret=SECRET
         )
         assert repr(auth) == (
-            "OAuth2Authenticator(token_url='https://auth.example/token', client_id='cid',"
+            f"OAuth2Authenticator(token_url={endpoint.url!r}, client_id='cid',"
             " client_secret=<redacted>)"
         )
-        error = auth._http_error(
-            400, f'{{"error":"invalid_request","error_description":"bad {SECRET}"}}'.encode(), None
-        )
-        assert str(error) == "token: invalid_request: bad <redacted> status=400"
+        with pytest.raises(ApiError) as error:
+            await auth.authorization()
+        assert str(error.value) == "token: invalid_request: bad <redacted> status=400"
         assert auth.status() is None
 
 
@@ -821,18 +850,16 @@ def test_parse_expires_in(value: object, seconds: float | None) -> None:
 
 
 def test_token_errors_are_never_retried_by_the_api_client() -> None:
-    error = TokenError("http", "Service Unavailable", status=503, reason="5xx")
-    assert isinstance(error, ApiError)
-    assert error.retry_reason is None
-    assert error.endpoint == "token"
-    copy = error.copy()
-    assert (copy.kind, copy.message, copy.status, copy.reason) == (
-        "http",
-        "Service Unavailable",
-        503,
-        "5xx",
-    )
+    error = ApiError(ErrorKind.HTTP, "Service Unavailable", endpoint="token", status=503)
+    assert error.retry_reason == "5xx"  # retried within the authenticator's round
+    copy = error.exhausted()  # what every request that needed the token gets
+    assert isinstance(copy, ApiError)
+    assert copy.retry_reason is None
+    assert copy.endpoint == "token"
+    assert (copy.kind, copy.message, copy.status) == ("http", "Service Unavailable", 503)
     assert copy is not error
+    assert token_result(copy) is TokenResult.ERROR
+    assert token_result(ApiError(ErrorKind.AUTH, "x", endpoint="token")) is TokenResult.UNAUTHORIZED
 
 
 async def test_basic_auth_exports_no_oauth_metrics(make_env: MakeEnv) -> None:

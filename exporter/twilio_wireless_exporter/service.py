@@ -12,13 +12,14 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from twilio_wireless_exporter.api.auth import OAuth2Authenticator, TokenObserver, TokenSettings
-from twilio_wireless_exporter.api.client import (
-    Authenticator,
+from twilio_wireless_exporter.api.auth import (
     BasicAuthenticator,
-    ClientSettings,
-    TwilioClient,
+    OAuth2Authenticator,
+    TokenObserver,
+    TokenSettings,
 )
+from twilio_wireless_exporter.api.client import ClientSettings, TwilioClient
+from twilio_wireless_exporter.api.transport import Authenticator
 from twilio_wireless_exporter.clock import Clock, SystemClock
 from twilio_wireless_exporter.config.models import BasicCredentials, Config
 from twilio_wireless_exporter.exposition.collector import build_registry
@@ -158,15 +159,18 @@ class Exporter:
         settings = client_settings(self.config)
         connector = aiohttp.TCPConnector(limit=settings.concurrency + 4, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
+        auth = make_authenticator(
+            self.config,
+            self._session,
+            clock=self.clock,
+            sleep=self._retry_sleep,
+            observer=self.api_metrics,
+        )
+        if isinstance(auth, OAuth2Authenticator):
+            self.api_metrics.watch_token(auth.status)  # the token's expiry, read at scrape time
         self._client = TwilioClient(
             self._session,
-            make_authenticator(
-                self.config,
-                self._session,
-                clock=self.clock,
-                sleep=self._retry_sleep,
-                observer=self.api_metrics,
-            ),
+            auth,
             settings,
             observer=self.api_metrics,
             sleep=self._retry_sleep,

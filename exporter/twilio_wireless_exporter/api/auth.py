@@ -1,7 +1,9 @@
-"""OAuth 2.0 client credentials for KORE Wireless: one shared bearer token, renewed in time.
+"""The authenticators: which ``Authorization`` header a request carries, and when to renew it.
 
-:class:`OAuth2Authenticator` implements the client's
-:class:`~twilio_wireless_exporter.api.client.Authenticator` protocol:
+* :class:`BasicAuthenticator`: HTTP Basic (Twilio) with Account SID + Auth Token or API key.
+* :class:`OAuth2Authenticator`: KORE's OAuth 2.0 client credentials, one shared bearer token.
+
+The OAuth2 flow:
 
 * The first request fetches a token (``POST token_url`` with ``grant_type=client_credentials``,
   ``client_id``, ``client_secret`` and optionally ``scope``); every request after it shares that
@@ -10,38 +12,43 @@
   through its lifetime, so a margin longer than the lifetime cannot make every request fetch).
 * A 401 from the API for the current token renews it once (single-flight: however many requests
   were rejected at the same time, one token request is made) and the client retries.
-* Token endpoint failures (timeouts, connection errors, 5xx, 429, malformed answers) are retried
-  with exponential backoff and jitter; when a whole round fails, or the credentials are rejected,
-  the failure is kept and returned to every request for a cool-down period that doubles with each
-  failed round, so a broken token endpoint never sees a tight loop. A still valid token is used
-  while its renewal fails.
+* Token requests go through their own :class:`~twilio_wireless_exporter.api.transport.Transport`
+  (the one retry policy: timeouts, connection errors, 5xx, 429, malformed answers); when a
+  whole round fails, or the credentials are rejected, the failure is kept and returned to every
+  request for a cool-down period that doubles with each failed round, so a broken token endpoint
+  never sees a tight loop. A still valid token is used while its renewal fails.
 
 Expiry maths run on an injected :class:`~twilio_wireless_exporter.clock.Clock`. Neither the client
-secret nor a token is ever logged, put in an error or shown by ``repr()``.
+secret nor a token is ever logged, put in an error or shown by ``repr()``. The authenticator
+registers no metrics: it reports to a :class:`TokenObserver` and tells its token's expiry through
+:meth:`OAuth2Authenticator.status`, and whoever wires the registry exposes both.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, NamedTuple, Protocol
 
 import aiohttp
 import msgspec
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from twilio_wireless_exporter.api.client import (
-    CODE_TRANSPORT_ERROR,
-    USER_AGENT,
+from twilio_wireless_exporter.api.transport import (
     ApiError,
+    ApiObserver,
+    ErrorKind,
+    MalformedBodyError,
+    Problem,
+    RetryReason,
+    Route,
+    Transport,
+    TransportSettings,
     describe_error_body,
-    parse_retry_after,
-    read_capped,
 )
 from twilio_wireless_exporter.clock import Clock, SystemClock
 
@@ -50,15 +57,38 @@ log = logging.getLogger(__name__)
 #: The ``endpoint`` of token errors and of the token endpoint's request metrics.
 ENDPOINT_TOKEN: Final = "token"  # noqa: S105 - a metric label value, not a secret
 
-#: Values of the ``result`` label of the token request counter.
-RESULT_SUCCESS: Final = "success"
-RESULT_UNAUTHORIZED: Final = "unauthorized"
-RESULT_ERROR: Final = "error"
-TOKEN_RESULTS: Final = (RESULT_SUCCESS, RESULT_UNAUTHORIZED, RESULT_ERROR)
-
 #: OAuth 2.0 error codes (RFC 6749 section 5.2) that mean "these credentials will not work".
 _CREDENTIAL_ERRORS: Final = frozenset({"invalid_client", "unauthorized_client", "invalid_grant"})
 _REDACTED: Final = "<redacted>"
+
+
+class BasicAuthenticator:
+    """HTTP Basic with Account SID + Auth Token, or API key SID + secret (RFC 7617, UTF-8)."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self._header = aiohttp.encode_basic_auth(username, password)
+
+    def __repr__(self) -> str:
+        return f"BasicAuthenticator({_REDACTED})"
+
+    async def authorization(self) -> str:
+        return self._header
+
+    async def renew(self, rejected: str) -> bool:
+        return False
+
+
+class TokenResult(enum.StrEnum):
+    """The ``result`` label of the token request counter: one value per token request."""
+
+    SUCCESS = "success"
+    UNAUTHORIZED = "unauthorized"  # the client credentials were rejected
+    ERROR = "error"  # anything else
+
+
+def token_result(error: ApiError) -> TokenResult:
+    """The result of a failed token request."""
+    return TokenResult.UNAUTHORIZED if error.kind is ErrorKind.AUTH else TokenResult.ERROR
 
 
 class TokenStatus(NamedTuple):
@@ -68,79 +98,42 @@ class TokenStatus(NamedTuple):
     remaining: float
 
 
-class TokenObserver(Protocol):
-    """Receives the token endpoint's request metrics (implemented by ``ApiMetrics``).
+class TokenObserver(ApiObserver, Protocol):
+    """Receives the token endpoint's metrics (implemented by ``ApiMetrics``).
 
-    ``request_done`` and ``retry`` are the client's ``ApiObserver`` calls (endpoint ``token``);
-    ``token_request`` counts one token request by result (``success``, ``unauthorized``,
-    ``error``); ``watch_token`` hands over a function that tells the current token's expiry at
-    scrape time (``None`` while there is no token).
+    ``request_done`` and ``retry`` are the transport's calls (endpoint ``token``);
+    ``token_request`` counts one token request by result.
     """
 
-    def request_done(self, endpoint: str, code: str, duration: float) -> None: ...
-
-    def retry(self, endpoint: str, reason: str) -> None: ...
-
-    def token_request(self, result: str) -> None: ...
-
-    def watch_token(self, status: Callable[[], TokenStatus | None]) -> None: ...
+    def token_request(self, result: TokenResult) -> None: ...
 
 
 class NullTokenObserver:
     def request_done(self, endpoint: str, code: str, duration: float) -> None:
         return None
 
-    def retry(self, endpoint: str, reason: str) -> None:
+    def retry(self, endpoint: str, reason: RetryReason) -> None:
         return None
 
-    def token_request(self, result: str) -> None:
-        return None
-
-    def watch_token(self, status: Callable[[], TokenStatus | None]) -> None:
+    def token_request(self, result: TokenResult) -> None:
         return None
 
 
-class TokenError(ApiError):
-    """No access token could be obtained.
+class _RetriedAreErrors:
+    """The token transport's observer: every retry follows a failed token request, and only
+    ``error`` results are retried (rejected credentials never are), so a retry counts one."""
 
-    ``kind`` is ``auth`` when the token endpoint rejected the client credentials, otherwise what
-    went wrong (``timeout``, ``connection``, ``http``, ``decode``, ``too_large``). ``reason`` is
-    the retry reason when the authenticator itself retries it. The API client never retries a
-    ``TokenError`` (``retry_reason`` is always ``None``): the authenticator already did.
-    """
+    __slots__ = ("_observer",)
 
-    def __init__(
-        self,
-        kind: str,
-        message: str,
-        *,
-        status: int | None = None,
-        retry_after: float | None = None,
-        reason: str | None = None,
-    ) -> None:
-        super().__init__(
-            kind, message, endpoint=ENDPOINT_TOKEN, status=status, retry_after=retry_after
-        )
-        self.reason = reason
+    def __init__(self, observer: TokenObserver) -> None:
+        self._observer = observer
 
-    @property
-    def retry_reason(self) -> None:
-        return None
+    def request_done(self, endpoint: str, code: str, duration: float) -> None:
+        self._observer.request_done(endpoint, code, duration)
 
-    def copy(self) -> TokenError:
-        """A fresh instance to raise in another request (no shared traceback)."""
-        return TokenError(
-            self.kind,
-            self.message,
-            status=self.status,
-            retry_after=self.retry_after,
-            reason=self.reason,
-        )
-
-    @property
-    def result(self) -> str:
-        """The ``result`` label value of this failure."""
-        return RESULT_UNAUTHORIZED if self.kind == "auth" else RESULT_ERROR
+    def retry(self, endpoint: str, reason: RetryReason) -> None:
+        self._observer.token_request(TokenResult.ERROR)
+        self._observer.retry(endpoint, reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +142,7 @@ class TokenSettings:
 
     * ``refresh_margin``: renew this long before expiry (capped at half the token's lifetime).
     * ``timeout``, ``max_retries``, ``backoff_initial``, ``backoff_max``: one round of token
-      requests, as for API requests (full-jitter exponential backoff; ``Retry-After`` wins).
+      requests, as for API requests (the transport's retry policy).
     * ``failure_cooldown`` .. ``failure_cooldown_max``: after a failed round (or rejected
       credentials) no new token request for this long, doubling with every failed round.
     * ``renew_min_interval``: a 401 for a token that was itself obtained after a 401 less than
@@ -167,6 +160,111 @@ class TokenSettings:
     renew_min_interval: float = 10.0
     default_lifetime: float = 3600.0
     max_response_bytes: int = 64 * 1024
+
+
+# ------------------------------------------------------------------------- the token endpoint
+
+
+class TokenAnswer(msgspec.Struct, frozen=True):
+    """A token endpoint's 200 answer (RFC 6749 section 5.1); KORE sends ``expires_in`` as a
+    string of digits."""
+
+    access_token: str = ""
+    token_type: str | None = None
+    expires_in: str | float | None = None
+
+
+class OAuthErrorBody(msgspec.Struct, frozen=True):
+    """An RFC 6749 section 5.2 error body."""
+
+    error: str = ""
+    error_description: str = ""
+
+
+class _Grant(NamedTuple):
+    value: str
+    lifetime: float | None  # None: the answer had no expires_in
+
+
+# Anything but an object decodes too, so the error can say what came instead.
+_ANSWER_DECODER: Final = msgspec.json.Decoder(
+    TokenAnswer | list[object] | str | int | float | bool | None
+)
+_OAUTH_ERROR_DECODER: Final = msgspec.json.Decoder(OAuthErrorBody)
+
+
+def _decode_grant(body: bytes) -> _Grant:
+    """The token and its lifetime from a 200 answer; a body it cannot use is malformed."""
+    try:
+        answer = _ANSWER_DECODER.decode(body)
+    except msgspec.DecodeError:
+        raise MalformedBodyError("the token endpoint answered with invalid JSON") from None
+    except msgspec.ValidationError as exc:
+        raise MalformedBodyError(f"the token endpoint's answer is malformed: {exc}") from None
+    if not isinstance(answer, TokenAnswer):
+        raise MalformedBodyError(f"the token endpoint answered with a JSON {type(answer).__name__}")
+    value = answer.access_token.strip()
+    if not value or not answer.access_token.isprintable():
+        raise MalformedBodyError("the token endpoint's answer has no access_token")
+    token_type = answer.token_type
+    if token_type is not None and token_type.lower() != "bearer":
+        raise MalformedBodyError(f"unsupported token_type {_short(token_type)}")
+    if answer.expires_in is None:
+        return _Grant(value, None)
+    lifetime = parse_expires_in(answer.expires_in)
+    if lifetime is None:
+        raise MalformedBodyError(
+            f"expires_in is not a positive number of seconds: {_short(answer.expires_in)}"
+        )
+    return _Grant(value, lifetime)
+
+
+def _describe_oauth_error(body: bytes) -> Problem:
+    """``error: error_description`` of an RFC 6749 error body, else any error body's message."""
+    try:
+        oauth = _OAUTH_ERROR_DECODER.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        oauth = None
+    if oauth is not None and oauth.error:
+        description = oauth.error_description
+        message = f"{oauth.error}: {description}" if description else oauth.error
+        return Problem(None, message, rejected=oauth.error in _CREDENTIAL_ERRORS)
+    return Problem(None, describe_error_body(body)[1])
+
+
+_TOKEN_ROUTE: Final = Route(
+    ENDPOINT_TOKEN, _decode_grant, method="POST", describe=_describe_oauth_error
+)
+
+
+def parse_expires_in(value: object) -> float | None:
+    """``expires_in`` as seconds: a string of digits (as KORE sends it) or a number.
+
+    Anything else (booleans, empty or non-numeric strings, NaN, infinities, values <= 0) is
+    ``None``.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            return None
+    elif isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        return None
+    if not math.isfinite(seconds) or seconds <= 0:
+        return None
+    return seconds
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# ------------------------------------------------------------------------- OAuth2
 
 
 class _Token:
@@ -223,25 +321,41 @@ class OAuth2Authenticator:
     ) -> None:
         if not client_secret:
             raise ValueError("client_secret must not be empty")
-        self._session = session
         self._token_url = token_url
         self._client_id = client_id
         self._secret = client_secret
-        self._scope = scope
-        self._settings = settings or TokenSettings()
+        self._form = {
+            "grant_type": "client_credentials",
+            "client_id": client_id,
+            "client_secret": client_secret,
+        }
+        if scope:
+            self._form["scope"] = scope
+        settings = self._settings = settings or TokenSettings()
         self._clock: Clock = clock or SystemClock()
         self._observer: TokenObserver = observer or NullTokenObserver()
-        self._sleep = sleep
-        self._rng = rng or random.Random()
-        self._timeout = aiohttp.ClientTimeout(total=self._settings.timeout)
+        self._transport = Transport(
+            session,
+            TransportSettings(
+                timeout=settings.timeout,
+                max_response_bytes=settings.max_response_bytes,
+                max_retries=settings.max_retries,
+                backoff_initial=settings.backoff_initial,
+                backoff_max=settings.backoff_max,
+            ),
+            observer=_RetriedAreErrors(self._observer),
+            redact=self._redact,
+            sleep=sleep,
+            rng=rng,
+            retry_log_level=logging.INFO,
+        )
         self._lock = asyncio.Lock()
         self._token: _Token | None = None
         self._generation = 0  # completed token rounds (successful or not)
-        self._failure: TokenError | None = None
+        self._failure: ApiError | None = None
         self._failed_rounds = 0
         self._next_attempt = -math.inf  # no token request before this (monotonic)
         self._missing_expiry_logged = False
-        self._observer.watch_token(self.status)
 
     def __repr__(self) -> str:
         return (
@@ -305,26 +419,35 @@ class OAuth2Authenticator:
             token = self._token
             if token is not None and self._clock.monotonic() < token.expires_at:
                 return token
-            failure = self._failure
-            if failure is None:  # a token that expired at once (never from the endpoint)
-                failure = TokenError("decode", "the token endpoint issued an expired token")
-            raise failure.copy()
+            failure = self._failure or ApiError(  # a token that expired at once
+                ErrorKind.DECODE,
+                "the token endpoint issued an expired token",
+                endpoint=ENDPOINT_TOKEN,
+            )
+            # The round already retried what was worth retrying: the API client must not.
+            raise failure.exhausted()
 
     async def _round(self, *, renewal: bool) -> None:
-        """One round of token requests with retries; records the token or the failure."""
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._settings.max_retries + 1),
-            retry=retry_if_exception(_is_retryable),
-            wait=self._wait,
-            before_sleep=self._before_sleep,
-            sleep=self._sleep,
-            reraise=True,
-        )
+        """One round of token requests with retries; records the token or the failure.
+
+        The token's lifetime counts from the round's start: a round that had to retry renews
+        its token early, never late."""
+        obtained_at, obtained_at_unix = self._clock.monotonic(), self._clock.time()
         try:
-            token: _Token = await retrying(self._attempt, renewal)
-        except TokenError as exc:
+            grant = await self._transport.send(_TOKEN_ROUTE, self._token_url, form=self._form)
+        except ApiError as exc:
+            self._observer.token_request(token_result(exc))
             self._failed(exc)
         else:
+            self._observer.token_request(TokenResult.SUCCESS)
+            token = _Token(
+                grant.value,
+                obtained_at=obtained_at,
+                obtained_at_unix=obtained_at_unix,
+                lifetime=self._lifetime(grant),
+                margin=self._settings.refresh_margin,
+                renewal=renewal,
+            )
             if self._failed_rounds:
                 log.info(
                     "obtained an access token after %d failed attempts; expires in %gs",
@@ -342,7 +465,19 @@ class OAuth2Authenticator:
         finally:
             self._generation += 1
 
-    def _failed(self, exc: TokenError) -> None:
+    def _lifetime(self, grant: _Grant) -> float:
+        if grant.lifetime is not None:
+            return grant.lifetime
+        if not self._missing_expiry_logged:
+            self._missing_expiry_logged = True
+            log.warning(
+                "the token endpoint sent no expires_in; assuming tokens live %gs"
+                " (a 401 renews them earlier)",
+                self._settings.default_lifetime,
+            )
+        return self._settings.default_lifetime
+
+    def _failed(self, exc: ApiError) -> None:
         self._failure = exc
         self._failed_rounds += 1
         settings = self._settings
@@ -354,7 +489,7 @@ class OAuth2Authenticator:
             cooldown = max(cooldown, exc.retry_after)
         self._next_attempt = self._clock.monotonic() + cooldown
         still_valid = self._token is not None and self._clock.monotonic() < self._token.expires_at
-        if exc.kind == "auth":
+        if exc.kind is ErrorKind.AUTH:
             log.error(
                 "the token endpoint %s rejected the client credentials (%s); check"
                 " twilio.auth.client_id and the client secret; next attempt in %gs",
@@ -371,148 +506,6 @@ class OAuth2Authenticator:
                 cooldown,
             )
 
-    def _wait(self, state: RetryCallState) -> float:
-        settings = self._settings
-        ceiling = min(
-            settings.backoff_max, settings.backoff_initial * 2 ** (state.attempt_number - 1)
-        )
-        delay = self._rng.uniform(ceiling / 2, ceiling)
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, ApiError) and exc.retry_after is not None:
-            delay = max(delay, exc.retry_after)
-        return delay
-
-    def _before_sleep(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        if isinstance(exc, TokenError):
-            reason = exc.reason or "other"
-            self._observer.retry(ENDPOINT_TOKEN, reason)
-            log.info(
-                "token request failed (%s); retrying in %.2fs (attempt %d)",
-                exc,
-                state.upcoming_sleep,
-                state.attempt_number,
-            )
-
-    # ----------------------------------------------------------------- one token request
-
-    async def _attempt(self, renewal: bool) -> _Token:
-        try:
-            token = await self._request(renewal)
-        except TokenError as exc:
-            self._observer.token_request(exc.result)
-            raise
-        self._observer.token_request(RESULT_SUCCESS)
-        return token
-
-    async def _request(self, renewal: bool) -> _Token:
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": self._client_id,
-            "client_secret": self._secret,
-        }
-        if self._scope:
-            form["scope"] = self._scope
-        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
-        obtained_at = self._clock.monotonic()
-        obtained_at_unix = self._clock.time()
-        started = time.perf_counter()
-        code_label = CODE_TRANSPORT_ERROR
-        try:
-            async with self._session.post(
-                self._token_url,
-                data=form,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                code_label = str(resp.status)
-                status = resp.status
-                body = await self._read_body(resp)
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-        except TimeoutError:
-            raise TokenError(
-                "timeout",
-                f"no response from the token endpoint within {self._settings.timeout:g}s",
-                reason="timeout",
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise TokenError(
-                "connection", self._redact(f"{type(exc).__name__}: {exc}"), reason="connection"
-            ) from None
-        finally:
-            self._observer.request_done(ENDPOINT_TOKEN, code_label, time.perf_counter() - started)
-        if status != 200:
-            raise self._http_error(status, body, retry_after)
-        value, lifetime = self._parse(body)
-        return _Token(
-            value,
-            obtained_at=obtained_at,
-            obtained_at_unix=obtained_at_unix,
-            lifetime=lifetime,
-            margin=self._settings.refresh_margin,
-            renewal=renewal,
-        )
-
-    async def _read_body(self, resp: aiohttp.ClientResponse) -> bytes:
-        limit = self._settings.max_response_bytes
-        body = await read_capped(resp, limit)
-        if body is None:
-            raise TokenError(
-                "too_large",
-                f"token endpoint response exceeds {limit} bytes",
-                status=resp.status,
-                reason="too_large",
-            )
-        return body
-
-    def _http_error(self, status: int, body: bytes, retry_after: float | None) -> TokenError:
-        error, description = _oauth_error(body)
-        if error is not None:
-            message = f"{error}: {description}" if description else error
-        else:
-            _, message = describe_error_body(body)
-        message = self._redact(message)
-        if status in (401, 403) or error in _CREDENTIAL_ERRORS:
-            return TokenError("auth", message, status=status)
-        reason: str | None = None
-        if status == 429:
-            reason = "429"
-        elif 500 <= status <= 599:
-            reason = "5xx"
-        return TokenError("http", message, status=status, retry_after=retry_after, reason=reason)
-
-    def _parse(self, body: bytes) -> tuple[str, float]:
-        """(access token, lifetime in seconds) from a 200 answer; malformed → ``TokenError``."""
-        try:
-            doc = msgspec.json.decode(body)
-        except msgspec.DecodeError:
-            raise _malformed("the token endpoint answered with invalid JSON") from None
-        if not isinstance(doc, dict):
-            raise _malformed(f"the token endpoint answered with a JSON {type(doc).__name__}")
-        value = doc.get("access_token")
-        if not isinstance(value, str) or not value.strip() or not value.isprintable():
-            raise _malformed("the token endpoint's answer has no access_token")
-        token_type = doc.get("token_type")
-        if token_type is not None and (
-            not isinstance(token_type, str) or token_type.lower() != "bearer"
-        ):
-            raise _malformed(f"unsupported token_type {_short(token_type)}")
-        raw = doc.get("expires_in")
-        if raw is None:
-            if not self._missing_expiry_logged:
-                self._missing_expiry_logged = True
-                log.warning(
-                    "the token endpoint sent no expires_in; assuming tokens live %gs"
-                    " (a 401 renews them earlier)",
-                    self._settings.default_lifetime,
-                )
-            return value.strip(), self._settings.default_lifetime
-        lifetime = parse_expires_in(raw)
-        if lifetime is None:
-            raise _malformed(f"expires_in is not a positive number of seconds: {_short(raw)}")
-        return value.strip(), lifetime
-
     def _redact(self, text: str) -> str:
         """``text`` without the client secret or the current token (defence in depth)."""
         text = text.replace(self._secret, _REDACTED)
@@ -520,54 +513,3 @@ class OAuth2Authenticator:
         if token is not None:
             text = text.replace(token.header.removeprefix("Bearer "), _REDACTED)
         return text
-
-
-def parse_expires_in(value: object) -> float | None:
-    """``expires_in`` as seconds: a string of digits (as KORE sends it) or a number.
-
-    Anything else (booleans, empty or non-numeric strings, NaN, infinities, values <= 0) is
-    ``None``.
-    """
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, str):
-        try:
-            seconds = float(value.strip())
-        except ValueError:
-            return None
-    elif isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        return None
-    if not math.isfinite(seconds) or seconds <= 0:
-        return None
-    return seconds
-
-
-def _oauth_error(body: bytes) -> tuple[str | None, str | None]:
-    """``error`` and ``error_description`` of an RFC 6749 error body, if it is one."""
-    try:
-        doc = msgspec.json.decode(body)
-    except msgspec.DecodeError:
-        return None, None
-    if not isinstance(doc, dict):
-        return None, None
-    error = doc.get("error")
-    description = doc.get("error_description")
-    return (
-        error if isinstance(error, str) and error else None,
-        description if isinstance(description, str) and description else None,
-    )
-
-
-def _malformed(message: str) -> TokenError:
-    return TokenError("decode", message, status=200, reason="decode")
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _is_retryable(exc: BaseException) -> bool:
-    return isinstance(exc, TokenError) and exc.reason is not None

@@ -4,7 +4,7 @@ The shapes follow Twilio's OpenAPI description (``wireless.v1.sim.data_session``
 ``wireless.v1.sim``): every DataSession field is nullable, unknown fields are ignored, and
 timestamps are decoded to timezone-aware ``datetime`` objects by msgspec (ISO 8601, UTC).
 A page that does not match these shapes raises ``msgspec.ValidationError`` /
-``msgspec.DecodeError``, which the client turns into one ``ApiError`` for that poll.
+``msgspec.DecodeError``, which the transport turns into one ``ApiError`` for that poll.
 """
 
 from __future__ import annotations

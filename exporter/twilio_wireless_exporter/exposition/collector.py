@@ -2,7 +2,7 @@
 
 :class:`FleetCollector` is a custom ``prometheus_client`` collector over :class:`FleetState`;
 :class:`ApiMetrics` holds the exporter's own request/retry/poll-error metrics and is the
-client's :class:`~twilio_wireless_exporter.api.client.ApiObserver`. Both live on a private
+transport's :class:`~twilio_wireless_exporter.api.transport.ApiObserver`. Both live on a private
 ``CollectorRegistry`` built by :func:`build_registry`; nothing touches the global registry.
 """
 
@@ -19,6 +19,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from twilio_wireless_exporter import __version__
+from twilio_wireless_exporter.api.auth import TokenResult
+from twilio_wireless_exporter.api.transport import ErrorKind, RetryReason
 from twilio_wireless_exporter.fleet.state import FleetState, SimRecord
 
 NAMESPACE = "twilio_wireless"
@@ -338,16 +340,16 @@ class ApiMetrics:
         children[0].inc()
         children[1].observe(duration)
 
-    def retry(self, endpoint: str, reason: str) -> None:
+    def retry(self, endpoint: str, reason: RetryReason) -> None:
         self.retries.labels(endpoint, reason).inc()
 
-    def poll_error(self, kind: str) -> None:
+    def poll_error(self, kind: ErrorKind) -> None:
         self.poll_errors.labels(kind).inc()
 
     # OAuth2 token metrics (KORE): the auth module's TokenObserver. Registered on first use, so
     # an exporter with basic auth has no oauth families at all.
 
-    def token_request(self, result: str) -> None:
+    def token_request(self, result: TokenResult) -> None:
         self._token_counter().labels(result).inc()
 
     def watch_token(self, status: Callable[[], tuple[float, float] | None]) -> None:
@@ -368,12 +370,11 @@ class ApiMetrics:
                 namespace=NAMESPACE,
                 registry=self._registry,
             )
-            for result in TOKEN_RESULTS:
+            for result in TokenResult:
                 self.token_requests.labels(result)
         return self.token_requests
 
 
-TOKEN_RESULTS = ("success", "unauthorized", "error")
 TOKEN_EXPIRY = _spec(
     "oauth_token_expiry_timestamp_seconds",
     "gauge",

@@ -21,8 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from twilio_wireless_exporter.api.client import ApiError, TwilioClient
+from twilio_wireless_exporter.api.auth import ENDPOINT_TOKEN
+from twilio_wireless_exporter.api.client import TwilioClient
 from twilio_wireless_exporter.api.records import Sim
+from twilio_wireless_exporter.api.transport import ApiError, ErrorKind
 from twilio_wireless_exporter.clock import Clock, SystemClock
 from twilio_wireless_exporter.fleet.accounting import DEFAULT_FORGET_AFTER, apply_listing
 from twilio_wireless_exporter.fleet.state import FleetState
@@ -62,7 +64,7 @@ class PollerSettings:
 
 
 class PollObserver(Protocol):
-    def poll_error(self, kind: str) -> None: ...
+    def poll_error(self, kind: ErrorKind) -> None: ...
 
 
 def sim_offset(sid: str) -> float:
@@ -274,7 +276,7 @@ class Poller:
             log.exception("unexpected error while polling SIM %s", sid)
             self._state.record_failure(sid, "internal error", self._clock.time())
             if self._observer is not None:
-                self._observer.poll_error("internal")
+                self._observer.poll_error(ErrorKind.INTERNAL)
         finally:
             self._inflight.pop(sid, None)
             if sid in self._state.sims:
@@ -312,7 +314,7 @@ class Poller:
         self._state.record_failure(sid, str(exc), self._clock.time())
         if self._observer is not None:
             self._observer.poll_error(exc.kind)
-        if exc.kind == "auth":
+        if exc.kind is ErrorKind.AUTH:
             self._report(exc, f"polling SIM {sid} failed")
         elif was_up:
             log.warning("polling SIM %s failed: %s", sid, exc)
@@ -324,13 +326,13 @@ class Poller:
             self._observer.poll_error(exc.kind)
 
     def _report(self, exc: ApiError, what: str) -> None:
-        if exc.kind == "auth":
+        if exc.kind is ErrorKind.AUTH:
             now = self._clock.monotonic()
             if now - self._last_auth_log >= _AUTH_LOG_EVERY:
                 self._last_auth_log = now
                 hint = (
                     "check twilio.auth.client_id and the client secret"
-                    if exc.endpoint == "token"
+                    if exc.endpoint == ENDPOINT_TOKEN
                     else "check the account SID / auth token or API key"
                 )
                 log.error(
