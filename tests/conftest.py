@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings
 
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import Config, config_from_mapping
+from twilio_wireless_exporter.config import Config, config_from_mapping
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.web.app import make_app
 from twilio_wireless_simulator import (

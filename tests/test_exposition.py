@@ -33,7 +33,7 @@ from prometheus_client.utils import floatToGoString
 import tests.test_collector as reference_suite
 from tests.conftest import eventually
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import RESERVED_LABEL_NAMES
+from twilio_wireless_exporter.config import RESERVED_LABEL_NAMES
 from twilio_wireless_exporter.exposition.collector import build_registry
 from twilio_wireless_exporter.exposition.renderer import (
     Encoder,

@@ -15,8 +15,8 @@ from aiohttp import web
 
 from tests.test_security import serve_https
 from tests.test_webconfig import hashed, make_cert
+from twilio_wireless_exporter.config import web_config_from_mapping
 from twilio_wireless_exporter.web.healthcheck import Result, check, main, parse_address
-from twilio_wireless_exporter.web.security import web_config_from_mapping
 
 TLS = {"cert_file": "server.crt", "key_file": "server.key"}
 # The server's own certificate doubles as the client CA: the check has no client certificate.

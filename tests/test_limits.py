@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import MakeHarness, exporter_mapping
-from twilio_wireless_exporter.config.models import config_from_mapping
+from twilio_wireless_exporter.config import config_from_mapping
 from twilio_wireless_simulator import RunningSimulator
 
 MIB = 1024 * 1024

@@ -29,7 +29,7 @@ from tests.conftest import eventually, exporter_mapping
 from tests.test_accounting import Model, histories
 from twilio_wireless_exporter.api.records import DataSession
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import Config, ConfigError, config_from_mapping
+from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
 from twilio_wireless_exporter.fleet.accounting import (
     ListingOutcome,
     SessionAttributes,

@@ -33,14 +33,15 @@ from tests.conftest import MakeHarness, eventually
 from tests.test_webconfig import hashed, make_cert
 from twilio_wireless_exporter.cli import JsonFormatter, main
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import config_from_mapping, load_config
-from twilio_wireless_exporter.service import Exporter
-from twilio_wireless_exporter.web.app import make_app
-from twilio_wireless_exporter.web.security import (
-    WWW_AUTHENTICATE,
+from twilio_wireless_exporter.config import (
     WebConfig,
+    config_from_mapping,
+    load_config,
     web_config_from_mapping,
 )
+from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_exporter.web.app import make_app
+from twilio_wireless_exporter.web.security import WWW_AUTHENTICATE, middlewares
 from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_CLIENT_ID,
@@ -127,7 +128,7 @@ def offline_exporter() -> Exporter:
 async def serve_https(web_config: WebConfig) -> AsyncIterator[int]:
     """The exporter's web app with the web config's middlewares on a real port (TLS when the web
     config has it)."""
-    app = make_app(offline_exporter().web_context(), middlewares=web_config.middlewares())
+    app = make_app(offline_exporter().web_context(), middlewares=middlewares(web_config))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
@@ -348,7 +349,7 @@ async def run_once(
     exporter = Exporter(config, clock=ManualClock(), retry_sleep=no_sleep)
     await exporter.start()
     await eventually(exporter.is_ready, within=10)
-    app = make_app(exporter.web_context(), middlewares=web_config.middlewares())
+    app = make_app(exporter.web_context(), middlewares=middlewares(web_config))
     async with TestClient(TestServer(app)) as http:
         right = {"Authorization": basic(WEB_USER, WEB_PASSWORD)}
         wrong = {"Authorization": basic(WEB_USER, WRONG_WEB_PASSWORD)}

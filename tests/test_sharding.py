@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Harness, MakeHarness
 from twilio_wireless_exporter.cli import main
-from twilio_wireless_exporter.config.models import ConfigError, config_from_mapping
+from twilio_wireless_exporter.config import ConfigError, config_from_mapping
 from twilio_wireless_exporter.polling.poller import sim_offset
 from twilio_wireless_exporter.sharding import Shard, jump_hash, parse_shard, shard_of, sid_key
 from twilio_wireless_simulator import DEMO_ACCOUNT_SID, RunningSimulator

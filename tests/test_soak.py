@@ -46,7 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import exporter_mapping
 from twilio_wireless_exporter.api.client import BasicAuthenticator, ClientSettings, TwilioClient
-from twilio_wireless_exporter.config.models import config_from_mapping
+from twilio_wireless_exporter.config import config_from_mapping
 from twilio_wireless_exporter.fleet.accounting import DEFAULT_FORGET_AFTER
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_simulator import (

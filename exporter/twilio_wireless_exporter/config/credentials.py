@@ -1,0 +1,213 @@
+"""Credentials: from the ``twilio`` section, its ``*_file`` options and the environment.
+
+Each secret comes from its option, else its file, else its environment variable; the other
+options (the Account SID, the API key, the OAuth2 client id) from the option, else the
+environment. Which kind of credentials applies is a rule across options, so this is written by
+hand; every problem is a named kind worded by :mod:`.errors`.
+"""
+
+import contextlib
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeAlias
+
+from pydantic import SecretStr, TypeAdapter, ValidationError
+from pydantic_core import InitErrorDetails
+
+from twilio_wireless_exporter.config.errors import Loc, dotted, explain, fail, problem
+from twilio_wireless_exporter.config.types import AccountSid, ApiKey
+
+if TYPE_CHECKING:
+    from twilio_wireless_exporter.config.models import TwilioSettings
+
+#: The environment variable read for each option the configuration leaves unset.
+ENVIRONMENT: Final = {
+    "account_sid": "TWILIO_ACCOUNT_SID",
+    "auth_token": "TWILIO_AUTH_TOKEN",
+    "api_key": "TWILIO_API_KEY",
+    "api_secret": "TWILIO_API_SECRET",
+    "client_id": "KORE_CLIENT_ID",
+    "client_secret": "KORE_CLIENT_SECRET",
+}
+BASIC_OPTIONS: Final = (
+    "account_sid",
+    "auth_token",
+    "auth_token_file",
+    "api_key",
+    "api_secret",
+    "api_secret_file",
+)
+_MAX_SECRET_FILE_BYTES: Final = 64 * 1024
+_CHECKS: Final = {"account_sid": TypeAdapter(AccountSid), "api_key": TypeAdapter(ApiKey)}
+
+
+@dataclass(frozen=True, slots=True)
+class BasicCredentials:
+    """HTTP Basic credentials: an Account SID + auth token, or an API key SID + secret."""
+
+    username: str
+    password: SecretStr
+    account_sid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2Credentials:
+    """OAuth 2.0 client credentials (KORE Wireless)."""
+
+    token_url: str
+    client_id: str
+    client_secret: SecretStr
+    scope: str | None = None
+    refresh_margin: float = 60.0
+
+
+Credentials: TypeAlias = BasicCredentials | OAuth2Credentials
+
+
+def resolve_credentials(
+    twilio: "TwilioSettings", environ: Mapping[str, str], warnings: list[str]
+) -> Credentials:
+    """The credentials ``twilio`` describes; raises a ValidationError with paths in ``twilio``."""
+    resolver = _Resolver(twilio, environ, warnings)
+    found = (
+        resolver.oauth2() if twilio.auth.type == "oauth2_client_credentials" else resolver.basic()
+    )
+    if found is None or resolver.problems:
+        raise fail(resolver.problems or [problem("no_credentials", ("auth_token",))])
+    return found
+
+
+class _Resolver:
+    def __init__(
+        self, twilio: "TwilioSettings", environ: Mapping[str, str], warnings: list[str]
+    ) -> None:
+        self.twilio, self.environ, self.warnings = twilio, environ, warnings
+        self.problems: list[InitErrorDetails] = []
+
+    def add(self, kind: str, loc: Loc, **context: object) -> None:
+        self.problems.append(problem(kind, loc, **context))
+
+    def env(self, option: str) -> str | None:
+        """The option's environment variable (empty counts as unset), checked like the option."""
+        name = ENVIRONMENT[option]
+        value = self.environ.get(name) or None
+        if value is None or option not in _CHECKS:
+            return value
+        try:
+            return _CHECKS[option].validate_python(value)
+        except ValidationError as exc:
+            wrong = explain(exc.errors()[0], hidden=True)
+            self.add("env_invalid", (option,), name=name, problem=wrong)
+            return None
+
+    def secret(self, loc: Loc, value: SecretStr | None, file: Path | None) -> SecretStr | None:
+        """From the option, its file or the environment; None (maybe with a problem) if none."""
+        file_loc = (*loc[:-1], f"{loc[-1]}_file")
+        if value is not None and file is not None:
+            names = {"option": dotted(("twilio", *loc)), "file": dotted(("twilio", *file_loc))}
+            self.add("secret_twice", file_loc, **names)
+            return None
+        if value is not None:
+            return value
+        if file is not None:
+            return self._read(file, file_loc)
+        from_env = self.env(str(loc[-1]))
+        return SecretStr(from_env) if from_env is not None else None
+
+    def _read(self, path: Path, loc: Loc) -> SecretStr | None:
+        try:
+            with path.open("rb") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                raw = handle.read(_MAX_SECRET_FILE_BYTES + 1)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            self.add("secret_unreadable", loc, path=path, reason=reason)
+            return None
+        text = None
+        if len(raw) <= _MAX_SECRET_FILE_BYTES:
+            with contextlib.suppress(UnicodeDecodeError):
+                text = raw.decode("utf-8").rstrip()
+        if not text:
+            too_large = len(raw) > _MAX_SECRET_FILE_BYTES
+            kind = (
+                "secret_large"
+                if too_large
+                else "secret_encoding"
+                if text is None
+                else "secret_empty"
+            )
+            self.add(kind, loc, path=path)
+            return None
+        if stat.S_ISREG(mode) and mode & 0o077:
+            self.warnings.append(
+                f"{dotted(('twilio', *loc))}: {path} is readable by other users "
+                f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+            )
+        return SecretStr(text)
+
+    def basic(self) -> BasicCredentials | None:
+        t = self.twilio
+        tokens = [n for n in ("auth_token", "auth_token_file") if getattr(t, n) is not None]
+        keys = [
+            n for n in ("api_key", "api_secret", "api_secret_file") if getattr(t, n) is not None
+        ]
+        if tokens and keys:
+            self.add("token_and_key", (keys[0],), other=tokens[0])
+            return None
+        account_sid = t.account_sid or self.env("account_sid")
+        if keys or (not tokens and self.environ.get(ENVIRONMENT["api_key"])):
+            api_key = t.api_key or self.env("api_key")
+            if api_key is None and not self.environ.get(ENVIRONMENT["api_key"]):
+                self.add("key_required", ("api_key",))
+            before = len(self.problems)
+            secret = self.secret(("api_secret",), t.api_secret, t.api_secret_file)
+            if secret is None and len(self.problems) == before:
+                self.add("key_secret_required", ("api_secret",))
+            if api_key is None or secret is None:
+                return None
+            return BasicCredentials(username=api_key, password=secret, account_sid=account_sid)
+        before = len(self.problems)
+        token = self.secret(("auth_token",), t.auth_token, t.auth_token_file)
+        if token is None:
+            if len(self.problems) == before:
+                self.add("no_credentials", ("auth_token",))
+            return None
+        if account_sid is None:
+            if not self.problems:
+                self.add("sid_required", ("account_sid",))
+            return None
+        return BasicCredentials(username=account_sid, password=token, account_sid=account_sid)
+
+    def oauth2(self) -> OAuth2Credentials | None:
+        t, auth = self.twilio, self.twilio.auth
+        for name in BASIC_OPTIONS:
+            if getattr(t, name) is not None:
+                self.add("basic_with_oauth2", (name,))
+        client_id = auth.client_id or self.env("client_id")
+        if client_id is None:
+            options = "twilio.auth.client_id"
+            self.add(
+                "oauth2_required", ("auth", "client_id"), options=options, name="KORE_CLIENT_ID"
+            )
+        before = len(self.problems)
+        secret = self.secret(("auth", "client_secret"), auth.client_secret, auth.client_secret_file)
+        if secret is None and len(self.problems) == before:
+            options = "twilio.auth.client_secret, twilio.auth.client_secret_file"
+            self.add(
+                "oauth2_required",
+                ("auth", "client_secret"),
+                options=options,
+                name="KORE_CLIENT_SECRET",
+            )
+        if client_id is None or secret is None:
+            return None
+        return OAuth2Credentials(
+            token_url=auth.token_url,
+            client_id=client_id,
+            client_secret=secret,
+            scope=auth.scope,
+            refresh_margin=auth.refresh_margin,
+        )
