@@ -17,19 +17,19 @@ from twilio_wireless_exporter.config import (
     BasicCredentials,
     Config,
     ConfigError,
+    OAuth2Credentials,
+    config_from_mapping,
+    load_config,
+)
+from twilio_wireless_exporter.config.models import (
     DiscoverySettings,
     MetricsSettings,
-    OAuth2Credentials,
     PollSettings,
     SimSettings,
-    Size,
     StateSettings,
     TwilioSettings,
-    config_from_mapping,
-    format_duration,
-    load_config,
-    parse_duration,
 )
+from twilio_wireless_exporter.config.types import Size, format_duration, parse_duration
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

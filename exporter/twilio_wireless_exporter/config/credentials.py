@@ -6,7 +6,6 @@ environment. Which kind of credentials applies is a rule across options, so this
 hand; every problem is a named kind worded by :mod:`.errors`.
 """
 
-import contextlib
 import os
 import stat
 from collections.abc import Mapping
@@ -103,19 +102,23 @@ class _Resolver:
             self.add("env_invalid", (option,), name=name, problem=wrong)
             return None
 
-    def secret(self, loc: Loc, value: SecretStr | None, file: Path | None) -> SecretStr | None:
-        """From the option, its file or the environment; None (maybe with a problem) if none."""
-        file_loc = (*loc[:-1], f"{loc[-1]}_file")
+    def secret(self, loc: Loc, missing: str, **context: object) -> SecretStr | None:
+        """From the option, else its file, else the environment; else the problem ``missing``."""
+        section = self.twilio.auth if loc[0] == "auth" else self.twilio
+        option, file_loc = str(loc[-1]), (*loc[:-1], f"{loc[-1]}_file")
+        value: SecretStr | None = getattr(section, option)
+        file: Path | None = getattr(section, f"{option}_file")
         if value is not None and file is not None:
-            names = {"option": dotted(("twilio", *loc)), "file": dotted(("twilio", *file_loc))}
-            self.add("secret_twice", file_loc, **names)
+            both = {"option": dotted(("twilio", *loc)), "file": dotted(("twilio", *file_loc))}
+            self.add("secret_twice", file_loc, **both)
             return None
-        if value is not None:
-            return value
         if file is not None:
             return self._read(file, file_loc)
-        from_env = self.env(str(loc[-1]))
-        return SecretStr(from_env) if from_env is not None else None
+        if value is None and (from_env := self.env(option)) is not None:
+            value = SecretStr(from_env)
+        if value is None:
+            self.add(missing, loc, **context)
+        return value
 
     def _read(self, path: Path, loc: Loc) -> SecretStr | None:
         try:
@@ -126,20 +129,13 @@ class _Resolver:
             reason = exc.strerror or type(exc).__name__
             self.add("secret_unreadable", loc, path=path, reason=reason)
             return None
-        text = None
-        if len(raw) <= _MAX_SECRET_FILE_BYTES:
-            with contextlib.suppress(UnicodeDecodeError):
-                text = raw.decode("utf-8").rstrip()
-        if not text:
-            too_large = len(raw) > _MAX_SECRET_FILE_BYTES
-            kind = (
-                "secret_large"
-                if too_large
-                else "secret_encoding"
-                if text is None
-                else "secret_empty"
-            )
-            self.add(kind, loc, path=path)
+        wrong = "secret_large" if len(raw) > _MAX_SECRET_FILE_BYTES else None
+        try:
+            text = raw.decode("utf-8").rstrip()
+        except UnicodeDecodeError:
+            wrong, text = wrong or "secret_encoding", ""
+        if wrong or not text:
+            self.add(wrong or "secret_empty", loc, path=path)
             return None
         if stat.S_ISREG(mode) and mode & 0o077:
             self.warnings.append(
@@ -151,33 +147,24 @@ class _Resolver:
     def basic(self) -> BasicCredentials | None:
         t = self.twilio
         tokens = [n for n in ("auth_token", "auth_token_file") if getattr(t, n) is not None]
-        keys = [
-            n for n in ("api_key", "api_secret", "api_secret_file") if getattr(t, n) is not None
-        ]
+        keys = [n for n in BASIC_OPTIONS[3:] if getattr(t, n) is not None]
         if tokens and keys:
             self.add("token_and_key", (keys[0],), other=tokens[0])
             return None
         account_sid = t.account_sid or self.env("account_sid")
-        if keys or (not tokens and self.environ.get(ENVIRONMENT["api_key"])):
+        env_key = self.environ.get(ENVIRONMENT["api_key"])
+        if keys or (not tokens and env_key):
             api_key = t.api_key or self.env("api_key")
-            if api_key is None and not self.environ.get(ENVIRONMENT["api_key"]):
+            if api_key is None and not env_key:
                 self.add("key_required", ("api_key",))
-            before = len(self.problems)
-            secret = self.secret(("api_secret",), t.api_secret, t.api_secret_file)
-            if secret is None and len(self.problems) == before:
-                self.add("key_secret_required", ("api_secret",))
+            secret = self.secret(("api_secret",), "key_secret_required")
             if api_key is None or secret is None:
                 return None
             return BasicCredentials(username=api_key, password=secret, account_sid=account_sid)
-        before = len(self.problems)
-        token = self.secret(("auth_token",), t.auth_token, t.auth_token_file)
-        if token is None:
-            if len(self.problems) == before:
-                self.add("no_credentials", ("auth_token",))
-            return None
-        if account_sid is None:
-            if not self.problems:
-                self.add("sid_required", ("account_sid",))
+        token = self.secret(("auth_token",), "no_credentials")
+        if token is not None and account_sid is None and not self.problems:
+            self.add("sid_required", ("account_sid",))
+        if token is None or account_sid is None:
             return None
         return BasicCredentials(username=account_sid, password=token, account_sid=account_sid)
 
@@ -188,20 +175,11 @@ class _Resolver:
                 self.add("basic_with_oauth2", (name,))
         client_id = auth.client_id or self.env("client_id")
         if client_id is None:
-            options = "twilio.auth.client_id"
-            self.add(
-                "oauth2_required", ("auth", "client_id"), options=options, name="KORE_CLIENT_ID"
-            )
-        before = len(self.problems)
-        secret = self.secret(("auth", "client_secret"), auth.client_secret, auth.client_secret_file)
-        if secret is None and len(self.problems) == before:
-            options = "twilio.auth.client_secret, twilio.auth.client_secret_file"
-            self.add(
-                "oauth2_required",
-                ("auth", "client_secret"),
-                options=options,
-                name="KORE_CLIENT_SECRET",
-            )
+            where = {"options": "twilio.auth.client_id", "name": ENVIRONMENT["client_id"]}
+            self.add("oauth2_required", ("auth", "client_id"), **where)
+        options = "twilio.auth.client_secret, twilio.auth.client_secret_file"
+        where = {"options": options, "name": ENVIRONMENT["client_secret"]}
+        secret = self.secret(("auth", "client_secret"), "oauth2_required", **where)
         if client_id is None or secret is None:
             return None
         return OAuth2Credentials(

@@ -207,11 +207,12 @@ _ALIASES: Final = {"int_parsing": "int_type", "float_parsing": "float_type"}
 def dotted(loc: Sequence[str | int]) -> str:
     """``sims[0].labels.site`` from a pydantic location (dict-key markers dropped)."""
     text = ""
-    for part in loc:
-        if isinstance(part, int):
+    for part, following in zip(loc, (*loc[1:], None), strict=True):
+        if isinstance(part, int) and following != "[key]":
             text += f"[{part}]"
         elif part != "[key]":
-            text += f".{part}" if text else part
+            name = repr(part) if part == "" else str(part)
+            text += f".{name}" if text else name
     return text
 
 

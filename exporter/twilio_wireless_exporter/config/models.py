@@ -8,7 +8,7 @@ options are written as validators; everything else is a type.
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Self, TypeAlias, get_args
+from typing import Annotated, Final, Literal, Self, TypeAlias, get_args
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -43,11 +43,11 @@ from twilio_wireless_exporter.config.types import (
     Size,
     Text,
     format_duration,
+    warnings_of,
 )
 from twilio_wireless_exporter.sharding import MAX_SHARDS
 
 DEFAULT_BASE_URL: Final = "https://wireless.twilio.com"
-KORE_BASE_URL: Final = "https://programmable-wireless.api.korewireless.com"
 DEFAULT_TOKEN_URL: Final = "https://api.korewireless.com/api-services/v1/auth/token"  # noqa: S105
 
 SimStatus: TypeAlias = Literal[
@@ -82,15 +82,6 @@ RESERVED_LABEL_NAMES: Final = frozenset(
     }
 )
 _OAUTH2_ONLY: Final = ("token_url", "client_id", "client_secret", "client_secret_file", "scope")
-
-
-def _context(info: ValidationInfo) -> dict[str, Any]:
-    return info.context if isinstance(info.context, dict) else {}
-
-
-def _warnings(info: ValidationInfo) -> list[str]:
-    found = _context(info).setdefault("warnings", [])
-    return found if isinstance(found, list) else []
 
 
 def _is_loopback(url: str) -> bool:
@@ -183,8 +174,8 @@ class TwilioSettings(Settings):
 
     @model_validator(mode="after")
     def _resolve_credentials(self, info: ValidationInfo) -> Self:
-        environ = _context(info).get("environ")
-        warnings = _warnings(info)
+        environ = info.context.get("environ") if isinstance(info.context, dict) else None
+        warnings = warnings_of(info)
         oauth2 = self.auth.type == "oauth2_client_credentials"
         self._credentials = resolve_credentials(
             self, environ if isinstance(environ, Mapping) else os.environ, warnings
@@ -325,7 +316,7 @@ class Config(Settings):
             if data.get("sims", ()) is None:
                 data["sims"] = ()
         config: Self = also_report(handler, data, extra)
-        config._warnings = tuple(_warnings(info))
+        config._warnings = tuple(warnings_of(info))
         return config
 
     @field_validator("sims", mode="before")

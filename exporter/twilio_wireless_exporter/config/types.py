@@ -19,21 +19,6 @@ from pydantic_core import PydanticCustomError
 
 from twilio_wireless_exporter.config.errors import Shown, describe, shaped
 
-__all__ = [
-    "AccountSid",
-    "ApiKey",
-    "ConfigPath",
-    "Duration",
-    "HttpUrl",
-    "Secret",
-    "SimSid",
-    "Size",
-    "Text",
-    "base_dir",
-    "format_duration",
-    "parse_duration",
-]
-
 MAX_DURATION: Final = 365 * 86400.0
 
 # --------------------------------------------------------------------------------------------------
@@ -209,6 +194,14 @@ def base_dir(info: Info) -> Path:
     """The directory relative paths start from (the config file's; passed in the context)."""
     base = info.context.get("base_dir") if isinstance(info.context, Mapping) else None
     return Path(base) if isinstance(base, str | PurePath) else Path.cwd()
+
+
+def warnings_of(info: Info) -> list[str]:
+    """The list non-fatal problems are collected in (passed in the context)."""
+    if not isinstance(info.context, dict):
+        return []
+    found: list[str] = info.context.setdefault("warnings", [])
+    return found
 
 
 def _absolute(path: Path, info: Info) -> Path:

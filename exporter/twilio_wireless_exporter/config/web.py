@@ -1,18 +1,7 @@
 """The web configuration file (``--web.config.file``): TLS and HTTP basic auth for our endpoints.
 
-The format is the one of the Prometheus exporter-toolkit, so one file can serve several exporters::
-
-    tls_server_config:
-      cert_file: server.crt          # relative paths: relative to this file's directory
-      key_file: server.key
-      min_version: TLS12             # TLS10, TLS11, TLS12 (default), TLS13
-      # max_version: TLS13
-      # client_auth_type: RequireAndVerifyClientCert   # with client_ca_file (mutual TLS)
-      # client_ca_file: clients-ca.crt
-    basic_auth_users:
-      prometheus: $2y$10$...         # bcrypt hash: htpasswd -nBC 10 prometheus | cut -d: -f2
-    http_server_config:
-      headers: {Strict-Transport-Security: max-age=31536000}
+The format is the Prometheus exporter-toolkit's (``tls_server_config``, ``basic_auth_users`` with
+bcrypt hashes, ``http_server_config``), so that one file can serve several exporters.
 
 What differs from the exporter-toolkit, on purpose:
 
@@ -48,7 +37,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from twilio_wireless_exporter.config.errors import ConfigError, fail, problem, shaped
 from twilio_wireless_exporter.config.loading import read_yaml_file, validate
 from twilio_wireless_exporter.config.models import Settings
-from twilio_wireless_exporter.config.types import ConfigPath
+from twilio_wireless_exporter.config.types import ConfigPath, warnings_of
 
 TLSVersion: TypeAlias = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
 ClientAuthType: TypeAlias = Literal[
@@ -65,14 +54,12 @@ _CLIENT_AUTH: Final = {
     "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
     "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
 }
-#: The security headers the toolkit allows, and the values it accepts where it restricts them.
-_HEADERS: Final[dict[str, tuple[str, ...] | None]] = {
-    "Content-Security-Policy": None,
+#: The values the toolkit accepts for the headers it restricts.
+_RESTRICTED: Final = {
     "X-Frame-Options": ("deny", "sameorigin"),
     "X-Content-Type-Options": ("nosniff",),
-    "X-XSS-Protection": None,
-    "Strict-Transport-Security": None,
 }
+#: The security headers the toolkit allows.
 HeaderName: TypeAlias = Literal[
     "Content-Security-Policy",
     "X-Frame-Options",
@@ -183,8 +170,7 @@ class TLSSettings(Settings):
         if self.cert_file is not None and self.key_file is not None:
             mode = self.key_file.stat().st_mode
             if stat.S_ISREG(mode) and mode & 0o077:
-                warnings = info.context.setdefault("warnings", []) if info.context else []
-                warnings.append(
+                warnings_of(info).append(
                     f"tls_server_config.key_file: {self.key_file} is readable by other users "
                     f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
                 )
@@ -230,7 +216,7 @@ class HTTPSettings(Settings):
         problems = [
             problem("header_choice", ("headers", name), value, choices=", ".join(allowed))
             for name, value in self.headers.items()
-            if (allowed := _HEADERS[name]) is not None and value.lower() not in allowed
+            if value.lower() not in (allowed := _RESTRICTED.get(name, (value.lower(),)))
         ]
         if problems:
             raise fail(problems)
@@ -256,7 +242,7 @@ class WebConfig(Settings):
 
     @model_validator(mode="after")
     def _collect_warnings(self, info: ValidationInfo) -> Self:
-        warnings = info.context.setdefault("warnings", []) if info.context else []
+        warnings = warnings_of(info)
         if self.basic_auth_users and self.tls is None:
             warnings.append(
                 "basic_auth_users: without tls_server_config, passwords cross the network in "
