@@ -137,10 +137,8 @@ WORDING: Final[dict[str, str]] = {
     "missing": "is required",
     "invalid_key": "option names must be strings, got {got}",
     "model_type": "must be a mapping of options, got {kind}",
-    "model_attributes_type": "must be a mapping of options, got {kind}",
     "dict_type": "must be a mapping of names to values, got {kind}",
     "tuple_type": "must be a list, got {got}",
-    "list_type": "must be a list, got {got}",
     "int_type": "must be an integer, got {got}",
     "float_type": "must be a number, got {got}",
     "finite_number": "must be a finite number, got {got}",
@@ -304,7 +302,7 @@ def _choices(annotation: object) -> list[str]:
 
 
 def _unknown_option(root: type[BaseModel] | None, loc: Sequence[str | int]) -> str:
-    model = _walk(root, loc[:-1])[0] if loc[:-1] else root
+    model = _walk(root, loc[:-1])[0]
     if model is None:
         return "unknown option"
     known = [name for name, field in model.model_fields.items() if not field.exclude]

@@ -122,6 +122,20 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: object) -> object:
+        # "poll:" with nothing under it is null in YAML: for a section, list or mapping of
+        # options (the fields with a default factory), that means its defaults, as if absent.
+        if not isinstance(data, Mapping):
+            return data
+        fields = cls.model_fields
+        return {
+            key: value
+            for key, value in data.items()
+            if value is not None or key not in fields or fields[key].default_factory is None
+        }
+
 
 class AuthSettings(Settings):
     """``twilio.auth``: how requests authenticate (HTTP Basic for Twilio, OAuth 2.0 for KORE)."""
@@ -159,11 +173,6 @@ class TwilioSettings(Settings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
 
     _credentials: Credentials | None = PrivateAttr(default=None)
-
-    @field_validator("auth", mode="before")
-    @classmethod
-    def _auth_null_is_default(cls, value: object) -> object:
-        return {} if value is None else value
 
     @property
     def credentials(self) -> Credentials:
@@ -228,11 +237,6 @@ class SimSettings(Settings):
     name: Text | None = None
     labels: dict[LabelName, LabelValue] = Field(default_factory=dict)
 
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _labels_null_is_none(cls, value: object) -> object:
-        return {} if value is None else value
-
 
 def _one_or_many(value: object) -> object:
     return [value] if isinstance(value, str) else value
@@ -277,19 +281,17 @@ class ShardSettings(Settings):
         return self
 
 
-_SECTIONS: Final = ("twilio", "poll", "discovery", "metrics", "state", "shard")
-
-
 class Config(Settings):
     """The whole configuration. Build it with :func:`load_config` or :func:`config_from_mapping`."""
 
-    twilio: TwilioSettings
-    poll: PollSettings
-    sims: tuple[SimSettings, ...] = ()
-    discovery: DiscoverySettings
-    metrics: MetricsSettings
-    state: StateSettings
-    shard: ShardSettings
+    # validated even when absent, so that the credentials still resolve from the environment
+    twilio: TwilioSettings = Field(default_factory=dict, validate_default=True)
+    poll: PollSettings = Field(default_factory=PollSettings)
+    sims: tuple[SimSettings, ...] = Field(default_factory=tuple)
+    discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    shard: ShardSettings = Field(default_factory=ShardSettings)
 
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
@@ -303,18 +305,14 @@ class Config(Settings):
     def _something_to_poll(
         cls, data: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
     ) -> Self:
-        # Sections are validated even when absent (or an empty "poll:"), so that the credentials
-        # of an omitted "twilio" section still resolve from the environment. The one rule on the
-        # whole config is checked on the input, so that it is reported with the other problems.
+        # The one rule on the whole config is checked on the input, so that it is reported
+        # together with the other problems.
         extra: list[InitErrorDetails] = []
         if isinstance(data, Mapping):
-            data = {**data, **{name: {} for name in _SECTIONS if data.get(name) is None}}
-            discovery = data["discovery"]
+            discovery = data.get("discovery")
             enabled = isinstance(discovery, Mapping) and discovery.get("enabled") is True
             if not data.get("sims") and not enabled:
                 extra.append(problem("nothing_to_poll", ("sims",)))
-            if data.get("sims", ()) is None:
-                data["sims"] = ()
         config: Self = also_report(handler, data, extra)
         config._warnings = tuple(warnings_of(info))
         return config

@@ -24,7 +24,6 @@ MAX_DURATION: Final = 365 * 86400.0
 # --------------------------------------------------------------------------------------------------
 # Durations
 
-_DURATION_HINT: Final = "must be a duration like 30s, 5m or a number of seconds"
 _UNITS: Final[dict[str, Decimal]] = {
     "w": Decimal(604800),
     "d": Decimal(86400),
@@ -62,7 +61,7 @@ def parse_duration(value: object) -> float:
     most once; components may have decimals (``1.5h``). Raises :class:`ValueError` (whose message is
     meant for users) for anything else, including negative, infinite and NaN values.
     """
-    hint = f"{_DURATION_HINT}, got {describe(value)}"
+    hint = f"must be a duration like 30s, 5m or a number of seconds, got {describe(value)}"
     negative = f"must not be negative, got {describe(value)}"
     if isinstance(value, int | float) and not isinstance(value, bool):
         try:
@@ -126,18 +125,12 @@ def format_size(size: int) -> str:
 def _exact_size(value: object) -> object:
     """Refuse what ByteSize would take silently: ``true`` (1 byte), ``1.5`` and ``"1.5B"`` (both
     rounded down to 1), negative numbers, and text after the unit."""
-    if isinstance(value, bool) or not isinstance(value, int | str) or value == "":
+    if isinstance(value, str) and (match := _SIZE_RE.fullmatch(value.strip())):
+        factor = ByteSize.byte_sizes.get(match.group(2).lower() or "b", 1)
+        if Decimal(match.group(1)) * Decimal(factor) % 1:
+            raise PydanticCustomError("size_fraction", "")
+    elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise PydanticCustomError("byte_size", "")
-    if isinstance(value, int):
-        if value < 0:
-            raise PydanticCustomError("byte_size", "")
-        return value
-    match = _SIZE_RE.fullmatch(value.strip())
-    if match is None:
-        raise PydanticCustomError("byte_size", "")
-    factor = ByteSize.byte_sizes.get(match.group(2).lower() or "b")
-    if factor is not None and (Decimal(match.group(1)) * Decimal(factor)) % 1:
-        raise PydanticCustomError("size_fraction", "")
     return value
 
 

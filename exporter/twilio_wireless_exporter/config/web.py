@@ -233,13 +233,6 @@ class WebConfig(Settings):
     _source: str = PrivateAttr(default="<web config>")
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
-    @model_validator(mode="before")
-    @classmethod
-    def _null_sections_are_empty(cls, data: object) -> object:
-        if isinstance(data, dict):
-            return {key: {} if value is None else value for key, value in data.items()}
-        return data
-
     @model_validator(mode="after")
     def _collect_warnings(self, info: ValidationInfo) -> Self:
         warnings = warnings_of(info)
