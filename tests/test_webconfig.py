@@ -318,6 +318,10 @@ def test_invalid_web_config(cert_dir: Path, data: object, expected: list[str]) -
 def test_a_plain_password_is_not_echoed(tmp_path: Path) -> None:
     lines = problems({"basic_auth_users": {"alice": "hunter2-secret"}}, tmp_path)
     assert "hunter2-secret" not in "\n".join(lines)
+    # nor one that YAML reads as a number
+    assert problems({"basic_auth_users": {"alice": 73914852}}, tmp_path) == [
+        "basic_auth_users.alice: must be a string, got a number; put it in quotes"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -394,6 +398,9 @@ def basic(user: str, password: str | bytes) -> str:
         ("basic " + base64.b64encode(b"u:p:q").decode(), ("u", b"p:q")),
         ("Basic " + base64.b64encode("jörg:".encode()).decode(), ("jörg", b"")),
         ("Basic " + base64.b64encode(b"\xff:x").decode(), None),
+        # the password is bytes as sent: one that is not UTF-8 still reaches bcrypt unchanged
+        ("Basic " + base64.b64encode(b"u:\xff\xfe").decode(), ("u", b"\xff\xfe")),
+        ("Basic " + base64.b64encode("ö:ü".encode()).decode(), ("ö", "ü".encode())),
     ],
 )
 def test_parse_basic_authorization(header: str | None, expected: tuple[str, bytes] | None) -> None:
