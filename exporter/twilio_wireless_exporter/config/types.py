@@ -13,7 +13,7 @@ from pathlib import Path, PurePath
 from typing import Annotated, Final
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, ByteSize, SecretStr, StrictStr
+from pydantic import AfterValidator, BeforeValidator, ByteSize, PlainValidator, SecretStr, StrictStr
 from pydantic import ValidationInfo as Info
 from pydantic_core import PydanticCustomError
 
@@ -164,7 +164,9 @@ ApiKey = Annotated[StrictStr, _sid("SK")]
 SimSid = Annotated[StrictStr, _sid("DE")]
 
 
-def _http_url(value: str) -> str:
+def _http_url(value: object) -> str:
+    if not isinstance(value, str):
+        raise PydanticCustomError("url", "")
     try:
         parts = urlsplit(value.strip())
         parts.port  # noqa: B018 - raises ValueError for an invalid port
@@ -180,7 +182,7 @@ def _http_url(value: str) -> str:
 
 
 #: An http(s) URL without credentials, query or fragment, kept as text without a trailing slash.
-HttpUrl = Annotated[StrictStr, AfterValidator(_http_url)]
+HttpUrl = Annotated[str, PlainValidator(_http_url)]
 
 
 def base_dir(info: Info) -> Path:
