@@ -56,7 +56,7 @@ from prometheus_client import generate_latest
 
 from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter.cli import freeze_startup_heap
-from twilio_wireless_exporter.config.models import SIM_STATUSES, config_from_mapping
+from twilio_wireless_exporter.config import SIM_STATUSES, config_from_mapping
 from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.accounting import ListingOutcome
 from twilio_wireless_exporter.service import Exporter

@@ -17,7 +17,7 @@ from hypothesis import settings
 from tests.harness_support import Harness, MakeHarness, exporter_mapping
 from tests.tls_support import make_cert
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import Config, config_from_mapping
+from twilio_wireless_exporter.config import Config, config_from_mapping
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.web.app import make_app
 from twilio_wireless_simulator import RunningSimulator, SimulatorConfig, start_simulator

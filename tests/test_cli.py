@@ -26,7 +26,7 @@ from tests.process_support import PipeLog
 from twilio_wireless_exporter import __version__, cli
 from twilio_wireless_exporter.cli import _demo_config, build_parser, main, serve
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import config_from_mapping
+from twilio_wireless_exporter.config import config_from_mapping
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.web.address import parse_listen_address
 from twilio_wireless_exporter.web.app import make_app

@@ -16,7 +16,7 @@ from tests.harness_support import MakeHarness, eventually, exporter_mapping
 from tests.metrics_support import find_value as metric
 from twilio_wireless_exporter.cli import build_parser, serve
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import config_from_mapping
+from twilio_wireless_exporter.config import config_from_mapping
 from twilio_wireless_exporter.fleet.persist import read_state, state_identity
 from twilio_wireless_exporter.polling.poller import Poller
 from twilio_wireless_exporter.service import Exporter, Loops

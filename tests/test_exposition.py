@@ -32,7 +32,7 @@ from prometheus_client.utils import floatToGoString
 from tests.fleet_support import SID_A, polled_state
 from tests.harness_support import eventually
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import RESERVED_LABEL_NAMES
+from twilio_wireless_exporter.config import RESERVED_LABEL_NAMES
 from twilio_wireless_exporter.exposition.collector import build_registry
 from twilio_wireless_exporter.exposition.renderer import (
     Encoder,

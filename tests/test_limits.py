@@ -18,7 +18,7 @@ from aiohttp import web
 
 from tests.harness_support import MakeHarness, exporter_mapping
 from tests.metrics_support import find_value as value
-from twilio_wireless_exporter.config.models import config_from_mapping
+from twilio_wireless_exporter.config import config_from_mapping
 from twilio_wireless_simulator import RunningSimulator
 
 MIB = 1024 * 1024

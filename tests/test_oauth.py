@@ -35,7 +35,7 @@ from twilio_wireless_exporter.api.auth import (
 from twilio_wireless_exporter.api.transport import USER_AGENT, ApiError, ErrorKind
 from twilio_wireless_exporter.cli import _demo_config, build_parser, main
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import OAuth2Credentials, config_from_mapping
+from twilio_wireless_exporter.config import OAuth2Credentials, config_from_mapping
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.web.app import make_app
 from twilio_wireless_simulator import (

@@ -30,7 +30,7 @@ from tests.metrics_support import sample_value as value
 from tests.process_support import listen_url
 from twilio_wireless_exporter.api.records import DataSession
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import Config, ConfigError, config_from_mapping
+from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
 from twilio_wireless_exporter.fleet.accounting import (
     ListingOutcome,
     SessionAttributes,

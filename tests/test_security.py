@@ -29,14 +29,14 @@ from tests.process_support import PipeLog
 from tests.tls_support import hashed, make_cert, serve_https
 from twilio_wireless_exporter.cli import JsonFormatter, main
 from twilio_wireless_exporter.clock import ManualClock
-from twilio_wireless_exporter.config.models import load_config
-from twilio_wireless_exporter.service import Exporter
-from twilio_wireless_exporter.web.app import make_app
-from twilio_wireless_exporter.web.security import (
-    WWW_AUTHENTICATE,
+from twilio_wireless_exporter.config import (
     WebConfig,
+    load_config,
     web_config_from_mapping,
 )
+from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_exporter.web.app import make_app
+from twilio_wireless_exporter.web.security import WWW_AUTHENTICATE, middlewares
 from twilio_wireless_simulator import (
     DEMO_ACCOUNT_SID,
     DEMO_CLIENT_ID,
@@ -290,7 +290,7 @@ async def run_once(
     exporter = Exporter(config, clock=ManualClock(), retry_sleep=no_sleep)
     await exporter.start()
     await eventually(exporter.is_ready, within=10)
-    app = make_app(exporter.web_context(), middlewares=web_config.middlewares())
+    app = make_app(exporter.web_context(), middlewares=middlewares(web_config))
     async with TestClient(TestServer(app)) as http:
         right = {"Authorization": basic(WEB_USER, WEB_PASSWORD)}
         wrong = {"Authorization": basic(WEB_USER, WRONG_WEB_PASSWORD)}

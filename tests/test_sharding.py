@@ -11,7 +11,7 @@ import pytest
 from tests.harness_support import Harness, MakeHarness
 from tests.metrics_support import iter_samples
 from twilio_wireless_exporter.cli import main
-from twilio_wireless_exporter.config.models import ConfigError, config_from_mapping
+from twilio_wireless_exporter.config import ConfigError, config_from_mapping
 from twilio_wireless_exporter.polling.poller import sim_offset
 from twilio_wireless_exporter.sharding import Shard, jump_hash, parse_shard, shard_of, sid_key
 from twilio_wireless_simulator import DEMO_ACCOUNT_SID, RunningSimulator

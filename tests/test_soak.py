@@ -49,7 +49,7 @@ from tests.metrics_support import parse_samples as parse
 from tests.metrics_support import series_key
 from twilio_wireless_exporter.api.auth import BasicAuthenticator
 from twilio_wireless_exporter.api.client import ClientSettings, TwilioClient
-from twilio_wireless_exporter.config.models import config_from_mapping
+from twilio_wireless_exporter.config import config_from_mapping
 from twilio_wireless_exporter.fleet.accounting import DEFAULT_FORGET_AFTER
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_simulator import (

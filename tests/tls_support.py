@@ -14,10 +14,10 @@ import bcrypt
 import pytest
 from aiohttp import web
 
-from twilio_wireless_exporter.config.models import config_from_mapping
+from twilio_wireless_exporter.config import WebConfig, config_from_mapping, web_config_from_mapping
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.web.app import make_app
-from twilio_wireless_exporter.web.security import WebConfig, web_config_from_mapping
+from twilio_wireless_exporter.web.security import middlewares
 from twilio_wireless_simulator import DEMO_ACCOUNT_SID
 
 # The web config's TLS section for the certificate ``make_cert`` writes as ``server``.
@@ -78,7 +78,7 @@ def offline_exporter() -> Exporter:
 async def serve_https(web_config: WebConfig) -> AsyncIterator[int]:
     """The exporter's web app with the web config's middlewares on a real port (TLS when the web
     config has it)."""
-    app = make_app(offline_exporter().web_context(), middlewares=web_config.middlewares())
+    app = make_app(offline_exporter().web_context(), middlewares=middlewares(web_config))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:

@@ -17,17 +17,19 @@ from typing import Any
 from aiohttp import web
 
 from twilio_wireless_exporter import __version__
-from twilio_wireless_exporter.config.models import (
+from twilio_wireless_exporter.config import (
     Config,
     ConfigError,
     ShardSettings,
+    WebConfig,
     config_from_mapping,
     load_config,
+    load_web_config,
 )
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.sharding import Shard, parse_shard
 from twilio_wireless_exporter.web.address import netloc, parse_listen_address
-from twilio_wireless_exporter.web.security import WebConfig, load_web_config
+from twilio_wireless_exporter.web.security import middlewares as security_middlewares
 
 DEFAULT_PORT = 10311
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
@@ -286,7 +288,7 @@ async def serve(
             demo = await stack.enter_async_context(_demo_config(args, "127.0.0.1"))
             config = with_shard(demo, args.shard)
         exporter = Exporter(config, on_failure=stop.set)  # a crashed loop ends the process
-        middlewares = web_config.middlewares() if web_config is not None else []
+        middlewares = security_middlewares(web_config) if web_config is not None else []
         app = exporter.web_app(middlewares=middlewares)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()

@@ -21,7 +21,7 @@ from twilio_wireless_exporter.api.auth import (
 from twilio_wireless_exporter.api.client import ClientSettings, TwilioClient
 from twilio_wireless_exporter.api.transport import Authenticator
 from twilio_wireless_exporter.clock import Clock, SystemClock
-from twilio_wireless_exporter.config.models import BasicCredentials, Config
+from twilio_wireless_exporter.config import BasicCredentials, Config
 from twilio_wireless_exporter.exposition.collector import build_registry
 from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.persist import StateStore, state_identity

@@ -48,7 +48,7 @@ import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from twilio_wireless_exporter import __version__
-from twilio_wireless_exporter.config.models import BasicCredentials, Config
+from twilio_wireless_exporter.config import BasicCredentials, Config
 from twilio_wireless_exporter.fleet.accounting import SessionAttributes, SessionMemo, SimAccount
 from twilio_wireless_exporter.fleet.state import SESSION_DURATION_BUCKETS, FleetState, Histogram
 

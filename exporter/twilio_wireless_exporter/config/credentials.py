@@ -1,0 +1,191 @@
+"""Credentials: from the ``twilio`` section, its ``*_file`` options and the environment.
+
+Each secret comes from its option, else its file, else its environment variable; the other
+options (the Account SID, the API key, the OAuth2 client id) from the option, else the
+environment. Which kind of credentials applies is a rule across options, so this is written by
+hand; every problem is a named kind worded by :mod:`.errors`.
+"""
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TypeAlias
+
+from pydantic import SecretStr, TypeAdapter, ValidationError
+from pydantic_core import InitErrorDetails
+
+from twilio_wireless_exporter.config.errors import Loc, dotted, explain, fail, problem
+from twilio_wireless_exporter.config.types import AccountSid, ApiKey
+
+if TYPE_CHECKING:
+    from twilio_wireless_exporter.config.models import TwilioSettings
+
+#: The environment variable read for each option the configuration leaves unset.
+ENVIRONMENT: Final = {
+    "account_sid": "TWILIO_ACCOUNT_SID",
+    "auth_token": "TWILIO_AUTH_TOKEN",
+    "api_key": "TWILIO_API_KEY",
+    "api_secret": "TWILIO_API_SECRET",
+    "client_id": "KORE_CLIENT_ID",
+    "client_secret": "KORE_CLIENT_SECRET",
+}
+BASIC_OPTIONS: Final = (
+    "account_sid",
+    "auth_token",
+    "auth_token_file",
+    "api_key",
+    "api_secret",
+    "api_secret_file",
+)
+_MAX_SECRET_FILE_BYTES: Final = 64 * 1024
+_CHECKS: Final = {"account_sid": TypeAdapter(AccountSid), "api_key": TypeAdapter(ApiKey)}
+
+
+@dataclass(frozen=True, slots=True)
+class BasicCredentials:
+    """HTTP Basic credentials: an Account SID + auth token, or an API key SID + secret."""
+
+    username: str
+    password: SecretStr
+    account_sid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OAuth2Credentials:
+    """OAuth 2.0 client credentials (KORE Wireless)."""
+
+    token_url: str
+    client_id: str
+    client_secret: SecretStr
+    scope: str | None = None
+    refresh_margin: float = 60.0
+
+
+Credentials: TypeAlias = BasicCredentials | OAuth2Credentials
+
+
+def resolve_credentials(
+    twilio: "TwilioSettings", environ: Mapping[str, str], warnings: list[str]
+) -> Credentials:
+    """The credentials ``twilio`` describes; raises a ValidationError with paths in ``twilio``."""
+    resolver = _Resolver(twilio, environ, warnings)
+    found = (
+        resolver.oauth2() if twilio.auth.type == "oauth2_client_credentials" else resolver.basic()
+    )
+    if found is None or resolver.problems:
+        raise fail(resolver.problems or [problem("no_credentials", ("auth_token",))])
+    return found
+
+
+class _Resolver:
+    def __init__(
+        self, twilio: "TwilioSettings", environ: Mapping[str, str], warnings: list[str]
+    ) -> None:
+        self.twilio, self.environ, self.warnings = twilio, environ, warnings
+        self.problems: list[InitErrorDetails] = []
+
+    def add(self, kind: str, loc: Loc, **context: object) -> None:
+        self.problems.append(problem(kind, loc, **context))
+
+    def env(self, option: str) -> str | None:
+        """The option's environment variable (empty counts as unset), checked like the option."""
+        name = ENVIRONMENT[option]
+        value = self.environ.get(name) or None
+        if value is None or option not in _CHECKS:
+            return value
+        try:
+            return _CHECKS[option].validate_python(value)
+        except ValidationError as exc:
+            wrong = explain(exc.errors()[0], hidden=True)
+            self.add("env_invalid", (option,), name=name, problem=wrong)
+            return None
+
+    def secret(self, loc: Loc, missing: str, **context: object) -> SecretStr | None:
+        """From the option, else its file, else the environment; else the problem ``missing``."""
+        section = self.twilio.auth if loc[0] == "auth" else self.twilio
+        option, file_loc = str(loc[-1]), (*loc[:-1], f"{loc[-1]}_file")
+        value: SecretStr | None = getattr(section, option)
+        file: Path | None = getattr(section, f"{option}_file")
+        if value is not None and file is not None:
+            both = {"option": dotted(("twilio", *loc)), "file": dotted(("twilio", *file_loc))}
+            self.add("secret_twice", file_loc, **both)
+            return None
+        if file is not None:
+            return self._read(file, file_loc)
+        if value is None and (from_env := self.env(option)) is not None:
+            value = SecretStr(from_env)
+        if value is None:
+            self.add(missing, loc, **context)
+        return value
+
+    def _read(self, path: Path, loc: Loc) -> SecretStr | None:
+        try:
+            with path.open("rb") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                raw = handle.read(_MAX_SECRET_FILE_BYTES + 1)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            self.add("secret_unreadable", loc, path=path, reason=reason)
+            return None
+        wrong = "secret_large" if len(raw) > _MAX_SECRET_FILE_BYTES else None
+        try:
+            text = raw.decode("utf-8").rstrip()
+        except UnicodeDecodeError:
+            wrong, text = wrong or "secret_encoding", ""
+        if wrong or not text:
+            self.add(wrong or "secret_empty", loc, path=path)
+            return None
+        if stat.S_ISREG(mode) and mode & 0o077:
+            self.warnings.append(
+                f"{dotted(('twilio', *loc))}: {path} is readable by other users "
+                f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+            )
+        return SecretStr(text)
+
+    def basic(self) -> BasicCredentials | None:
+        t = self.twilio
+        tokens = [n for n in ("auth_token", "auth_token_file") if getattr(t, n) is not None]
+        keys = [n for n in BASIC_OPTIONS[3:] if getattr(t, n) is not None]
+        if tokens and keys:
+            self.add("token_and_key", (keys[0],), other=tokens[0])
+            return None
+        account_sid = t.account_sid or self.env("account_sid")
+        env_key = self.environ.get(ENVIRONMENT["api_key"])
+        if keys or (not tokens and env_key):
+            api_key = t.api_key or self.env("api_key")
+            if api_key is None and not env_key:
+                self.add("key_required", ("api_key",))
+            secret = self.secret(("api_secret",), "key_secret_required")
+            if api_key is None or secret is None:
+                return None
+            return BasicCredentials(username=api_key, password=secret, account_sid=account_sid)
+        token = self.secret(("auth_token",), "no_credentials")
+        if token is not None and account_sid is None and not self.problems:
+            self.add("sid_required", ("account_sid",))
+        if token is None or account_sid is None:
+            return None
+        return BasicCredentials(username=account_sid, password=token, account_sid=account_sid)
+
+    def oauth2(self) -> OAuth2Credentials | None:
+        t, auth = self.twilio, self.twilio.auth
+        for name in BASIC_OPTIONS:
+            if getattr(t, name) is not None:
+                self.add("basic_with_oauth2", (name,))
+        client_id = auth.client_id or self.env("client_id")
+        if client_id is None:
+            where = {"options": "twilio.auth.client_id", "name": ENVIRONMENT["client_id"]}
+            self.add("oauth2_required", ("auth", "client_id"), **where)
+        options = "twilio.auth.client_secret, twilio.auth.client_secret_file"
+        where = {"options": options, "name": ENVIRONMENT["client_secret"]}
+        secret = self.secret(("auth", "client_secret"), "oauth2_required", **where)
+        if client_id is None or secret is None:
+            return None
+        return OAuth2Credentials(
+            token_url=auth.token_url,
+            client_id=client_id,
+            client_secret=secret,
+            scope=auth.scope,
+            refresh_margin=auth.refresh_margin,
+        )

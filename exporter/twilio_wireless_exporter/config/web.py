@@ -1,0 +1,299 @@
+"""The web configuration file (``--web.config.file``): TLS and HTTP basic auth for our endpoints.
+
+The format is the Prometheus exporter-toolkit's (``tls_server_config``, ``basic_auth_users`` with
+bcrypt hashes, ``http_server_config``), so that one file can serve several exporters.
+
+What differs from the exporter-toolkit, on purpose:
+
+* Options of the toolkit that Python's TLS stack cannot honour (``cipher_suites``,
+  ``curve_preferences``, ``client_allowed_sans``, inline ``cert``/``key``, and the client auth types
+  that ask for a certificate without verifying it) are rejected with a clear message rather than
+  silently ignored: a security setting that does nothing is worse than a refusal.
+* ``http_server_config.http2`` is accepted (a boolean) and has no effect: the server speaks
+  HTTP/1.1 only, which every client negotiates.
+* The file is read once at start (the toolkit re-reads it per request); restart to apply changes.
+
+The server's SSL context is built here, on loading, so that an unusable certificate or key is
+reported like any other problem (with its path, exit status 2) before anything starts.
+"""
+
+import ssl
+import stat
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal, Self, TypeAlias
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictStr,
+    ValidationInfo,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from twilio_wireless_exporter.config.errors import ConfigError, fail, problem, shaped
+from twilio_wireless_exporter.config.loading import read_yaml_file, validate
+from twilio_wireless_exporter.config.models import Settings
+from twilio_wireless_exporter.config.types import ConfigPath, warnings_of
+
+TLSVersion: TypeAlias = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
+ClientAuthType: TypeAlias = Literal[
+    "NoClientCert", "VerifyClientCertIfGiven", "RequireAndVerifyClientCert"
+]
+_TLS_VERSIONS: Final = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+_CLIENT_AUTH: Final = {
+    "NoClientCert": ssl.CERT_NONE,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+#: The values the toolkit accepts for the headers it restricts.
+_RESTRICTED: Final = {
+    "X-Frame-Options": ("deny", "sameorigin"),
+    "X-Content-Type-Options": ("nosniff",),
+}
+#: The security headers the toolkit allows.
+HeaderName: TypeAlias = Literal[
+    "Content-Security-Policy",
+    "X-Frame-Options",
+    "X-Content-Type-Options",
+    "X-XSS-Protection",
+    "Strict-Transport-Security",
+]
+
+
+def _existing_file(path: Path) -> Path:
+    if not path.is_file():
+        raise PydanticCustomError("not_a_file", "", {"path": str(path)})
+    return path
+
+
+def _verified_client_certs_only(value: object) -> object:
+    if value in ("RequestClientCert", "RequireAnyClientCert"):
+        raise PydanticCustomError("client_cert_unverified", "", {"auth": value})
+    return value
+
+
+def _unsupported(reason: str) -> Any:
+    """An option of the toolkit refused with ``reason`` (not listed among the valid options)."""
+    return Field(None, exclude=True, description=reason)
+
+
+def _refuse(value: object) -> object:
+    raise PydanticCustomError("tls_unsupported", "")
+
+
+ExistingFile = Annotated[ConfigPath, AfterValidator(_existing_file)]
+Unsupported = Annotated[object, AfterValidator(_refuse)]
+UserName = Annotated[
+    StrictStr,
+    Field(min_length=1),
+    shaped(r"^[^:]*$", "user names must not contain ':' (HTTP basic auth)"),
+]
+# The value is never shown: it might be a plain password written by mistake.
+BcryptHash = Annotated[
+    StrictStr,
+    shaped(
+        r"^\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}$",
+        "must be a bcrypt hash like $2y$10$ followed by 53 characters (htpasswd -nBC 10 USER); "
+        "plain passwords are not accepted",
+    ),
+]
+HeaderValue = Annotated[StrictStr, shaped(r"^[^\r\n]+$", "must be a one-line string, got {got}")]
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return type(exc).__name__
+
+
+class TLSSettings(Settings):
+    """``tls_server_config``: the server's certificate, and optionally mutual TLS."""
+
+    cert_file: ExistingFile | None = None
+    key_file: ExistingFile | None = None
+    client_auth_type: Annotated[ClientAuthType, BeforeValidator(_verified_client_certs_only)] = (
+        "NoClientCert"
+    )
+    client_ca_file: ExistingFile | None = None
+    min_version: TLSVersion = "TLS12"
+    max_version: TLSVersion | None = None
+    prefer_server_cipher_suites: StrictBool = True
+    cert: Unsupported = _unsupported("inline certificates are not supported; use cert_file")
+    key: Unsupported = _unsupported("inline keys are not supported; use key_file")
+    cipher_suites: Unsupported = _unsupported(
+        "is not supported (Go cipher suite names); the exporter uses Python's secure default "
+        "ciphers, and TLS 1.3 suites are fixed anyway; remove it"
+    )
+    curve_preferences: Unsupported = _unsupported(
+        "is not supported; the exporter uses Python's default curves; remove it"
+    )
+    client_allowed_sans: Unsupported = _unsupported("is not supported; remove it")
+
+    _context: ssl.SSLContext | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _client_ca_means_verify(cls, data: object) -> object:
+        # like the toolkit: a client CA without client_auth_type means RequireAndVerifyClientCert
+        if isinstance(data, dict) and data.get("client_auth_type") is None:
+            data = {k: v for k, v in data.items() if k != "client_auth_type"}
+            if data.get("client_ca_file") is not None:
+                data["client_auth_type"] = "RequireAndVerifyClientCert"
+        return data
+
+    @model_validator(mode="after")
+    def _consistent_and_loadable(self, info: ValidationInfo) -> Self:
+        problems: list[InitErrorDetails] = []
+        for name, other in (("cert_file", "key_file"), ("key_file", "cert_file")):
+            if getattr(self, name) is None and getattr(self, other) is not None:
+                problems.append(problem("required_with", (name,), other=other))
+        if self.client_auth_type != "NoClientCert" and self.client_ca_file is None:
+            auth = self.client_auth_type
+            problems.append(problem("client_ca_required", ("client_ca_file",), auth=auth))
+        versions = list(_TLS_VERSIONS)
+        if self.max_version and versions.index(self.min_version) > versions.index(self.max_version):
+            minimum = self.min_version
+            problems.append(problem("version_order", ("max_version",), minimum=minimum))
+        if problems:
+            raise fail(problems)
+        if self.cert_file is not None and self.key_file is not None:
+            mode = self.key_file.stat().st_mode
+            if stat.S_ISREG(mode) and mode & 0o077:
+                warnings_of(info).append(
+                    f"tls_server_config.key_file: {self.key_file} is readable by other users "
+                    f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
+                )
+            self._context = self._server_context(self.cert_file, self.key_file)
+        return self
+
+    def _server_context(self, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+        for name in ("cert_file", "client_ca_file"):
+            path = getattr(self, name)
+            try:
+                if path is not None:
+                    ssl.create_default_context(cafile=path)
+            except (ssl.SSLError, ValueError, OSError) as exc:
+                raise fail([problem("no_pem", (name,), path=path, reason=_why(exc))]) from None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = _TLS_VERSIONS[self.min_version]
+        if self.max_version is not None:
+            context.maximum_version = _TLS_VERSIONS[self.max_version]
+        try:
+            # An encrypted key gets an empty passphrase (and fails) instead of a prompt on the tty.
+            context.load_cert_chain(cert_file, key_file, password=b"")
+        except (ssl.SSLError, ValueError, OSError) as exc:
+            unusable = isinstance(exc, ssl.SSLError) and not exc.reason
+            reason = "no usable key" if unusable else _why(exc)
+            path = key_file
+            raise fail([problem("key_unusable", ("key_file",), path=path, reason=reason)]) from None
+        if self.client_ca_file is not None:
+            context.load_verify_locations(cafile=self.client_ca_file)
+        context.verify_mode = _CLIENT_AUTH[self.client_auth_type]
+        if self.prefer_server_cipher_suites:
+            context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        return context
+
+
+class HTTPSettings(Settings):
+    """``http_server_config``: response headers (``http2`` is accepted and has no effect)."""
+
+    http2: StrictBool = True
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _allowed_header_values(self) -> Self:
+        problems = [
+            problem("header_choice", ("headers", name), value, choices=", ".join(allowed))
+            for name, value in self.headers.items()
+            if value.lower() not in (allowed := _RESTRICTED.get(name, (value.lower(),)))
+        ]
+        if problems:
+            raise fail(problems)
+        return self
+
+
+class WebConfig(Settings):
+    """A validated web configuration; its SSL context is built (and so checked) on loading."""
+
+    tls_server_config: TLSSettings = Field(default_factory=TLSSettings)
+    basic_auth_users: dict[UserName, BcryptHash] = Field(default_factory=dict, repr=False)
+    http_server_config: HTTPSettings = Field(default_factory=HTTPSettings)
+
+    _source: str = PrivateAttr(default="<web config>")
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="after")
+    def _collect_warnings(self, info: ValidationInfo) -> Self:
+        warnings = warnings_of(info)
+        if self.basic_auth_users and self.tls is None:
+            warnings.append(
+                "basic_auth_users: without tls_server_config, passwords cross the network in "
+                "clear text"
+            )
+        self._warnings = tuple(warnings)
+        return self
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self._warnings
+
+    @property
+    def tls(self) -> TLSSettings | None:
+        """The TLS settings, or None when the server speaks plain HTTP."""
+        return self.tls_server_config if self.tls_server_config.cert_file is not None else None
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self.tls_server_config._context
+
+    @property
+    def users(self) -> dict[str, bytes]:
+        """User name -> bcrypt hash."""
+        return {user: hashed.encode("ascii") for user, hashed in self.basic_auth_users.items()}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {str(name): value for name, value in self.http_server_config.headers.items()}
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl_context is not None else "http"
+
+    def summary(self) -> str:
+        tls = f"TLS on (min {self.tls.min_version})" if self.tls is not None else "TLS off"
+        users = self.basic_auth_users
+        return f"{tls}, {f'basic auth for {len(users)} users' if users else 'no basic auth'}"
+
+
+def web_config_from_mapping(
+    data: object, source: str = "<web config>", *, base_dir: Path | None = None
+) -> WebConfig:
+    """Validate parsed web configuration data. Raises :class:`ConfigError`."""
+    context = {"base_dir": Path.cwd() if base_dir is None else base_dir, "warnings": []}
+    config = WebConfig() if data is None else validate(WebConfig, data, source, context)
+    config._source = source
+    return config
+
+
+def load_web_config(path: Path) -> WebConfig:
+    """Read and validate a web configuration file. Raises :class:`ConfigError`."""
+    data = read_yaml_file(Path(path), "web config file")
+    return web_config_from_mapping(data, str(path), base_dir=Path(path).absolute().parent)
+
+
+__all__ = ["ConfigError", "TLSSettings", "WebConfig", "load_web_config", "web_config_from_mapping"]
