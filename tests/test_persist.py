@@ -22,7 +22,6 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import eventually, exporter_mapping
@@ -674,7 +673,7 @@ async def exporter(config: Config) -> AsyncIterator[Exporter]:
 
 
 def text(exp: Exporter) -> str:
-    return generate_latest(exp.registry).decode()
+    return exp.exposition.text().decode()
 
 
 async def test_restart_continues_counters_and_counts_downtime_churn_once(
