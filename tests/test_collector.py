@@ -6,6 +6,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import prometheus_client.metrics
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.test_accounting import T0, session
 from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.api.records import CellLocation
+from twilio_wireless_exporter.cli import drop_created_samples
 from twilio_wireless_exporter.config.models import Config, config_from_mapping
 from twilio_wireless_exporter.exposition.collector import build_registry
 from twilio_wireless_exporter.exposition.families import SimFamilies
@@ -23,6 +25,15 @@ from twilio_wireless_exporter.fleet.state import FleetState
 
 SID_A = "DE" + "a" * 32
 SID_B = "DE" + "b" * 32
+
+
+@pytest.fixture
+def created_samples_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``*_created`` samples off as the command switches them off, restored after the test
+    (the switch is process-wide: ``prometheus_client`` keeps it in a module global)."""
+    metrics = prometheus_client.metrics
+    monkeypatch.setattr(metrics, "_use_created", metrics._use_created)
+    drop_created_samples()
 
 
 def render(state: FleetState, *, imei_label: bool = False) -> str:
@@ -212,6 +223,7 @@ def test_the_private_registry_holds_no_per_sim_family() -> None:
     ]
 
 
+@pytest.mark.usefixtures("created_samples_off")
 def test_every_exposed_family_is_declared_in_metrics_names() -> None:
     state, registry = fully_populated()
     exposed = list(ReferenceExposition(SimFamilies(state, imei_label=True), registry).collect())
@@ -225,7 +237,7 @@ def test_every_exposed_family_is_declared_in_metrics_names() -> None:
         if family is names.SESSION_INFO:
             extra |= {names.SESSION_INFO_IMEI}
         for sample in metric.samples:
-            assert sample.name in (*family.series, family.name + "_created"), sample.name
+            assert sample.name in family.series, sample.name
             labels = set(sample.labels) - {"le"}
             assert set(family.labels) <= labels <= set(family.labels) | extra, sample
 
@@ -243,3 +255,15 @@ def test_family_series_names() -> None:
     with pytest.raises(ValueError, match="not a histogram"):
         _ = names.SIM_UP.bucket
     assert len({family.name for family in names.ALL}) == len(names.ALL)
+
+
+def test_created_samples_are_the_commands_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the registry leaves the process-wide setting alone; the command's switch
+    (``cli.drop_created_samples``) takes the ``*_created`` series away."""
+    metrics = prometheus_client.metrics
+    monkeypatch.setattr(metrics, "_use_created", True)
+    registry, api = build_registry(FleetState())
+    api.request_done("/v1/Sims", "200", 0.1)
+    assert "twilio_wireless_api_requests_created{" in generate_latest(registry).decode()
+    drop_created_samples()
+    assert "_created" not in generate_latest(registry).decode()

@@ -23,7 +23,7 @@ A response is one ordinary gzip member: header, the cached pieces, the freshly c
 (the fleet-wide families and the exporter's own metrics, from the registry's stock generator)
 ending the deflate stream, then the CRC-32 and length of the whole text. Compression of changed
 blocks runs in a worker thread (zlib releases the GIL); the rendering of SIM records stays on
-the event loop, where the poller mutates them, and yields to the loop every few hundred SIMs.
+the event loop, where the poller mutates them, and yields to the loop every ``_YIELD_EVERY`` SIMs.
 
 Formats: the Prometheus text format and OpenMetrics share the sample lines; only the family
 headers and the tail differ. The caller says which :class:`~.formats.Encoding` it wants (the web
@@ -51,11 +51,9 @@ from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.formats import TEXT, Encoding, Escaping, Format, generate
 from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.fleet.state import SimRecord
-from twilio_wireless_exporter.metrics_names import PER_SIM
+from twilio_wireless_exporter.metrics_names import Family
 
 _INF = float("inf")
-_FAMILY_COUNT = len(PER_SIM)
-_FAMILY_INDEX = {family.name: i for i, family in enumerate(PER_SIM)}
 _EMPTY = b""
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
 _YIELD_EVERY = 64  # SIMs rendered between two yields to the event loop
@@ -110,23 +108,25 @@ def label_string(labels: Mapping[str, str]) -> tuple[str, bool]:
 class _Headers(Collector):
     """The per-SIM families without samples: their headers, written by the stock generators."""
 
+    def __init__(self, families: tuple[Family, ...]) -> None:
+        self._families = families
+
     def collect(self) -> Iterable[Metric]:
-        for family in PER_SIM:
+        for family in self._families:
             yield Metric(family.name, family.help, family.kind)
 
 
-def _headers(fmt: Format) -> list[bytes]:
+def _headers(fmt: Format, families: tuple[Family, ...]) -> list[bytes]:
     """``# HELP``/``# TYPE`` lines of each per-SIM family, byte for byte as the stock output."""
-    text = generate(Encoding(fmt), _Headers()).decode()
+    count = len(families)
+    text = generate(Encoding(fmt), _Headers(families)).decode()
     if fmt is Format.OPENMETRICS:
         text = text.removesuffix("# EOF\n")
     lines = text.splitlines(keepends=True)
-    per_family = len(lines) // _FAMILY_COUNT
-    if per_family * _FAMILY_COUNT != len(lines):
+    per_family = len(lines) // count
+    if per_family * count != len(lines):
         raise RuntimeError("unexpected header layout from prometheus_client")
-    return [
-        "".join(lines[i * per_family : (i + 1) * per_family]).encode() for i in range(_FAMILY_COUNT)
-    ]
+    return ["".join(lines[i * per_family : (i + 1) * per_family]).encode() for i in range(count)]
 
 
 def _deflate_piece(data: bytes, level: int) -> bytes:
@@ -221,10 +221,12 @@ class Exposition:
         self._order: list[str] = []
         self._records: list[SimRecord] = []
         self._versions = array("q")
-        self._blocks: list[list[_Block]] = [[_Block([])] for _ in PER_SIM]
+        self._families = sims.families
+        self._family_index = {family.name: i for i, family in enumerate(self._families)}
+        self._blocks: list[list[_Block]] = [[_Block([])] for _ in self._families]
         self._legacy_names = True
         self._generation = 0
-        self._headers = {fmt: _headers(fmt) for fmt in Format}
+        self._headers = {fmt: _headers(fmt, self._families) for fmt in Format}
         self._header_gz: dict[Format, list[bytes]] = {}
         self._crc: dict[Format, tuple[int, int, int]] = {}  # fmt -> (generation, crc, size)
         self._lock = asyncio.Lock()
@@ -344,7 +346,8 @@ class Exposition:
 
     def render_sim(self, record: SimRecord) -> list[bytes]:
         """One SIM's text in each per-SIM family (``b""`` where it has no sample)."""
-        out = [_EMPTY] * _FAMILY_COUNT
+        index = self._family_index
+        out = [_EMPTY] * len(index)
         strings: dict[int, tuple[Mapping[str, str], str]] = {}
         for family, name, labels, value in self._sims.samples(record):
             known = strings.get(id(labels))
@@ -357,7 +360,7 @@ class Exposition:
                 line = f"{name}{{{known[1]}}} {format_value(value)}\n".encode()
             else:
                 line = f"{name} {format_value(value)}\n".encode()
-            i = _FAMILY_INDEX[family.name]
+            i = index[family.name]
             out[i] = out[i] + line if out[i] else line
         return out
 
@@ -405,7 +408,7 @@ class Exposition:
         stats.relayout = True
         size = self._block_size
         old = {sid: i for i, sid in enumerate(self._order)}
-        columns: list[list[bytes]] = [[] for _ in PER_SIM]
+        columns: list[list[bytes]] = [[] for _ in self._families]
         versions = array("q")
         for record in records:
             i = old.get(record.sid)
