@@ -196,6 +196,18 @@ def test_fixture_follows_the_contract() -> None:
             assert labels <= set(sample.labels), (name, sample.labels)
 
 
+def test_fixture_families_are_declared_in_metrics_names() -> None:
+    """The sample exposition serves only families the exporter exposes, with their types."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    declared = {family.name: family for family in metrics_names.ALL}
+    served = list(text_string_to_metric_families(FIXTURE.read_text()))
+    assert served
+    for family in served:
+        assert family.name in declared, family.name
+        assert family.type == declared[family.name].kind, family.name
+
+
 def test_fixture_passes_promtool_check_metrics() -> None:
     promtool = require_tool("promtool")
     code, output = run([promtool, "check", "metrics"], stdin=FIXTURE.read_text())
