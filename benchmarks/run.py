@@ -33,7 +33,6 @@ import base64
 import contextlib
 import dataclasses
 import gc
-import gzip
 import importlib.metadata
 import json
 import os
@@ -52,11 +51,11 @@ from typing import IO, Any, TypeVar
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from prometheus_client import generate_latest
 
 from twilio_wireless_exporter import __version__
-from twilio_wireless_exporter.cli import freeze_startup_heap
+from twilio_wireless_exporter.cli import drop_created_samples, freeze_startup_heap
 from twilio_wireless_exporter.config import SIM_STATUSES, config_from_mapping
+from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.accounting import ListingOutcome
 from twilio_wireless_exporter.service import Exporter
@@ -703,13 +702,12 @@ async def scrapes(
     watch = LoopWatch()
     # polling starts and stops with the first app; the second one is the stock path (before)
     fast_app = exporter.web_app(middlewares=[watch.timing])
+    stock = ReferenceExposition(exporter.sims, exporter.registry)
     stock_app = make_app(
-        dataclasses.replace(exporter.web_context(), exposition=None), middlewares=[watch.timing]
+        dataclasses.replace(exporter.web_context(), exposition=stock), middlewares=[watch.timing]
     )
     # the same incremental cache, with no background refresh: a scrape renders every change
-    cold = Exposition(
-        exporter.state, exporter.registry, imei_label=exporter.config.metrics.imei_label
-    )
+    cold = Exposition(exporter.sims, exporter.registry)
     cold_app = make_app(
         dataclasses.replace(exporter.web_context(), exposition=cold), middlewares=[watch.timing]
     )
@@ -753,7 +751,8 @@ async def scrapes(
 
 def render_costs(exporter: Exporter, settings: Settings) -> dict[str, Any]:
     """In-process render times (state frozen): stock generator vs the incremental one."""
-    state, registry = exporter.state, exporter.registry
+    state, sims, registry = exporter.state, exporter.sims, exporter.registry
+    stock = ReferenceExposition(sims, registry)
     repeat = 1 if settings.quick else 3
 
     def best(action: Callable[[], object]) -> float:
@@ -765,11 +764,11 @@ def render_costs(exporter: Exporter, settings: Settings) -> dict[str, Any]:
             times.append(time.perf_counter() - started)
         return min(times) * 1000
 
-    stock_text = best(lambda: generate_latest(registry))
-    stock_gzip = best(lambda: gzip.compress(generate_latest(registry), compresslevel=1))
-    cold_text = best(lambda: Exposition(state, registry).text())
-    cold_gzip = best(lambda: Exposition(state, registry).gzip())
-    exposition = Exposition(state, registry)
+    stock_text = best(stock.text)
+    stock_gzip = best(stock.gzip)
+    cold_text = best(lambda: Exposition(sims, registry).text())
+    cold_gzip = best(lambda: Exposition(sims, registry).gzip())
+    exposition = Exposition(sims, registry)
     exposition.gzip()
     unchanged_text = best(exposition.text)
     unchanged_gzip = best(exposition.gzip)
@@ -1101,6 +1100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["--child"]:
         return child_main(args[1:])
     settings, out = parse_args(args)
+    drop_created_samples()  # as the command does
 
     began = time.monotonic()
 

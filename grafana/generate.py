@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Generate the Grafana dashboards of twilio-wireless-exporter.
 
-Pure Python (standard library only). The JSON files in ``grafana/dashboards/`` are the output of
-this script and are committed; ``tests/test_dashboards.py`` checks that they are up to date.
+Pure Python: the standard library and the exporter's ``metrics_names`` module (itself standard
+library only, found in ``exporter/`` next to this folder, so the exporter need not be installed),
+so every metric name in a query is the one the exporter exposes. The JSON files in
+``grafana/dashboards/`` are the output of this script and are committed;
+``tests/test_dashboards.py`` checks that they are up to date.
 
     python3 grafana/generate.py            # rewrite grafana/dashboards/*.json
     python3 grafana/generate.py --check    # exit 1 if a committed file differs
@@ -22,6 +25,12 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+_EXPORTER = str(Path(__file__).resolve().parent.parent / "exporter")
+if _EXPORTER not in sys.path:
+    sys.path.insert(0, _EXPORTER)
+
+from twilio_wireless_exporter import metrics_names as names  # noqa: E402 - found via sys.path
 
 Json = dict[str, Any]
 
@@ -44,6 +53,30 @@ JOIN_ON = "on (job, instance, sim_sid)"
 NAME_LABEL = "display_name"
 NAME_SOURCES = ("sim_sid", "friendly_name", "unique_name", "sim_name")
 
+# The series the queries read, by their names in metrics_names.
+SIM_INFO = names.SIM_INFO.sample
+LATITUDE = names.LATITUDE.sample
+LONGITUDE = names.LONGITUDE.sample
+BUILD_INFO = names.BUILD_INFO.sample
+STARTED = names.SESSIONS_STARTED.sample
+ENDED = names.SESSIONS_ENDED.sample
+UPLOADED = names.PACKETS_UP.sample
+DOWNLOADED = names.PACKETS_DOWN.sample
+OPEN = names.SESSIONS_OPEN.sample
+SESSION_INFO = names.SESSION_INFO.sample
+DURATION = names.SESSION_DURATION.name
+DURATION_BUCKET = names.SESSION_DURATION.bucket
+LAST_START = names.LAST_START.sample
+LAST_UPDATED = names.LAST_UPDATED.sample
+LAST_POLL = names.LAST_SUCCESS.sample
+IMEI_CHANGES = names.IMEI_CHANGES.sample
+SIM_UP = names.SIM_UP.sample
+SIMS_MONITORED = names.SIMS_MONITORED.sample
+POLL_INTERVAL = names.POLL_INTERVAL.sample
+REQUESTS = names.API_REQUESTS.sample
+RETRIES = names.API_RETRIES.sample
+REQUEST_DURATION_BUCKET = names.API_REQUEST_DURATION.bucket
+
 
 def m(metric: str, sel: str = SEL, extra: str = "") -> str:
     """A metric selector with the dashboard's label matchers."""
@@ -57,7 +90,7 @@ def rate(metric: str, sel: str = SEL, extra: str = "", fn: str = "rate") -> str:
 
 def sim_names(sel: str = SEL) -> str:
     """``twilio_wireless_sim_info`` with the display name label added."""
-    expr = m("twilio_wireless_sim_info", sel)
+    expr = m(SIM_INFO, sel)
     for source in NAME_SOURCES:
         expr = f'label_replace({expr}, "{NAME_LABEL}", "$1", "{source}", "(.+)")'
     return expr
@@ -287,13 +320,13 @@ def geomap(title: str, description: str, sel: str, *, w: int, h: int) -> Json:
     """Markers from two instant table queries (latitude, longitude) merged row by row."""
     tgts = [
         target(
-            named(m("twilio_wireless_sim_cell_latitude_degrees", sel), sel),
+            named(m(LATITUDE, sel), sel),
             ref="A",
             instant=True,
             fmt="table",
         ),
         target(
-            named(m("twilio_wireless_sim_cell_longitude_degrees", sel), sel),
+            named(m(LONGITUDE, sel), sel),
             ref="B",
             instant=True,
             fmt="table",
@@ -463,11 +496,11 @@ def variables(with_sim: bool) -> list[Json]:
             "current": {},
             "options": [],
         },
-        query_var("job", "job", "label_values(twilio_wireless_exporter_build_info, job)"),
+        query_var("job", "job", f"label_values({BUILD_INFO}, job)"),
         query_var(
             "instance",
             "instance",
-            'label_values(twilio_wireless_exporter_build_info{job=~"$job"}, instance)',
+            f'label_values({BUILD_INFO}{{job=~"$job"}}, instance)',
         ),
     ]
     if with_sim:
@@ -557,19 +590,6 @@ ROW_SIM_LINK = sim_link("${__data.fields.sim_sid}")
 # --------------------------------------------------------------------------------------------
 # Fleet overview
 
-STARTED = "twilio_wireless_sim_data_sessions_started_total"
-ENDED = "twilio_wireless_sim_data_sessions_ended_total"
-UPLOADED = "twilio_wireless_sim_packets_uploaded_total"
-DOWNLOADED = "twilio_wireless_sim_packets_downloaded_total"
-OPEN = "twilio_wireless_sim_data_sessions_open"
-SESSION_INFO = "twilio_wireless_sim_session_info"
-DURATION_BUCKET = "twilio_wireless_data_session_duration_seconds_bucket"
-LAST_START = "twilio_wireless_sim_last_session_start_timestamp_seconds"
-LAST_UPDATED = "twilio_wireless_sim_last_updated_timestamp_seconds"
-LAST_POLL = "twilio_wireless_sim_last_poll_success_timestamp_seconds"
-SIM_UP = "twilio_wireless_sim_up"
-POLL_INTERVAL = "twilio_wireless_poll_interval_seconds"
-REQUESTS = "twilio_wireless_api_requests_total"
 CODE_429 = 'code="429"'
 
 
@@ -615,11 +635,11 @@ def fleet() -> Json:
             "SIMs monitored",
             "SIMs the selected exporters poll (configured plus discovered).",
             "none",
-            f"sum({m('twilio_wireless_sims_monitored')})",
+            f"sum({m(SIMS_MONITORED)})",
         ),
         stat(
             "SIMs up",
-            "SIMs whose latest poll of the Twilio API succeeded (twilio_wireless_sim_up == 1).",
+            f"SIMs whose latest poll of the Twilio API succeeded ({SIM_UP} == 1).",
             "none",
             f"sum({m(SIM_UP)})",
         ),
@@ -774,7 +794,7 @@ def fleet() -> Json:
             "heatmap",
             "Session duration distribution",
             "Durations (end - start) of the data sessions that ended, per interval, from the "
-            "histogram twilio_wireless_data_session_duration_seconds.",
+            f"histogram {DURATION}.",
             "short",
             [
                 target(
@@ -873,7 +893,7 @@ def fleet() -> Json:
             targets(
                 (f"sum({rate(REQUESTS, extra=CODE_429)})", "429 responses"),
                 (
-                    f"sum by (reason) ({rate('twilio_wireless_api_retries_total')})",
+                    f"sum by (reason) ({rate(RETRIES)})",
                     "retries: {{reason}}",
                 ),
             ),
@@ -884,11 +904,11 @@ def fleet() -> Json:
             "s",
             targets(
                 (
-                    hq(0.5, "twilio_wireless_api_request_duration_seconds_bucket", "le, endpoint"),
+                    hq(0.5, REQUEST_DURATION_BUCKET, "le, endpoint"),
                     "p50 {{endpoint}}",
                 ),
                 (
-                    hq(0.99, "twilio_wireless_api_request_duration_seconds_bucket", "le, endpoint"),
+                    hq(0.99, REQUEST_DURATION_BUCKET, "le, endpoint"),
                     "p99 {{endpoint}}",
                 ),
             ),
@@ -974,10 +994,9 @@ def sim_detail() -> Json:
         row("SIM"),
         table(
             "SIM identity",
-            "Name, Twilio unique and friendly name, status and rate plan of the SIM "
-            "(twilio_wireless_sim_info).",
+            f"Name, Twilio unique and friendly name, status and rate plan of the SIM ({SIM_INFO}).",
             "none",
-            [target(named(m("twilio_wireless_sim_info", s), s), instant=True, fmt="table")],
+            [target(named(m(SIM_INFO, s), s), instant=True, fmt="table")],
             w=12,
             h=4,
             hide=("Time", "__name__", "job", "Value"),
@@ -1001,7 +1020,7 @@ def sim_detail() -> Json:
         table(
             "Most recent session",
             "Radio link and mobile operator (name, country, MCC/MNC) of the SIM's most recent "
-            "data session (twilio_wireless_sim_session_info).",
+            f"data session ({SESSION_INFO}).",
             "none",
             [target(named(m(SESSION_INFO, s), s), instant=True, fmt="table")],
             w=12,
@@ -1100,7 +1119,7 @@ def sim_detail() -> Json:
             "short",
             targets(
                 (
-                    named(rate("twilio_wireless_sim_imei_changes_total", s, fn="increase"), s),
+                    named(rate(IMEI_CHANGES, s, fn="increase"), s),
                     "IMEI changes",
                 )
             ),
@@ -1135,8 +1154,8 @@ def sim_detail() -> Json:
             "moved or attached to another cell.",
             "degree",
             targets(
-                (named(m("twilio_wireless_sim_cell_latitude_degrees", s), s), "latitude"),
-                (named(m("twilio_wireless_sim_cell_longitude_degrees", s), s), "longitude"),
+                (named(m(LATITUDE, s), s), "latitude"),
+                (named(m(LONGITUDE, s), s), "longitude"),
             ),
             h=10,
             defaults={"custom": {"axisSoftMin": None}},

@@ -5,29 +5,49 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
+import prometheus_client.metrics
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.fleet_support import SID_A, SID_B, T0, polled_state, session
 from tests.metrics_support import parse_samples as samples
 from tests.metrics_support import sample_value as value
+from twilio_wireless_exporter import metrics_names as names
+from twilio_wireless_exporter.api.auth import TokenResult
+from twilio_wireless_exporter.api.transport import ErrorKind, RetryReason
+from twilio_wireless_exporter.cli import drop_created_samples
+from twilio_wireless_exporter.config import Config, config_from_mapping
 from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.exposition.families import SimFamilies
+from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.accounting import apply_listing
+from twilio_wireless_exporter.fleet.persist import StateStore, state_identity
 from twilio_wireless_exporter.fleet.state import FleetState
 
 Render = Callable[..., str]
 
 
+@pytest.fixture
+def created_samples_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``*_created`` samples off as the command switches them off, restored after the test
+    (the switch is process-wide: ``prometheus_client`` keeps it in a module global)."""
+    metrics = prometheus_client.metrics
+    monkeypatch.setattr(metrics, "_use_created", metrics._use_created)
+    drop_created_samples()
+
+
 def reference_render(state: FleetState, *, imei_label: bool = False) -> str:
-    registry, _ = build_registry(state, imei_label=imei_label)
-    return generate_latest(registry).decode()
+    """The whole exposition of ``state`` by the reference path (every family, stock output)."""
+    registry, _ = build_registry(state)
+    return ReferenceExposition(SimFamilies(state, imei_label=imei_label), registry).text().decode()
 
 
 def incremental_render(state: FleetState, *, imei_label: bool = False) -> str:
-    registry, _ = build_registry(state, imei_label=imei_label)
-    return Exposition(state, registry, imei_label=imei_label).text().decode()
+    registry, _ = build_registry(state)
+    return Exposition(SimFamilies(state, imei_label=imei_label), registry).text().decode()
 
 
 @pytest.fixture(params=[reference_render, incremental_render], ids=["reference", "incremental"])
@@ -144,3 +164,82 @@ def test_promtool_check_metrics_is_clean(render: Render) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == b""
     assert result.stderr.strip() == b""
+
+
+def fully_populated() -> tuple[FleetState, CollectorRegistry]:
+    """A polled fleet and a registry with every optional family: OAuth2 tokens, the state file."""
+    state = polled_state()
+    registry, api = build_registry(state, poll_interval=60.0)
+    api.request_done("/v1/Sims/{sid}/DataSessions", "200", 0.2)
+    api.retry("/v1/Sims/{sid}/DataSessions", RetryReason.THROTTLED)
+    api.poll_error(ErrorKind.TIMEOUT)
+    api.token_request(TokenResult.SUCCESS)
+    api.watch_token(lambda: (T0 + 3600.0, 3600.0))
+    StateStore(Path("unused.db"), state_identity(minimal_config()), registry=registry)
+    return state, registry
+
+
+def minimal_config() -> Config:
+    return config_from_mapping(
+        {
+            "twilio": {"account_sid": "AC" + "0" * 32, "auth_token": "x"},
+            "sims": [{"sid": SID_A}],
+        },
+        environ={},
+    )
+
+
+def test_the_private_registry_holds_no_per_sim_family() -> None:
+    """The seam runs one way: per-SIM families come only from SimFamilies."""
+    _, registry = fully_populated()
+    per_sim = {family.name for family in names.PER_SIM}
+    assert {metric.name for metric in registry.collect()} & per_sim == set()
+    assert [metric.name for metric in SimFamilies(polled_state()).collect()] == [
+        family.name for family in names.PER_SIM
+    ]
+
+
+@pytest.mark.usefixtures("created_samples_off")
+def test_every_exposed_family_is_declared_in_metrics_names() -> None:
+    state, registry = fully_populated()
+    exposed = list(ReferenceExposition(SimFamilies(state, imei_label=True), registry).collect())
+    declared = {family.name: family for family in names.ALL}
+    assert sorted(metric.name for metric in exposed) == sorted(declared)
+    user_labels = {"site"}
+    for metric in exposed:
+        family = declared[metric.name]
+        assert (metric.type, metric.documentation) == (family.kind, family.help), metric.name
+        extra = user_labels if family in names.PER_SIM else set()
+        if family is names.SESSION_INFO:
+            extra |= {names.SESSION_INFO_IMEI}
+        for sample in metric.samples:
+            assert sample.name in family.series, sample.name
+            labels = set(sample.labels) - {"le"}
+            assert set(family.labels) <= labels <= set(family.labels) | extra, sample
+
+
+def test_family_series_names() -> None:
+    assert names.SIM_UP.series == ("twilio_wireless_sim_up",)
+    assert names.SESSIONS_STARTED.sample == "twilio_wireless_sim_data_sessions_started_total"
+    assert names.SESSION_DURATION.bucket == "twilio_wireless_data_session_duration_seconds_bucket"
+    assert names.family_of("twilio_wireless_api_request_duration_seconds_sum") is (
+        names.API_REQUEST_DURATION
+    )
+    assert names.family_of("twilio_wireless_sim_data_sessions_started") is None
+    with pytest.raises(ValueError, match="histogram"):
+        _ = names.SESSION_DURATION.sample
+    with pytest.raises(ValueError, match="not a histogram"):
+        _ = names.SIM_UP.bucket
+    assert len({family.name for family in names.ALL}) == len(names.ALL)
+
+
+def test_created_samples_are_the_commands_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the registry leaves the process-wide setting alone; the command's switch
+    (``cli.drop_created_samples``) takes the ``*_created`` series away."""
+    metrics = prometheus_client.metrics
+    monkeypatch.setattr(metrics, "_use_created", True)
+    registry, api = build_registry(FleetState())
+    api.request_done("/v1/Sims", "200", 0.1)
+    assert "twilio_wireless_api_requests_created{" in generate_latest(registry).decode()
+    drop_created_samples()
+    assert "_created" not in generate_latest(registry).decode()

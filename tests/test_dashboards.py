@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -28,6 +32,7 @@ from tests.prom_support import (
     scan,
     variable_exprs,
 )
+from twilio_wireless_exporter import metrics_names
 
 UIDS = {
     "twilio-wireless-fleet.json": "twilio-wireless-fleet",
@@ -58,6 +63,28 @@ def test_committed_json_is_the_generator_output() -> None:
     assert set(committed) == set(rendered) == set(UIDS)
     for name, text in rendered.items():
         assert committed[name] == text, f"{name} is stale: run python3 grafana/generate.py"
+
+
+def test_the_generator_takes_its_metric_names_from_metrics_names() -> None:
+    module = generator()
+    assert module.names is metrics_names
+    assert metrics_names.SIM_UP.sample == module.SIM_UP
+    assert metrics_names.API_REQUEST_DURATION.bucket == module.REQUEST_DURATION_BUCKET
+
+
+def test_the_generator_runs_without_the_exporter_installed(tmp_path: Path) -> None:
+    """``python3 grafana/generate.py`` from a fresh clone: metrics_names is found next to it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-S", str(GRAFANA / "generate.py"), "--check"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("name", sorted(UIDS))
@@ -167,6 +194,18 @@ def test_fixture_follows_the_contract() -> None:
         assert family.type == kind, name
         for sample in family.samples:
             assert labels <= set(sample.labels), (name, sample.labels)
+
+
+def test_fixture_families_are_declared_in_metrics_names() -> None:
+    """The sample exposition serves only families the exporter exposes, with their types."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    declared = {family.name: family for family in metrics_names.ALL}
+    served = list(text_string_to_metric_families(FIXTURE.read_text()))
+    assert served
+    for family in served:
+        assert family.name in declared, family.name
+        assert family.type == declared[family.name].kind, family.name
 
 
 @pytest.mark.e2e

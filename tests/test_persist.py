@@ -22,7 +22,6 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import generate_latest
 
 from tests.fleet_support import Model, histories
 from tests.harness_support import eventually, exporter_mapping
@@ -718,7 +717,7 @@ async def exporter(config: Config) -> AsyncIterator[Exporter]:
 
 
 def text(exp: Exporter) -> str:
-    return generate_latest(exp.registry).decode()
+    return exp.exposition.text().decode()
 
 
 async def test_restart_continues_counters_and_counts_downtime_churn_once(

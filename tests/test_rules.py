@@ -16,12 +16,16 @@ from tests.prom_support import (
     RULE_FILES,
     RULE_TEST_FILES,
     contract_base,
+    load_dashboards,
     load_rules,
+    panel_exprs,
     require_tool,
     run,
     scan,
     unknown_labels,
+    variable_exprs,
 )
+from twilio_wireless_exporter import metrics_names
 
 SEVERITIES = {"critical", "warning", "info"}
 # A description must tell the reader what to do: at least one of these imperative verbs.
@@ -132,6 +136,67 @@ def test_rules_use_only_contract_or_recorded_metrics() -> None:
         if contract_base(sel.name) is None and sel.name not in recorded
     }
     assert unknown == set()
+
+
+def recorded_names() -> set[str]:
+    return {rule["record"] for _, rule in load_rules() if "record" in rule}
+
+
+def undeclared(exprs: list[tuple[str, str]]) -> dict[str, set[str]]:
+    """Series read by ``(where, PromQL)`` pairs that neither the exporter exposes (per
+    ``metrics_names``) nor a recording rule records: where -> names."""
+    recorded = recorded_names()
+    found: dict[str, set[str]] = {}
+    for where, expr in exprs:
+        for sel in scan(expr).selectors:
+            if metrics_names.family_of(sel.name) is None and sel.name not in recorded:
+                found.setdefault(where, set()).add(sel.name)
+    return found
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    exprs: list[tuple[str, str]] = []
+    for name, dashboard in load_dashboards().items():
+        exprs += [(e.where, e.expr) for e in panel_exprs(dashboard)]
+        exprs += [(f"{name}: ${var['name']}", q) for var, q, _ in variable_exprs(dashboard) if q]
+    return exprs
+
+
+def test_every_metric_the_rules_read_is_declared_in_metrics_names() -> None:
+    rules = [(rule.get("alert") or rule["record"], rule["expr"]) for _, rule in load_rules()]
+    assert rules
+    assert undeclared(rules) == {}
+
+
+def test_every_metric_the_dashboards_read_is_declared_in_metrics_names() -> None:
+    exprs = dashboard_exprs()
+    read = {sel.name for _, expr in exprs for sel in scan(expr).selectors}
+    assert metrics_names.BUILD_INFO.sample in read  # the variables are scanned too
+    assert undeclared(exprs) == {}
+
+
+def test_every_series_the_rule_unit_tests_feed_is_declared_in_metrics_names() -> None:
+    """A unit test fed a metric the exporter does not expose would test a rule that cannot
+    fire."""
+    fed: set[str] = set()
+    for path in RULE_TEST_FILES:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for test in doc["tests"]:
+            for series in test.get("input_series", []):
+                fed.add(re.split(r"[{\s]", series["series"], maxsplit=1)[0])
+    assert fed
+    assert {name for name in fed if metrics_names.family_of(name) is None} == set()
+
+
+def test_the_name_check_catches_an_undeclared_metric() -> None:
+    assert undeclared([("q", "rate(twilio_wireless_sim_online_total[5m])")]) == {
+        "q": {"twilio_wireless_sim_online_total"}
+    }
+    # a family name is not a series name: a counter is read as ..._total
+    assert undeclared([("q", "twilio_wireless_sim_data_sessions_started")]) == {
+        "q": {"twilio_wireless_sim_data_sessions_started"}
+    }
+    assert undeclared([("q", "sum(twilio_wireless_sim_up) or job:x:y")]) == {"q": {"job:x:y"}}
 
 
 def test_rules_use_only_known_labels() -> None:

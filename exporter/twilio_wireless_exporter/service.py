@@ -23,6 +23,7 @@ from twilio_wireless_exporter.api.transport import Authenticator
 from twilio_wireless_exporter.clock import Clock, SystemClock
 from twilio_wireless_exporter.config import BasicCredentials, Config
 from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.persist import StateStore, state_identity
 from twilio_wireless_exporter.fleet.state import FleetState
@@ -117,12 +118,11 @@ class Exporter:
         self.clock: Clock = clock or SystemClock()
         self._retry_sleep = retry_sleep or asyncio.sleep
         self.state = FleetState()
+        self.sims = SimFamilies(self.state, imei_label=config.metrics.imei_label)
         self.registry, self.api_metrics = build_registry(
-            self.state, imei_label=config.metrics.imei_label, poll_interval=config.poll.interval
+            self.state, poll_interval=config.poll.interval
         )
-        self.exposition = Exposition(
-            self.state, self.registry, imei_label=config.metrics.imei_label
-        )
+        self.exposition = Exposition(self.sims, self.registry)
         self._session: aiohttp.ClientSession | None = None
         self._client: TwilioClient | None = None
         self._poller: Poller | None = None
@@ -238,7 +238,6 @@ class Exporter:
     def web_context(self) -> WebContext:
         return WebContext(
             state=self.state,
-            registry=self.registry,
             is_ready=self.is_ready,
             api_base_url=self.config.twilio.base_url,
             exposition=self.exposition,

@@ -1,13 +1,16 @@
-"""Incremental exposition of the fleet: ``/metrics`` at 10,000 SIMs without re-rendering them all.
+"""Incremental exposition of the fleet: ``/metrics`` for a large fleet without re-rendering it.
 
-The stock ``prometheus_client`` generators rebuild every sample line on every scrape (about a
-second for 10,000 SIMs). :class:`Exposition` keeps the rendered text of every per-SIM family
-and re-renders a SIM only when its :attr:`~twilio_wireless_exporter.fleet.state.SimRecord.version`
-changed since the previous scrape. The samples themselves still come from
-:func:`~twilio_wireless_exporter.exposition.collector.sim_samples`, the reference
-collector's own source of truth; only the formatting is done here (same rules as
-``prometheus_client``: labels sorted by name, values as Go floats,
-label values escaped for backslash, double quote and newline).
+The stock ``prometheus_client`` generators rebuild every sample line on every scrape, which at
+thousands of SIMs takes longer than a scrape should. :class:`Exposition` keeps the rendered text
+of every per-SIM family and re-renders a SIM only when its
+:attr:`~twilio_wireless_exporter.fleet.state.SimRecord.version` changed since the previous
+scrape. The samples themselves come from
+:class:`~twilio_wireless_exporter.exposition.families.SimFamilies`, the one source of per-SIM
+samples; only the formatting is done here (same rules as ``prometheus_client``: labels sorted
+by name, values as Go floats, label values escaped for backslash, double quote and newline).
+The rest of the body (the fleet-wide families and the exporter's own metrics) is the stock
+generator's output for the exporter's private registry, which holds no per-SIM family: the two
+parts are put side by side, neither knows of the other.
 
 Layout: the text of each per-SIM family is cut into *blocks* of ``block_size`` consecutive SIMs
 (one ``bytes`` object per block plus the end offset of each SIM's fragment). A changed SIM
@@ -20,17 +23,17 @@ A response is one ordinary gzip member: header, the cached pieces, the freshly c
 (the fleet-wide families and the exporter's own metrics, from the registry's stock generator)
 ending the deflate stream, then the CRC-32 and length of the whole text. Compression of changed
 blocks runs in a worker thread (zlib releases the GIL); the rendering of SIM records stays on
-the event loop, where the poller mutates them, and yields to the loop every few hundred SIMs.
+the event loop, where the poller mutates them, and yields to the loop every ``_YIELD_EVERY`` SIMs.
 
-Formats: the Prometheus text format 0.0.4 (and 1.0.0) and OpenMetrics 1.0.0 share the sample
-lines; only the family headers and the tail differ. Any other negotiated format falls back to
-the generic path (see :meth:`Exposition.render`).
+Formats: the Prometheus text format and OpenMetrics share the sample lines; only the family
+headers and the tail differ. The caller says which :class:`~.formats.Encoding` it wants (the web
+layer negotiates it); the escaping schemes this cache does not reproduce are served by the
+:class:`~.reference.ReferenceExposition` (see :meth:`Exposition.render`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import struct
 import zlib
@@ -40,32 +43,24 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 from prometheus_client import CollectorRegistry
-from prometheus_client import exposition as text_format
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as om_format
 from prometheus_client.registry import Collector
 
-from twilio_wireless_exporter.exposition.collector import (
-    PER_SIM_FAMILIES,
-    per_sim_families_rendered_elsewhere,
-    sim_samples,
-)
-from twilio_wireless_exporter.fleet.state import FleetState, SimRecord
-
-Encoder = Callable[[CollectorRegistry], bytes]
+from twilio_wireless_exporter.exposition.families import SimFamilies
+from twilio_wireless_exporter.exposition.formats import TEXT, Encoding, Escaping, Format, generate
+from twilio_wireless_exporter.exposition.reference import ReferenceExposition
+from twilio_wireless_exporter.fleet.state import SimRecord
+from twilio_wireless_exporter.metrics_names import Family
 
 _INF = float("inf")
-_FAMILY_COUNT = len(PER_SIM_FAMILIES)
-_FAMILY_INDEX = {spec.name: i for i, spec in enumerate(PER_SIM_FAMILIES)}
 _EMPTY = b""
 _GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # deflate, no name, mtime 0, OS unknown
-_YIELD_EVERY = 64  # SIMs rendered between two yields to the event loop (a few ms)
+_YIELD_EVERY = 64  # SIMs rendered between two yields to the event loop
 _SPLICE_YIELD_EVERY = 8  # blocks (of every family) spliced between two yields
-
-
-class Format(enum.Enum):
-    TEXT = "text"
-    OPENMETRICS = "openmetrics"
+#: Escaping schemes the cached lines are written in: underscores always, allow-utf-8 while every
+#: label name is a legacy one (then both schemes write the same bytes).
+_CACHED_ESCAPINGS = frozenset({Escaping.UNDERSCORES, Escaping.ALLOW_UTF8})
 
 
 def format_value(value: float) -> str:
@@ -110,46 +105,28 @@ def label_string(labels: Mapping[str, str]) -> tuple[str, bool]:
     return ",".join(parts), legacy
 
 
-def format_of(encoder: Encoder) -> Format | None:
-    """Which of our formats a ``choose_encoder`` result asks for (``None``: not reproduced here)."""
-    if encoder is text_format.generate_latest:
-        return Format.TEXT
-    if not isinstance(encoder, functools.partial) or encoder.args:
-        return None
-    kwargs = dict(encoder.keywords)
-    escaping = kwargs.pop("escaping", om_format.UNDERSCORES)
-    if escaping not in (om_format.UNDERSCORES, om_format.ALLOWUTF8):
-        return None
-    if encoder.func is text_format.generate_latest and not kwargs:
-        return Format.TEXT
-    if encoder.func is om_format.generate_latest and kwargs.get("version", "1.0.0") == "1.0.0":
-        return Format.OPENMETRICS
-    return None
-
-
 class _Headers(Collector):
     """The per-SIM families without samples: their headers, written by the stock generators."""
 
+    def __init__(self, families: tuple[Family, ...]) -> None:
+        self._families = families
+
     def collect(self) -> Iterable[Metric]:
-        for spec in PER_SIM_FAMILIES:
-            yield Metric(spec.name, spec.help, spec.kind)
+        for family in self._families:
+            yield Metric(family.name, family.help, family.kind)
 
 
-def _headers(fmt: Format) -> list[bytes]:
+def _headers(fmt: Format, families: tuple[Family, ...]) -> list[bytes]:
     """``# HELP``/``# TYPE`` lines of each per-SIM family, byte for byte as the stock output."""
-    generate: Encoder = (
-        text_format.generate_latest if fmt is Format.TEXT else om_format.generate_latest
-    )
-    text = generate(_Headers()).decode()  # type: ignore[arg-type]
+    count = len(families)
+    text = generate(Encoding(fmt), _Headers(families)).decode()
     if fmt is Format.OPENMETRICS:
         text = text.removesuffix("# EOF\n")
     lines = text.splitlines(keepends=True)
-    per_family = len(lines) // _FAMILY_COUNT
-    if per_family * _FAMILY_COUNT != len(lines):
+    per_family = len(lines) // count
+    if per_family * count != len(lines):
         raise RuntimeError("unexpected header layout from prometheus_client")
-    return [
-        "".join(lines[i * per_family : (i + 1) * per_family]).encode() for i in range(_FAMILY_COUNT)
-    ]
+    return ["".join(lines[i * per_family : (i + 1) * per_family]).encode() for i in range(count)]
 
 
 def _deflate_piece(data: bytes, level: int) -> bytes:
@@ -218,95 +195,96 @@ class RefreshStats:
 
 
 class Exposition:
-    """Per-SIM cached rendering of a :class:`FleetState` plus the rest of ``registry``.
+    """The per-SIM families of ``sims``, cached per SIM, followed by ``registry``'s families.
 
-    ``registry`` must hold the state's :class:`~twilio_wireless_exporter.exposition.collector.
-    FleetCollector` (its fleet-wide families come out of the stock generator, like every other
-    collector in the registry). Call it from one thread: the event loop that owns the state.
+    ``registry`` is the exporter's private registry (fleet-wide and self metrics; see
+    :func:`~twilio_wireless_exporter.exposition.collector.build_registry`), written by the stock
+    generator on every scrape. Call it from one thread: the event loop that owns the state.
     """
 
     def __init__(
         self,
-        state: FleetState,
+        sims: SimFamilies,
         registry: CollectorRegistry,
         *,
-        imei_label: bool = False,
         block_size: int = 128,
         gzip_level: int = 1,
     ) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
-        self._state = state
+        self._sims = sims
+        self._state = sims.state
         self._registry = registry
-        self._imei_label = imei_label
+        self._reference = ReferenceExposition(sims, registry, gzip_level=gzip_level)
         self._block_size = block_size
         self._gzip_level = gzip_level
         self._order: list[str] = []
         self._records: list[SimRecord] = []
         self._versions = array("q")
-        self._blocks: list[list[_Block]] = [[_Block([])] for _ in PER_SIM_FAMILIES]
+        self._families = sims.families
+        self._family_index = {family.name: i for i, family in enumerate(self._families)}
+        self._blocks: list[list[_Block]] = [[_Block([])] for _ in self._families]
         self._legacy_names = True
         self._generation = 0
-        self._headers = {fmt: _headers(fmt) for fmt in Format}
+        self._headers = {fmt: _headers(fmt, self._families) for fmt in Format}
         self._header_gz: dict[Format, list[bytes]] = {}
         self._crc: dict[Format, tuple[int, int, int]] = {}  # fmt -> (generation, crc, size)
         self._lock = asyncio.Lock()
         self._scraped = False
-        self._queued: dict[tuple[Format, str, bool], asyncio.Future[list[bytes] | None]] = {}
+        self._queued: dict[tuple[Encoding, bool], asyncio.Future[list[bytes]]] = {}
 
     # ------------------------------------------------------------------ public API
 
-    async def render(self, encoder: Encoder, *, compress: bool) -> list[bytes] | None:
-        """The response body for ``encoder`` (from ``choose_encoder``), gzipped if asked, as
-        parts to send one after the other (their concatenation is the body).
+    async def render(self, encoding: Encoding, *, compress: bool) -> list[bytes]:
+        """The response body in ``encoding``, gzipped if asked, as parts to send one after the
+        other (their concatenation is the body).
 
         The parts are the cached blocks themselves, not a copy: blocks are immutable ``bytes``
         replaced on change, so the list is a consistent snapshot however long sending takes,
-        and a 14 MB body costs no 14 MB join on the event loop.
-        ``None`` when this format is not reproduced here: the caller uses the generic path.
+        and a large body costs no join on the event loop.
+        An escaping scheme this cache does not write is served by the reference exposition.
         Concurrent scrapes share work: a request that finds a render of the same body queued
         (not yet started) waits for that one, so every response still reflects the state at or
-        after its request's arrival, and ten scrapers at once cost about one render.
+        after its request's arrival, and many scrapers at once cost about one render.
         """
-        fmt = format_of(encoder)
-        if fmt is None:
-            return None
-        key = (fmt, _escaping(encoder), compress)
+        if encoding.escaping not in _CACHED_ESCAPINGS:
+            return await self._reference.render(encoding, compress=compress)
+        key = (encoding, compress)
         queued = self._queued.get(key)
         if queued is None:
-            queued = asyncio.ensure_future(self._render_next(key, fmt, encoder, compress))
+            queued = asyncio.ensure_future(self._render_next(key))
             queued.add_done_callback(_retrieve)
             self._queued[key] = queued
         # shielded: a scraper that goes away does not cancel the render others wait for
         return await asyncio.shield(queued)
 
-    async def _render_next(
-        self, key: tuple[Format, str, bool], fmt: Format, encoder: Encoder, compress: bool
-    ) -> list[bytes] | None:
+    async def _render_next(self, key: tuple[Encoding, bool]) -> list[bytes]:
+        encoding, compress = key
         async with self._lock:
             # Started: requests arriving from now on queue the next render.
             self._queued.pop(key, None)
             self._scraped = True
             await self._refresh_locked()
-            if not self._reproducible(encoder):
-                return None
+            if not self._reproducible(encoding):
+                return await self._reference.render(encoding, compress=compress)
             if not compress:
-                return self._text_parts(fmt, encoder)
+                return self._text_parts(encoding)
+            fmt = encoding.format
             cached = self._crc.get(fmt)
             middle = None if cached and cached[0] == self._generation else self._middle(fmt)
             crc = await self._deflate_stale(middle)
             if crc is not None:
                 self._crc[fmt] = (self._generation, *crc)
-            return self._gzip_parts(fmt, encoder)
+            return self._gzip_parts(encoding)
 
     async def keep_fresh(
         self, interval: float, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     ) -> None:
         """Bring the cache up to date every ``interval`` seconds, until cancelled.
 
-        Without it a scrape renders everything that changed since the previous scrape: at
-        10,000 SIMs polled every 15 s and scraped every 15 s, that is every SIM, some 250 ms
-        in the scrape. With it a scrape renders only what changed since the latest refresh.
+        Without it a scrape renders everything that changed since the previous scrape: with
+        SIMs polled as often as they are scraped, that is every SIM, in the scrape. With it a
+        scrape renders only what changed since the latest refresh.
         Starts working once ``/metrics`` has been asked for (no one scrapes: no cost), and
         keeps the gzip pieces fresh as well once a gzip body has been asked for.
         """
@@ -343,34 +321,35 @@ class Exposition:
             pass
         return stats
 
-    def text(self, encoder: Encoder = text_format.generate_latest) -> bytes:
+    def text(self, encoding: Encoding = TEXT) -> bytes:
         """The whole body, synchronously (tests and benchmarks)."""
-        fmt = format_of(encoder)
         self.refresh()
-        if fmt is None or not self._reproducible(encoder):
-            raise ValueError(f"format not reproduced by the incremental exposition: {encoder!r}")
-        return b"".join(self._text_parts(fmt, encoder))
+        if not self._reproducible(encoding):
+            return self._reference.text(encoding)
+        return b"".join(self._text_parts(encoding))
 
-    def gzip(self, encoder: Encoder = text_format.generate_latest) -> bytes:
+    def gzip(self, encoding: Encoding = TEXT) -> bytes:
         """The whole body gzipped, synchronously (tests and benchmarks)."""
-        fmt = format_of(encoder)
         self.refresh()
-        if fmt is None or not self._reproducible(encoder):
-            raise ValueError(f"format not reproduced by the incremental exposition: {encoder!r}")
-        return b"".join(self._gzip_parts(fmt, encoder))
+        if not self._reproducible(encoding):
+            return self._reference.gzip(encoding)
+        return b"".join(self._gzip_parts(encoding))
 
-    def _reproducible(self, encoder: Encoder) -> bool:
+    def _reproducible(self, encoding: Encoding) -> bool:
         """Label names outside the legacy charset are written differently per escaping scheme;
         only the default (underscores) one is reproduced for them."""
-        return self._legacy_names or _escaping(encoder) == om_format.UNDERSCORES
+        if encoding.escaping is Escaping.UNDERSCORES:
+            return True
+        return self._legacy_names and encoding.escaping in _CACHED_ESCAPINGS
 
     # ------------------------------------------------------------------ rendering
 
     def render_sim(self, record: SimRecord) -> list[bytes]:
         """One SIM's text in each per-SIM family (``b""`` where it has no sample)."""
-        out = [_EMPTY] * _FAMILY_COUNT
+        index = self._family_index
+        out = [_EMPTY] * len(index)
         strings: dict[int, tuple[Mapping[str, str], str]] = {}
-        for spec, name, labels, value in sim_samples(record, imei_label=self._imei_label):
+        for family, name, labels, value in self._sims.samples(record):
             known = strings.get(id(labels))
             if known is None or known[0] is not labels:
                 text, legacy = label_string(labels)
@@ -381,7 +360,7 @@ class Exposition:
                 line = f"{name}{{{known[1]}}} {format_value(value)}\n".encode()
             else:
                 line = f"{name} {format_value(value)}\n".encode()
-            i = _FAMILY_INDEX[spec.name]
+            i = index[family.name]
             out[i] = out[i] + line if out[i] else line
         return out
 
@@ -429,7 +408,7 @@ class Exposition:
         stats.relayout = True
         size = self._block_size
         old = {sid: i for i, sid in enumerate(self._order)}
-        columns: list[list[bytes]] = [[] for _ in PER_SIM_FAMILIES]
+        columns: list[list[bytes]] = [[] for _ in self._families]
         versions = array("q")
         for record in records:
             i = old.get(record.sid)
@@ -457,10 +436,9 @@ class Exposition:
 
     # ------------------------------------------------------------------ assembly
 
-    def _tail(self, encoder: Encoder) -> bytes:
-        """Everything but the per-SIM families, from the registry's stock generator."""
-        with per_sim_families_rendered_elsewhere():
-            return encoder(self._registry)
+    def _tail(self, encoding: Encoding) -> bytes:
+        """Everything but the per-SIM families: the private registry's stock output."""
+        return generate(encoding, self._registry)
 
     def _middle(self, fmt: Format) -> list[bytes]:
         parts: list[bytes] = []
@@ -469,9 +447,9 @@ class Exposition:
             parts.extend(block.data for block in family_blocks)
         return parts
 
-    def _text_parts(self, fmt: Format, encoder: Encoder) -> list[bytes]:
-        parts = self._middle(fmt)
-        parts.append(self._tail(encoder))
+    def _text_parts(self, encoding: Encoding) -> list[bytes]:
+        parts = self._middle(encoding.format)
+        parts.append(self._tail(encoding))
         return parts
 
     def _stale_blocks(self) -> list[_Block]:
@@ -483,7 +461,8 @@ class Exposition:
         pieces = [_deflate_piece(data, self._gzip_level) for data in datas]
         return pieces, None if middle is None else _crc_and_size(middle)
 
-    def _gzip_parts(self, fmt: Format, encoder: Encoder) -> list[bytes]:
+    def _gzip_parts(self, encoding: Encoding) -> list[bytes]:
+        fmt = encoding.format
         level = self._gzip_level
         for block in self._stale_blocks():
             block.gz = _deflate_piece(block.data, level)
@@ -496,7 +475,7 @@ class Exposition:
         if cached is None or cached[0] != self._generation:
             cached = self._crc[fmt] = (self._generation, *_crc_and_size(self._middle(fmt)))
         _, crc, size = cached
-        tail = self._tail(encoder)
+        tail = self._tail(encoding)
         crc = zlib.crc32(tail, crc)
         size += len(tail)
         parts = [_GZIP_HEADER]
@@ -516,14 +495,7 @@ def _crc_and_size(parts: list[bytes]) -> tuple[int, int]:
     return crc, size
 
 
-def _retrieve(future: asyncio.Future[list[bytes] | None]) -> None:
+def _retrieve(future: asyncio.Future[list[bytes]]) -> None:
     """Mark a failed shared render's exception as seen (its scrapers may all be gone)."""
     if not future.cancelled():
         future.exception()
-
-
-def _escaping(encoder: Encoder) -> str:
-    if isinstance(encoder, functools.partial):
-        escaping = encoder.keywords.get("escaping", om_format.UNDERSCORES)
-        return str(escaping)
-    return om_format.UNDERSCORES

@@ -48,6 +48,7 @@ import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from twilio_wireless_exporter import __version__
+from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.config import BasicCredentials, Config
 from twilio_wireless_exporter.fleet.accounting import SessionAttributes, SessionMemo, SimAccount
 from twilio_wireless_exporter.fleet.state import SESSION_DURATION_BUCKETS, FleetState, Histogram
@@ -518,19 +519,13 @@ class StateStore:
         self._save_seconds: Gauge | None = None
         if registry is not None:
             self._errors = Counter(
-                "twilio_wireless_state_save_errors",
-                "Failed saves of the state file (state.path); see the exporter's log.",
-                registry=registry,
+                names.STATE_SAVE_ERRORS.name, names.STATE_SAVE_ERRORS.help, registry=registry
             )
             self._last_save = Gauge(
-                "twilio_wireless_state_last_save_timestamp_seconds",
-                "Unix time of the latest successful save of the state file.",
-                registry=registry,
+                names.STATE_LAST_SAVE.name, names.STATE_LAST_SAVE.help, registry=registry
             )
             self._save_seconds = Gauge(
-                "twilio_wireless_state_save_duration_seconds",
-                "Time the latest save of the state file took (snapshot and write).",
-                registry=registry,
+                names.STATE_SAVE_DURATION.name, names.STATE_SAVE_DURATION.help, registry=registry
             )
 
     # -- loading ------------------------------------------------------------------------------

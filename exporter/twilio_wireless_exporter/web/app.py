@@ -5,73 +5,53 @@ Scrapes never wait on the Twilio API: they render what the poller last stored.
 
 from __future__ import annotations
 
-import gzip
 import html
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 from aiohttp.typedefs import Middleware
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from twilio_wireless_exporter import __version__
-from twilio_wireless_exporter.exposition.renderer import Exposition
+from twilio_wireless_exporter.exposition.formats import Encoding
 from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_exporter.web.negotiation import negotiate
+
+
+class MetricsRenderer(Protocol):
+    """Writes the ``/metrics`` body in a negotiated encoding, as parts to send in order: the
+    incremental :class:`~twilio_wireless_exporter.exposition.renderer.Exposition`, or the
+    :class:`~twilio_wireless_exporter.exposition.reference.ReferenceExposition`."""
+
+    async def render(self, encoding: Encoding, *, compress: bool) -> list[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
 class WebContext:
     state: FleetState
-    registry: CollectorRegistry
     is_ready: Callable[[], bool]
     api_base_url: str
-    exposition: Exposition | None = None
-    """Incremental renderer of ``/metrics`` (None: the registry's stock generators only)."""
+    exposition: MetricsRenderer
+    """Renderer of ``/metrics``."""
 
 
 CONTEXT_KEY: web.AppKey[WebContext] = web.AppKey("context", WebContext)
 
-_GZIP_LEVEL = 1
-
-
-def _accepts_gzip(request: web.Request) -> bool:
-    """Whether ``Accept-Encoding`` allows gzip (a ``q=0`` weight refuses it)."""
-    for part in request.headers.get("Accept-Encoding", "").split(","):
-        token, *params = (p.strip() for p in part.split(";"))
-        if token.lower() not in ("gzip", "*"):
-            continue
-        weight = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    weight = float(value)
-                except ValueError:
-                    weight = 0.0
-        return weight > 0
-    return False
-
 
 async def metrics(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT_KEY]
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    compress = _accepts_gzip(request)
-    headers = {"Content-Type": content_type, "Cache-Control": "no-store"}
-    if compress:
+    chosen = negotiate(
+        request.headers.get("Accept", ""), request.headers.get("Accept-Encoding", "")
+    )
+    headers = {"Content-Type": chosen.content_type, "Cache-Control": "no-store"}
+    if chosen.gzip:
         headers["Content-Encoding"] = "gzip"
-    if ctx.exposition is not None:
-        # Re-renders only SIMs that changed since the last scrape; None for formats it does not do.
-        parts = await ctx.exposition.render(encoder, compress=compress)
-        if parts is not None:
-            return web.Response(body=PartsPayload(parts, content_type), headers=headers)
-    body = encoder(ctx.registry)
-    if compress:
-        body = gzip.compress(body, compresslevel=_GZIP_LEVEL)
-    return web.Response(body=body, headers=headers)
+    parts = await ctx.exposition.render(chosen.encoding, compress=chosen.gzip)
+    return web.Response(body=PartsPayload(parts, chosen.content_type), headers=headers)
 
 
 #: Bytes handed to the transport at a time when a body is sent in parts: big enough that the
@@ -104,7 +84,7 @@ def coalesce(parts: Sequence[bytes], size: int) -> Iterator[bytes]:
 class PartsPayload(Payload):
     """A response body given as parts (the exposition's cached blocks), with its length known
     up front, written a chunk at a time once the handler and every middleware are done: the
-    body is never joined into one 14 MB string, and the event loop runs other work whenever
+    body is never joined into one large string, and the event loop runs other work whenever
     the socket is full."""
 
     _value: Sequence[bytes]

@@ -1,0 +1,128 @@
+"""The per-SIM metric families: what each SIM record of the fleet state becomes.
+
+:class:`SimFamilies` is the only source of per-SIM samples. The incremental renderer
+(``renderer.py``) asks it for one SIM's samples and formats them itself; as a
+``prometheus_client`` collector it yields the same samples as stock metric families, which is
+how the reference exposition (``reference.py``) renders them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from twilio_wireless_exporter.fleet.state import FleetState, SimRecord
+from twilio_wireless_exporter.metrics_names import (
+    IMEI_CHANGES,
+    LAST_START,
+    LAST_SUCCESS,
+    LAST_UPDATED,
+    LATITUDE,
+    LONGITUDE,
+    PACKETS_DOWN,
+    PACKETS_UP,
+    PER_SIM,
+    SESSION_INFO,
+    SESSION_INFO_IMEI,
+    SESSIONS_ENDED,
+    SESSIONS_OPEN,
+    SESSIONS_STARTED,
+    SIM_INFO,
+    SIM_UP,
+    Family,
+)
+
+Sample = tuple[Family, str, dict[str, str], float]
+"""``(family, sample name, labels, value)``."""
+
+# Sample names looked up once: a SIM's samples are made again on every change of the SIM.
+_INFO = SIM_INFO.name
+_UP = SIM_UP.name
+_LAST_SUCCESS = LAST_SUCCESS.name
+_OPEN = SESSIONS_OPEN.name
+_STARTED = SESSIONS_STARTED.sample
+_ENDED = SESSIONS_ENDED.sample
+_UPLOADED = PACKETS_UP.sample
+_DOWNLOADED = PACKETS_DOWN.sample
+_IMEI_CHANGES = IMEI_CHANGES.sample
+_SESSION_INFO = SESSION_INFO.name
+_LATITUDE = LATITUDE.name
+_LONGITUDE = LONGITUDE.name
+_LAST_START = LAST_START.name
+_LAST_UPDATED = LAST_UPDATED.name
+
+
+class SimFamilies(Collector):
+    """The per-SIM families of a :class:`FleetState` (``metrics_names.PER_SIM``, in that order).
+
+    ``imei_label`` adds the device's IMEI to ``sim_session_info`` (``metrics.imei_label``).
+    """
+
+    families = PER_SIM
+
+    def __init__(self, state: FleetState, *, imei_label: bool = False) -> None:
+        self.state = state
+        self.imei_label = imei_label
+
+    def collect(self) -> Iterable[Metric]:
+        """Every SIM's samples as stock metric families (the reference path)."""
+        families = {
+            family: Metric(family.name, family.help, family.kind) for family in self.families
+        }
+        for record in list(self.state.sims.values()):
+            for family, sample_name, labels, value in self.samples(record):
+                families[family].add_sample(sample_name, labels, value)
+        yield from families.values()
+
+    def samples(self, record: SimRecord) -> Iterator[Sample]:
+        """Every sample of one SIM (grouped into families by the caller).
+
+        Absent data yields no sample: a SIM never polled has only its info (no ``sim_up``),
+        a SIM without a located session has no coordinates.
+        """
+        base = {"sim_sid": record.sid, **dict(record.labels)}
+        ident = record.identity
+        info = {
+            **base,
+            "sim_name": ident.display_name,
+            "unique_name": ident.unique_name,
+            "friendly_name": ident.friendly_name,
+            "status": ident.status,
+            "rate_plan_sid": ident.rate_plan_sid,
+        }
+        yield SIM_INFO, _INFO, info, 1.0
+        if record.up is not None:
+            yield SIM_UP, _UP, base, 1.0 if record.up else 0.0
+        if record.last_success is not None:
+            yield LAST_SUCCESS, _LAST_SUCCESS, base, record.last_success
+        acct = record.account
+        if not acct.baselined:
+            return
+        yield SESSIONS_OPEN, _OPEN, base, float(acct.open_sessions)
+        yield SESSIONS_STARTED, _STARTED, base, float(acct.started_total)
+        yield SESSIONS_ENDED, _ENDED, base, float(acct.ended_total)
+        yield PACKETS_UP, _UPLOADED, base, float(acct.packets_uploaded_total)
+        yield PACKETS_DOWN, _DOWNLOADED, base, float(acct.packets_downloaded_total)
+        yield IMEI_CHANGES, _IMEI_CHANGES, base, float(acct.imei_changes_total)
+        latest = acct.latest
+        if latest is not None:
+            attrs = {
+                **base,
+                "radio_link": latest.radio_link,
+                "operator_name": latest.operator_name,
+                "operator_country": latest.operator_country,
+                "operator_mcc": latest.operator_mcc,
+                "operator_mnc": latest.operator_mnc,
+            }
+            if self.imei_label:
+                attrs[SESSION_INFO_IMEI] = latest.imei
+            yield SESSION_INFO, _SESSION_INFO, attrs, 1.0
+        if acct.location is not None:
+            yield LATITUDE, _LATITUDE, base, acct.location[0]
+            yield LONGITUDE, _LONGITUDE, base, acct.location[1]
+        if acct.latest_start is not None:
+            yield LAST_START, _LAST_START, base, acct.latest_start
+        if acct.last_updated is not None:
+            yield LAST_UPDATED, _LAST_UPDATED, base, acct.last_updated

@@ -1,0 +1,43 @@
+"""Every family through ``prometheus_client``'s own generators, rebuilt on every scrape.
+
+:class:`ReferenceExposition` is the plain path: the per-SIM families
+(:class:`~twilio_wireless_exporter.exposition.families.SimFamilies`) followed by the exporter's
+private registry, written by the stock generator. It is what the incremental renderer must
+match byte for byte (the tests compare the two), the baseline the benchmark measures against,
+and what serves the rare encodings the incremental renderer does not reproduce.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from twilio_wireless_exporter.exposition.families import SimFamilies
+from twilio_wireless_exporter.exposition.formats import TEXT, Encoding, generate
+
+
+class ReferenceExposition(Collector):
+    """The whole exposition of ``sims`` and ``registry`` as one collector."""
+
+    def __init__(self, sims: SimFamilies, registry: CollectorRegistry, *, gzip_level: int = 1):
+        self._sims = sims
+        self._registry = registry
+        self._gzip_level = gzip_level
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._sims.collect()
+        yield from self._registry.collect()
+
+    def text(self, encoding: Encoding = TEXT) -> bytes:
+        return generate(encoding, self)
+
+    def gzip(self, encoding: Encoding = TEXT) -> bytes:
+        return gzip.compress(self.text(encoding), compresslevel=self._gzip_level)
+
+    async def render(self, encoding: Encoding, *, compress: bool) -> list[bytes]:
+        """The response body as parts (one here), like the incremental renderer's."""
+        return [self.gzip(encoding) if compress else self.text(encoding)]

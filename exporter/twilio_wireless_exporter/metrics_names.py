@@ -1,0 +1,311 @@
+"""Every metric the exporter exposes: its name, type, help text and the labels it always has.
+
+The one place these are written. The collectors, the incremental renderer and the state store
+build their families from here; ``grafana/generate.py`` writes its queries with these names, and
+the tests check that every metric the dashboards and the alert rules read is listed here. So a
+renamed metric is renamed everywhere, or the tests say where it is still used.
+
+Standard library only, and nothing of the package: every layer (and the dashboard generator,
+which runs without the exporter's dependencies) may import it.
+
+Names follow ``prometheus_client``'s convention: a counter's family name has no ``_total``; its
+sample (and the series Prometheus stores) does. ``Family.series`` lists the stored series names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+NAMESPACE = "twilio_wireless"
+
+Kind = Literal["gauge", "counter", "histogram"]
+
+_HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One metric family.
+
+    ``labels`` are the labels every sample carries (a histogram's ``le`` aside); per-SIM
+    families also carry the user's constant labels from the config, which are not listed.
+    """
+
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[str, ...] = ()
+
+    @property
+    def series(self) -> tuple[str, ...]:
+        """The names of the series Prometheus stores for this family."""
+        if self.kind == "counter":
+            return (self.name + "_total",)
+        if self.kind == "histogram":
+            return tuple(self.name + suffix for suffix in _HISTOGRAM_SUFFIXES)
+        return (self.name,)
+
+    @property
+    def sample(self) -> str:
+        """The name of the single series of a gauge or counter (``x`` or ``x_total``)."""
+        if self.kind == "histogram":
+            raise ValueError(f"{self.name} is a histogram: use bucket, or one of series")
+        return self.series[0]
+
+    @property
+    def bucket(self) -> str:
+        """The ``_bucket`` series of a histogram."""
+        if self.kind != "histogram":
+            raise ValueError(f"{self.name} is a {self.kind}, not a histogram")
+        return self.name + "_bucket"
+
+
+def _family(name: str, kind: Kind, help_text: str, *labels: str) -> Family:
+    return Family(f"{NAMESPACE}_{name}", kind, help_text, labels)
+
+
+CACHED = " Cached from the exporter's latest poll of the Twilio API."
+
+# -------------------------------------------------------------------------- per SIM
+
+SIM = ("sim_sid",)
+"""The label of every per-SIM sample (with the user's constant labels)."""
+
+SIM_INFO = _family(
+    "sim_info",
+    "gauge",
+    "Identity of a monitored SIM (value is always 1): configured name and the SIM's"
+    " unique_name, friendly_name, status and rate plan from /v1/Sims." + CACHED,
+    *SIM,
+    "sim_name",
+    "unique_name",
+    "friendly_name",
+    "status",
+    "rate_plan_sid",
+)
+SESSIONS_OPEN = _family(
+    "sim_data_sessions_open",
+    "gauge",
+    "Data sessions of the SIM that are open (end is null) in the latest listing." + CACHED,
+    *SIM,
+)
+SESSIONS_STARTED = _family(
+    "sim_data_sessions_started",
+    "counter",
+    "Data sessions first seen after the SIM's first successful poll (each session sid"
+    " counts once)." + CACHED,
+    *SIM,
+)
+SESSIONS_ENDED = _family(
+    "sim_data_sessions_ended",
+    "counter",
+    "Data sessions seen to end after the SIM's first successful poll (each session sid"
+    " counts once)." + CACHED,
+    *SIM,
+)
+PACKETS_UP = _family(
+    "sim_packets_uploaded",
+    "counter",
+    "Packets uploaded by the SIM's device since the exporter started, summed over its data"
+    " sessions." + CACHED,
+    *SIM,
+)
+PACKETS_DOWN = _family(
+    "sim_packets_downloaded",
+    "counter",
+    "Packets downloaded by the SIM's device since the exporter started, summed over its data"
+    " sessions." + CACHED,
+    *SIM,
+)
+SESSION_INFO = _family(
+    "sim_session_info",
+    "gauge",
+    "Radio link and operator of the SIM's most recent data session (value is always 1)." + CACHED,
+    *SIM,
+    "radio_link",
+    "operator_name",
+    "operator_country",
+    "operator_mcc",
+    "operator_mnc",
+)
+SESSION_INFO_IMEI = "imei"
+"""The extra label of ``sim_session_info`` with ``metrics.imei_label`` on."""
+LATITUDE = _family(
+    "sim_cell_latitude_degrees",
+    "gauge",
+    "Estimated latitude of the cell tower of the SIM's most recent data session that has a"
+    " cell location estimate." + CACHED,
+    *SIM,
+)
+LONGITUDE = _family(
+    "sim_cell_longitude_degrees",
+    "gauge",
+    "Estimated longitude of the cell tower of the SIM's most recent data session that has a"
+    " cell location estimate." + CACHED,
+    *SIM,
+)
+LAST_START = _family(
+    "sim_last_session_start_timestamp_seconds",
+    "gauge",
+    "Unix time at which the SIM's most recent data session started." + CACHED,
+    *SIM,
+)
+LAST_UPDATED = _family(
+    "sim_last_updated_timestamp_seconds",
+    "gauge",
+    "Newest last_updated time among the SIM's listed data sessions (unix time)." + CACHED,
+    *SIM,
+)
+IMEI_CHANGES = _family(
+    "sim_imei_changes",
+    "counter",
+    "Times the IMEI of the SIM's most recent data session differed from the previously"
+    " known IMEI (device swap)." + CACHED,
+    *SIM,
+)
+SIM_UP = _family(
+    "sim_up",
+    "gauge",
+    "1 when the latest poll of the SIM's data sessions succeeded, else 0.",
+    *SIM,
+)
+LAST_SUCCESS = _family(
+    "sim_last_poll_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the latest successful poll of the SIM's data sessions.",
+    *SIM,
+)
+
+PER_SIM: tuple[Family, ...] = (
+    SIM_INFO,
+    SESSIONS_OPEN,
+    SESSIONS_STARTED,
+    SESSIONS_ENDED,
+    PACKETS_UP,
+    PACKETS_DOWN,
+    SESSION_INFO,
+    LATITUDE,
+    LONGITUDE,
+    LAST_START,
+    LAST_UPDATED,
+    IMEI_CHANGES,
+    SIM_UP,
+    LAST_SUCCESS,
+)
+"""The per-SIM families, in the order they are exposed."""
+
+# -------------------------------------------------------------------------- fleet-wide
+
+SESSION_DURATION = _family(
+    "data_session_duration_seconds",
+    "histogram",
+    "Duration (end - start) of data sessions seen to end after the baseline, observed once"
+    " per session, by radio link." + CACHED,
+    "radio_link",
+)
+SIMS_MONITORED = _family("sims_monitored", "gauge", "SIMs currently polled by this exporter.")
+POLL_INTERVAL = _family(
+    "poll_interval_seconds",
+    "gauge",
+    "Configured interval between two polls of each SIM's data sessions (poll.interval).",
+)
+BUILD_INFO = _family(
+    "exporter_build_info",
+    "gauge",
+    "Build information of twilio-wireless-exporter (value is always 1).",
+    "version",
+    "python_version",
+)
+
+# -------------------------------------------------------------------------- the exporter itself
+
+API_REQUESTS = _family(
+    "api_requests",
+    "counter",
+    "HTTP requests to the Twilio API by endpoint template and status code"
+    ' (code="error" for timeouts and connection failures).',
+    "endpoint",
+    "code",
+)
+API_REQUEST_DURATION = _family(
+    "api_request_duration_seconds",
+    "histogram",
+    "Latency of HTTP requests to the Twilio API by endpoint template.",
+    "endpoint",
+)
+API_RETRIES = _family(
+    "api_retries",
+    "counter",
+    "Retried Twilio API requests by endpoint and reason (429, 5xx, timeout, connection).",
+    "endpoint",
+    "reason",
+)
+POLL_ERRORS = _family(
+    "poll_errors",
+    "counter",
+    "Failed polls by kind of failure (http, auth, timeout, connection, decode,"
+    " too_large, too_many_pages, bad_next_page).",
+    "kind",
+)
+TOKEN_REQUESTS = _family(
+    "oauth_token_requests",
+    "counter",
+    "Requests to the OAuth2 token endpoint by result (success, unauthorized: the"
+    " client credentials were rejected, error: anything else).",
+    "result",
+)
+TOKEN_EXPIRY = _family(
+    "oauth_token_expiry_timestamp_seconds",
+    "gauge",
+    "Unix time at which the current OAuth2 access token expires (absent while there is none).",
+)
+TOKEN_REMAINING = _family(
+    "oauth_token_remaining_lifetime_seconds",
+    "gauge",
+    "Seconds until the current OAuth2 access token expires, at scrape time (absent while there"
+    " is none).",
+)
+STATE_SAVE_ERRORS = _family(
+    "state_save_errors",
+    "counter",
+    "Failed saves of the state file (state.path); see the exporter's log.",
+)
+STATE_LAST_SAVE = _family(
+    "state_last_save_timestamp_seconds",
+    "gauge",
+    "Unix time of the latest successful save of the state file.",
+)
+STATE_SAVE_DURATION = _family(
+    "state_save_duration_seconds",
+    "gauge",
+    "Time the latest save of the state file took (snapshot and write).",
+)
+
+FLEET: tuple[Family, ...] = (SESSION_DURATION, SIMS_MONITORED, POLL_INTERVAL, BUILD_INFO)
+"""Fleet-wide families of the exporter's private registry."""
+
+SELF: tuple[Family, ...] = (
+    API_REQUESTS,
+    API_REQUEST_DURATION,
+    API_RETRIES,
+    POLL_ERRORS,
+    TOKEN_REQUESTS,
+    TOKEN_EXPIRY,
+    TOKEN_REMAINING,
+    STATE_SAVE_ERRORS,
+    STATE_LAST_SAVE,
+    STATE_SAVE_DURATION,
+)
+"""The exporter's own health: API requests, polls, OAuth2 tokens, the state file."""
+
+ALL: tuple[Family, ...] = PER_SIM + FLEET + SELF
+"""Every family the exporter may expose."""
+
+
+def family_of(series: str) -> Family | None:
+    """The family a stored series name belongs to (``x_total`` -> ``x``), else ``None``."""
+    return _BY_SERIES.get(series)
+
+
+_BY_SERIES = {series: family for family in ALL for series in family.series}
