@@ -36,7 +36,8 @@ DASHBOARD_PREFIX = "grafana-dashboard-"
 
 
 def _relative(path: Path) -> str:
-    return path.relative_to(REPO).as_posix()
+    """``path`` as the repository names it (a path elsewhere as it is)."""
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.as_posix()
 
 
 def _header(source: Path) -> str:
@@ -130,7 +131,7 @@ def rendered() -> dict[Path, str]:
             source
         )
     files[DASHBOARDS_OUT / "kustomization.yaml"] = _component(
-        'The shipped dashboards (grafana/dashboards/), as ConfigMaps labelled grafana_dashboard: "1".',
+        "The shipped dashboards (grafana/dashboards/), as ConfigMaps for the Grafana sidecar.",
         [f"{DASHBOARD_PREFIX}{source.stem}.yaml" for source in dashboards],
     )
     return files
