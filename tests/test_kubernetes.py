@@ -34,6 +34,7 @@ from aiohttp import web
 
 from tests.prom_support import ALERTS_DIR, DASHBOARD_DIR, REPO, RULE_TEST_FILES, require_tool, run
 from tests.tls_support import hashed, make_cert, offline_exporter
+from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter.config import config_from_mapping, web_config_from_mapping
 from twilio_wireless_exporter.web.app import make_app
 from twilio_wireless_exporter.web.security import middlewares
@@ -68,6 +69,16 @@ def require_kubectl() -> str:
     if os.environ.get("CI"):
         pytest.fail(f"{reason}; CI must provide it", pytrace=False)
     pytest.skip(reason)
+
+
+def test_a_missing_kubectl_skips_here_and_fails_in_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="kubectl not found"):
+        require_kubectl()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI must provide it"):
+        require_kubectl()
 
 
 def kustomize(directory: Path) -> list[Obj]:
@@ -235,6 +246,7 @@ def test_each_dashboard_config_map_holds_its_dashboard_byte_for_byte() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_object_validates_against_the_kubernetes_schemas(overlay: str) -> None:
     objects = rendered(overlay)
+    assert "secret-name" not in json.dumps(objects), "a placeholder was not replaced"
     builtin = [obj for obj in objects if obj["kind"] not in OPERATOR_KINDS]
     assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"} <= {
         obj["kind"] for obj in builtin
@@ -458,6 +470,12 @@ def test_the_security_context_holds(overlay: str) -> None:
             image = cont["image"]
             assert ":" in image
             assert not image.endswith(":latest")
+
+
+def test_the_image_is_this_version() -> None:
+    kustomization = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    (image,) = kustomization["images"]
+    assert image == {"name": "twilio-wireless-exporter", "newTag": __version__}
 
 
 def test_the_pod_runs_as_the_image_user() -> None:
