@@ -207,7 +207,7 @@ def test_hostile_records_change_nothing_but_themselves(
 
         text = exposition.text(TEXT).decode()
         samples = parse_samples(text)  # prometheus_client's parser: a valid exposition
-        list(om_parse(exposition.text(OPENMETRICS).decode()))
+        list(om_parse(exposition.text(OPENMETRICS).decode()))  # type: ignore[no-untyped-call]
         for key, value in samples.items():
             if key[0] in COUNTERS:
                 assert value >= previous.get(key, 0.0), key

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -80,7 +81,7 @@ HOSTILE = [
 
 @pytest.mark.parametrize(("reason", "fields"), HOSTILE, ids=[repr(f)[:40] for _, f in HOSTILE])
 async def test_a_hostile_record_is_rejected_alone(
-    reason: str, fields: dict[str, object], caplog: pytest.LogCaptureFixture
+    reason: str, fields: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
     api = ScriptedApi()

@@ -15,6 +15,7 @@ record by :func:`session_problem`. A record that fails either check is rejected 
 from __future__ import annotations
 
 import enum
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Final
 
@@ -37,9 +38,15 @@ Text = Annotated[str, msgspec.Meta(max_length=256)]
 """A string that may become a label value: bounded, so one record cannot bloat ``/metrics``."""
 SIM_SID_PATTERN: Final = "^DE[0-9a-fA-F]{32}$"
 SimSid = Annotated[str, msgspec.Meta(pattern=SIM_SID_PATTERN)]
-AccountSid = Annotated[str, msgspec.Meta(pattern="^AC[0-9a-fA-F]{32}$")]
-SessionSid = Annotated[str, msgspec.Meta(pattern="^[0-9A-Za-z]{0,64}$")]
-"""Undocumented format (``WN`` and 32 hex digits in practice): letters and digits, bounded."""
+"""A SIM's SID, where it names the SIM (``/v1/Sims``): used in URLs and as the ``sim_sid``."""
+Sid34 = Annotated[str, msgspec.Meta(min_length=34, max_length=34)]
+"""A SID in a DataSession: its length here; ``sim_sid`` must then equal the polled SIM's (see
+:func:`session_problem`), and ``account_sid`` is not read. (A pattern per record would make
+decoding a listing about twice as slow.)"""
+SessionSid = Annotated[str, msgspec.Meta(max_length=64)]
+"""Undocumented format (``WN`` and 32 hex digits in practice): ASCII letters and digits, at most
+64 of them (the characters are checked by :func:`session_problem`)."""
+_SIM_SID: Final = re.compile(SIM_SID_PATTERN)
 
 
 class RejectReason(enum.StrEnum):
@@ -64,8 +71,8 @@ class CellLocation(msgspec.Struct, frozen=True):
 
 class DataSession(msgspec.Struct, frozen=True):
     sid: SessionSid | None = None
-    sim_sid: SimSid | None = None
-    account_sid: AccountSid | None = None
+    sim_sid: Sid34 | None = None
+    account_sid: Sid34 | None = None
     radio_link: Text | None = None
     operator_mcc: Text | None = None
     operator_mnc: Text | None = None
@@ -186,7 +193,10 @@ def session_problem(session: DataSession, sim_sid: str, window: Window) -> Rejec
         return RejectReason.TIMESTAMP
     if start is not None and end is not None and not start <= end <= start + MAX_SESSION_DURATION:
         return RejectReason.DURATION
+    sid = session.sid
+    if sid and not sid.encode().isalnum():
+        return RejectReason.SID
     owner = session.sim_sid
     if owner is not None and owner != sim_sid and owner.lower() != sim_sid.lower():
-        return RejectReason.FOREIGN_SIM
+        return RejectReason.FOREIGN_SIM if _SIM_SID.match(owner) else RejectReason.SID
     return None

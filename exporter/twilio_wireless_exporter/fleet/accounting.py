@@ -25,9 +25,9 @@ Semantics (the metric contract):
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from datetime import datetime
 
 import msgspec
 
@@ -102,11 +102,6 @@ class ListingOutcome:
     """Sessions left out whole because a timestamp could not be converted."""
 
 
-def _ts(value: object) -> float | None:
-    timestamp = getattr(value, "timestamp", None)
-    return float(timestamp()) if timestamp is not None else None
-
-
 def _more_advanced(a: DataSession, b: DataSession) -> DataSession:
     """Of two copies of one session, the one that shows more progress."""
     if (a.end is None) != (b.end is None):
@@ -134,21 +129,11 @@ def deduplicate(listing: Iterable[DataSession]) -> tuple[dict[str, DataSession],
     return by_sid, without_sid
 
 
-class _Times(NamedTuple):
-    """A session's timestamps as unix seconds, converted before anything is changed."""
-
-    start: float | None
-    end: float | None
-    updated: float | None
+_CONVERSION_ERRORS = (ValueError, OverflowError, OSError, TypeError, AttributeError)
 
 
-def _times(session: DataSession) -> _Times | None:
-    """The session's timestamps, or ``None`` if one cannot be converted (the record is then
-    left out whole; the API layer's checks make that unreachable for decoded records)."""
-    try:
-        return _Times(_ts(session.start), _ts(session.end), _ts(session.last_updated))
-    except (ValueError, OverflowError, OSError, TypeError):
-        return None
+def _seconds(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
 
 
 def _count(value: int | None) -> int:
@@ -181,17 +166,26 @@ def apply_listing(
     outcome = ListingOutcome(skipped_without_sid=without_sid)
     baseline = not account.baselined
     memos = account.sessions
-    usable: dict[str, tuple[DataSession, _Times]] = {}
-    for sid, session in sessions.items():
-        times = _times(session)
-        if times is None:
-            outcome.invalid += 1
-        else:
-            usable[sid] = (session, times)
+    # (session, start, last_updated) of the sessions applied, for the latest-session logic
+    applied: list[tuple[DataSession, float | None, float | None]] = []
+    left_out: set[str] = set()
+    open_sessions = 0
 
-    for sid, (session, times) in usable.items():
+    for sid, session in sessions.items():
+        # Everything that can fail comes first, before this session changes anything.
+        try:
+            start = _seconds(session.start)
+            end = _seconds(session.end)
+            updated = _seconds(session.last_updated)
+        except _CONVERSION_ERRORS:
+            outcome.invalid += 1
+            left_out.add(sid)
+            continue
+        applied.append((session, start, updated))
+        ended = end is not None
+        if not ended:
+            open_sessions += 1
         memo = memos.get(sid)
-        ended = session.end is not None
         if memo is None:
             up = _count(session.packets_uploaded)
             down = _count(session.packets_downloaded)
@@ -203,7 +197,7 @@ def apply_listing(
             outcome.packets_downloaded += down
             if ended:
                 outcome.ended += 1
-                _observe_duration(outcome, session, times)
+                _observe_duration(outcome, session, start, end)
             continue
         memo.absent = 0
         delta, memo.packets_uploaded = _grow(memo.packets_uploaded, session.packets_uploaded)
@@ -213,13 +207,13 @@ def apply_listing(
         if ended and not memo.ended:
             memo.ended = True
             outcome.ended += 1
-            _observe_duration(outcome, session, times)
+            _observe_duration(outcome, session, start, end)
 
     # Forget sessions that have left the listing for long enough (bounded memory).
-    if len(memos) > len(usable):
+    if len(memos) > len(applied):
         gone = []
         for sid, memo in memos.items():
-            if sid not in usable and sid not in keep:
+            if (sid not in sessions or sid in left_out) and sid not in keep:
                 memo.absent += 1
                 if memo.absent >= forget_after:
                     gone.append(sid)
@@ -234,8 +228,8 @@ def apply_listing(
     account.packets_downloaded_total = _add(
         account.packets_downloaded_total, outcome.packets_downloaded
     )
-    account.open_sessions = sum(1 for s, _ in usable.values() if s.end is None)
-    _update_latest(account, usable, outcome)
+    account.open_sessions = open_sessions
+    _update_latest(account, applied, len(applied) < len(memos), outcome)
     return outcome
 
 
@@ -247,27 +241,29 @@ def _grow(previous: int, current: int | None) -> tuple[int, int]:
     return current - previous, current
 
 
-def _observe_duration(outcome: ListingOutcome, session: DataSession, times: _Times) -> None:
-    start, end = times.start, times.end
+def _observe_duration(
+    outcome: ListingOutcome, session: DataSession, start: float | None, end: float | None
+) -> None:
     if start is not None and end is not None and end >= start:
         outcome.durations.append((session.radio_link or "", end - start))
 
 
 def _update_latest(
     account: SimAccount,
-    sessions: Mapping[str, tuple[DataSession, _Times]],
+    applied: Iterable[tuple[DataSession, float | None, float | None]],
+    missing: bool,
     outcome: ListingOutcome,
 ) -> None:
+    """Latest session, location and newest update from the sessions ``applied``; ``missing``
+    says whether a remembered session is missing from them."""
     latest: DataSession | None = None
     latest_start: float | None = None
     location: tuple[float, float] | None = None
     location_start: float | None = None
     newest_update: float | None = None
-    for session, times in sessions.values():
-        updated = times.updated
+    for session, start, updated in applied:
         if updated is not None and (newest_update is None or updated > newest_update):
             newest_update = updated
-        start = times.start
         if start is None:
             continue
         if latest_start is None or start > latest_start:
@@ -297,7 +293,7 @@ def _update_latest(
         # rejected), that may be the newer one: it stays the latest. Once every remembered
         # session is listed again or forgotten, the listing wins, so a session dated in the
         # future (or restored from a state file) cannot freeze the latest session for good.
-        if any(sid not in sessions for sid in account.sessions):
+        if missing:
             stale = True
         else:
             account.location_start = None
