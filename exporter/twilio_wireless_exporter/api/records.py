@@ -41,8 +41,8 @@ SimSid = Annotated[str, msgspec.Meta(pattern=SIM_SID_PATTERN)]
 """A SIM's SID, where it names the SIM (``/v1/Sims``): used in URLs and as the ``sim_sid``."""
 Sid34 = Annotated[str, msgspec.Meta(min_length=34, max_length=34)]
 """A SID in a DataSession: its length here; ``sim_sid`` must then equal the polled SIM's (see
-:func:`session_problem`), and ``account_sid`` is not read. (A pattern per record would make
-decoding a listing about twice as slow.)"""
+:func:`session_problem`), and ``account_sid`` is not read. A pattern is checked only where a
+SID names a SIM, not once per session: regular expressions dominate the cost of decoding."""
 SessionSid = Annotated[str, msgspec.Meta(max_length=64)]
 """Undocumented format (``WN`` and 32 hex digits in practice): ASCII letters and digits, at most
 64 of them (the characters are checked by :func:`session_problem`)."""
