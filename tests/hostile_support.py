@@ -91,6 +91,8 @@ class ScriptedApi:
     sims: deque[bytes] = field(default_factory=deque)
     sims_default: bytes = field(default_factory=lambda: sims_page([]))
     paths: list[str] = field(default_factory=list)
+    status: dict[str, int] = field(default_factory=dict)
+    """The HTTP status of a SIM's DataSessions answers (200 unless set)."""
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -99,8 +101,8 @@ class ScriptedApi:
         app.router.add_get("/v1/Sims/{sid}", self._sim)
         return app
 
-    def _answer(self, body: bytes) -> web.Response:
-        return web.Response(body=body, content_type="application/json")
+    def _answer(self, body: bytes, status: int = 200) -> web.Response:
+        return web.Response(body=body, status=status, content_type="application/json")
 
     async def _sims(self, request: web.Request) -> web.Response:
         self.paths.append(request.raw_path)
@@ -108,7 +110,8 @@ class ScriptedApi:
 
     async def _sessions(self, request: web.Request) -> web.Response:
         self.paths.append(request.raw_path)
-        return self._answer(self.sessions.get(request.match_info["sid"], sessions_page([])))
+        sid = request.match_info["sid"]
+        return self._answer(self.sessions.get(sid, sessions_page([])), self.status.get(sid, 200))
 
     async def _sim(self, request: web.Request) -> web.Response:
         self.paths.append(request.raw_path)

@@ -144,3 +144,20 @@ async def test_one_empty_discovery_drops_no_sim() -> None:
         await discover(sims_page([SIM_A]))
         await discover(sims_page([]))
         assert set(state.sims) == {SIM_A}
+
+
+async def test_an_error_answer_nested_too_deeply_is_an_http_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 503 whose body nests 1,000 levels: an ``http`` error (retried), never ``internal``."""
+    caplog.set_level(logging.DEBUG)
+    body = f'{{"message": "busy", "x": {deeply_nested()}}}'.encode()
+    api = ScriptedApi()
+    api.status[SIM_A] = 503
+    api.sessions[SIM_A] = body
+    async with start_exporter(api, [SIM_A]) as run:
+        await run.poll()
+        text = await run.scrape()
+        assert sample_value(text, ERRORS, kind="http") == 1.0
+        assert sample_value(text, ERRORS, kind="internal") is None
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
