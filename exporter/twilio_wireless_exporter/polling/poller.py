@@ -147,6 +147,11 @@ class Poller:
             account, sessions, forget_after=self._settings.forget_after, keep=keep
         )
         self._state.record_success(sid, outcome, self._clock.time())
+        if outcome.invalid:  # unreachable for checked records; counted all the same
+            rejected = [
+                *rejected,
+                *[Rejection(RejectReason.TIMESTAMP, None, "unusable timestamp")] * outcome.invalid,
+            ]
         if rejected:
             self._rejected(sid, ENDPOINT_DATA_SESSIONS, rejected)
         if outcome.started or outcome.ended or outcome.imei_changed:
@@ -197,6 +202,8 @@ class Poller:
             self._state.arrange(sim_offset)
             if dropped:
                 log.info("discovery: %d SIMs no longer listed, stopped polling them", len(dropped))
+                gone = set(dropped)
+                self._rejects_logged = {k for k in self._rejects_logged if k[0] not in gone}
             self._schedule_new()
             self._discovered_once = True
         for sim in discovered.values():
