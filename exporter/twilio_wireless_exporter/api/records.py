@@ -5,10 +5,12 @@ The shapes follow Twilio's OpenAPI description (``wireless.v1.sim.data_session``
 
 Plausibility is part of the types, so msgspec checks it while decoding, in C: packet counts are
 integers in ``[0, 2**63 - 1]`` (the state file's SQLite INTEGER), timestamps carry a zone,
-coordinates lie on the globe, SIDs look like SIDs, label-like strings are bounded. What a type
-cannot say (a timestamp far outside the API's retention window, a session that ends before it
-starts or lasts longer than any session can, a session listed under another SIM) is checked per
-record by :func:`session_problem`. A record that fails either check is rejected alone, with a
+coordinates lie on the globe, SIDs have their length (a SIM's SID in ``/v1/Sims`` its pattern),
+label-like strings are bounded. What a type cannot say, or only at a high price (a timestamp
+far outside the API's retention window, a session that ends before it starts or lasts longer
+than any session can, a session sid of other characters than letters and digits, a session
+listed under another SIM), is checked per record by :func:`session_problem` (and inline by
+``client.check_sessions``). A record that fails either check is rejected alone, with a
 :class:`RejectReason`; the rest of its listing is used (see ``client.py``).
 """
 
