@@ -81,7 +81,14 @@ async def test_discovery_adds_and_removes_sims(sim: RunningSimulator, harness: M
         newcomer = sim.fleet.add_sim(unique_name="n")
         await h.clock.advance(600)
         await eventually(lambda: newcomer in h.exporter.state.sims)
-        assert active[0] not in h.exporter.state.sims
+        # A SIM leaves once missing from DISCOVERY_FORGET_AFTER (3) discoveries in a row.
+        for _ in range(2):
+            assert active[0] in h.exporter.state.sims
+            listed = sim.stats.count("sims")
+            await eventually(lambda: h.clock.sleepers > 0)
+            await h.clock.advance(600)
+            await eventually(lambda n=listed: sim.stats.count("sims") > n)  # type: ignore[misc]
+        await eventually(lambda: active[0] not in h.exporter.state.sims)
         await eventually(lambda: h.exporter.state.sims[newcomer].up is True)
         text = await h.scrape()
         assert f'sim_sid="{active[0]}"' not in text

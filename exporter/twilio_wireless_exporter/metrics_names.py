@@ -248,6 +248,21 @@ POLL_ERRORS = _family(
     " too_large, too_many_pages, bad_next_page).",
     "kind",
 )
+RECORDS_REJECTED = _family(
+    "api_records_rejected",
+    "counter",
+    "Records of an API listing left out because a value failed the exporter's plausibility"
+    " checks, by endpoint and reason (packets, timestamp, duration, location, sid,"
+    " foreign_sim, malformed); the rest of the listing is used.",
+    "endpoint",
+    "reason",
+)
+EXPOSITION_ERRORS = _family(
+    "exposition_errors",
+    "counter",
+    "Renderings of one SIM's samples that failed; that SIM is left out of /metrics until its"
+    " record changes, the other SIMs are served.",
+)
 TOKEN_REQUESTS = _family(
     "oauth_token_requests",
     "counter",
@@ -290,6 +305,8 @@ SELF: tuple[Family, ...] = (
     API_REQUEST_DURATION,
     API_RETRIES,
     POLL_ERRORS,
+    RECORDS_REJECTED,
+    EXPOSITION_ERRORS,
     TOKEN_REQUESTS,
     TOKEN_EXPIRY,
     TOKEN_REMAINING,

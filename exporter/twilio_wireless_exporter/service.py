@@ -118,9 +118,13 @@ class Exporter:
         self.clock: Clock = clock or SystemClock()
         self._retry_sleep = retry_sleep or asyncio.sleep
         self.state = FleetState()
-        self.sims = SimFamilies(self.state, imei_label=config.metrics.imei_label)
         self.registry, self.api_metrics = build_registry(
             self.state, poll_interval=config.poll.interval
+        )
+        self.sims = SimFamilies(
+            self.state,
+            imei_label=config.metrics.imei_label,
+            on_error=self.api_metrics.exposition_error,
         )
         self.exposition = Exposition(self.sims, self.registry)
         self._session: aiohttp.ClientSession | None = None

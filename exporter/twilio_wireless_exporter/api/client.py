@@ -1,8 +1,12 @@
 """The Twilio (or KORE) Wireless v1 endpoints the exporter reads, as typed records.
 
 Paging by ``meta.next_page_url`` (only on the configured host, at most ``max_pages`` pages) and
-decoding into the records of records.py happen here; every request goes through one
-:class:`~twilio_wireless_exporter.api.transport.Transport`, admitted by the client's
+decoding into the records of records.py happen here, record by record: a page whose records
+all pass the checks of records.py decodes in one go (the common case); otherwise each record is
+decoded on its own, and the ones that fail are returned as :class:`Rejection` beside the rest
+(a :class:`Listing`), never failing the page. A body that is not a page at all (malformed,
+nested too deeply, a ``next_page_url`` that is not a URL) fails the request. Every request goes
+through one :class:`~twilio_wireless_exporter.api.transport.Transport`, admitted by the client's
 :class:`~twilio_wireless_exporter.api.limits.RequestLimits`. Every failure surfaces as one
 :class:`~twilio_wireless_exporter.api.transport.ApiError`.
 
@@ -13,21 +17,36 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, TypeVar
-from urllib.parse import urlencode, urlsplit
+from typing import Final, Generic, TypeVar
+from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
 import msgspec
 
 from twilio_wireless_exporter.api.limits import RequestLimits
-from twilio_wireless_exporter.api.records import DataSession, DataSessionPage, Sim, SimPage
+from twilio_wireless_exporter.api.records import (
+    MAX_SESSION_DURATION,
+    DataSession,
+    DataSessionPage,
+    RawSessionPage,
+    RawSimPage,
+    RejectReason,
+    SidOnly,
+    Sim,
+    SimPage,
+    Window,
+    reason_of,
+    session_problem,
+)
 from twilio_wireless_exporter.api.transport import (
     ApiError,
     ApiObserver,
     Authenticator,
     ErrorKind,
+    MalformedBodyError,
     Route,
     Transport,
     TransportSettings,
@@ -38,11 +57,174 @@ ENDPOINT_SIMS: Final = "sims"
 ENDPOINT_SIM: Final = "sim"
 ENDPOINT_DATA_SESSIONS: Final = "data_sessions"
 
-_SIMS: Final = Route(ENDPOINT_SIMS, msgspec.json.Decoder(SimPage).decode)
-_SIM: Final = Route(ENDPOINT_SIM, msgspec.json.Decoder(Sim).decode)
-_DATA_SESSIONS: Final = Route(ENDPOINT_DATA_SESSIONS, msgspec.json.Decoder(DataSessionPage).decode)
+_R = TypeVar("_R", DataSession, Sim)
+_T = TypeVar("_T")
 
-_P = TypeVar("_P", DataSessionPage, SimPage)
+_DETAIL_CHARS: Final = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """One record left out of a listing: why, its ``sid`` when readable, and what was wrong."""
+
+    reason: RejectReason
+    sid: str | None
+    detail: str
+
+
+class Listing(list[_T]):
+    """The accepted records of a listing, with :attr:`rejected` the records left out."""
+
+    __slots__ = ("rejected",)
+
+    def __init__(self, records: Iterable[_T] = (), rejected: Iterable[Rejection] = ()) -> None:
+        super().__init__(records)
+        self.rejected: list[Rejection] = list(rejected)
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[_R]):
+    """One decoded list page: its accepted records, the rejected ones, the next page's URL."""
+
+    records: list[_R]
+    rejected: list[Rejection]
+    next_page_url: str | None
+
+
+_SESSION_PAGE: Final = msgspec.json.Decoder(DataSessionPage)
+_RAW_SESSION_PAGE: Final = msgspec.json.Decoder(RawSessionPage)
+_SESSION: Final = msgspec.json.Decoder(DataSession)
+_SIM_PAGE: Final = msgspec.json.Decoder(SimPage)
+_RAW_SIM_PAGE: Final = msgspec.json.Decoder(RawSimPage)
+_SIM_RECORD: Final = msgspec.json.Decoder(Sim)
+_SID_ONLY: Final = msgspec.json.Decoder(SidOnly)
+
+
+def _too_deep() -> MalformedBodyError:
+    return MalformedBodyError("malformed response: JSON nested too deeply")
+
+
+def _rejection(raw: msgspec.Raw, error: msgspec.ValidationError) -> Rejection:
+    try:
+        sid = _SID_ONLY.decode(raw).sid
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        sid = None
+    return Rejection(reason_of(error), sid, str(error)[:_DETAIL_CHARS])
+
+
+def _one_by_one(
+    raws: list[msgspec.Raw], decoder: msgspec.json.Decoder[_R]
+) -> tuple[list[_R], list[Rejection]]:
+    records: list[_R] = []
+    rejected: list[Rejection] = []
+    for raw in raws:
+        try:
+            records.append(decoder.decode(raw))
+        except msgspec.ValidationError as exc:
+            rejected.append(_rejection(raw, exc))
+        except RecursionError:
+            raise _too_deep() from None
+    return records, rejected
+
+
+def decode_session_page(body: bytes) -> Page[DataSession]:
+    """A DataSessions page; records msgspec rejects are returned as rejections.
+
+    One strict decode first: when every record passes, that is all it costs. A body that is not
+    such a page raises msgspec's errors or :class:`MalformedBodyError` (a ``decode`` ApiError).
+    """
+    try:
+        page = _SESSION_PAGE.decode(body)
+        return Page(page.data_sessions, [], page.meta.next_page_url)
+    except msgspec.ValidationError as exc:
+        whole = exc
+    except RecursionError:
+        raise _too_deep() from None
+    try:
+        raw = _RAW_SESSION_PAGE.decode(body)
+    except msgspec.ValidationError:
+        raise whole from None  # the page itself is of the wrong shape
+    except RecursionError:
+        raise _too_deep() from None
+    records, rejected = _one_by_one(raw.data_sessions, _SESSION)
+    return Page(records, rejected, raw.meta.next_page_url)
+
+
+def decode_sim_page(body: bytes) -> Page[Sim]:
+    """A ``/v1/Sims`` page, record by record like :func:`decode_session_page`."""
+    try:
+        page = _SIM_PAGE.decode(body)
+        return Page(page.sims, [], page.meta.next_page_url)
+    except msgspec.ValidationError as exc:
+        whole = exc
+    except RecursionError:
+        raise _too_deep() from None
+    try:
+        raw = _RAW_SIM_PAGE.decode(body)
+    except msgspec.ValidationError:
+        raise whole from None
+    except RecursionError:
+        raise _too_deep() from None
+    records, rejected = _one_by_one(raw.sims, _SIM_RECORD)
+    return Page(records, rejected, raw.meta.next_page_url)
+
+
+def decode_sim(body: bytes) -> Sim:
+    try:
+        return _SIM_RECORD.decode(body)
+    except RecursionError:
+        raise _too_deep() from None
+
+
+def check_sessions(
+    sessions: Iterable[DataSession], sim_sid: str, window: Window, into: Listing[DataSession]
+) -> None:
+    """Append to ``into`` the sessions that pass :func:`~.records.session_problem`; the others
+    go to ``into.rejected``.
+
+    The common case (every timestamp in the window, a plausible duration, the polled SIM's own
+    session with a plain sid) is tested inline; only a session that fails it is looked at by
+    :func:`~.records.session_problem`, which says why (or finds nothing wrong after all).
+    """
+    lo, hi = window.earliest, window.latest
+    longest = MAX_SESSION_DURATION
+    accept = into.append
+    for session in sessions:
+        start, end, updated, sid, owner = (
+            session.start,
+            session.end,
+            session.last_updated,
+            session.sid,
+            session.sim_sid,
+        )
+        if (
+            (start is None or lo <= start <= hi)
+            and (
+                end is None
+                or (lo <= end <= hi and (start is None or start <= end <= start + longest))
+            )
+            and (updated is None or lo <= updated <= hi)
+            and (owner is None or owner == sim_sid)
+            and (not sid or sid.encode().isalnum())
+        ):
+            accept(session)
+            continue
+        problem = session_problem(session, sim_sid, window)
+        if problem is None:
+            accept(session)
+        else:
+            into.rejected.append(Rejection(problem, session.sid, _describe(problem, session)))
+
+
+def _describe(problem: RejectReason, session: DataSession) -> str:
+    if problem is RejectReason.FOREIGN_SIM:
+        return f"a session of SIM {session.sim_sid}"
+    return f"start={session.start} end={session.end} last_updated={session.last_updated}"
+
+
+_SIMS: Final = Route(ENDPOINT_SIMS, decode_sim_page)
+_SIM: Final = Route(ENDPOINT_SIM, decode_sim)
+_DATA_SESSIONS: Final = Route(ENDPOINT_DATA_SESSIONS, decode_session_page)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +252,11 @@ class TwilioClient:
         observer: ApiObserver | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
+        """``wall`` is the unix time that bounds the timestamps a record may carry."""
         self._settings = settings
+        self._wall = wall
         self._base = settings.base_url.rstrip("/")
         base_parts = urlsplit(self._base)
         self._origin = (base_parts.scheme, base_parts.netloc)
@@ -97,21 +282,27 @@ class TwilioClient:
     def settings(self) -> ClientSettings:
         return self._settings
 
-    async def list_data_sessions(self, sim_sid: str, page_size: int) -> list[DataSession]:
+    async def list_data_sessions(self, sim_sid: str, page_size: int) -> Listing[DataSession]:
         """Every DataSession the API lists for the SIM, following ``next_page_url``.
 
-        Pages may overlap or be unordered: de-duplication is the caller's job.
+        Pages may overlap or be unordered: de-duplication is the caller's job. Records that fail
+        the checks of records.py (including a session of another SIM) are in ``.rejected``.
         """
-        url = f"{self._base}/v1/Sims/{sim_sid}/DataSessions?PageSize={int(page_size)}"
-        sessions: list[DataSession] = []
+        path = f"/v1/Sims/{quote(sim_sid, safe='')}/DataSessions"
+        url = f"{self._base}{path}?PageSize={int(page_size)}"
+        sessions: Listing[DataSession] = Listing()
+        window = Window.around(self._wall())
         order = self._limits.new_order()
         async for page in self._pages(url, _DATA_SESSIONS, order):
-            sessions.extend(page.data_sessions)
+            sessions.rejected.extend(page.rejected)
+            check_sessions(page.records, sim_sid, window, sessions)
         return sessions
 
-    async def list_sims(self, statuses: Sequence[str], page_size: int) -> list[Sim]:
-        """Every SIM of the account with one of ``statuses`` (all SIMs when empty)."""
+    async def list_sims(self, statuses: Sequence[str], page_size: int) -> Listing[Sim]:
+        """Every SIM of the account with one of ``statuses`` (all SIMs when empty); records
+        that are not SIMs (a ``sid`` that is not a SIM SID, ...) are in ``.rejected``."""
         sims: dict[str, Sim] = {}
+        rejected: list[Rejection] = []
         status_filters: list[str | None] = list(statuses) or [None]
         order = self._limits.new_order()
         for status in status_filters:
@@ -120,15 +311,16 @@ class TwilioClient:
                 query["Status"] = status
             url = f"{self._base}/v1/Sims?" + urlencode(query)
             async for page in self._pages(url, _SIMS, order):
-                for sim in page.sims:
+                rejected.extend(page.rejected)
+                for sim in page.records:
                     sims[sim.sid] = sim
-        return list(sims.values())
+        return Listing(sims.values(), rejected)
 
     async def fetch_sim(self, sim_sid: str) -> Sim:
-        url = f"{self._base}/v1/Sims/{sim_sid}"
+        url = f"{self._base}/v1/Sims/{quote(sim_sid, safe='')}"
         return await self._transport.send(_SIM, url, order=self._limits.new_order())
 
-    async def _pages(self, url: str, route: Route[_P], order: int) -> AsyncIterator[_P]:
+    async def _pages(self, url: str, route: Route[Page[_R]], order: int) -> AsyncIterator[Page[_R]]:
         """Pages of one listing, following ``next_page_url``, at most ``max_pages`` of them.
 
         Every request of a listing carries the ``order`` the listing drew when it began, so its
@@ -145,11 +337,19 @@ class TwilioClient:
             page = await self._transport.send(route, next_url, order=order)
             count += 1
             yield page
-            nxt = page.meta.next_page_url
+            nxt = page.next_page_url
             next_url = self._check_next_url(nxt, route.endpoint) if nxt else None
 
     def _check_next_url(self, url: str, endpoint: str) -> str:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises ValueError for a port out of range)
+        except (ValueError, TypeError):
+            raise ApiError(
+                ErrorKind.BAD_NEXT_PAGE,
+                f"next_page_url is not a valid URL: {url[:_DETAIL_CHARS]!r}",
+                endpoint=endpoint,
+            ) from None
         if (parts.scheme, parts.netloc) != self._origin:
             # Never send credentials to a host we were not configured for.
             raise ApiError(

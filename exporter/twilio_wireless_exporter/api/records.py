@@ -1,53 +1,100 @@
-"""Typed records of the Twilio Wireless v1 API, decoded once from the wire.
+"""Typed records of the Twilio Wireless v1 API, decoded and checked once, where they enter.
 
 The shapes follow Twilio's OpenAPI description (``wireless.v1.sim.data_session`` and
-``wireless.v1.sim``): every DataSession field is nullable, unknown fields are ignored, and
-timestamps are decoded to timezone-aware ``datetime`` objects by msgspec (ISO 8601, UTC).
-A page that does not match these shapes raises ``msgspec.ValidationError`` /
-``msgspec.DecodeError``, which the transport turns into one ``ApiError`` for that poll.
+``wireless.v1.sim``): every DataSession field is nullable and unknown fields are ignored.
+
+Plausibility is part of the types, so msgspec checks it while decoding, in C: packet counts are
+integers in ``[0, 2**63 - 1]`` (the state file's SQLite INTEGER), timestamps carry a zone,
+coordinates lie on the globe, SIDs have their length (a SIM's SID in ``/v1/Sims`` its pattern),
+label-like strings are bounded. What a type cannot say, or only at a high price (a timestamp
+far outside the API's retention window, a session that ends before it starts or lasts longer
+than any session can, a session sid of other characters than letters and digits, a session
+listed under another SIM), is checked per record by :func:`session_problem` (and inline by
+``client.check_sessions``). A record that fails either check is rejected alone, with a
+:class:`RejectReason`; the rest of its listing is used (see ``client.py``).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import enum
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Final
 
 import msgspec
+
+INT64_MAX: Final = 2**63 - 1
+
+#: The earliest timestamp a record may carry: before Twilio's Programmable Wireless existed.
+EARLIEST: Final = datetime(2010, 1, 1, tzinfo=UTC)
+#: How far past the exporter's wall clock a timestamp may lie (clock skew, simulated clocks).
+FUTURE_MARGIN: Final = timedelta(days=400)
+#: The longest a data session may last (start to end).
+MAX_SESSION_DURATION: Final = timedelta(days=366)
+
+Count = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+Instant = Annotated[datetime, msgspec.Meta(tz=True)]
+Latitude = Annotated[float, msgspec.Meta(ge=-90.0, le=90.0)]
+Longitude = Annotated[float, msgspec.Meta(ge=-180.0, le=180.0)]
+Text = Annotated[str, msgspec.Meta(max_length=256)]
+"""A string that may become a label value: bounded, so one record cannot bloat ``/metrics``."""
+SIM_SID_PATTERN: Final = "^DE[0-9a-fA-F]{32}$"
+SimSid = Annotated[str, msgspec.Meta(pattern=SIM_SID_PATTERN)]
+"""A SIM's SID, where it names the SIM (``/v1/Sims``): used in URLs and as the ``sim_sid``."""
+Sid34 = Annotated[str, msgspec.Meta(min_length=34, max_length=34)]
+"""A SID in a DataSession: its length here; ``sim_sid`` must then equal the polled SIM's (see
+:func:`session_problem`), and ``account_sid`` is not read. A pattern is checked only where a
+SID names a SIM, not once per session: regular expressions dominate the cost of decoding."""
+SessionSid = Annotated[str, msgspec.Meta(max_length=64)]
+"""Undocumented format (``WN`` and 32 hex digits in practice): ASCII letters and digits, at most
+64 of them (the characters are checked by :func:`session_problem`)."""
+_SIM_SID: Final = re.compile(SIM_SID_PATTERN)
+
+
+class RejectReason(enum.StrEnum):
+    """Why one record was rejected; the values are the ``reason`` label of
+    ``twilio_wireless_api_records_rejected_total``."""
+
+    PACKETS = "packets"  # a packet count that is negative, not an integer or beyond int64
+    TIMESTAMP = "timestamp"  # a timestamp without a zone, unparsable or out of the window
+    DURATION = "duration"  # a session that ends before it starts, or lasts over a year
+    LOCATION = "location"  # coordinates off the globe
+    SID = "sid"  # a SID that is not a SID
+    FOREIGN_SIM = "foreign_sim"  # a session of another SIM, in this SIM's listing
+    MALFORMED = "malformed"  # any other field of the wrong type or size
 
 
 class CellLocation(msgspec.Struct, frozen=True):
     """``cell_location_estimate``: ``{}`` or ``{"lat": ..., "lon": ...}``."""
 
-    lat: float | None = None
-    lon: float | None = None
+    lat: Latitude | None = None
+    lon: Longitude | None = None
 
 
 class DataSession(msgspec.Struct, frozen=True):
-    sid: str | None = None
-    sim_sid: str | None = None
-    account_sid: str | None = None
-    radio_link: str | None = None
-    operator_mcc: str | None = None
-    operator_mnc: str | None = None
-    operator_country: str | None = None
-    operator_name: str | None = None
-    cell_id: str | None = None
+    sid: SessionSid | None = None
+    sim_sid: Sid34 | None = None
+    account_sid: Sid34 | None = None
+    radio_link: Text | None = None
+    operator_mcc: Text | None = None
+    operator_mnc: Text | None = None
+    operator_country: Text | None = None
+    operator_name: Text | None = None
+    cell_id: Text | None = None
     cell_location_estimate: CellLocation | None = None
-    packets_uploaded: int | None = None
-    packets_downloaded: int | None = None
-    last_updated: datetime | None = None
-    start: datetime | None = None
-    end: datetime | None = None
-    imei: str | None = None
+    packets_uploaded: Count | None = None
+    packets_downloaded: Count | None = None
+    last_updated: Instant | None = None
+    start: Instant | None = None
+    end: Instant | None = None
+    imei: Text | None = None
 
 
 class PageMeta(msgspec.Struct, frozen=True):
-    """``meta`` of a list page. Only ``next_page_url`` drives paging."""
+    """``meta`` of a list page. Only ``next_page_url`` drives paging; the other fields are not
+    read, so they are not decoded (a hostile value there cannot matter)."""
 
     next_page_url: str | None = None
-    key: str | None = None
-    page: int | None = None
-    page_size: int | None = None
-    url: str | None = None
 
 
 class DataSessionPage(msgspec.Struct, frozen=True):
@@ -56,17 +103,35 @@ class DataSessionPage(msgspec.Struct, frozen=True):
 
 
 class Sim(msgspec.Struct, frozen=True):
-    sid: str
-    unique_name: str | None = None
-    friendly_name: str | None = None
-    status: str | None = None
-    rate_plan_sid: str | None = None
-    account_sid: str | None = None
+    sid: SimSid
+    unique_name: Text | None = None
+    friendly_name: Text | None = None
+    status: Text | None = None
+    rate_plan_sid: Text | None = None
+    account_sid: Text | None = None
 
 
 class SimPage(msgspec.Struct, frozen=True):
     sims: list[Sim]
     meta: PageMeta
+
+
+class RawSessionPage(msgspec.Struct, frozen=True):
+    """A DataSessions page with its records undecoded, to decode them one by one."""
+
+    data_sessions: list[msgspec.Raw]
+    meta: PageMeta
+
+
+class RawSimPage(msgspec.Struct, frozen=True):
+    sims: list[msgspec.Raw]
+    meta: PageMeta
+
+
+class SidOnly(msgspec.Struct, frozen=True):
+    """The ``sid`` of a rejected record, when it has a readable one (for logs)."""
+
+    sid: str | None = None
 
 
 class TwilioErrorBody(msgspec.Struct, frozen=True):
@@ -76,3 +141,64 @@ class TwilioErrorBody(msgspec.Struct, frozen=True):
     message: str | None = None
     more_info: str | None = None
     status: int | None = None
+
+
+_FIELD_REASONS: Final = {
+    "packets_uploaded": RejectReason.PACKETS,
+    "packets_downloaded": RejectReason.PACKETS,
+    "start": RejectReason.TIMESTAMP,
+    "end": RejectReason.TIMESTAMP,
+    "last_updated": RejectReason.TIMESTAMP,
+    "cell_location_estimate": RejectReason.LOCATION,
+    "sid": RejectReason.SID,
+    "sim_sid": RejectReason.SID,
+    "account_sid": RejectReason.SID,
+}
+
+
+def reason_of(error: msgspec.ValidationError) -> RejectReason:
+    """The reason for a record msgspec rejected, from the field its message names
+    (``... - at `$.packets_uploaded```)."""
+    text = str(error)
+    at = text.rfind("`$.")
+    if at < 0:
+        return RejectReason.MALFORMED
+    field = text[at + 3 :].rstrip("`").split(".", 1)[0].split("[", 1)[0]
+    return _FIELD_REASONS.get(field, RejectReason.MALFORMED)
+
+
+class Window(msgspec.Struct, frozen=True, gc=False):
+    """The timestamps a listing may carry: from :data:`EARLIEST` to ``latest``."""
+
+    earliest: datetime
+    latest: datetime
+
+    @classmethod
+    def around(cls, now: float) -> Window:
+        """The window for a listing read at unix time ``now`` (the exporter's wall clock)."""
+        return cls(EARLIEST, datetime.fromtimestamp(now, UTC) + FUTURE_MARGIN)
+
+
+def session_problem(session: DataSession, sim_sid: str, window: Window) -> RejectReason | None:
+    """What no type can say about a decoded session, else ``None``.
+
+    ``sim_sid`` is the SIM whose listing it came from (SIDs compare without case, as the
+    configuration accepts either case of their hex digits).
+    """
+    lo, hi = window.earliest, window.latest
+    start, end, updated = session.start, session.end, session.last_updated
+    if (
+        (start is not None and not lo <= start <= hi)
+        or (end is not None and not lo <= end <= hi)
+        or (updated is not None and not lo <= updated <= hi)
+    ):
+        return RejectReason.TIMESTAMP
+    if start is not None and end is not None and not start <= end <= start + MAX_SESSION_DURATION:
+        return RejectReason.DURATION
+    sid = session.sid
+    if sid and not sid.encode().isalnum():
+        return RejectReason.SID
+    owner = session.sim_sid
+    if owner is not None and owner != sim_sid and owner.lower() != sim_sid.lower():
+        return RejectReason.FOREIGN_SIM if _SIM_SID.match(owner) else RejectReason.SID
+    return None

@@ -162,13 +162,13 @@ def describe_error_body(body: bytes) -> tuple[int | None, str]:
     """Twilio code and a human message from an error body of any shape (Twilio, KORE, HTML)."""
     try:
         err = _ERROR_DECODER.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         err = None
     if err is not None and err.message:
         return err.code, err.message
     try:
         generic = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # RecursionError: nested too deeply
         generic = None
     if isinstance(generic, dict):
         for key in ("error_description", "message", "error", "detail", "title"):
@@ -414,6 +414,8 @@ class Transport:
                 message = self._clean(str(exc))
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 message = self._clean(f"malformed response: {exc}")
+            except RecursionError:
+                message = "malformed response: JSON nested too deeply"
             raise ApiError(ErrorKind.DECODE, message, endpoint=route.endpoint, status=status)
         problem = route.describe(body)
         rejected = status in (401, 403) or problem.rejected

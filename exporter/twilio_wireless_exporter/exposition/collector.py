@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.api.auth import TokenResult
+from twilio_wireless_exporter.api.records import RejectReason
 from twilio_wireless_exporter.api.transport import ErrorKind, RetryReason
 from twilio_wireless_exporter.fleet.state import FleetState
 
@@ -96,6 +97,8 @@ class ApiMetrics:
         )
         self.retries = _counter(names.API_RETRIES, registry)
         self.poll_errors = _counter(names.POLL_ERRORS, registry)
+        self.records_rejected = _counter(names.RECORDS_REJECTED, registry)
+        self.exposition_errors = _counter(names.EXPOSITION_ERRORS, registry)
 
     def request_done(self, endpoint: str, code: str, duration: float) -> None:
         # Called for every request: the labelled children are looked up once per label pair.
@@ -111,6 +114,12 @@ class ApiMetrics:
 
     def poll_error(self, kind: ErrorKind) -> None:
         self.poll_errors.labels(kind).inc()
+
+    def record_rejected(self, endpoint: str, reason: RejectReason) -> None:
+        self.records_rejected.labels(endpoint, reason).inc()
+
+    def exposition_error(self) -> None:
+        self.exposition_errors.inc()
 
     # OAuth2 token metrics (KORE): the auth module's TokenObserver. Registered on first use, so
     # an exporter with basic auth has no oauth families at all.

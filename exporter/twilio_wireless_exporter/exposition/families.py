@@ -8,7 +8,8 @@ how the reference exposition (``reference.py``) renders them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import logging
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -34,6 +35,8 @@ from twilio_wireless_exporter.metrics_names import (
     Family,
 )
 
+log = logging.getLogger(__name__)
+
 Sample = tuple[Family, str, dict[str, str], float]
 """``(family, sample name, labels, value)``."""
 
@@ -58,23 +61,50 @@ class SimFamilies(Collector):
     """The per-SIM families of a :class:`FleetState` (``metrics_names.PER_SIM``, in that order).
 
     ``imei_label`` adds the device's IMEI to ``sim_session_info`` (``metrics.imei_label``).
+    ``on_error`` is called for each SIM whose samples cannot be rendered (see :meth:`failed`).
     """
 
     families = PER_SIM
 
-    def __init__(self, state: FleetState, *, imei_label: bool = False) -> None:
+    def __init__(
+        self,
+        state: FleetState,
+        *,
+        imei_label: bool = False,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
         self.state = state
         self.imei_label = imei_label
+        self.on_error = on_error
+        self._failed_logged: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
-        """Every SIM's samples as stock metric families (the reference path)."""
+        """Every SIM's samples as stock metric families (the reference path); a SIM whose
+        samples cannot be made is left out (:meth:`failed`), not the whole collection."""
         families = {
             family: Metric(family.name, family.help, family.kind) for family in self.families
         }
         for record in list(self.state.sims.values()):
-            for family, sample_name, labels, value in self.samples(record):
+            try:
+                samples = [
+                    (family, name, labels, float(value))
+                    for family, name, labels, value in self.samples(record)
+                ]
+            except Exception:
+                self.failed(record)
+                continue
+            for family, sample_name, labels, value in samples:
                 families[family].add_sample(sample_name, labels, value)
         yield from families.values()
+
+    def failed(self, record: SimRecord) -> None:
+        """The last line of defence: one SIM's samples could not be rendered (a value the
+        records check should have stopped). That SIM is left out and counted; logged once."""
+        if self.on_error is not None:
+            self.on_error()
+        if record.sid not in self._failed_logged:
+            self._failed_logged.add(record.sid)
+            log.exception("cannot render the samples of SIM %s; it is left out", record.sid)
 
     def samples(self, record: SimRecord) -> Iterator[Sample]:
         """Every sample of one SIM (grouped into families by the caller).

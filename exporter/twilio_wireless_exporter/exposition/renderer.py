@@ -345,7 +345,19 @@ class Exposition:
     # ------------------------------------------------------------------ rendering
 
     def render_sim(self, record: SimRecord) -> list[bytes]:
-        """One SIM's text in each per-SIM family (``b""`` where it has no sample)."""
+        """One SIM's text in each per-SIM family (``b""`` where it has no sample).
+
+        A SIM whose samples cannot be rendered is left out whole and counted
+        (:meth:`SimFamilies.failed`): one value never fails a scrape. Cached by version like
+        any fragment, it is tried again when the SIM's record changes.
+        """
+        try:
+            return self._render_sim(record)
+        except Exception:
+            self._sims.failed(record)
+            return [_EMPTY] * len(self._family_index)
+
+    def _render_sim(self, record: SimRecord) -> list[bytes]:
         index = self._family_index
         out = [_EMPTY] * len(index)
         strings: dict[int, tuple[Mapping[str, str], str]] = {}

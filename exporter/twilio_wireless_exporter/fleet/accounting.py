@@ -12,6 +12,8 @@ Semantics (the metric contract):
   and its duration is observed once.
 * Packet counters grow by the growth of each session's counters since it was first seen; a
   counter that goes backwards (an upstream glitch) contributes nothing and is not re-counted.
+* Counters saturate at ``2**63 - 1`` (the state file's integers) rather than overflow.
+* Each session is applied whole or not at all; a listing never half-applies.
 * Listings may repeat a session (overlapping pages) and come in any order: sessions are
   de-duplicated by ``sid``, keeping the most advanced copy.
 * A session that leaves the listing is forgotten only after it has been absent from
@@ -22,12 +24,14 @@ Semantics (the metric contract):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import msgspec
 
-from twilio_wireless_exporter.api.records import DataSession
+from twilio_wireless_exporter.api.records import INT64_MAX, DataSession
 
 DEFAULT_FORGET_AFTER = 3
 
@@ -94,20 +98,18 @@ class ListingOutcome:
     """``(radio_link, seconds)`` of each session newly seen ended."""
     forgotten: int = 0
     skipped_without_sid: int = 0
-
-
-def _ts(value: object) -> float | None:
-    timestamp = getattr(value, "timestamp", None)
-    return float(timestamp()) if timestamp is not None else None
+    invalid: int = 0
+    """Sessions left out whole because a timestamp could not be converted."""
 
 
 def _more_advanced(a: DataSession, b: DataSession) -> DataSession:
     """Of two copies of one session, the one that shows more progress."""
     if (a.end is None) != (b.end is None):
         return a if a.end is not None else b
-    a_upd, b_upd = _ts(a.last_updated), _ts(b.last_updated)
+    a_upd, b_upd = a.last_updated, b.last_updated
     if a_upd is not None and b_upd is not None and a_upd != b_upd:
-        return a if a_upd > b_upd else b
+        with contextlib.suppress(TypeError):  # naive and aware: undecided, by packets
+            return a if a_upd > b_upd else b
     a_packets = (a.packets_uploaded or 0) + (a.packets_downloaded or 0)
     b_packets = (b.packets_uploaded or 0) + (b.packets_downloaded or 0)
     return b if b_packets > a_packets else a
@@ -127,11 +129,24 @@ def deduplicate(listing: Iterable[DataSession]) -> tuple[dict[str, DataSession],
     return by_sid, without_sid
 
 
-def _grow(previous: int, current: int | None) -> tuple[int, int]:
-    """(delta to count, new remembered value) for a packet counter."""
-    if current is None or current <= previous:
-        return 0, previous
-    return current - previous, current
+_CONVERSION_ERRORS = (ValueError, OverflowError, OSError, TypeError, AttributeError)
+
+
+def _seconds(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def _count(value: int | None) -> int:
+    """A packet count as remembered: absent and negative as 0, capped at int64."""
+    if value is None or value <= 0:
+        return 0
+    return value if value <= INT64_MAX else INT64_MAX
+
+
+def _add(total: int, delta: int) -> int:
+    """A counter grown by ``delta``, saturating at int64 (what the state file can hold)."""
+    total += delta
+    return total if total <= INT64_MAX else INT64_MAX
 
 
 def apply_listing(
@@ -139,28 +154,50 @@ def apply_listing(
     listing: Iterable[DataSession],
     *,
     forget_after: int = DEFAULT_FORGET_AFTER,
+    keep: Collection[str] = (),
 ) -> ListingOutcome:
-    """Fold one successful listing of a SIM's sessions into ``account``."""
+    """Fold one successful listing of a SIM's sessions into ``account``.
+
+    Each session is applied whole or not at all: everything about it that could fail is worked
+    out before the account changes. ``keep`` names sessions that were listed but rejected (see
+    ``api/records.py``): they are not counted, and their memory does not age while they are.
+    """
     sessions, without_sid = deduplicate(listing)
     outcome = ListingOutcome(skipped_without_sid=without_sid)
     baseline = not account.baselined
     memos = account.sessions
+    # (session, start, last_updated) of the sessions applied, for the latest-session logic
+    applied: list[tuple[DataSession, float | None, float | None]] = []
+    left_out: set[str] = set()
+    open_sessions = 0
 
     for sid, session in sessions.items():
+        # Everything that can fail comes first, before this session changes anything.
+        try:
+            start = _seconds(session.start)
+            end = _seconds(session.end)
+            updated = _seconds(session.last_updated)
+        except _CONVERSION_ERRORS:
+            outcome.invalid += 1
+            left_out.add(sid)
+            continue
+        applied.append((session, start, updated))
+        ended = end is not None
+        if not ended:
+            open_sessions += 1
         memo = memos.get(sid)
-        ended = session.end is not None
         if memo is None:
-            up = session.packets_uploaded or 0
-            down = session.packets_downloaded or 0
+            up = _count(session.packets_uploaded)
+            down = _count(session.packets_downloaded)
             memos[sid] = SessionMemo(up, down, ended)
             if baseline:
                 continue
             outcome.started += 1
-            outcome.packets_uploaded += max(0, up)
-            outcome.packets_downloaded += max(0, down)
+            outcome.packets_uploaded += up
+            outcome.packets_downloaded += down
             if ended:
                 outcome.ended += 1
-                _observe_duration(outcome, session)
+                _observe_duration(outcome, session, start, end)
             continue
         memo.absent = 0
         delta, memo.packets_uploaded = _grow(memo.packets_uploaded, session.packets_uploaded)
@@ -170,13 +207,13 @@ def apply_listing(
         if ended and not memo.ended:
             memo.ended = True
             outcome.ended += 1
-            _observe_duration(outcome, session)
+            _observe_duration(outcome, session, start, end)
 
     # Forget sessions that have left the listing for long enough (bounded memory).
-    if len(memos) > len(sessions):
+    if len(memos) > len(applied):
         gone = []
         for sid, memo in memos.items():
-            if sid not in sessions:
+            if (sid not in sessions or sid in left_out) and sid not in keep:
                 memo.absent += 1
                 if memo.absent >= forget_after:
                     gone.append(sid)
@@ -185,36 +222,48 @@ def apply_listing(
         outcome.forgotten = len(gone)
 
     account.baselined = True
-    account.started_total += outcome.started
-    account.ended_total += outcome.ended
-    account.packets_uploaded_total += outcome.packets_uploaded
-    account.packets_downloaded_total += outcome.packets_downloaded
-    account.open_sessions = sum(1 for s in sessions.values() if s.end is None)
-    _update_latest(account, sessions.values(), outcome)
+    account.started_total = _add(account.started_total, outcome.started)
+    account.ended_total = _add(account.ended_total, outcome.ended)
+    account.packets_uploaded_total = _add(account.packets_uploaded_total, outcome.packets_uploaded)
+    account.packets_downloaded_total = _add(
+        account.packets_downloaded_total, outcome.packets_downloaded
+    )
+    account.open_sessions = open_sessions
+    _update_latest(account, applied, len(applied) < len(memos), outcome)
     return outcome
 
 
-def _observe_duration(outcome: ListingOutcome, session: DataSession) -> None:
-    start, end = _ts(session.start), _ts(session.end)
+def _grow(previous: int, current: int | None) -> tuple[int, int]:
+    """(delta to count, new remembered value) for a packet counter."""
+    if current is None or current <= previous:
+        return 0, previous
+    current = _count(current)
+    return current - previous, current
+
+
+def _observe_duration(
+    outcome: ListingOutcome, session: DataSession, start: float | None, end: float | None
+) -> None:
     if start is not None and end is not None and end >= start:
         outcome.durations.append((session.radio_link or "", end - start))
 
 
 def _update_latest(
     account: SimAccount,
-    sessions: Iterable[DataSession],
+    applied: Iterable[tuple[DataSession, float | None, float | None]],
+    missing: bool,
     outcome: ListingOutcome,
 ) -> None:
+    """Latest session, location and newest update from the sessions ``applied``; ``missing``
+    says whether a remembered session is missing from them."""
     latest: DataSession | None = None
     latest_start: float | None = None
     location: tuple[float, float] | None = None
     location_start: float | None = None
     newest_update: float | None = None
-    for session in sessions:
-        updated = _ts(session.last_updated)
+    for session, start, updated in applied:
         if updated is not None and (newest_update is None or updated > newest_update):
             newest_update = updated
-        start = _ts(session.start)
         if start is None:
             continue
         if latest_start is None or start > latest_start:
@@ -233,6 +282,21 @@ def _update_latest(
     ):
         account.last_updated = newest_update
 
+    stale = False
+    if (
+        latest_start is not None
+        and account.latest_start is not None
+        and latest_start < account.latest_start
+    ):
+        # The listing's newest session is older than the one already known. While a remembered
+        # session is missing from this listing (missed on a shifting page, or listed but
+        # rejected), that may be the newer one: it stays the latest. Once every remembered
+        # session is listed again or forgotten, the listing wins, so a session dated in the
+        # future (or restored from a state file) cannot freeze the latest session for good.
+        if missing:
+            stale = True
+        else:
+            account.location_start = None
     if (
         location is not None
         and location_start is not None
@@ -240,10 +304,8 @@ def _update_latest(
     ):
         account.location, account.location_start = location, location_start
 
-    if latest is None or latest_start is None:
+    if stale or latest is None or latest_start is None:
         return
-    if account.latest_start is not None and latest_start < account.latest_start:
-        return  # an older listing than what we already know (should not happen)
     account.latest_start = latest_start
     account.latest = SessionAttributes(
         radio_link=latest.radio_link or "",
@@ -255,6 +317,6 @@ def _update_latest(
     )
     if latest.imei:
         if account.last_imei is not None and latest.imei != account.last_imei:
-            account.imei_changes_total += 1
+            account.imei_changes_total = _add(account.imei_changes_total, 1)
             outcome.imei_changed = True
         account.last_imei = latest.imei

@@ -22,8 +22,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from twilio_wireless_exporter.api.auth import ENDPOINT_TOKEN
-from twilio_wireless_exporter.api.client import TwilioClient
-from twilio_wireless_exporter.api.records import Sim
+from twilio_wireless_exporter.api.client import (
+    ENDPOINT_DATA_SESSIONS,
+    ENDPOINT_SIMS,
+    Rejection,
+    TwilioClient,
+)
+from twilio_wireless_exporter.api.records import RejectReason, Sim
 from twilio_wireless_exporter.api.transport import ApiError, ErrorKind
 from twilio_wireless_exporter.clock import Clock, SystemClock
 from twilio_wireless_exporter.fleet.accounting import DEFAULT_FORGET_AFTER, apply_listing
@@ -33,6 +38,9 @@ from twilio_wireless_exporter.sharding import Shard
 log = logging.getLogger(__name__)
 
 _DISCOVERY_RETRY = 60.0
+#: A discovered SIM stops being polled once absent from this many successful discoveries in a
+#: row: one odd answer (an empty or short /v1/Sims) cannot drop SIMs and lose their counters.
+DISCOVERY_FORGET_AFTER = 3
 # /v1/Sims pages are cheap: always the API's maximum, so poll.max_pages covers 50,000+ SIMs.
 DISCOVERY_PAGE_SIZE = 1000
 _AUTH_LOG_EVERY = 60.0
@@ -65,6 +73,8 @@ class PollerSettings:
 
 class PollObserver(Protocol):
     def poll_error(self, kind: ErrorKind) -> None: ...
+
+    def record_rejected(self, endpoint: str, reason: RejectReason) -> None: ...
 
 
 def sim_offset(sid: str) -> float:
@@ -100,6 +110,9 @@ class Poller:
         self._anchor = 0.0
         self._discovered_once = not settings.discovery
         self._last_auth_log = -math.inf
+        self._absent: dict[str, int] = {}
+        """Discovered SIMs missing from the latest successful discoveries, and how often."""
+        self._rejects_logged: set[tuple[str, RejectReason]] = set()
         for target in targets:
             state.ensure(target.sid, target.labels, target.name)
         state.arrange(sim_offset)
@@ -127,9 +140,20 @@ class Poller:
         record = self._state.sims.get(sid)
         if record is None:  # removed while we were polling
             return False
+        rejected = getattr(sessions, "rejected", ())
+        keep = {r.sid for r in rejected if r.sid} if rejected else ()
         account = self._state.resume(record)  # a restored account is taken up at its first poll
-        outcome = apply_listing(account, sessions, forget_after=self._settings.forget_after)
+        outcome = apply_listing(
+            account, sessions, forget_after=self._settings.forget_after, keep=keep
+        )
         self._state.record_success(sid, outcome, self._clock.time())
+        if outcome.invalid:  # unreachable for checked records; counted all the same
+            rejected = [
+                *rejected,
+                *[Rejection(RejectReason.TIMESTAMP, None, "unusable timestamp")] * outcome.invalid,
+            ]
+        if rejected:
+            self._rejected(sid, ENDPOINT_DATA_SESSIONS, rejected)
         if outcome.started or outcome.ended or outcome.imei_changed:
             log.debug(
                 "sim %s: %d started, %d ended, imei changed: %s",
@@ -164,8 +188,10 @@ class Poller:
                 self._count(exc)
                 self._report(exc, "SIM discovery failed")
                 return False
+            if getattr(sims, "rejected", None):
+                self._rejected("", ENDPOINT_SIMS, sims.rejected)
             discovered = {sim.sid: sim for sim in sims if self._settings.shard.owns(sim.sid)}
-            wanted = set(self._targets) | set(discovered)
+            wanted = set(self._targets) | set(discovered) | self._still_listed(discovered)
             for sid in discovered:
                 target = self._targets.get(sid)
                 if target is not None:
@@ -176,6 +202,8 @@ class Poller:
             self._state.arrange(sim_offset)
             if dropped:
                 log.info("discovery: %d SIMs no longer listed, stopped polling them", len(dropped))
+                gone = set(dropped)
+                self._rejects_logged = {k for k in self._rejects_logged if k[0] not in gone}
             self._schedule_new()
             self._discovered_once = True
         for sim in discovered.values():
@@ -221,6 +249,35 @@ class Poller:
         while not self._discovered_once:
             self._wake.clear()
             await self._wake.wait()
+
+    def _still_listed(self, discovered: Mapping[str, Sim]) -> set[str]:
+        """Known SIMs missing from this discovery that stay, as they have not been missing from
+        :data:`DISCOVERY_FORGET_AFTER` discoveries in a row yet."""
+        absent = self._absent
+        for sid in discovered:
+            absent.pop(sid, None)
+        kept: set[str] = set()
+        newly = 0
+        for sid in self._state.sims:
+            if sid in discovered or sid in self._targets:
+                continue
+            count = absent.get(sid, 0) + 1
+            if count < DISCOVERY_FORGET_AFTER:
+                absent[sid] = count
+                kept.add(sid)
+                newly += count == 1
+            else:
+                absent.pop(sid, None)
+        for sid in [sid for sid in absent if sid not in self._state.sims]:
+            del absent[sid]
+        if newly:
+            log.warning(
+                "discovery: %d known SIMs missing from /v1/Sims; they are still polled, and"
+                " dropped once missing from %d discoveries in a row",
+                newly,
+                DISCOVERY_FORGET_AFTER,
+            )
+        return kept
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -320,6 +377,26 @@ class Poller:
             log.warning("polling SIM %s failed: %s", sid, exc)
         else:
             log.debug("polling SIM %s failed again: %s", sid, exc)
+
+    def _rejected(self, sid: str, endpoint: str, rejected: Sequence[Rejection]) -> None:
+        """Count each rejected record; log the first of each reason per SIM (``""``: the
+        discovery), so a record the API keeps sending is not logged on every poll."""
+        observer = self._observer
+        for rejection in rejected:
+            if observer is not None:
+                observer.record_rejected(endpoint, rejection.reason)
+            key = (sid, rejection.reason)
+            if key in self._rejects_logged:
+                continue
+            self._rejects_logged.add(key)
+            log.warning(
+                "%s: rejected a record (%s, sid %s): %s; such records are counted in"
+                " twilio_wireless_api_records_rejected_total and not logged again",
+                f"SIM {sid}" if sid else "discovery",
+                rejection.reason,
+                rejection.sid or "unknown",
+                rejection.detail,
+            )
 
     def _count(self, exc: ApiError) -> None:
         if self._observer is not None:
