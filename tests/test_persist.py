@@ -381,7 +381,9 @@ BAD_FILES = [
         id="foreign-api",
     ),
     pytest.param(
-        lambda p: _sql(p, "UPDATE meta SET value='AC" + "9" * 32 + "' WHERE key='account'"),
+        lambda p: _sql(
+            p, "UPDATE meta SET value='AC" + "9" * 32 + "' WHERE key IN ('account', 'account_sid')"
+        ),
         "belongs to another API or account",
         id="foreign-account",
     ),
@@ -403,66 +405,6 @@ BAD_FILES = [
         lambda p: _sql(p, "UPDATE meta SET value='x1' WHERE key='schema_version'"),
         "unknown schema version 'x1'",
         id="bad-schema-version",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sims SET started_total='many'"),
-        "bad started_total: 'many'",
-        id="text-in-counter",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sims SET packets_uploaded_total=-5"),
-        "bad packets_uploaded_total: -5",
-        id="negative-counter",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sessions SET ended=2.5"),
-        "bad ended: 2.5",
-        id="float-flag",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sims SET sid='' WHERE rowid=1"),
-        "bad sid: ''",
-        id="empty-sim-sid",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sims SET latitude='north'"),
-        "bad latitude: 'north'",
-        id="text-in-location",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sims SET latest_operator_name=X'00ff'"),
-        "bad latest_operator_name: b'\\x00\\xff'",
-        id="blob-in-attribute",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sessions SET sid=''"),
-        "bad sid: ''",
-        id="empty-session-sid",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE durations SET counts='[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1]'"),
-        "bad duration histogram",
-        id="negative-bucket",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE durations SET counts='[1, 2]'"),
-        "bad duration histogram",
-        id="too-few-buckets",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE durations SET total='long'"),
-        "bad total: 'long'",
-        id="text-in-histogram-sum",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE durations SET count=count+1"),
-        "inconsistent duration histogram",
-        id="inconsistent-histogram",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE durations SET counts='[1, 2'"),
-        "bad duration histogram",
-        id="bad-histogram-json",
     ),
     pytest.param(
         lambda p: _sql(p, "DROP TABLE sessions"),
@@ -505,6 +447,160 @@ def test_bad_files_give_a_warning_and_a_fresh_start(
     # and the next save writes a good file again
     asyncio.run(store.save(fleet_state(2)))
     assert set(read_state(path, IDENTITY).accounts) == {sim_sid(0), sim_sid(1)}
+
+
+FIRST = sim_sid(0)
+ONE_SIM = f"WHERE sid='{FIRST}'"
+ITS_SESSIONS = f"WHERE sim_sid='{FIRST}'"
+
+BAD_ROWS = [
+    pytest.param(
+        f"UPDATE sims SET started_total='many' {ONE_SIM}",
+        "sims",
+        "bad started_total: 'many'",
+        id="text-in-counter",
+    ),
+    pytest.param(
+        f"UPDATE sims SET packets_uploaded_total=-5 {ONE_SIM}",
+        "sims",
+        "bad packets_uploaded_total: -5",
+        id="negative-counter",
+    ),
+    pytest.param(
+        f"UPDATE sims SET ended_total=2.5 {ONE_SIM}",
+        "sims",
+        "bad ended_total: 2.5",
+        id="fraction-in-counter",
+    ),
+    pytest.param(
+        f"UPDATE sessions SET ended=2.5 {ITS_SESSIONS}",
+        "sessions",
+        "bad ended: 2.5",
+        id="float-flag",
+    ),
+    pytest.param(
+        f"UPDATE sessions SET packets_uploaded=-1 {ITS_SESSIONS}",
+        "sessions",
+        "bad packets_uploaded: -1",
+        id="negative-session-packets",
+    ),
+    pytest.param(
+        f"UPDATE sims SET latitude='north' {ONE_SIM}",
+        "sims",
+        "bad latitude: 'north'",
+        id="text-in-location",
+    ),
+    pytest.param(
+        f"UPDATE sims SET latitude=91 {ONE_SIM}",
+        "sims",
+        "bad latitude: 91.0",
+        id="latitude-off-the-globe",
+    ),
+    pytest.param(
+        f"UPDATE sims SET latest_start=1e300 {ONE_SIM}",
+        "sims",
+        "bad latest_start: 1e+300",
+        id="time-beyond-year-9999",
+    ),
+    pytest.param(
+        f"UPDATE sims SET latest_operator_name=X'00ff' {ONE_SIM}",
+        "sims",
+        "bad latest_operator_name: b'\\x00\\xff'",
+        id="blob-in-attribute",
+    ),
+    pytest.param(
+        f"UPDATE sessions SET sid='' {ITS_SESSIONS}",
+        "sessions",
+        "bad sid: ''",
+        id="empty-session-sid",
+    ),
+]
+
+
+@pytest.mark.parametrize(("statement", "table", "reason"), BAD_ROWS)
+def test_a_bad_row_costs_only_its_sim(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, statement: str, table: str, reason: str
+) -> None:
+    """The SIM of a bad row starts a fresh baseline; every other SIM and the file are kept."""
+    from prometheus_client import CollectorRegistry
+
+    path = tmp_path / "state.db"
+    _sql(path, statement)
+    loaded = read_state(path, IDENTITY)
+    expected = fleet_state(3)
+    assert loaded.accounts == {sid: r.account for sid, r in expected.sims.items() if sid != FIRST}
+    assert [(t, why.split(" in table ")[0]) for t, why in loaded.rejected] == [(table, reason)]
+    assert f"SIM {FIRST} starts a fresh baseline" in loaded.rejected[0][1]
+
+    registry = CollectorRegistry()
+    state = fresh_state([sim_sid(i) for i in range(3)])
+    with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.fleet.persist"):
+        assert StateStore(path, IDENTITY, registry=registry).load(state, keep=lambda s: True)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"state file {path}: ignoring a row of table {table}: {reason}")
+    assert set(state.restored) == {sim_sid(1), sim_sid(2)}
+    assert path.exists()
+    assert not (tmp_path / "state.db.rejected").exists()
+    rejected = "twilio_wireless_state_rows_rejected_total"
+    assert registry.get_sample_value(rejected, {"table": table}) == 1
+    assert (
+        sum(
+            registry.get_sample_value(rejected, {"table": t}) or 0
+            for t in ("sims", "sessions", "durations")
+        )
+        == 1
+    )
+
+
+BAD_HISTOGRAMS = [
+    pytest.param(
+        "UPDATE durations SET counts='[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1]'",
+        "bad duration histogram",
+        id="negative-bucket",
+    ),
+    pytest.param(
+        "UPDATE durations SET counts='[1, 2]'", "bad duration histogram", id="too-few-buckets"
+    ),
+    pytest.param(
+        "UPDATE durations SET total='long'", "bad total: 'long'", id="text-in-histogram-sum"
+    ),
+    pytest.param(
+        "UPDATE durations SET count=count+1",
+        "inconsistent duration histogram",
+        id="inconsistent-histogram",
+    ),
+    pytest.param(
+        "UPDATE durations SET counts='[1, 2'", "bad duration histogram", id="bad-histogram-json"
+    ),
+]
+
+
+@pytest.mark.parametrize(("statement", "reason"), BAD_HISTOGRAMS)
+def test_a_bad_histogram_row_starts_that_histogram_afresh(
+    tmp_path: Path, statement: str, reason: str
+) -> None:
+    path = tmp_path / "state.db"
+    _sql(path, statement + " WHERE radio_link='LTE'")
+    loaded = read_state(path, IDENTITY)
+    assert set(loaded.durations) == {""}  # the other histogram is kept
+    assert len(loaded.accounts) == 3
+    [(table, why)] = loaded.rejected
+    assert table == "durations"
+    assert reason in why
+
+
+def test_a_whole_file_of_bad_rows_still_restores_the_good_ones(tmp_path: Path) -> None:
+    """Before: one bad session row (packets_uploaded -1) made the whole file rejected."""
+    path = tmp_path / "state.db"
+    save(fleet_state(50), path)
+    bad = [sim_sid(i) for i in range(0, 50, 7)]
+    conn = sqlite3.connect(path)
+    conn.executemany("UPDATE sessions SET packets_uploaded=-1 WHERE sim_sid=?", [(s,) for s in bad])
+    conn.commit()
+    conn.close()
+    loaded = read_state(path, IDENTITY)
+    assert set(loaded.accounts) == {sim_sid(i) for i in range(50)} - set(bad)
+    assert len(loaded.rejected) == len(bad)
 
 
 def test_the_row_types_declare_the_columns_of_the_schema(tmp_path: Path) -> None:

@@ -100,6 +100,10 @@ class FleetState:
         """Accounts loaded from the state file, each held until its SIM's next successful poll."""
         self._held_durations: dict[str, Histogram] | None = None
         self._awaiting_poll: set[str] = set()
+        self.account_sid: str | None = None
+        """The account the API answers for, from the first answer that names it."""
+        self.unverified_account: str | None = None
+        """The account SID of a restored state file not yet checked against the API."""
 
     # ------------------------------------------------------------------ membership
 
@@ -162,6 +166,22 @@ class FleetState:
         self.durations = {}
         self._awaiting_poll = set(accounts)
         self._polled()
+
+    def learn_account(self, account_sid: str | None) -> bool:
+        """Note the account an API answer names; True if that shows the restored state to be
+        another account's, which is then dropped (those SIMs start a fresh baseline)."""
+        if not account_sid or self.account_sid is not None:
+            return False
+        self.account_sid = account_sid
+        expected, self.unverified_account = self.unverified_account, None
+        if expected is None or expected == account_sid:
+            return False
+        self.restored = {}
+        if self._held_durations is not None:
+            self._held_durations = None
+            self._awaiting_poll = set()
+        self.version += 1
+        return True
 
     def resume(self, record: SimRecord) -> SimAccount:
         """The account to fold a successful listing into: the restored one, if still held."""

@@ -17,7 +17,7 @@ import hashlib
 import heapq
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -127,6 +127,8 @@ class Poller:
         record = self._state.sims.get(sid)
         if record is None:  # removed while we were polling
             return False
+        if self._state.account_sid is None:
+            self._learn_account(s.account_sid for s in sessions)
         account = self._state.resume(record)  # a restored account is taken up at its first poll
         outcome = apply_listing(account, sessions, forget_after=self._settings.forget_after)
         self._state.record_success(sid, outcome, self._clock.time())
@@ -164,6 +166,7 @@ class Poller:
                 self._count(exc)
                 self._report(exc, "SIM discovery failed")
                 return False
+            self._learn_account(sim.account_sid for sim in sims)
             discovered = {sim.sid: sim for sim in sims if self._settings.shard.owns(sim.sid)}
             wanted = set(self._targets) | set(discovered)
             for sid in discovered:
@@ -187,6 +190,7 @@ class Poller:
         )
         for sid, result in zip(missing, results, strict=True):
             if isinstance(result, Sim):
+                self._learn_account([result.account_sid])
                 self._set_identity(result)
             elif isinstance(result, ApiError):
                 ok = False
@@ -298,6 +302,18 @@ class Poller:
                     await task
 
     # ------------------------------------------------------------------ helpers
+
+    def _learn_account(self, account_sids: Iterable[str | None]) -> None:
+        """Tell the state which account answers (a state file is checked against it)."""
+        if self._state.account_sid is not None:
+            return
+        found = next((a for a in account_sids if a), None)
+        if self._state.learn_account(found):
+            log.warning(
+                "the API answers for account %s, not the account of the restored state file;"
+                " its SIMs start a fresh baseline",
+                found,
+            )
 
     def _set_identity(self, sim: Sim) -> None:
         self._state.set_identity(
