@@ -662,6 +662,72 @@ def test_a_failed_save_leaves_the_previous_file(
     assert registry.get_sample_value("twilio_wireless_state_last_save_timestamp_seconds") == 0.0
 
 
+def test_values_sqlite_cannot_hold_never_fail_a_save(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: one counter at 2**63 made every save fail, so no state was ever written.
+
+    Now a counter beyond int64 is saved as the float Prometheus shows (and read back as that
+    whole number), and a SIM holding what no state file may hold (a negative count, a number
+    beyond any float, text that is not Unicode) keeps its previously saved rows; nothing else
+    is lost and no shown counter goes down after a restart."""
+    from prometheus_client import CollectorRegistry
+
+    path = tmp_path / "state.db"
+    registry = CollectorRegistry()
+    store = StateStore(path, IDENTITY, registry=registry)
+    state = fleet_state(6)
+    assert asyncio.run(store.save(state))
+    accounts = {sid: r.account for sid, r in state.sims.items()}
+    before = {sid: read_state(path, IDENTITY).accounts[sid] for sid in accounts}
+
+    big = 2**63 + 12_345
+    accounts[sim_sid(0)].packets_uploaded_total = big
+    memo = next(iter(accounts[sim_sid(1)].sessions.values()))
+    memo.packets_uploaded = -1
+    accounts[sim_sid(1)].started_total += 1
+    accounts[sim_sid(2)].packets_downloaded_total = 10**310
+    accounts[sim_sid(3)].last_imei = "\ud800"
+    accounts[sim_sid(4)].started_total += 7
+    with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.fleet.persist"):
+        assert asyncio.run(store.save(state))
+        assert asyncio.run(store.save(state, force=True))  # logged once per SIM
+    loaded = read_state(path, IDENTITY).accounts
+    assert loaded[sim_sid(0)].packets_uploaded_total == int(float(big))
+    assert float(loaded[sim_sid(0)].packets_uploaded_total) == float(big)  # as shown
+    for kept in (1, 2, 3):  # their rows of the previous save
+        assert loaded[sim_sid(kept)] == before[sim_sid(kept)]
+    assert loaded[sim_sid(4)] == accounts[sim_sid(4)]
+    assert loaded[sim_sid(5)] == accounts[sim_sid(5)]
+    assert set(store.unsaved) == {sim_sid(1), sim_sid(2), sim_sid(3)}
+    assert registry.get_sample_value("twilio_wireless_state_unsaved_sims") == 3
+    assert registry.get_sample_value("twilio_wireless_state_save_errors_total") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3
+    assert any("the negative count -1" in w for w in warnings)
+    assert any("a number of 311 digits" in w for w in warnings)
+    assert any("text that is not valid Unicode" in w for w in warnings)
+
+    # the SIM's values heal: it is saved again, and the gauge goes back to 0
+    memo.packets_uploaded = 3
+    accounts[sim_sid(2)].packets_downloaded_total = 5
+    accounts[sim_sid(3)].last_imei = None
+    accounts[sim_sid(0)].packets_uploaded_total = int(float(big))  # as written and shown
+    assert asyncio.run(store.save(state, force=True))
+    assert read_state(path, IDENTITY).accounts == accounts
+    assert registry.get_sample_value("twilio_wireless_state_unsaved_sims") == 0
+
+
+def test_the_first_save_leaves_out_only_the_sims_it_cannot_write(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    state = fleet_state(3)
+    state.sims[sim_sid(1)].account.packets_uploaded_total = -3
+    store = StateStore(path, IDENTITY)
+    assert asyncio.run(store.save(state))
+    assert set(read_state(path, IDENTITY).accounts) == {sim_sid(0), sim_sid(2)}
+    assert store.unsaved == {sim_sid(1): "a negative count"}
+
+
 def test_a_stale_temp_file_from_a_crash_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     temp_path(path).write_bytes(b"half a database")
@@ -968,6 +1034,132 @@ async def test_a_file_for_another_account_is_set_aside_at_start(
     assert "belongs to another API or account" in caplog.text
     assert (tmp_path / "state.db.rejected").exists()
     assert set(read_state(path, state_identity(config)).accounts) == {sid}
+
+
+KEY_A, KEY_B = "SK" + "a" * 32, "SK" + "b" * 32
+
+
+async def test_a_rotated_api_key_of_the_same_account_keeps_the_counters(tmp_path: Path) -> None:
+    """Before: with an API key and no account SID configured, the key identified the file, so
+    rotating the key made the file "belong to another account" and every counter restarted."""
+    config = SimulatorConfig(sims=0, seed=11, api_keys={KEY_A: "secret-a", KEY_B: "secret-b"})
+    async with start_simulator(config, host="127.0.0.1", port=0) as sim:
+        sid = sim.fleet.add_sim()
+        sim.fleet.open_session(sid, packets_uploaded=5)
+        path = tmp_path / "state.db"
+
+        def keyed(key: str, secret: str) -> Config:
+            mapping = exporter_mapping(sim.url, [sid], state={"path": str(path)})
+            mapping["twilio"] = {"base_url": sim.url, "api_key": key, "api_secret": secret}
+            return config_from_mapping(mapping, environ={})
+
+        async with exporter(keyed(KEY_A, "secret-a")) as exp:
+            await exp.poller.poll_all()  # baseline
+            sim.fleet.open_session(sid, packets_uploaded=7)
+            await exp.poller.poll_all()
+            assert exp.state.account_sid == sim.config.account_sid  # learned from the answers
+        assert read_state(path, state_identity(keyed(KEY_A, "secret-a"))).accounts
+        sim.fleet.open_session(sid, packets_uploaded=11)  # while no exporter runs
+        async with exporter(keyed(KEY_B, "secret-b")) as exp:
+            assert set(exp.state.restored) == {sid}
+            await exp.poller.poll_all()
+            shown = text(exp)
+        assert value(shown, "twilio_wireless_sim_data_sessions_started_total", sim_sid=sid) == 2
+        assert value(shown, "twilio_wireless_sim_packets_uploaded_total", sim_sid=sid) == 18
+        assert not (tmp_path / "state.db.rejected").exists()
+
+
+def test_the_account_not_the_credential_identifies_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    account = "AC" + "1" * 32
+    client_a = StateIdentity("http://127.0.0.1:1", "oauth2:client-a")
+    state = fleet_state(2)
+    state.account_sid = account  # learned from the API's answers
+    save(state, path, client_a)
+    # another OAuth2 client (or API key) of the same API: read, its account checked later
+    loaded = read_state(path, StateIdentity("http://127.0.0.1:1", "oauth2:client-b"))
+    assert len(loaded.accounts) == 2
+    assert loaded.unverified_account == account
+    # a configured account SID is compared at once
+    same = StateIdentity("http://127.0.0.1:1", account, account)
+    assert read_state(path, same).unverified_account is None
+    other = StateIdentity("http://127.0.0.1:1", "AC" + "2" * 32, "AC" + "2" * 32)
+    with pytest.raises(StateFileError, match="belongs to another API or account"):
+        read_state(path, other)
+    # an earlier version's file (no account_sid row) written with an account SID
+    _sql(path, "DELETE FROM meta WHERE key='account_sid'")
+    assert read_state(path, IDENTITY).unverified_account is None
+    with pytest.raises(StateFileError, match="belongs to another API or account"):
+        read_state(path, other)
+
+
+def test_restored_state_of_another_account_is_dropped_at_the_first_answer() -> None:
+    state = fresh_state([sim_sid(0), sim_sid(1)])
+    state.restore({sim_sid(0): account(1)}, {"LTE": Histogram(SESSION_DURATION_BUCKETS)})
+    state.unverified_account = "AC" + "1" * 32
+    assert state.learn_account("AC" + "2" * 32)
+    assert state.restored == {}
+    assert state.duration_histograms() == {}
+    assert not state.learn_account("AC" + "3" * 32)  # learned once
+    same = fresh_state([sim_sid(0)])
+    same.restore({sim_sid(0): account(1)}, {})
+    same.unverified_account = "AC" + "1" * 32
+    assert not same.learn_account("AC" + "1" * 32)
+    assert same.restored == {sim_sid(0): account(1)}
+
+
+async def test_a_second_exporter_on_the_same_state_file_is_refused(
+    scripted: RunningSimulator, tmp_path: Path
+) -> None:
+    """Before: two exporters given one state.path overwrote each other's saves silently."""
+    from twilio_wireless_exporter.fleet.persist import StateLockedError
+
+    sid = scripted.fleet.add_sim()
+    path = tmp_path / "state.db"
+    config = make_config(scripted, [sid], path)
+    async with exporter(config) as first:
+        await first.poller.poll_all()
+        second = Exporter(config, clock=ManualClock(), retry_sleep=no_sleep)
+        with pytest.raises(StateLockedError) as info:
+            await second.open()
+        assert str(info.value) == (
+            f"state file {path} is in use by another exporter (pid {os.getpid()}):"
+            " give each exporter its own state.path"
+        )
+        assert second.state.restored == {}
+        await second.stop()
+    async with exporter(config) as third:  # released when the first stopped
+        assert set(third.state.restored) == {sid}
+
+
+async def test_the_first_save_comes_once_every_sim_has_its_baseline(
+    scripted: RunningSimulator, tmp_path: Path
+) -> None:
+    """Before: nothing was saved before the first state.save_interval, so a SIGKILL in the first
+    minute lost every baseline."""
+    sids = [scripted.fleet.add_sim() for _ in range(3)]
+    path = tmp_path / "state.db"
+    config = make_config(scripted, sids, path, save_interval="10m")
+    clock = ManualClock()
+    exp = Exporter(config, clock=clock, retry_sleep=no_sleep)
+    await exp.open()
+    store = exp._store
+    assert store is not None
+    saver = asyncio.create_task(store.run(exp.state, 600.0, clock.sleep))
+    try:
+        await exp.poller.poll_sim(sids[0])
+        await clock.advance(5)
+        assert not path.exists()  # a SIM without its baseline yet: nothing worth saving
+        await exp.poller.poll_sim(sids[1])
+        await exp.poller.poll_sim(sids[2])
+        await clock.advance(1)
+        await eventually(path.exists)
+        assert set(read_state(path, state_identity(config)).accounts) == set(sids)
+    finally:
+        saver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saver
+        await exp.stop()
 
 
 async def test_failing_saves_are_logged_and_counted(
