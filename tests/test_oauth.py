@@ -1052,8 +1052,9 @@ async def test_a_jwt_is_renewed_before_its_exp_even_if_expires_in_says_later(
             mapping=oauth_mapping(env.sim, env.sids, token_url=endpoint.url, margin="10s")
         )
         await env.poll()
-        status = env.exp.client._transport._auth.status()  # type: ignore[attr-defined]
-        assert status == TokenStatus(START + 100, 100)
+        auth = env.exp.client._transport._auth
+        assert isinstance(auth, OAuth2Authenticator)
+        assert auth.status() == TokenStatus(START + 100, 100)
         await env.clock.advance(89)
         await env.poll()
         assert len(endpoint.requests) == 1
@@ -1071,7 +1072,7 @@ async def test_a_jwt_is_renewed_before_its_exp_even_if_expires_in_says_later(
         (_jwt(1e400), None),  # json gives inf
         ("a.b.c", None),
         ("opaque-token", None),
-        (_jwt(True), None),  # type: ignore[arg-type]
+        (_jwt(True), None),
         ("x." + "e30" + ".y", None),  # {} has no exp
     ],
 )
