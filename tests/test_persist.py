@@ -1162,6 +1162,32 @@ async def test_the_first_save_comes_once_every_sim_has_its_baseline(
         await exp.stop()
 
 
+async def test_sims_restored_from_the_file_need_no_early_save(
+    scripted: RunningSimulator, tmp_path: Path
+) -> None:
+    sids = [scripted.fleet.add_sim() for _ in range(3)]
+    path = tmp_path / "state.db"
+    config = make_config(scripted, sids, path, save_interval="10m")
+    async with exporter(config) as first:
+        await first.poller.poll_all()
+    written = path.stat().st_mtime_ns
+    clock = ManualClock()
+    exp = Exporter(config, clock=clock, retry_sleep=no_sleep)
+    await exp.open()
+    assert exp._store is not None
+    saver = asyncio.create_task(exp._store.run(exp.state, 600.0, clock.sleep))
+    try:
+        await exp.poller.poll_all()
+        for _ in range(5):
+            await clock.advance(1)
+        assert path.stat().st_mtime_ns == written  # every SIM had its baseline from the file
+    finally:
+        saver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saver
+        await exp.stop()
+
+
 async def test_failing_saves_are_logged_and_counted(
     scripted: RunningSimulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

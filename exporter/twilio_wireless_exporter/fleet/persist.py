@@ -431,8 +431,15 @@ def _keep_previous_rows(conn: sqlite3.Connection, previous: Path, sids: list[str
             ).fetchall()
         finally:
             old.close()
-        conn.executemany(_INSERT_SIM, sims)
-        conn.executemany(_INSERT_SESSION, sessions)
+        conn.execute("SAVEPOINT previous")
+        try:
+            conn.executemany(_INSERT_SIM, sims)
+            conn.executemany(_INSERT_SESSION, sessions)
+        except sqlite3.Error:
+            conn.execute("ROLLBACK TO previous")  # all of a SIM's rows, or none
+            raise
+        finally:
+            conn.execute("RELEASE previous")
     except sqlite3.Error as exc:
         log.warning(
             "cannot keep the previous rows of %d SIMs from %s: %s", len(sids), previous, exc
@@ -916,7 +923,8 @@ class StateStore:
         """
         step = min(tick, interval)
         waited = 0.0
-        saved_baselines = 0
+        # SIMs restored from the file have their baseline already: no early save for them.
+        saved_baselines = complete_baselines(state) or 0
         while True:
             await sleep(step)
             waited += step
@@ -935,16 +943,13 @@ class StateStore:
 
 
 def complete_baselines(state: FleetState) -> int | None:
-    """How many SIMs have a baseline from a poll of this process, when none lacks one (a SIM
-    whose restored account is still held has one); ``None`` while some SIM lacks one."""
-    baselined = 0
+    """How many SIMs have a baseline (from a poll, or restored and still held), when none
+    lacks one; ``None`` while some SIM lacks one."""
     held = state.restored
     for sid, record in state.sims.items():
-        if record.account.baselined:
-            baselined += 1
-        elif sid not in held:
+        if not record.account.baselined and sid not in held:
             return None
-    return baselined
+    return len(state.sims)
 
 
 class StateLockedError(Exception):
