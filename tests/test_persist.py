@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -601,6 +602,98 @@ def test_a_whole_file_of_bad_rows_still_restores_the_good_ones(tmp_path: Path) -
     loaded = read_state(path, IDENTITY)
     assert set(loaded.accounts) == {sim_sid(i) for i in range(50)} - set(bad)
     assert len(loaded.rejected) == len(bad)
+
+
+HOSTILE_CELLS = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.none(),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 7),
+            st.sampled_from(["sims", "sessions"]),
+            st.integers(0, 20),
+            HOSTILE_CELLS,
+        ),
+        max_size=6,
+    )
+)
+def test_hostile_cells_cost_at_most_their_own_sim(
+    spoils: list[tuple[int, str, int, object]],
+) -> None:
+    """Whatever lands in a cell, loading never fails and every SIM not touched is restored
+    exactly; a touched SIM is restored or reported as rejected, nothing in between."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "state.db"
+        state = fleet_state(8)
+        save(state, path)
+        touched: set[str] = set()
+        conn = sqlite3.connect(path)
+        for sim, table, column, cell in spoils:
+            sid = sim_sid(sim)
+            names = SimRow.__struct_fields__ if table == "sims" else SessionRow.__struct_fields__
+            name = names[1 + column % (len(names) - 1)]  # never the key column
+            where = "sid" if table == "sims" else "sim_sid"
+            try:
+                conn.execute(f"UPDATE {table} SET {name}=? WHERE {where}=?", (cell, sid))
+            except sqlite3.IntegrityError:
+                continue  # NOT NULL: the schema itself refuses it
+            touched.add(sid)
+        conn.commit()
+        conn.close()
+        loaded = read_state(path, IDENTITY)
+    rejected = {why.split("; SIM ")[1].split(" ")[0] for _, why in loaded.rejected}
+    for sid, record in state.sims.items():
+        if sid not in touched:
+            assert loaded.accounts[sid] == record.account
+        else:
+            assert (sid in loaded.accounts) != (sid in rejected)
+
+
+COUNTS = st.one_of(
+    st.integers(0, 2**63 - 1),
+    st.integers(2**63, 2**90),
+    st.integers(-(2**70), -1),
+    st.just(10**400),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(COUNTS, COUNTS), min_size=1, max_size=6))
+def test_a_save_never_fails_whatever_the_counters_hold(counts: list[tuple[int, int]]) -> None:
+    """Counters beyond int64 are saved as the floats /metrics shows; a SIM holding a negative
+    count or a number beyond any float is left out; every other SIM is saved exactly."""
+    state = FleetState()
+    for i, (total, memo) in enumerate(counts):
+        acct = state.ensure(sim_sid(i)).account
+        acct.baselined = True
+        acct.packets_uploaded_total = total
+        acct.sessions["WN" + "0" * 32] = SessionMemo(memo, 0, False, 0)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "state.db"
+        store = StateStore(path, IDENTITY)
+        assert asyncio.run(store.save(state))
+        loaded = read_state(path, IDENTITY).accounts
+    for i, (total, memo) in enumerate(counts):
+        sid = sim_sid(i)
+        storable = all(v >= 0 and math.isfinite(float(min(v, 10**300))) for v in (total, memo))
+        storable = storable and total < 10**308 and memo < 10**308
+        if not storable:
+            assert sid not in loaded
+            assert sid in store.unsaved
+            continue
+        got = loaded[sid]
+        assert float(got.packets_uploaded_total) == float(total)
+        assert float(got.sessions["WN" + "0" * 32].packets_uploaded) == float(memo)
+        if total <= 2**63 - 1 and memo <= 2**63 - 1:
+            assert got == state.sims[sid].account
 
 
 def test_the_row_types_declare_the_columns_of_the_schema(tmp_path: Path) -> None:

@@ -376,14 +376,14 @@ def _insert_rows(conn: sqlite3.Connection, snap: Snapshot, previous: Path) -> Wr
     at fault; negative counts, which SQLite stores but the loader rejects, are found by a query.
     """
     written = Written()
-    conn.execute("SAVEPOINT rows")
     try:
         conn.executemany(_INSERT_SIM, snap.sims)
         conn.executemany(_INSERT_SESSION, snap.sessions)
     except (OverflowError, UnicodeEncodeError, sqlite3.Error, ValueError):
-        conn.execute("ROLLBACK TO rows")
+        # No ROLLBACK: the new file has no journal. The two tables hold only these rows.
+        conn.execute("DELETE FROM sims")
+        conn.execute("DELETE FROM sessions")
         _insert_one_by_one(conn, snap, written.unsaved)
-    conn.execute("RELEASE rows")
     for (sid,) in conn.execute(_NEGATIVE).fetchall():
         written.unsaved.setdefault(sid, "a negative count")
     if written.unsaved:
@@ -431,15 +431,13 @@ def _keep_previous_rows(conn: sqlite3.Connection, previous: Path, sids: list[str
             ).fetchall()
         finally:
             old.close()
-        conn.execute("SAVEPOINT previous")
         try:
             conn.executemany(_INSERT_SIM, sims)
             conn.executemany(_INSERT_SESSION, sessions)
-        except sqlite3.Error:
-            conn.execute("ROLLBACK TO previous")  # all of a SIM's rows, or none
+        except sqlite3.Error:  # all of a SIM's rows, or none (no journal to roll back)
+            conn.execute(f"DELETE FROM sims WHERE sid IN ({marks})", sids)  # noqa: S608
+            conn.execute(f"DELETE FROM sessions WHERE sim_sid IN ({marks})", sids)  # noqa: S608
             raise
-        finally:
-            conn.execute("RELEASE previous")
     except sqlite3.Error as exc:
         log.warning(
             "cannot keep the previous rows of %d SIMs from %s: %s", len(sids), previous, exc
