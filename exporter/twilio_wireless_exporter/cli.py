@@ -289,10 +289,10 @@ async def serve(
     drop_created_samples()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    received: list[str] = []
 
     def stop_on(sig: signal.Signals) -> None:
-        received.append(sig.name)
+        if not stop.is_set():
+            log.info("received %s", sig.name)
         stop.set()
 
     for sig in STOP_SIGNALS:
@@ -321,7 +321,7 @@ async def serve(
         for address in runner.addresses:
             log.info("listening on %s", _format_address(address, scheme))
         await stop.wait()
-        log.info("shutting down%s", f" on {received[0]}" if received else "")
+        log.info("shutting down")
     return 1 if exporter.failed else 0
 
 
