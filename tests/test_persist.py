@@ -1281,6 +1281,43 @@ async def test_sims_restored_from_the_file_need_no_early_save(
         await exp.stop()
 
 
+async def test_the_issues_hostile_sessions_cost_nothing_else_across_a_restart(
+    scripted: RunningSimulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a session at packets_uploaded -1 was saved, and at the next start the whole file
+    was rejected (every SIM back to 0); a session at 2**63 made every save fail."""
+    fleet = scripted.fleet
+    negative, huge, good = (fleet.add_sim() for _ in range(3))
+    for sid in (negative, huge, good):
+        fleet.open_session(sid, packets_uploaded=1, packets_downloaded=1)
+    path = tmp_path / "state.db"
+    config = make_config(scripted, [negative, huge, good], path)
+    async with exporter(config) as exp:
+        await exp.poller.poll_all()  # baselines
+        fleet.open_session(negative, packets_uploaded=-1)
+        fleet.open_session(huge, packets_uploaded=2**63)
+        fleet.open_session(good, packets_uploaded=5)
+        await exp.poller.poll_all()
+        assert exp._store is not None
+        with caplog.at_level(logging.WARNING):
+            assert await exp._store.save(exp.state)
+        before = {sid: exp.state.sims[sid].account for sid in (huge, good)}
+    saved = read_state(path, state_identity(config)).accounts
+    assert set(saved) == {huge, good}  # the SIM holding -1 has no savable state yet
+    assert float(saved[huge].packets_uploaded_total) == float(before[huge].packets_uploaded_total)
+    assert saved[good] == before[good]
+    fleet.open_session(good, packets_uploaded=2)  # while the exporter is down
+    async with exporter(config) as exp:
+        assert set(exp.state.restored) == {huge, good}
+        await exp.poller.poll_all()
+        shown = text(exp)
+    assert value(shown, "twilio_wireless_sim_data_sessions_started_total", sim_sid=good) == 2
+    assert value(shown, "twilio_wireless_sim_packets_uploaded_total", sim_sid=good) == 7
+    assert value(shown, "twilio_wireless_sim_data_sessions_started_total", sim_sid=huge) == 1
+    assert not (tmp_path / "state.db.rejected").exists()
+    assert "cannot save state" not in caplog.text
+
+
 async def test_failing_saves_are_logged_and_counted(
     scripted: RunningSimulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
