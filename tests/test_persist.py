@@ -1179,6 +1179,11 @@ def test_the_account_not_the_credential_identifies_a_file(tmp_path: Path) -> Non
     other = StateIdentity("http://127.0.0.1:1", "AC" + "2" * 32, "AC" + "2" * 32)
     with pytest.raises(StateFileError, match="belongs to another API or account"):
         read_state(path, other)
+    # an earlier version's file of an OAuth2 client (no account SID anywhere): taken up
+    legacy = tmp_path / "legacy.db"
+    save(fleet_state(2), legacy, client_a)
+    loaded = read_state(legacy, StateIdentity("http://127.0.0.1:1", "oauth2:client-b"))
+    assert (len(loaded.accounts), loaded.unverified_account) == (2, None)
     # an earlier version's file (no account_sid row) written with an account SID
     _sql(path, "DELETE FROM meta WHERE key='account_sid'")
     assert read_state(path, IDENTITY).unverified_account is None
