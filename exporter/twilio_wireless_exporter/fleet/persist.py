@@ -65,7 +65,12 @@ from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.config import BasicCredentials, Config
 from twilio_wireless_exporter.fleet.accounting import SessionAttributes, SessionMemo, SimAccount
-from twilio_wireless_exporter.fleet.state import SESSION_DURATION_BUCKETS, FleetState, Histogram
+from twilio_wireless_exporter.fleet.state import (
+    SESSION_DURATION_BUCKETS,
+    FleetState,
+    Histogram,
+    is_account_sid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +128,6 @@ _INSERT_SIM: Final = (
 
 class StateFileError(Exception):
     """Why a state file cannot be used (the message is shown to the operator)."""
-
-
-#: The shape of an Account SID (``meta.account_sid``; older files may hold one in ``account``).
-_ACCOUNT_SID: Final = re.compile(r"^AC[0-9a-fA-F]{32}$")
-
-
-def is_account_sid(value: object) -> bool:
-    return isinstance(value, str) and _ACCOUNT_SID.match(value) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -307,7 +307,7 @@ class Poller:
         """Tell the state which account answers (a state file is checked against it)."""
         if self._state.account_sid is not None:
             return
-        found = next((a for a in account_sids if a), None)
+        found = next((a for a in account_sids if a), None)  # the state checks its shape
         if self._state.learn_account(found):
             log.warning(
                 "the API answers for account %s, not the account of the restored state file;"
