@@ -653,16 +653,13 @@ def _read(
     rejected: list[tuple[str, str]] = []
     accounts: dict[str, SimAccount] = {}
     last_success: dict[str, float] = {}
-    bad_sims: set[str] = set()
     for cells in conn.execute("SELECT * FROM sims"):
+        if keep is not None and isinstance(cells[0], str) and not keep(cells[0]):
+            continue  # no longer monitored: not even checked
         try:
             sim = _decode(cells, SimRow, "sims")
         except StateFileError as exc:
             rejected.append(("sims", _row_problem(exc, cells[0])))
-            if isinstance(cells[0], str):
-                bad_sims.add(cells[0])
-            continue
-        if keep is not None and not keep(sim.sid):
             continue
         accounts[sim.sid] = _account(sim)
         if sim.last_success is not None:
@@ -679,7 +676,6 @@ def _read(
             rejected.append(("sessions", _row_problem(exc, owner)))
             del accounts[owner]
             last_success.pop(owner, None)
-            bad_sims.add(owner)
             continue
         acct_of.sessions[ses.sid] = SessionMemo(
             ses.packets_uploaded, ses.packets_downloaded, bool(ses.ended), ses.absent
