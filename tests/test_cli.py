@@ -276,3 +276,62 @@ async def test_the_command_freezes_its_start_up_heap(monkeypatch: pytest.MonkeyP
     assert frozen > before + 1000  # the imported modules at least
     assert young < 50  # and it collected first
     assert apps == 0  # the web app it serves is frozen with the rest
+
+
+async def _exporter_child(config: Path) -> asyncio.subprocess.Process:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TWILIO_")}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "twilio_wireless_exporter",
+        "--config",
+        str(config),
+        "--web.listen-address",
+        "127.0.0.1:0",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.mark.e2e
+async def test_sighup_stops_cleanly_with_a_final_save_and_a_second_exporter_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Before: SIGHUP (a closed terminal, ``systemctl reload`` mapped to it) killed the process
+    with no final save, and a second exporter on the same state.path ran beside the first."""
+    from tests.process_support import read_listen_url
+    from twilio_wireless_exporter.fleet.persist import read_state, state_identity
+
+    async with start_simulator(SimulatorConfig(sims=0, seed=4), host="127.0.0.1", port=0) as sim:
+        sid = sim.fleet.add_sim()
+        sim.fleet.open_session(sid, packets_uploaded=3)
+        state = tmp_path / "state.db"
+        mapping = exporter_mapping(
+            sim.url, [sid], state={"path": str(state), "save_interval": "1h"}
+        )
+        config = write(tmp_path, json.dumps(mapping))  # JSON is YAML
+        first = await _exporter_child(config)
+        assert first.stderr is not None
+        lines: list[str] = []
+        await read_listen_url(first.stderr, lines)
+
+        second = await _exporter_child(config)
+        _, err = await asyncio.wait_for(second.communicate(), 30)
+        assert second.returncode == cli.EXIT_STATE_IN_USE
+        assert (
+            f"cannot start: state file {state} is in use by another exporter (pid {first.pid}):"
+            " give each exporter its own state.path"
+        ) in err.decode()
+        assert "Traceback" not in err.decode()
+
+        first.send_signal(signal.SIGHUP)
+        rest = await asyncio.wait_for(first.stderr.read(), 30)
+        assert await asyncio.wait_for(first.wait(), 30) == 0
+        log = "\n".join(lines) + rest.decode()
+        assert "received SIGHUP" in log
+        assert "shutting down" in log
+        assert "Traceback" not in log
+        identity = state_identity(config_from_mapping(mapping, environ={}))
+        assert set(read_state(state, identity).accounts) == {sid}  # the final save

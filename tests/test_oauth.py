@@ -195,7 +195,7 @@ MakeEnv = Callable[..., Awaitable[Env]]
 async def make_env(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MakeEnv]:
     made: list[tuple[Env, Any]] = []
 
-    async def make(sims: int = 1, lifetime: float = 3600.0) -> Env:
+    async def make(sims: int = 1, lifetime: float = 3600.0, style: str = "opaque") -> Env:
         clock = ManualClock()
         starter = start_simulator(
             SimulatorConfig(
@@ -206,6 +206,8 @@ async def make_env(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[MakeEnv]:
                 client_secret=SECRET,
                 token_lifetime=lifetime,
                 token_clock=clock.monotonic,
+                token_style=style,  # type: ignore[arg-type]
+                token_wall_clock=clock.time,
             ),
             host="127.0.0.1",
             port=0,
@@ -410,20 +412,18 @@ async def test_bad_client_secret_fails_polls_clearly_and_backs_off(
     assert "rejected the client credentials" in record.getMessage()
     assert "twilio.auth.client_id" in record.getMessage()
 
-    # no tight loop: further polls fail at once until the cool-down (15 s, then 30 s) is over
+    # no tight loop: further polls fail at once until the cool-down is over; it follows the
+    # poll backoff (poll.backoff_initial 1 s doubling, at most poll.backoff_max 8 s)
     await env.poll()
-    await env.clock.advance(14.9)
-    await env.poll()
-    assert env.sim.stats.token_requests == 1
-    await env.clock.advance(0.1)
-    await env.poll()
-    assert env.sim.stats.token_requests == 2
-    await env.clock.advance(29.9)
-    await env.poll()
-    assert env.sim.stats.token_requests == 2
-    await env.clock.advance(0.1)
-    await env.poll()
-    assert env.sim.stats.token_requests == 3
+    requests = 1
+    for cooldown in (1, 2, 4, 8, 8, 8):
+        await env.clock.advance(cooldown - 0.1)
+        await env.poll()
+        assert env.sim.stats.token_requests == requests
+        await env.clock.advance(0.1)
+        await env.poll()
+        requests += 1
+        assert env.sim.stats.token_requests == requests
     assert env.up() == [False] * 3
 
 
@@ -434,7 +434,7 @@ async def test_rejected_credentials_recover_after_the_cooldown(make_env: MakeEnv
     await env.poll()
     assert env.up() == [False, False]
     assert env.error() == "token: invalid_client: Client authentication failed status=400"
-    await env.clock.advance(15)
+    await env.clock.advance(1)  # poll.backoff_initial
     await env.poll()
     assert env.up() == [True, True]
     assert env.sim.stats.token_requests == 2
@@ -560,7 +560,7 @@ async def test_exhausted_retries_fail_the_poll_then_recover(make_env: MakeEnv) -
     assert metric(text, TOKEN, result="error") == 5
     await env.poll()  # cooling down: no new round
     assert env.sim.stats.token_requests == 5
-    await env.clock.advance(15)
+    await env.clock.advance(1)
     await env.poll()
     assert env.sim.stats.token_requests == 6
     assert env.up() == [True, True]
@@ -607,26 +607,32 @@ async def test_the_current_token_stays_in_use_while_its_renewal_fails(
     await env.start(margin="10s")
     await env.poll()
     await env.clock.advance(90)
-    env.sim.faults.script("token", [FaultResponse(status=503)] * 5)
+    env.sim.faults.script("token", [FaultResponse(status=503)] * 100)
     with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.api.auth"):
         await env.poll()
     assert env.up() == [True]  # the old token is valid until t=100
     assert env.sim.stats.token_requests == 6
     assert any("the current token stays in use" in r.getMessage() for r in caplog.records)
-    await env.clock.advance(9.9)
+    await env.clock.advance(0.9)
     await env.poll()
     assert env.up() == [True]
-    assert env.sim.stats.token_requests == 6  # cooling down until t=105
-    await env.clock.advance(0.1)  # t=100: expired, still cooling down
+    assert env.sim.stats.token_requests == 6  # cooling down until t=91
+    for wait in (0.1, 2, 4):  # failed rounds at t=91, 93 and 97: cooling down until t=105
+        await env.clock.advance(wait)
+        await env.poll()
+        assert env.up() == [True]
+    assert env.sim.stats.token_requests == 21
+    await env.clock.advance(3)  # t=100: expired, still cooling down
     await env.poll()
     assert env.up() == [False]
     assert env.error() == "token: Service Unavailable status=503"
     text = await env.scrape()
     assert metric(text, REMAINING) == 0
+    env.sim.faults.clear_script()
     await env.clock.advance(5)
     await env.poll()
     assert env.up() == [True]
-    assert env.sim.stats.token_requests == 7
+    assert env.sim.stats.token_requests == 22
     assert env.api(401) == 0
 
 
@@ -964,3 +970,150 @@ def test_demo_token_lifetime_must_be_positive(
 def test_demo_auth_defaults_to_basic() -> None:
     args = build_parser().parse_args(["--demo"])
     assert (args.demo_auth, args.demo_token_lifetime) == ("basic", 60.0)
+
+
+# --------------------------------------------------------------------------------------------
+# KORE: 403 for an expired or revoked token, JWT expiry, cool-downs that follow the backoff
+
+KORE_DENIED = (
+    b'{"message": "User is not authorized to access this resource with an explicit deny",'
+    b' "error": "Invalid or expired token"}'
+)
+
+
+async def test_kore_403_for_a_revoked_token_renews_it_once(make_env: MakeEnv) -> None:
+    """Before: KORE's 403 for a revoked token was an auth failure until the scheduled renewal
+    (days away for long-lived tokens); a 401 recovered at once."""
+    env = await make_env(sims=2, style="kore")
+    await env.start()
+    await env.poll()
+    assert env.up() == [True, True]
+    env.sim.expire_tokens()  # revoked: the simulator answers KORE's 403
+    await env.poll()
+    assert env.up() == [True, True]
+    assert env.api(403) == 2  # both polls were refused once ...
+    assert env.sim.stats.token_requests == 2  # ... and one renewal served both
+    text = await env.scrape()
+    assert not metric(text, "twilio_wireless_poll_errors_total", kind="auth")
+
+
+async def test_a_repeated_kore_403_is_an_auth_failure(make_env: MakeEnv) -> None:
+    env = await make_env(sims=1, style="kore")
+    await env.start()
+    await env.poll()
+    denied = FaultResponse(status=403, body=KORE_DENIED)
+    env.sim.faults.script("data_sessions", [denied, denied])
+    await env.poll()
+    assert env.up() == [False]
+    assert env.sim.stats.token_requests == 2  # renewed once, not again for the fresh token
+    assert env.error() == (
+        "data_sessions: User is not authorized to access this resource with an explicit deny"
+        " status=403"
+    )
+    text = await env.scrape()
+    assert metric(text, "twilio_wireless_poll_errors_total", kind="auth") == 1
+    await env.poll()  # the API takes the token again
+    assert env.up() == [True]
+
+
+async def test_a_403_that_is_not_about_the_token_is_not_renewed(make_env: MakeEnv) -> None:
+    env = await make_env(sims=1)
+    await env.start()
+    await env.poll()
+    forbidden = b'{"code": 20403, "message": "Forbidden", "status": 403}'
+    env.sim.faults.script("data_sessions", [FaultResponse(status=403, body=forbidden)])
+    await env.poll()
+    assert env.up() == [False]
+    assert env.sim.stats.token_requests == 1
+
+
+def _jwt(exp: float) -> str:
+    import base64
+
+    def part(doc: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'RS256'})}.{part({'exp': exp})}.c2lnbmF0dXJl"
+
+
+async def test_a_jwt_is_renewed_before_its_exp_even_if_expires_in_says_later(
+    make_env: MakeEnv,
+) -> None:
+    """KORE's tokens are JWTs: their ``exp`` claim, not only ``expires_in``, bounds their life."""
+    env = await make_env(sims=1, lifetime=100.0, style="kore")
+
+    def answer() -> bytes:  # a real simulator token (a JWT, exp 100 s on) claimed to last a day
+        token = env.sim.issue_token()
+        env.issued.append((env.clock.monotonic(), token))
+        return json.dumps({"access_token": token, "expires_in": "86400"}).encode()
+
+    async with token_endpoint([answer]) as endpoint:
+        await env.start(
+            mapping=oauth_mapping(env.sim, env.sids, token_url=endpoint.url, margin="10s")
+        )
+        await env.poll()
+        auth = env.exp.client._transport._auth
+        assert isinstance(auth, OAuth2Authenticator)
+        assert auth.status() == TokenStatus(START + 100, 100)
+        await env.clock.advance(89)
+        await env.poll()
+        assert len(endpoint.requests) == 1
+        await env.clock.advance(2)  # past exp - refresh_margin
+        await env.poll()
+        assert len(endpoint.requests) == 2
+        assert env.up() == [True]
+        assert env.api(403) == 0  # renewed in time: never refused
+
+
+@pytest.mark.parametrize(
+    ("token", "exp"),
+    [
+        (_jwt(START + 5), START + 5),
+        (_jwt(1e400), None),  # json gives inf
+        ("a.b.c", None),
+        ("opaque-token", None),
+        (_jwt(True), None),
+        ("x." + "e30" + ".y", None),  # {} has no exp
+    ],
+)
+def test_jwt_expiry(token: str, exp: float | None) -> None:
+    from twilio_wireless_exporter.api.auth import jwt_expiry
+
+    assert jwt_expiry(token) == exp
+
+
+async def test_a_jwt_exp_in_the_past_of_our_clock_falls_back_to_expires_in(
+    make_env: MakeEnv, caplog: pytest.LogCaptureFixture
+) -> None:
+    env = await make_env(sims=1)
+    body = json.dumps({"access_token": _jwt(START - 600), "expires_in": "3600"}).encode()
+    async with token_endpoint([body]) as endpoint:
+        await env.start(mapping=oauth_mapping(env.sim, env.sids, token_url=endpoint.url))
+        auth = env.exp.client._transport._auth
+        assert isinstance(auth, OAuth2Authenticator)
+        with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.api.auth"):
+            await auth.authorization()
+        assert auth.status() == TokenStatus(START + 3600, 3600)
+        assert "JWT exp lies 600s in the past" in caplog.text
+
+
+async def test_sims_come_back_within_the_backoff_after_the_token_endpoint_returns(
+    make_env: MakeEnv,
+) -> None:
+    """Before: after 20 s without a token endpoint the SIMs came back 27 s after it returned
+    (cool-downs of 15 s, then 30 s, doubling to 5 min). Now the cool-down follows the poll
+    backoff (here 1 s doubling to 8 s), so they are back at most backoff_max after it."""
+    env = await make_env(sims=2)
+    await env.start(max_retries=0)
+    env.sim.faults.script("token", [FaultResponse(status=503)] * 1000)
+    back_at: float | None = None
+    for second in range(60):
+        if second == 20:
+            env.sim.faults.clear_script()  # the endpoint is back
+        await env.poll()
+        if second >= 20 and env.up() == [True, True]:
+            back_at = float(second)
+            break
+        await env.clock.advance(1)
+    assert back_at is not None
+    assert back_at - 20 <= 8  # poll.backoff_max

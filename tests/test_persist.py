@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -381,7 +382,9 @@ BAD_FILES = [
         id="foreign-api",
     ),
     pytest.param(
-        lambda p: _sql(p, "UPDATE meta SET value='AC" + "9" * 32 + "' WHERE key='account'"),
+        lambda p: _sql(
+            p, "UPDATE meta SET value='AC" + "9" * 32 + "' WHERE key IN ('account', 'account_sid')"
+        ),
         "belongs to another API or account",
         id="foreign-account",
     ),
@@ -403,66 +406,6 @@ BAD_FILES = [
         lambda p: _sql(p, "UPDATE meta SET value='x1' WHERE key='schema_version'"),
         "unknown schema version 'x1'",
         id="bad-schema-version",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sims SET started_total='many'"),
-        "bad started_total: 'many'",
-        id="text-in-counter",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sims SET packets_uploaded_total=-5"),
-        "bad packets_uploaded_total: -5",
-        id="negative-counter",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sessions SET ended=2.5"),
-        "bad ended: 2.5",
-        id="float-flag",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sims SET sid='' WHERE rowid=1"),
-        "bad sid: ''",
-        id="empty-sim-sid",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sims SET latitude='north'"),
-        "bad latitude: 'north'",
-        id="text-in-location",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sims SET latest_operator_name=X'00ff'"),
-        "bad latest_operator_name: b'\\x00\\xff'",
-        id="blob-in-attribute",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE sessions SET sid=''"),
-        "bad sid: ''",
-        id="empty-session-sid",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE durations SET counts='[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1]'"),
-        "bad duration histogram",
-        id="negative-bucket",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE durations SET counts='[1, 2]'"),
-        "bad duration histogram",
-        id="too-few-buckets",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE durations SET total='long'"),
-        "bad total: 'long'",
-        id="text-in-histogram-sum",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE durations SET count=count+1"),
-        "inconsistent duration histogram",
-        id="inconsistent-histogram",
-    ),
-    pytest.param(
-        lambda p: _sql(p, "UPDATE durations SET counts='[1, 2'"),
-        "bad duration histogram",
-        id="bad-histogram-json",
     ),
     pytest.param(
         lambda p: _sql(p, "DROP TABLE sessions"),
@@ -505,6 +448,252 @@ def test_bad_files_give_a_warning_and_a_fresh_start(
     # and the next save writes a good file again
     asyncio.run(store.save(fleet_state(2)))
     assert set(read_state(path, IDENTITY).accounts) == {sim_sid(0), sim_sid(1)}
+
+
+FIRST = sim_sid(0)
+ONE_SIM = f"WHERE sid='{FIRST}'"
+ITS_SESSIONS = f"WHERE sim_sid='{FIRST}'"
+
+BAD_ROWS = [
+    pytest.param(
+        f"UPDATE sims SET started_total='many' {ONE_SIM}",
+        "sims",
+        "bad started_total: 'many'",
+        id="text-in-counter",
+    ),
+    pytest.param(
+        f"UPDATE sims SET packets_uploaded_total=-5 {ONE_SIM}",
+        "sims",
+        "bad packets_uploaded_total: -5",
+        id="negative-counter",
+    ),
+    pytest.param(
+        f"UPDATE sims SET ended_total=2.5 {ONE_SIM}",
+        "sims",
+        "bad ended_total: 2.5",
+        id="fraction-in-counter",
+    ),
+    pytest.param(
+        f"UPDATE sessions SET ended=2.5 {ITS_SESSIONS}",
+        "sessions",
+        "bad ended: 2.5",
+        id="float-flag",
+    ),
+    pytest.param(
+        f"UPDATE sessions SET packets_uploaded=-1 {ITS_SESSIONS}",
+        "sessions",
+        "bad packets_uploaded: -1",
+        id="negative-session-packets",
+    ),
+    pytest.param(
+        f"UPDATE sims SET latitude='north' {ONE_SIM}",
+        "sims",
+        "bad latitude: 'north'",
+        id="text-in-location",
+    ),
+    pytest.param(
+        f"UPDATE sims SET latitude=91 {ONE_SIM}",
+        "sims",
+        "bad latitude: 91.0",
+        id="latitude-off-the-globe",
+    ),
+    pytest.param(
+        f"UPDATE sims SET latest_start=1e300 {ONE_SIM}",
+        "sims",
+        "bad latest_start: 1e+300",
+        id="time-beyond-year-9999",
+    ),
+    pytest.param(
+        f"UPDATE sims SET latest_operator_name=X'00ff' {ONE_SIM}",
+        "sims",
+        "bad latest_operator_name: b'\\x00\\xff'",
+        id="blob-in-attribute",
+    ),
+    pytest.param(
+        f"UPDATE sessions SET sid='' {ITS_SESSIONS}",
+        "sessions",
+        "bad sid: ''",
+        id="empty-session-sid",
+    ),
+]
+
+
+@pytest.mark.parametrize(("statement", "table", "reason"), BAD_ROWS)
+def test_a_bad_row_costs_only_its_sim(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, statement: str, table: str, reason: str
+) -> None:
+    """The SIM of a bad row starts a fresh baseline; every other SIM and the file are kept."""
+    from prometheus_client import CollectorRegistry
+
+    path = tmp_path / "state.db"
+    _sql(path, statement)
+    loaded = read_state(path, IDENTITY)
+    expected = fleet_state(3)
+    assert loaded.accounts == {sid: r.account for sid, r in expected.sims.items() if sid != FIRST}
+    assert [(t, why.split(" in table ")[0]) for t, why in loaded.rejected] == [(table, reason)]
+    assert f"SIM {FIRST} starts a fresh baseline" in loaded.rejected[0][1]
+
+    registry = CollectorRegistry()
+    state = fresh_state([sim_sid(i) for i in range(3)])
+    with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.fleet.persist"):
+        assert StateStore(path, IDENTITY, registry=registry).load(state, keep=lambda s: True)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith(f"state file {path}: ignoring a row of table {table}: {reason}")
+    assert set(state.restored) == {sim_sid(1), sim_sid(2)}
+    assert path.exists()
+    assert not (tmp_path / "state.db.rejected").exists()
+    rejected = "twilio_wireless_state_rows_rejected_total"
+    assert registry.get_sample_value(rejected, {"table": table}) == 1
+    assert (
+        sum(
+            registry.get_sample_value(rejected, {"table": t}) or 0
+            for t in ("sims", "sessions", "durations")
+        )
+        == 1
+    )
+
+
+BAD_HISTOGRAMS = [
+    pytest.param(
+        "UPDATE durations SET counts='[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -1]'",
+        "bad duration histogram",
+        id="negative-bucket",
+    ),
+    pytest.param(
+        "UPDATE durations SET counts='[1, 2]'", "bad duration histogram", id="too-few-buckets"
+    ),
+    pytest.param(
+        "UPDATE durations SET total='long'", "bad total: 'long'", id="text-in-histogram-sum"
+    ),
+    pytest.param(
+        "UPDATE durations SET count=count+1",
+        "inconsistent duration histogram",
+        id="inconsistent-histogram",
+    ),
+    pytest.param(
+        "UPDATE durations SET counts='[1, 2'", "bad duration histogram", id="bad-histogram-json"
+    ),
+]
+
+
+@pytest.mark.parametrize(("statement", "reason"), BAD_HISTOGRAMS)
+def test_a_bad_histogram_row_starts_that_histogram_afresh(
+    tmp_path: Path, statement: str, reason: str
+) -> None:
+    path = tmp_path / "state.db"
+    _sql(path, statement + " WHERE radio_link='LTE'")
+    loaded = read_state(path, IDENTITY)
+    assert set(loaded.durations) == {""}  # the other histogram is kept
+    assert len(loaded.accounts) == 3
+    [(table, why)] = loaded.rejected
+    assert table == "durations"
+    assert reason in why
+
+
+def test_a_whole_file_of_bad_rows_still_restores_the_good_ones(tmp_path: Path) -> None:
+    """Before: one bad session row (packets_uploaded -1) made the whole file rejected."""
+    path = tmp_path / "state.db"
+    save(fleet_state(50), path)
+    bad = [sim_sid(i) for i in range(0, 50, 7)]
+    conn = sqlite3.connect(path)
+    conn.executemany("UPDATE sessions SET packets_uploaded=-1 WHERE sim_sid=?", [(s,) for s in bad])
+    conn.commit()
+    conn.close()
+    loaded = read_state(path, IDENTITY)
+    assert set(loaded.accounts) == {sim_sid(i) for i in range(50)} - set(bad)
+    assert len(loaded.rejected) == len(bad)
+
+
+HOSTILE_CELLS = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.binary(max_size=5),
+    st.none(),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 7),
+            st.sampled_from(["sims", "sessions"]),
+            st.integers(0, 20),
+            HOSTILE_CELLS,
+        ),
+        max_size=6,
+    )
+)
+def test_hostile_cells_cost_at_most_their_own_sim(
+    spoils: list[tuple[int, str, int, object]],
+) -> None:
+    """Whatever lands in a cell, loading never fails and every SIM not touched is restored
+    exactly; a touched SIM is restored or reported as rejected, nothing in between."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "state.db"
+        state = fleet_state(8)
+        save(state, path)
+        touched: set[str] = set()
+        conn = sqlite3.connect(path)
+        for sim, table, column, cell in spoils:
+            sid = sim_sid(sim)
+            names = SimRow.__struct_fields__ if table == "sims" else SessionRow.__struct_fields__
+            name = names[1 + column % (len(names) - 1)]  # never the key column
+            where = "sid" if table == "sims" else "sim_sid"
+            try:
+                conn.execute(f"UPDATE {table} SET {name}=? WHERE {where}=?", (cell, sid))
+            except sqlite3.IntegrityError:
+                continue  # NOT NULL: the schema itself refuses it
+            touched.add(sid)
+        conn.commit()
+        conn.close()
+        loaded = read_state(path, IDENTITY)
+    rejected = {why.split("; SIM ")[1].split(" ")[0] for _, why in loaded.rejected}
+    for sid, record in state.sims.items():
+        if sid not in touched:
+            assert loaded.accounts[sid] == record.account
+        else:
+            assert (sid in loaded.accounts) != (sid in rejected)
+
+
+COUNTS = st.one_of(
+    st.integers(0, 2**63 - 1),
+    st.integers(2**63, 2**90),
+    st.integers(-(2**70), -1),
+    st.just(10**400),
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(COUNTS, COUNTS), min_size=1, max_size=6))
+def test_a_save_never_fails_whatever_the_counters_hold(counts: list[tuple[int, int]]) -> None:
+    """Counters beyond int64 are saved as the floats /metrics shows; a SIM holding a negative
+    count or a number beyond any float is left out; every other SIM is saved exactly."""
+    state = FleetState()
+    for i, (total, memo) in enumerate(counts):
+        acct = state.ensure(sim_sid(i)).account
+        acct.baselined = True
+        acct.packets_uploaded_total = total
+        acct.sessions["WN" + "0" * 32] = SessionMemo(memo, 0, False, 0)
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "state.db"
+        store = StateStore(path, IDENTITY)
+        assert asyncio.run(store.save(state))
+        loaded = read_state(path, IDENTITY).accounts
+    for i, (total, memo) in enumerate(counts):
+        sid = sim_sid(i)
+        storable = all(v >= 0 and math.isfinite(float(min(v, 10**300))) for v in (total, memo))
+        storable = storable and total < 10**308 and memo < 10**308
+        if not storable:
+            assert sid not in loaded
+            assert sid in store.unsaved
+            continue
+        got = loaded[sid]
+        assert float(got.packets_uploaded_total) == float(total)
+        assert float(got.sessions["WN" + "0" * 32].packets_uploaded) == float(memo)
+        if total <= 2**63 - 1 and memo <= 2**63 - 1:
+            assert got == state.sims[sid].account
 
 
 def test_the_row_types_declare_the_columns_of_the_schema(tmp_path: Path) -> None:
@@ -564,6 +753,72 @@ def test_a_failed_save_leaves_the_previous_file(
     assert f"cannot save state to {path}: [Errno 28] No space left on device" in caplog.text
     assert registry.get_sample_value("twilio_wireless_state_save_errors_total") == 1.0
     assert registry.get_sample_value("twilio_wireless_state_last_save_timestamp_seconds") == 0.0
+
+
+def test_values_sqlite_cannot_hold_never_fail_a_save(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: one counter at 2**63 made every save fail, so no state was ever written.
+
+    Now a counter beyond int64 is saved as the float Prometheus shows (and read back as that
+    whole number), and a SIM holding what no state file may hold (a negative count, a number
+    beyond any float, text that is not Unicode) keeps its previously saved rows; nothing else
+    is lost and no shown counter goes down after a restart."""
+    from prometheus_client import CollectorRegistry
+
+    path = tmp_path / "state.db"
+    registry = CollectorRegistry()
+    store = StateStore(path, IDENTITY, registry=registry)
+    state = fleet_state(6)
+    assert asyncio.run(store.save(state))
+    accounts = {sid: r.account for sid, r in state.sims.items()}
+    before = {sid: read_state(path, IDENTITY).accounts[sid] for sid in accounts}
+
+    big = 2**63 + 12_345
+    accounts[sim_sid(0)].packets_uploaded_total = big
+    memo = next(iter(accounts[sim_sid(1)].sessions.values()))
+    memo.packets_uploaded = -1
+    accounts[sim_sid(1)].started_total += 1
+    accounts[sim_sid(2)].packets_downloaded_total = 10**310
+    accounts[sim_sid(3)].last_imei = "\ud800"
+    accounts[sim_sid(4)].started_total += 7
+    with caplog.at_level(logging.WARNING, logger="twilio_wireless_exporter.fleet.persist"):
+        assert asyncio.run(store.save(state))
+        assert asyncio.run(store.save(state, force=True))  # logged once per SIM
+    loaded = read_state(path, IDENTITY).accounts
+    assert loaded[sim_sid(0)].packets_uploaded_total == int(float(big))
+    assert float(loaded[sim_sid(0)].packets_uploaded_total) == float(big)  # as shown
+    for kept in (1, 2, 3):  # their rows of the previous save
+        assert loaded[sim_sid(kept)] == before[sim_sid(kept)]
+    assert loaded[sim_sid(4)] == accounts[sim_sid(4)]
+    assert loaded[sim_sid(5)] == accounts[sim_sid(5)]
+    assert set(store.unsaved) == {sim_sid(1), sim_sid(2), sim_sid(3)}
+    assert registry.get_sample_value("twilio_wireless_state_unsaved_sims") == 3
+    assert registry.get_sample_value("twilio_wireless_state_save_errors_total") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3
+    assert any("the negative count -1" in w for w in warnings)
+    assert any("a number of 311 digits" in w for w in warnings)
+    assert any("text that is not valid Unicode" in w for w in warnings)
+
+    # the SIM's values heal: it is saved again, and the gauge goes back to 0
+    memo.packets_uploaded = 3
+    accounts[sim_sid(2)].packets_downloaded_total = 5
+    accounts[sim_sid(3)].last_imei = None
+    accounts[sim_sid(0)].packets_uploaded_total = int(float(big))  # as written and shown
+    assert asyncio.run(store.save(state, force=True))
+    assert read_state(path, IDENTITY).accounts == accounts
+    assert registry.get_sample_value("twilio_wireless_state_unsaved_sims") == 0
+
+
+def test_the_first_save_leaves_out_only_the_sims_it_cannot_write(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    state = fleet_state(3)
+    state.sims[sim_sid(1)].account.packets_uploaded_total = -3
+    store = StateStore(path, IDENTITY)
+    assert asyncio.run(store.save(state))
+    assert set(read_state(path, IDENTITY).accounts) == {sim_sid(0), sim_sid(2)}
+    assert store.unsaved == {sim_sid(1): "a negative count"}
 
 
 def test_a_stale_temp_file_from_a_crash_is_replaced(tmp_path: Path) -> None:
@@ -872,6 +1127,206 @@ async def test_a_file_for_another_account_is_set_aside_at_start(
     assert "belongs to another API or account" in caplog.text
     assert (tmp_path / "state.db.rejected").exists()
     assert set(read_state(path, state_identity(config)).accounts) == {sid}
+
+
+KEY_A, KEY_B = "SK" + "a" * 32, "SK" + "b" * 32
+
+
+async def test_a_rotated_api_key_of_the_same_account_keeps_the_counters(tmp_path: Path) -> None:
+    """Before: with an API key and no account SID configured, the key identified the file, so
+    rotating the key made the file "belong to another account" and every counter restarted."""
+    config = SimulatorConfig(sims=0, seed=11, api_keys={KEY_A: "secret-a", KEY_B: "secret-b"})
+    async with start_simulator(config, host="127.0.0.1", port=0) as sim:
+        sid = sim.fleet.add_sim()
+        sim.fleet.open_session(sid, packets_uploaded=5)
+        path = tmp_path / "state.db"
+
+        def keyed(key: str, secret: str) -> Config:
+            mapping = exporter_mapping(sim.url, [sid], state={"path": str(path)})
+            mapping["twilio"] = {"base_url": sim.url, "api_key": key, "api_secret": secret}
+            return config_from_mapping(mapping, environ={})
+
+        async with exporter(keyed(KEY_A, "secret-a")) as exp:
+            await exp.poller.poll_all()  # baseline
+            sim.fleet.open_session(sid, packets_uploaded=7)
+            await exp.poller.poll_all()
+            assert exp.state.account_sid == sim.config.account_sid  # learned from the answers
+        assert read_state(path, state_identity(keyed(KEY_A, "secret-a"))).accounts
+        sim.fleet.open_session(sid, packets_uploaded=11)  # while no exporter runs
+        async with exporter(keyed(KEY_B, "secret-b")) as exp:
+            assert set(exp.state.restored) == {sid}
+            await exp.poller.poll_all()
+            shown = text(exp)
+        assert value(shown, "twilio_wireless_sim_data_sessions_started_total", sim_sid=sid) == 2
+        assert value(shown, "twilio_wireless_sim_packets_uploaded_total", sim_sid=sid) == 18
+        assert not (tmp_path / "state.db.rejected").exists()
+
+
+def test_the_account_not_the_credential_identifies_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    account = "AC" + "1" * 32
+    client_a = StateIdentity("http://127.0.0.1:1", "oauth2:client-a")
+    state = fleet_state(2)
+    state.account_sid = account  # learned from the API's answers
+    save(state, path, client_a)
+    # another OAuth2 client (or API key) of the same API: read, its account checked later
+    loaded = read_state(path, StateIdentity("http://127.0.0.1:1", "oauth2:client-b"))
+    assert len(loaded.accounts) == 2
+    assert loaded.unverified_account == account
+    # a configured account SID is compared at once
+    same = StateIdentity("http://127.0.0.1:1", account, account)
+    assert read_state(path, same).unverified_account is None
+    other = StateIdentity("http://127.0.0.1:1", "AC" + "2" * 32, "AC" + "2" * 32)
+    with pytest.raises(StateFileError, match="belongs to another API or account"):
+        read_state(path, other)
+    # an earlier version's file of an OAuth2 client (no account SID anywhere): taken up
+    legacy = tmp_path / "legacy.db"
+    save(fleet_state(2), legacy, client_a)
+    loaded = read_state(legacy, StateIdentity("http://127.0.0.1:1", "oauth2:client-b"))
+    assert (len(loaded.accounts), loaded.unverified_account) == (2, None)
+    # an earlier version's file (no account_sid row) written with an account SID
+    _sql(path, "DELETE FROM meta WHERE key='account_sid'")
+    assert read_state(path, IDENTITY).unverified_account is None
+    with pytest.raises(StateFileError, match="belongs to another API or account"):
+        read_state(path, other)
+
+
+def test_restored_state_of_another_account_is_dropped_at_the_first_answer() -> None:
+    state = fresh_state([sim_sid(0), sim_sid(1)])
+    state.restore({sim_sid(0): account(1)}, {"LTE": Histogram(SESSION_DURATION_BUCKETS)})
+    state.unverified_account = "AC" + "1" * 32
+    assert state.learn_account("AC" + "2" * 32)
+    assert state.restored == {}
+    assert state.duration_histograms() == {}
+    assert not state.learn_account("AC" + "3" * 32)  # learned once
+    same = fresh_state([sim_sid(0)])
+    same.restore({sim_sid(0): account(1)}, {})
+    same.unverified_account = "AC" + "1" * 32
+    assert not same.learn_account("AC" + "1" * 32)
+    assert same.restored == {sim_sid(0): account(1)}
+
+
+async def test_a_second_exporter_on_the_same_state_file_is_refused(
+    scripted: RunningSimulator, tmp_path: Path
+) -> None:
+    """Before: two exporters given one state.path overwrote each other's saves silently."""
+    from twilio_wireless_exporter.fleet.persist import StateLockedError
+
+    sid = scripted.fleet.add_sim()
+    path = tmp_path / "state.db"
+    config = make_config(scripted, [sid], path)
+    async with exporter(config) as first:
+        await first.poller.poll_all()
+        second = Exporter(config, clock=ManualClock(), retry_sleep=no_sleep)
+        with pytest.raises(StateLockedError) as info:
+            await second.open()
+        assert str(info.value) == (
+            f"state file {path} is in use by another exporter (pid {os.getpid()}):"
+            " give each exporter its own state.path"
+        )
+        assert second.state.restored == {}
+        await second.stop()
+    async with exporter(config) as third:  # released when the first stopped
+        assert set(third.state.restored) == {sid}
+
+
+async def test_the_first_save_comes_once_every_sim_has_its_baseline(
+    scripted: RunningSimulator, tmp_path: Path
+) -> None:
+    """Before: nothing was saved before the first state.save_interval, so a SIGKILL in the first
+    minute lost every baseline."""
+    sids = [scripted.fleet.add_sim() for _ in range(3)]
+    path = tmp_path / "state.db"
+    config = make_config(scripted, sids, path, save_interval="10m")
+    clock = ManualClock()
+    exp = Exporter(config, clock=clock, retry_sleep=no_sleep)
+    await exp.open()
+    store = exp._store
+    assert store is not None
+    saver = asyncio.create_task(store.run(exp.state, 600.0, clock.sleep))
+    try:
+        await exp.poller.poll_sim(sids[0])
+        await clock.advance(5)
+        assert not path.exists()  # a SIM without its baseline yet: nothing worth saving
+        await exp.poller.poll_sim(sids[1])
+        await exp.poller.poll_sim(sids[2])
+        await clock.advance(1)
+        await eventually(path.exists)
+        assert set(read_state(path, state_identity(config)).accounts) == set(sids)
+    finally:
+        saver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saver
+        await exp.stop()
+
+
+async def test_sims_restored_from_the_file_need_no_early_save(
+    scripted: RunningSimulator, tmp_path: Path
+) -> None:
+    sids = [scripted.fleet.add_sim() for _ in range(3)]
+    path = tmp_path / "state.db"
+    config = make_config(scripted, sids, path, save_interval="10m")
+    async with exporter(config) as first:
+        await first.poller.poll_all()
+    written = path.stat().st_mtime_ns
+    clock = ManualClock()
+    exp = Exporter(config, clock=clock, retry_sleep=no_sleep)
+    await exp.open()
+    assert exp._store is not None
+    saver = asyncio.create_task(exp._store.run(exp.state, 600.0, clock.sleep))
+    try:
+        await exp.poller.poll_all()
+        for _ in range(5):
+            await clock.advance(1)
+        assert path.stat().st_mtime_ns == written  # every SIM had its baseline from the file
+    finally:
+        saver.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await saver
+        await exp.stop()
+
+
+async def test_the_issues_hostile_sessions_cost_nothing_else_across_a_restart(
+    scripted: RunningSimulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a session at packets_uploaded -1 was saved, and at the next start the whole file
+    was rejected (every SIM back to 0); a session at 2**63 made every save fail. Now the API
+    records check rejects both sessions where they enter, so every SIM is saved and restored;
+    the file's own defences against such values are tested above on the store directly."""
+    fleet = scripted.fleet
+    negative, huge, good = (fleet.add_sim() for _ in range(3))
+    for sid in (negative, huge, good):
+        fleet.open_session(sid, packets_uploaded=1, packets_downloaded=1)
+    path = tmp_path / "state.db"
+    config = make_config(scripted, [negative, huge, good], path)
+    async with exporter(config) as exp:
+        await exp.poller.poll_all()  # baselines
+        fleet.open_session(negative, packets_uploaded=-1)
+        fleet.open_session(huge, packets_uploaded=2**63)
+        fleet.open_session(good, packets_uploaded=5)
+        await exp.poller.poll_all()
+        assert exp._store is not None
+        with caplog.at_level(logging.WARNING):
+            assert await exp._store.save(exp.state)
+        before = {sid: exp.state.sims[sid].account for sid in (huge, good)}
+        before_negative = exp.state.sims[negative].account.packets_uploaded_total
+    saved = read_state(path, state_identity(config)).accounts
+    assert set(saved) == {negative, huge, good}  # the hostile sessions never reached the state
+    assert saved[negative].packets_uploaded_total == before_negative
+    assert float(saved[huge].packets_uploaded_total) == float(before[huge].packets_uploaded_total)
+    assert saved[good] == before[good]
+    fleet.open_session(good, packets_uploaded=2)  # while the exporter is down
+    async with exporter(config) as exp:
+        assert set(exp.state.restored) == {negative, huge, good}
+        await exp.poller.poll_all()
+        shown = text(exp)
+    assert value(shown, "twilio_wireless_sim_data_sessions_started_total", sim_sid=good) == 2
+    assert value(shown, "twilio_wireless_sim_packets_uploaded_total", sim_sid=good) == 7
+    for sid in (negative, huge):  # their hostile sessions are rejected, never counted
+        assert value(shown, "twilio_wireless_sim_data_sessions_started_total", sim_sid=sid) == 0
+        assert value(shown, "twilio_wireless_sim_up", sim_sid=sid) == 1
+    assert not (tmp_path / "state.db.rejected").exists()
+    assert "cannot save state" not in caplog.text
 
 
 async def test_failing_saves_are_logged_and_counted(

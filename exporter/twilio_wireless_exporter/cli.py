@@ -27,6 +27,7 @@ from twilio_wireless_exporter.config import (
     load_config,
     load_web_config,
 )
+from twilio_wireless_exporter.fleet.persist import StateLockedError
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.sharding import Shard, parse_shard
 from twilio_wireless_exporter.web.address import netloc, parse_listen_address
@@ -35,6 +36,11 @@ from twilio_wireless_exporter.web.security import middlewares as security_middle
 DEFAULT_PORT = 10311
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
 EXIT_CONFIG = 2
+#: Another exporter holds the lock of the configured ``state.path``.
+EXIT_STATE_IN_USE = 3
+#: Signals that stop the exporter cleanly (final state save, exit status 0). SIGHUP is one of
+#: them rather than a reload: see docs/operations.md#signals.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger("twilio_wireless_exporter")
@@ -283,8 +289,14 @@ async def serve(
     drop_created_samples()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def stop_on(sig: signal.Signals) -> None:
+        if not stop.is_set():
+            log.info("received %s", sig.name)
+        stop.set()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop_on, sig)
     async with contextlib.AsyncExitStack() as stack:
         if config is None:
             demo = await stack.enter_async_context(_demo_config(args, "127.0.0.1"))
@@ -293,7 +305,11 @@ async def serve(
         middlewares = security_middlewares(web_config) if web_config is not None else []
         app = exporter.web_app(middlewares=middlewares)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
-        await runner.setup()
+        try:
+            await runner.setup()
+        except StateLockedError as exc:
+            log.error("cannot start: %s", exc)  # noqa: TRY400 - an operator's mistake
+            return EXIT_STATE_IN_USE
         stack.push_async_callback(runner.cleanup)
         ssl_context = web_config.ssl_context if web_config is not None else None
         site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)

@@ -296,6 +296,19 @@ STATE_SAVE_DURATION = _family(
     "gauge",
     "Time the latest save of the state file took (snapshot and write).",
 )
+STATE_ROWS_REJECTED = _family(
+    "state_rows_rejected",
+    "counter",
+    "Rows of the state file rejected at start by table (sims, sessions: that SIM starts a fresh"
+    " baseline; durations: that histogram starts afresh); see the exporter's log.",
+    "table",
+)
+STATE_UNSAVED_SIMS = _family(
+    "state_unsaved_sims",
+    "gauge",
+    "SIMs whose state the latest save could not write (a value no state file may hold); their"
+    " previously saved state was kept.",
+)
 
 FLEET: tuple[Family, ...] = (SESSION_DURATION, SIMS_MONITORED, POLL_INTERVAL, BUILD_INFO)
 """Fleet-wide families of the exporter's private registry."""
@@ -313,6 +326,8 @@ SELF: tuple[Family, ...] = (
     STATE_SAVE_ERRORS,
     STATE_LAST_SAVE,
     STATE_SAVE_DURATION,
+    STATE_ROWS_REJECTED,
+    STATE_UNSAVED_SIMS,
 )
 """The exporter's own health: API requests, polls, OAuth2 tokens, the state file."""
 

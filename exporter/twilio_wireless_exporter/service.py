@@ -25,7 +25,7 @@ from twilio_wireless_exporter.config import BasicCredentials, Config
 from twilio_wireless_exporter.exposition.collector import build_registry
 from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.renderer import Exposition
-from twilio_wireless_exporter.fleet.persist import StateStore, state_identity
+from twilio_wireless_exporter.fleet.persist import StateLock, StateStore, state_identity
 from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.polling.poller import Poller, PollerSettings, SimTarget
 from twilio_wireless_exporter.sharding import Shard
@@ -95,6 +95,10 @@ def make_authenticator(
             max_retries=poll.max_retries,
             backoff_initial=poll.backoff_initial,
             backoff_max=poll.backoff_max,
+            # After a failed round, wait no longer than a retry would (nor than a poll
+            # interval), so SIMs come back within a poll or two of the token endpoint.
+            failure_cooldown=poll.backoff_initial,
+            failure_cooldown_max=min(poll.backoff_max, poll.interval),
         ),
         clock=clock,
         observer=observer,
@@ -131,6 +135,7 @@ class Exporter:
         self._client: TwilioClient | None = None
         self._poller: Poller | None = None
         self._store: StateStore | None = None
+        self._state_lock: StateLock | None = None
         self._loops = Loops(on_failure)
 
     @property
@@ -159,7 +164,16 @@ class Exporter:
         return self._poller is not None and self._poller.ready and not self.failed
 
     async def open(self) -> None:
-        """Create the HTTP session, client and poller without starting to poll."""
+        """Create the HTTP session, client and poller without starting to poll.
+
+        With a state file, its lock is taken first: :class:`StateLockedError` (from
+        ``fleet.persist``) if another exporter uses the same ``state.path``.
+        """
+        path = self.config.state.path
+        if path is not None and self._state_lock is None:
+            lock = StateLock(path)
+            lock.acquire()
+            self._state_lock = lock
         settings = client_settings(self.config)
         connector = aiohttp.TCPConnector(limit=settings.concurrency + 4, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(connector=connector, raise_for_status=False)
@@ -187,7 +201,6 @@ class Exporter:
             clock=self.clock,
             observer=self.api_metrics,
         )
-        path = self.config.state.path
         if path is not None and self._store is None:
             self._store = StateStore(path, state_identity(self.config), registry=self.registry)
             shard = Shard(self.config.shard.index, self.config.shard.count)
@@ -235,6 +248,9 @@ class Exporter:
         await self._loops.stop()
         if self._store is not None:
             await self._store.save(self.state)  # polling has stopped: the final state
+        if self._state_lock is not None:
+            self._state_lock.release()
+            self._state_lock = None
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -81,6 +81,19 @@ def _oauth_error(
     return _Reply(status, _encode({"error": error, "error_description": description}), headers)
 
 
+#: KORE's API gateway's answer to an expired or revoked bearer token.
+KORE_DENIED: Final = (
+    b'{"message": "User is not authorized to access this resource with an explicit deny",'
+    b' "error": "Invalid or expired token"}'
+)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+_JWT_HEADER: Final = _b64url(b'{"alg":"RS256","typ":"JWT"}')
+
 _FAULT_CODES: Final = {
     400: (20001, "Bad Request"),
     401: (20003, "Authenticate"),
@@ -223,6 +236,10 @@ class SimulatorState:
         if len(self.tokens) > 1000:
             self.tokens = {t: exp for t, exp in self.tokens.items() if exp > now}
         token = secrets.token_urlsafe(32)
+        if self.config.token_style == "kore":  # noqa: S105 - a style name
+            exp = int(self.config.token_wall_clock() + self.config.token_lifetime)
+            claims = {"sub": self.config.client_id, "exp": exp, "jti": token[:16]}
+            token = ".".join((_JWT_HEADER, _b64url(_encode(claims)), token))
         self.tokens[token] = now + self.config.token_lifetime
         return token
 
@@ -284,6 +301,8 @@ class SimulatorState:
             )
         else:
             description = "Missing bearer access token"
+        if self.config.token_style == "kore":  # noqa: S105 - a style name
+            return _Reply(403, KORE_DENIED)
         return _oauth_error(
             401, "invalid_token", description, {"WWW-Authenticate": 'Bearer error="invalid_token"'}
         )

@@ -25,6 +25,7 @@ __all__ = [
     "DEMO_CLIENT_SECRET",
     "AuthMode",
     "SimulatorConfig",
+    "TokenStyle",
     "describe_errors",
 ]
 
@@ -35,6 +36,10 @@ DEMO_CLIENT_ID: Final = "demo-client-id"
 DEMO_CLIENT_SECRET: Final = "demo-client-secret"  # noqa: S105 (a published demo value)
 
 AuthMode = Literal["basic", "bearer"]
+#: ``opaque``: random bearer tokens, a bad one gets 401 ``invalid_token``. ``kore``: as KORE
+#: answers: tokens are JWTs whose ``exp`` claim (on ``token_wall_clock``) is their expiry, and
+#: an expired or revoked token gets the API gateway's 403 ("explicit deny").
+TokenStyle = Literal["opaque", "kore"]
 
 AccountSid = Annotated[str, Field(pattern=r"^AC[0-9a-fA-F]{32}$")]
 ApiKeySid = Annotated[str, Field(pattern=r"^SK[0-9a-fA-F]{32}$")]
@@ -50,7 +55,8 @@ class SimulatorConfig:
     * Basic auth with (``account_sid``, ``auth_token``) or any (``SK…`` key, secret) of
       ``api_keys``. ``auth_mode="bearer"`` switches to KORE-style OAuth2: tokens from
       ``POST /api-services/v1/auth/token`` for (``client_id``, ``client_secret``), valid for
-      ``token_lifetime`` seconds measured on ``token_clock``.
+      ``token_lifetime`` seconds measured on ``token_clock``; ``token_style`` picks opaque
+      tokens and 401s, or KORE's JWTs (``exp`` on ``token_wall_clock``) and 403s.
     * ``speed=None``: manual simulated clock starting at ``start_time`` (default
       2026-01-01T00:00:00Z); a number: accelerated real time (``speed`` simulated seconds per
       wall second) starting at ``start_time`` (default: now).
@@ -80,6 +86,8 @@ class SimulatorConfig:
     client_secret: str = DEMO_CLIENT_SECRET
     token_lifetime: Positive = 3600.0
     token_clock: Callable[[], float] = time.monotonic
+    token_style: TokenStyle = "opaque"  # noqa: S105 (a style name)
+    token_wall_clock: Callable[[], float] = time.time
     token_scope: str = "programmable-wireless"  # noqa: S105 (an OAuth scope)
     retention: Positive = 30 * 86400.0
     backfill: NonNegative | None = None

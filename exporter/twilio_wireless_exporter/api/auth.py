@@ -10,13 +10,20 @@ The OAuth2 flow:
   token.
 * The token is renewed ``refresh_margin`` before ``expires_in`` runs out (at most half-way
   through its lifetime, so a margin longer than the lifetime cannot make every request fetch).
-* A 401 from the API for the current token renews it once (single-flight: however many requests
-  were rejected at the same time, one token request is made) and the client retries.
+* The token's JWT ``exp`` claim, when the token is a JWT (KORE's are), also bounds its life: it
+  is renewed before ``exp`` even if ``expires_in`` promised longer. The claim is read without
+  verifying the signature (the API verifies it; we only want to know when it stops working).
+* A 401 from the API for the current token, or KORE's 403 for an expired or revoked token
+  (``"error": "Invalid or expired token"``), renews it once (single-flight: however many
+  requests were rejected at the same time, one token request is made) and the client retries;
+  the same answer for the fresh token is an auth failure.
 * Token requests go through their own :class:`~twilio_wireless_exporter.api.transport.Transport`
   (the one retry policy: timeouts, connection errors, 5xx, 429, malformed answers); when a
   whole round fails, or the credentials are rejected, the failure is kept and returned to every
   request for a cool-down period that doubles with each failed round, so a broken token endpoint
-  never sees a tight loop. A still valid token is used while its renewal fails.
+  never sees a tight loop. The exporter bounds it by the poll backoff (``poll.backoff_initial``
+  doubling up to ``poll.backoff_max``, at most ``poll.interval``), so SIMs come back within a
+  poll or two of the endpoint's return. A still valid token is used while its renewal fails.
 
 Expiry maths run on an injected :class:`~twilio_wireless_exporter.clock.Clock`. Neither the client
 secret nor a token is ever logged, put in an error or shown by ``repr()``. The authenticator
@@ -27,7 +34,10 @@ registers no metrics: it reports to a :class:`TokenObserver` and tells its token
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import enum
+import json
 import logging
 import math
 import random
@@ -155,8 +165,8 @@ class TokenSettings:
     max_retries: int = 4
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
-    failure_cooldown: float = 15.0
-    failure_cooldown_max: float = 300.0
+    failure_cooldown: float = 1.0
+    failure_cooldown_max: float = 60.0
     renew_min_interval: float = 10.0
     default_lifetime: float = 3600.0
     max_response_bytes: int = 64 * 1024
@@ -259,6 +269,27 @@ def parse_expires_in(value: object) -> float | None:
     return seconds
 
 
+def jwt_expiry(token: str) -> float | None:
+    """The ``exp`` claim (unix seconds) of a JWT, unverified; ``None`` if ``token`` is no JWT
+    or has no usable ``exp``."""
+    parts = token.split(".")
+    if len(parts) != 3 or len(parts[1]) > 8192:
+        return None
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(payload)
+    except (binascii.Error, ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    try:
+        seconds = float(exp)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
 def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -356,6 +387,7 @@ class OAuth2Authenticator:
         self._failed_rounds = 0
         self._next_attempt = -math.inf  # no token request before this (monotonic)
         self._missing_expiry_logged = False
+        self._skew_logged = False
 
     def __repr__(self) -> str:
         return (
@@ -466,6 +498,25 @@ class OAuth2Authenticator:
             self._generation += 1
 
     def _lifetime(self, grant: _Grant) -> float:
+        lifetime = self._stated_lifetime(grant)
+        exp = jwt_expiry(grant.value)
+        if exp is None:
+            return lifetime
+        left = exp - self._clock.time()
+        if left <= 0:
+            # Our clock is ahead of the issuer's, or the token came expired: expires_in decides
+            # (a 401 or 403 renews it earlier if it is indeed dead).
+            if not self._skew_logged:
+                self._skew_logged = True
+                log.warning(
+                    "the access token's JWT exp lies %.0fs in the past of this host's clock;"
+                    " relying on expires_in (check the clock)",
+                    -left,
+                )
+            return lifetime
+        return min(lifetime, left)
+
+    def _stated_lifetime(self, grant: _Grant) -> float:
         if grant.lifetime is not None:
             return grant.lifetime
         if not self._missing_expiry_logged:

@@ -181,6 +181,26 @@ def describe_error_body(body: bytes) -> tuple[int | None, str]:
     return None, text or "(empty body)"
 
 
+def token_rejected(status: int, body: bytes) -> bool:
+    """Whether an answer rejects the credentials sent, so renewing them may help: a 401, or
+    KORE's API gateway's 403 for an expired or revoked token
+    (``{"message": "... explicit deny", "error": "Invalid or expired token"}``)."""
+    if status == 401:
+        return True
+    if status != 403 or len(body) > _ERROR_SNIPPET_CHARS * 10:
+        return False
+    try:
+        answer = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return False
+    if not isinstance(answer, dict):
+        return False
+    error, message = answer.get("error"), answer.get("message")
+    return (isinstance(error, str) and "token" in error.lower()) or (
+        isinstance(message, str) and "explicit deny" in message.lower()
+    )
+
+
 def describe_api_error(body: bytes) -> Problem:
     """An API error body; its status alone says whether credentials were rejected."""
     code, message = describe_error_body(body)
@@ -245,7 +265,8 @@ class Authenticator(Protocol):
         ...
 
     async def renew(self, rejected: str) -> bool:
-        """Called after a 401 for a request sent with ``rejected``.
+        """Called after a 401 (or KORE's 403 for a bad token, see :func:`token_rejected`) for a
+        request sent with ``rejected``.
 
         Returns True when fresh credentials are available and the request is worth one more try.
         """
@@ -404,7 +425,7 @@ class Transport:
         self, route: Route[_T], url: str, order: int, form: Mapping[str, str] | None
     ) -> _T:
         status, body, retry_after, sent = await self._exchange(route, url, order, form)
-        if status == 401 and sent is not None and await self._renew(sent):
+        if sent is not None and token_rejected(status, body) and await self._renew(sent):
             # Credentials were renewed (e.g. an expired OAuth2 token): one more try.
             status, body, retry_after, sent = await self._exchange(route, url, order, form)
         if status == 200:

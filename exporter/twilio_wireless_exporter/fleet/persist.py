@@ -21,7 +21,20 @@ having to be repaired first. A stale ``.tmp`` left by a crash is removed by the 
 Loading (:meth:`StateStore.load`) checks a ``meta`` table: schema version, exporter version,
 API base URL and account. A missing, empty, truncated, corrupt, foreign or newer file is moved
 aside to ``<path>.rejected`` with one clear warning, and the exporter starts fresh; it never
-crashes on a bad file. SIMs in the file that are no longer monitored are dropped.
+crashes on a bad file. Inside a good file every row is checked on its own: a bad row costs only
+its SIM (which starts a fresh baseline) or its histogram, counted and logged, never the file.
+SIMs in the file that are no longer monitored are dropped.
+
+The account, not the credential, owns a file: ``meta`` holds the account SID (configured, or
+learned from the API's answers when only an API key or an OAuth2 client is configured), so a
+rotated API key or OAuth2 client of the same account continues the counters.
+
+A value SQLite cannot hold never fails a save: a counter beyond int64 is written as the float
+Prometheus shows anyway, and a SIM with a value no state file may hold (a negative count, a
+number beyond any float, text that is not Unicode) keeps the rows of its previous save.
+
+One process at a time: :class:`StateLock` holds ``<path>.lock`` (``flock``) for the process's
+life, so a second exporter given the same path refuses to start instead of overwriting.
 
 Restored state is *held* until the SIMs are polled again (see
 :meth:`~twilio_wireless_exporter.fleet.state.FleetState.restore`): the file can be older than
@@ -33,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -42,7 +56,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar, cast
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -51,7 +65,12 @@ from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.config import BasicCredentials, Config
 from twilio_wireless_exporter.fleet.accounting import SessionAttributes, SessionMemo, SimAccount
-from twilio_wireless_exporter.fleet.state import SESSION_DURATION_BUCKETS, FleetState, Histogram
+from twilio_wireless_exporter.fleet.state import (
+    SESSION_DURATION_BUCKETS,
+    FleetState,
+    Histogram,
+    is_account_sid,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,20 +132,38 @@ class StateFileError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StateIdentity:
-    """Whose state a file holds: a file written for another API or account is foreign."""
+    """Whose state a file holds: a file written for another API or account is foreign.
+
+    ``account`` is what earlier versions compared (the account SID, else the API key SID or
+    ``oauth2:<client id>``); it is still written, so a previous version keeps reading a file
+    written with the same credentials. ``account_sid`` is the configured account, when the
+    configuration names one; otherwise the account is learned from the API's answers
+    (:attr:`FleetState.account_sid`) and stored in the file as soon as it is known.
+    """
 
     base_url: str
     account: str
+    account_sid: str | None = None
+
+    @property
+    def known_account(self) -> str | None:
+        if self.account_sid is not None:
+            return self.account_sid
+        return self.account if is_account_sid(self.account) else None
 
 
 def state_identity(config: Config) -> StateIdentity:
-    """The API base URL and the account (or API key / OAuth2 client) of ``config``."""
+    """The API base URL, the credential (as earlier versions stored it) and the account SID."""
     creds = config.twilio.credentials
     if isinstance(creds, BasicCredentials):
         account = creds.account_sid or creds.username
+        account_sid = creds.account_sid
     else:
         account = f"oauth2:{creds.client_id}"
-    return StateIdentity(base_url=config.twilio.base_url.rstrip("/"), account=account)
+        account_sid = None  # learned from the API's answers
+    return StateIdentity(
+        base_url=config.twilio.base_url.rstrip("/"), account=account, account_sid=account_sid
+    )
 
 
 @dataclass(slots=True)
@@ -136,6 +173,16 @@ class Snapshot:
     sims: list[tuple[Any, ...]] = field(default_factory=list)
     sessions: list[tuple[str, str, int, int, int, int]] = field(default_factory=list)
     durations: list[tuple[str, str, str, float, int]] = field(default_factory=list)
+    account_sid: str | None = None
+    """The account the API answered for, when learned from its answers."""
+
+
+@dataclass(slots=True)
+class Written:
+    """What a save wrote: the SIMs it could not write from memory, with why."""
+
+    unsaved: dict[str, str] = field(default_factory=dict)
+    """SIM SID -> the value that no state file may hold; its previous rows were kept."""
 
 
 @dataclass(slots=True)
@@ -147,6 +194,11 @@ class LoadedState:
     durations: dict[str, Histogram]
     saved_at: float
     exporter_version: str
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    """(table, why) per rejected row; the SIM of a rejected row starts a fresh baseline."""
+    unverified_account: str | None = None
+    """The file's account SID when the configuration names none: checked against the first
+    API answer (:meth:`FleetState.learn_account`)."""
 
 
 # ----------------------------------------------------------------------------------- snapshot
@@ -207,6 +259,7 @@ def snapshot(state: FleetState) -> Snapshot:
         snap.durations.append(
             (radio_link, json.dumps(hist.bounds), json.dumps(hist.counts), hist.total, hist.count)
         )
+    snap.account_sid = state.account_sid
     return snap
 
 
@@ -230,13 +283,18 @@ def temp_path(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def write_state(path: Path, snap: Snapshot, identity: StateIdentity, saved_at: float) -> None:
-    """Write ``snap`` to ``path`` atomically (blocking; run it in a worker thread)."""
+def write_state(path: Path, snap: Snapshot, identity: StateIdentity, saved_at: float) -> Written:
+    """Write ``snap`` to ``path`` atomically (blocking; run it in a worker thread).
+
+    A SIM whose rows hold a value no state file may hold is left out and keeps the rows of the
+    previous file, if it has any (see :func:`_insert_rows`); the rest is written as usual.
+    """
     tmp = temp_path(path)
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()  # left over by a crash during an earlier save
     # Created here so the file is private from the first byte (it may hold IMEIs).
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    account_sid = identity.known_account or snap.account_sid
     try:
         conn = sqlite3.connect(tmp, isolation_level=None)
         try:
@@ -244,19 +302,18 @@ def write_state(path: Path, snap: Snapshot, identity: StateIdentity, saved_at: f
             conn.execute("PRAGMA synchronous=OFF")
             conn.executescript(_SCHEMA)
             conn.execute("BEGIN")
-            conn.executemany(
-                "INSERT INTO meta VALUES (?, ?)",
-                [
-                    ("application", APPLICATION),
-                    ("schema_version", str(SCHEMA_VERSION)),
-                    ("exporter_version", __version__),
-                    ("base_url", identity.base_url),
-                    ("account", identity.account),
-                    ("saved_at", repr(saved_at)),
-                ],
-            )
-            conn.executemany(_INSERT_SIM, snap.sims)
-            conn.executemany("INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)", snap.sessions)
+            meta = [
+                ("application", APPLICATION),
+                ("schema_version", str(SCHEMA_VERSION)),
+                ("exporter_version", __version__),
+                ("base_url", identity.base_url),
+                ("account", identity.account),
+                ("saved_at", repr(saved_at)),
+            ]
+            if account_sid is not None:
+                meta.append(("account_sid", account_sid))
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", meta)
+            written = _insert_rows(conn, snap, path)
             conn.executemany("INSERT INTO durations VALUES (?, ?, ?, ?, ?)", snap.durations)
             conn.execute("COMMIT")
         finally:
@@ -272,14 +329,129 @@ def write_state(path: Path, snap: Snapshot, identity: StateIdentity, saved_at: f
             tmp.unlink()
         raise
     _fsync_dir(path.parent)
+    return written
+
+
+#: The largest integer an SQLite INTEGER holds.
+INT64_MAX: Final = 2**63 - 1
+_INSERT_SESSION: Final = "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)"
+#: Rows holding a negative count, which :func:`read_state` would reject.
+_NEGATIVE: Final = (
+    "SELECT sid FROM sims WHERE min(baselined, started_total, ended_total,"
+    " packets_uploaded_total, packets_downloaded_total, imei_changes_total, open_sessions) < 0"
+    " UNION SELECT sim_sid FROM sessions"
+    " WHERE min(packets_uploaded, packets_downloaded, ended, absent) < 0"
+)
+
+
+class _UnsavableError(ValueError):
+    """A cell no state file may hold (the message names the value)."""
+
+
+def _storable(cell: object) -> object:
+    """``cell`` as SQLite can store it: an integer beyond int64 as the float it is shown as."""
+    if type(cell) is int and cell > INT64_MAX:
+        try:
+            return float(cell)
+        except OverflowError:
+            raise _UnsavableError(f"a number of {len(str(cell))} digits") from None
+    if type(cell) is int and cell < 0:
+        raise _UnsavableError(f"the negative count {cell}")
+    if type(cell) is str:
+        try:
+            cell.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _UnsavableError("text that is not valid Unicode") from None
+    return cell
+
+
+def _insert_rows(conn: sqlite3.Connection, snap: Snapshot, previous: Path) -> Written:
+    """Insert the SIM and session rows; a SIM that cannot be written keeps its previous rows.
+
+    The fast path inserts everything at once. Only when SQLite refuses a value (an integer
+    beyond int64, text that is not Unicode) are the rows inserted one by one, to find the SIMs
+    at fault; negative counts, which SQLite stores but the loader rejects, are found by a query.
+    """
+    written = Written()
+    try:
+        conn.executemany(_INSERT_SIM, snap.sims)
+        conn.executemany(_INSERT_SESSION, snap.sessions)
+    except (OverflowError, UnicodeEncodeError, sqlite3.Error, ValueError):
+        # No ROLLBACK: the new file has no journal. The two tables hold only these rows.
+        conn.execute("DELETE FROM sims")
+        conn.execute("DELETE FROM sessions")
+        _insert_one_by_one(conn, snap, written.unsaved)
+    for (sid,) in conn.execute(_NEGATIVE).fetchall():
+        written.unsaved.setdefault(sid, "a negative count")
+    if written.unsaved:
+        bad = list(written.unsaved)
+        marks = ",".join("?" * len(bad))
+        conn.execute(f"DELETE FROM sims WHERE sid IN ({marks})", bad)  # noqa: S608 - marks only
+        conn.execute(f"DELETE FROM sessions WHERE sim_sid IN ({marks})", bad)  # noqa: S608
+        _keep_previous_rows(conn, previous, bad)
+    return written
+
+
+def _insert_one_by_one(conn: sqlite3.Connection, snap: Snapshot, unsaved: dict[str, str]) -> None:
+    for row in snap.sims:
+        try:
+            conn.execute(_INSERT_SIM, tuple(_storable(cell) for cell in row))
+        except (_UnsavableError, OverflowError, sqlite3.Error) as exc:
+            unsaved.setdefault(row[0], str(exc))
+    for ses in snap.sessions:
+        if ses[0] in unsaved:
+            continue
+        try:
+            conn.execute(_INSERT_SESSION, tuple(_storable(cell) for cell in ses))
+        except (_UnsavableError, OverflowError, sqlite3.Error) as exc:
+            unsaved.setdefault(ses[0], str(exc))
+
+
+def _keep_previous_rows(conn: sqlite3.Connection, previous: Path, sids: list[str]) -> None:
+    """Copy the rows of ``sids`` from the previous file (which this exporter wrote or loaded).
+
+    Restoring an older row is what a restart after a crash does anyway: the SIM's next listing
+    counts on top of it, so nothing is lost that the API still lists."""
+    if not previous.exists():
+        return
+    marks = ",".join("?" * len(sids))
+    try:
+        old = sqlite3.connect(f"{previous.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            sims = old.execute(
+                f"SELECT * FROM sims WHERE sid IN ({marks})",  # noqa: S608 - marks only
+                sids,
+            ).fetchall()
+            sessions = old.execute(
+                f"SELECT * FROM sessions WHERE sim_sid IN ({marks})",  # noqa: S608
+                sids,
+            ).fetchall()
+        finally:
+            old.close()
+        try:
+            conn.executemany(_INSERT_SIM, sims)
+            conn.executemany(_INSERT_SESSION, sessions)
+        except sqlite3.Error:  # all of a SIM's rows, or none (no journal to roll back)
+            conn.execute(f"DELETE FROM sims WHERE sid IN ({marks})", sids)  # noqa: S608
+            conn.execute(f"DELETE FROM sessions WHERE sim_sid IN ({marks})", sids)  # noqa: S608
+            raise
+    except sqlite3.Error as exc:
+        log.warning(
+            "cannot keep the previous rows of %d SIMs from %s: %s", len(sids), previous, exc
+        )
 
 
 # ----------------------------------------------------------------------------------- reading
 
-#: A counter, a count or a flag: an integer (not a float, not a bool), never negative.
+#: A counter, a count or a flag: an integer (not a float, not a bool), never negative. A
+#: counter beyond int64 is stored as a float (see :func:`_storable`) and read back as an integer.
 Count = Annotated[int, msgspec.Meta(ge=0)]
 #: A SID: text, not empty.
 Sid = Annotated[str, msgspec.Meta(min_length=1)]
+#: A unix time from the API: 1970 up to the end of year 9999.
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=253_402_300_799)]
+Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
+Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
 
 
 class _Row(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
@@ -302,13 +474,13 @@ class SimRow(_Row):
     latest_operator_mcc: str | None
     latest_operator_mnc: str | None
     latest_imei: str | None
-    latest_start: float | None
-    latitude: float | None
-    longitude: float | None
-    location_start: float | None
-    last_updated: float | None
+    latest_start: Timestamp | None
+    latitude: Latitude | None
+    longitude: Longitude | None
+    location_start: Timestamp | None
+    last_updated: Timestamp | None
     last_imei: str | None
-    last_success: float | None
+    last_success: Timestamp | None
 
 
 class SessionRow(_Row):
@@ -330,6 +502,7 @@ class DurationRow(_Row):
     count: Count
 
 
+_ROWS_LOGGED: Final = 10
 _CELL_AT: Final = re.compile(r"(?P<reason>.*) - at `\$\[(?P<index>\d+)\]`$")
 
 
@@ -338,18 +511,28 @@ _R = TypeVar("_R", bound=_Row)
 
 def _decode(row: tuple[Any, ...], kind: type[_R], table: str) -> _R:
     """``row`` as a ``kind``, or a :class:`StateFileError` naming the bad cell and its value."""
-    try:
-        return msgspec.convert(row, kind, strict=True)
-    except msgspec.ValidationError as exc:
-        message = _reason(exc)
-        cell = _CELL_AT.match(message)
-        if cell is None:  # the row itself: too few or too many columns
-            raise StateFileError(f"bad {table} row ({message})") from None
-        index = int(cell["index"])
-        field = kind.__struct_fields__[index]
-        raise StateFileError(
-            f"bad {field}: {row[index]!r} in table {table} ({cell['reason']})"
-        ) from None
+    for _ in range(len(row)):  # each round may take up one counter stored as a float
+        try:
+            return msgspec.convert(row, kind, strict=True)
+        except msgspec.ValidationError as exc:
+            message = _reason(exc)
+            cell = _CELL_AT.match(message)
+            if cell is None:  # the row itself: too few or too many columns
+                raise StateFileError(f"bad {table} row ({message})") from None
+            index = int(cell["index"])
+            value = row[index]
+            field = kind.__struct_fields__[index]
+            if _is_big_count(value) and kind.__annotations__.get(field) == "Count":
+                row = (*row[:index], int(value), *row[index + 1 :])
+                continue
+            reason = cell["reason"]
+            raise StateFileError(f"bad {field}: {value!r} in table {table} ({reason})") from None
+    raise StateFileError(f"bad {table} row")
+
+
+def _is_big_count(value: object) -> bool:
+    """A counter beyond int64, as :func:`_storable` writes it: a whole float above the range."""
+    return type(value) is float and value > INT64_MAX and value.is_integer()
 
 
 def _reason(exc: msgspec.DecodeError) -> str:
@@ -455,42 +638,92 @@ def _read(
         )
     if version < SCHEMA_VERSION:
         raise StateFileError(f"schema {version} is too old to be read (expected {SCHEMA_VERSION})")
-    if meta.get("base_url") != identity.base_url or meta.get("account") != identity.account:
-        raise StateFileError(
-            f"it belongs to another API or account ({meta.get('base_url')!r},"
-            f" {meta.get('account')!r}; configured: {identity.base_url!r}, {identity.account!r})"
-        )
+    unverified = _check_identity(meta, identity)
     try:
         saved_at = float(meta.get("saved_at", "nan"))
     except ValueError:
         saved_at = float("nan")
+    for table, kind in (("sims", SimRow), ("sessions", SessionRow), ("durations", DurationRow)):
+        columns = [info[1] for info in conn.execute(f"PRAGMA table_info({table})")]
+        if not columns:
+            raise StateFileError(f"not a readable state database (no such table: {table})")
+        if columns != list(kind.__struct_fields__):  # a layout this version does not know
+            raise StateFileError(f"bad {table} row (columns {', '.join(columns)})")
 
+    rejected: list[tuple[str, str]] = []
     accounts: dict[str, SimAccount] = {}
     last_success: dict[str, float] = {}
     for cells in conn.execute("SELECT * FROM sims"):
-        sim = _decode(cells, SimRow, "sims")
-        if keep is not None and not keep(sim.sid):
+        if keep is not None and isinstance(cells[0], str) and not keep(cells[0]):
+            continue  # no longer monitored: not even checked
+        try:
+            sim = _decode(cells, SimRow, "sims")
+        except StateFileError as exc:
+            rejected.append(("sims", _row_problem(exc, cells[0])))
             continue
         accounts[sim.sid] = _account(sim)
         if sim.last_success is not None:
             last_success[sim.sid] = sim.last_success
     for cells in conn.execute("SELECT * FROM sessions"):
-        if len(cells) != len(SessionRow.__struct_fields__):
-            raise StateFileError("bad sessions row")
-        acct_of = accounts.get(cells[0])
+        owner = cells[0]
+        acct_of = accounts.get(owner) if isinstance(owner, str) else None
         if acct_of is None:
-            continue  # a SIM that is no longer monitored (or a stray row)
-        ses = _decode(cells, SessionRow, "sessions")
+            continue  # a SIM that is no longer monitored, was rejected, or a stray row
+        try:
+            ses = _decode(cells, SessionRow, "sessions")
+        except StateFileError as exc:
+            # Without this session the SIM would count it again as new: the whole SIM goes.
+            rejected.append(("sessions", _row_problem(exc, owner)))
+            del accounts[owner]
+            last_success.pop(owner, None)
+            continue
         acct_of.sessions[ses.sid] = SessionMemo(
             ses.packets_uploaded, ses.packets_downloaded, bool(ses.ended), ses.absent
         )
     durations: dict[str, Histogram] = {}
     for cells in conn.execute("SELECT * FROM durations"):
-        row = _decode(cells, DurationRow, "durations")
-        hist = _histogram(row)
+        try:
+            row = _decode(cells, DurationRow, "durations")
+            hist = _histogram(row)
+        except StateFileError as exc:
+            rejected.append(("durations", f"{exc}; that histogram starts afresh"))
+            continue
         if hist is not None:
             durations[row.radio_link] = hist
-    return LoadedState(accounts, last_success, durations, saved_at, written_by)
+    return LoadedState(
+        accounts, last_success, durations, saved_at, written_by, rejected, unverified
+    )
+
+
+def _row_problem(exc: StateFileError, sid: object) -> str:
+    who = f"SIM {sid}" if isinstance(sid, str) and sid else "a SIM without a SID"
+    return f"{exc}; {who} starts a fresh baseline"
+
+
+def _check_identity(meta: dict[Any, Any], identity: StateIdentity) -> str | None:
+    """Raise if the file is another API's or account's; else the file's account SID when it
+    still has to be checked against the API's answers (no account SID configured).
+
+    The account SID decides, not the credential: a rotated API key or OAuth2 client of the same
+    account keeps the file. A file without an account SID (written by an earlier version with
+    an API key or an OAuth2 client, or before any answer named the account) is taken up: SIM
+    SIDs are unique across accounts, so it cannot restore another account's SIMs.
+    """
+    stored = meta.get("account_sid")
+    if not is_account_sid(stored):
+        legacy = meta.get("account")
+        stored = legacy if is_account_sid(legacy) else None
+    configured = identity.known_account
+    same_api = meta.get("base_url") == identity.base_url
+    if not same_api or (stored is not None and configured is not None and stored != configured):
+        raise StateFileError(
+            f"it belongs to another API or account ({meta.get('base_url')!r},"
+            f" {stored or meta.get('account')!r}; configured: {identity.base_url!r},"
+            f" {configured or identity.account!r})"
+        )
+    if configured is None and stored is not None:
+        return cast(str, stored)
+    return None
 
 
 # ----------------------------------------------------------------------------------- the store
@@ -511,13 +744,28 @@ class StateStore:
         self.identity = identity
         self._time = wall_time
         self._lock = asyncio.Lock()
-        self._writing: asyncio.Future[None] | None = None
+        self._writing: asyncio.Future[Written] | None = None
         self._saved_version: int | None = None
         self.last_duration: float | None = None
+        self.unsaved: dict[str, str] = {}
+        """SIMs the latest save could not write from memory (their previous rows were kept)."""
         self._errors: Counter | None = None
         self._last_save: Gauge | None = None
         self._save_seconds: Gauge | None = None
+        self._rejected: Counter | None = None
+        self._unsaved_gauge: Gauge | None = None
         if registry is not None:
+            self._rejected = Counter(
+                names.STATE_ROWS_REJECTED.name,
+                names.STATE_ROWS_REJECTED.help,
+                names.STATE_ROWS_REJECTED.labels,
+                registry=registry,
+            )
+            for table in ("sims", "sessions", "durations"):
+                self._rejected.labels(table)
+            self._unsaved_gauge = Gauge(
+                names.STATE_UNSAVED_SIMS.name, names.STATE_UNSAVED_SIMS.help, registry=registry
+            )
             self._errors = Counter(
                 names.STATE_SAVE_ERRORS.name, names.STATE_SAVE_ERRORS.help, registry=registry
             )
@@ -546,6 +794,8 @@ class StateStore:
             if record is not None and record.last_success is None:
                 record.last_success = success
         state.restore(loaded.accounts, loaded.durations)
+        state.unverified_account = loaded.unverified_account
+        self._report_rejected(loaded.rejected)
         sessions = sum(len(a.sessions) for a in loaded.accounts.values())
         log.info(
             "restored %d SIMs (%d remembered sessions) from %s, saved %s by version %s"
@@ -558,6 +808,21 @@ class StateStore:
             (time.perf_counter() - started) * 1000,
         )
         return loaded
+
+    def _report_rejected(self, rejected: list[tuple[str, str]]) -> None:
+        """One warning per rejected row (the first few), then one line for the rest."""
+        for index, (table, why) in enumerate(rejected):
+            if self._rejected is not None:
+                self._rejected.labels(table).inc()
+            if index < _ROWS_LOGGED:
+                log.warning("state file %s: ignoring a row of table %s: %s", self.path, table, why)
+        if len(rejected) > _ROWS_LOGGED:
+            log.warning(
+                "state file %s: %d more rows rejected (see %s)",
+                self.path,
+                len(rejected) - _ROWS_LOGGED,
+                names.STATE_ROWS_REJECTED.series[0],
+            )
 
     def _reject(self, exc: BaseException) -> None:
         aside = self.path.with_name(self.path.name + ".rejected")
@@ -593,12 +858,13 @@ class StateStore:
                 None, write_state, self.path, snap, self.identity, self._time()
             )
             try:
-                await asyncio.shield(self._writing)
+                written = await asyncio.shield(self._writing)
             except (OSError, sqlite3.Error, ValueError, OverflowError) as exc:
                 log.warning("cannot save state to %s: %s", self.path, exc)
                 if self._errors is not None:
                     self._errors.inc()
                 return False
+            self._note_unsaved(written.unsaved)
             self._saved_version = version
             self.last_duration = time.perf_counter() - started
             if self._last_save is not None and self._save_seconds is not None:
@@ -613,21 +879,128 @@ class StateStore:
             )
             return True
 
+    def _note_unsaved(self, unsaved: dict[str, str]) -> None:
+        """Log each SIM once when a save first leaves it out, and once when it is saved again."""
+        for sid, why in unsaved.items():
+            if sid not in self.unsaved:
+                log.warning(
+                    "cannot save the state of SIM %s (it holds %s, which a state file cannot"
+                    " hold); its previous saved state is kept",
+                    sid,
+                    why,
+                )
+        back = [sid for sid in self.unsaved if sid not in unsaved]
+        if back:
+            log.info("the state of %d SIMs is saved again", len(back))
+        self.unsaved = dict(unsaved)
+        if self._unsaved_gauge is not None:
+            self._unsaved_gauge.set(len(unsaved))
+
     async def run(
         self,
         state: FleetState,
         interval: float,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        *,
+        tick: float = 1.0,
     ) -> None:
-        """Save every ``interval`` seconds until cancelled (failures are logged, never raised)."""
+        """Save every ``interval`` seconds until cancelled (failures are logged, never raised),
+        and also as soon as every SIM has its baseline (checked every ``tick`` seconds).
+
+        Without the early save a crash before the first interval would lose every baseline,
+        so sessions that start and end while the exporter is down would never be counted. It
+        fires again whenever more SIMs have a baseline and none is missing one (SIMs found by
+        discovery later), never more often than every ``tick``.
+        """
+        step = min(tick, interval)
+        waited = 0.0
+        # SIMs restored from the file have their baseline already: no early save for them.
+        saved_baselines = complete_baselines(state) or 0
         while True:
-            await sleep(interval)
+            await sleep(step)
+            waited += step
+            baselines = complete_baselines(state)
+            early = baselines is not None and baselines > saved_baselines
+            if waited < interval and not early:
+                continue
+            waited = 0.0
             try:
-                await self.save(state)
+                if await self.save(state) and baselines is not None:
+                    saved_baselines = baselines
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not stop future saves
                 log.exception("unexpected error while saving state to %s", self.path)
+
+
+def complete_baselines(state: FleetState) -> int | None:
+    """How many SIMs have a baseline (from a poll, or restored and still held), when none
+    lacks one; ``None`` while some SIM lacks one."""
+    held = state.restored
+    for sid, record in state.sims.items():
+        if not record.account.baselined and sid not in held:
+            return None
+    return len(state.sims)
+
+
+class StateLockedError(Exception):
+    """Another process holds the state file's lock (the message is shown to the operator)."""
+
+
+class StateLock:
+    """``<path>.lock``, locked with ``flock`` for as long as this process uses ``path``.
+
+    Two exporters given the same ``state.path`` (two shards by mistake) would overwrite each
+    other's saves; the second one is refused at start instead. The lock file holds the PID of
+    the holder for the message; the lock itself is released by the kernel when the process
+    ends, however it ends, so a ``SIGKILL`` never leaves a stale lock behind.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.state_path = path
+        self.path = path.with_name(path.name + ".lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            # Saves into that directory will fail too, and are counted and logged: no reason to
+            # refuse to serve what the API says.
+            log.warning("cannot lock the state file %s (%s); continuing unlocked", self.path, exc)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            raise StateLockedError(
+                f"state file {self.state_path} is in use by another exporter"
+                f"{f' (pid {holder})' if holder else ''}: give each exporter its own state.path"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            log.warning("cannot lock the state file %s (%s); continuing unlocked", self.path, exc)
+            return
+        with contextlib.suppress(OSError):  # the PID is only for the message
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
+
+
+def _read_pid(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return ""
+    return text if text.isdigit() else ""
 
 
 def _ago(saved_at: float, now: float) -> str:

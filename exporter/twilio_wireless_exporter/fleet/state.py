@@ -7,12 +7,21 @@ The poller is the only writer; the exposition layer only reads. Every change bum
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import msgspec
 
 from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SimAccount
+
+_ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+
+
+def is_account_sid(value: object) -> bool:
+    """Whether ``value`` has the shape of an Account SID (``AC`` and 32 hex digits)."""
+    return isinstance(value, str) and _ACCOUNT_SID.match(value) is not None
+
 
 SESSION_DURATION_BUCKETS: tuple[float, ...] = (
     60.0,
@@ -100,6 +109,10 @@ class FleetState:
         """Accounts loaded from the state file, each held until its SIM's next successful poll."""
         self._held_durations: dict[str, Histogram] | None = None
         self._awaiting_poll: set[str] = set()
+        self.account_sid: str | None = None
+        """The account the API answers for, from the first answer that names it."""
+        self.unverified_account: str | None = None
+        """The account SID of a restored state file not yet checked against the API."""
 
     # ------------------------------------------------------------------ membership
 
@@ -162,6 +175,22 @@ class FleetState:
         self.durations = {}
         self._awaiting_poll = set(accounts)
         self._polled()
+
+    def learn_account(self, account_sid: str | None) -> bool:
+        """Note the account an API answer names; True if that shows the restored state to be
+        another account's, which is then dropped (those SIMs start a fresh baseline)."""
+        if self.account_sid is not None or account_sid is None or not is_account_sid(account_sid):
+            return False
+        self.account_sid = account_sid
+        expected, self.unverified_account = self.unverified_account, None
+        if expected is None or expected == account_sid:
+            return False
+        self.restored = {}
+        if self._held_durations is not None:
+            self._held_durations = None
+            self._awaiting_poll = set()
+        self.version += 1
+        return True
 
     def resume(self, record: SimRecord) -> SimAccount:
         """The account to fold a successful listing into: the restored one, if still held."""

@@ -17,7 +17,7 @@ import hashlib
 import heapq
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -142,6 +142,8 @@ class Poller:
             return False
         rejected = getattr(sessions, "rejected", ())
         keep = {r.sid for r in rejected if r.sid} if rejected else ()
+        if self._state.account_sid is None:
+            self._learn_account(s.account_sid for s in sessions)
         account = self._state.resume(record)  # a restored account is taken up at its first poll
         outcome = apply_listing(
             account, sessions, forget_after=self._settings.forget_after, keep=keep
@@ -190,6 +192,7 @@ class Poller:
                 return False
             if getattr(sims, "rejected", None):
                 self._rejected("", ENDPOINT_SIMS, sims.rejected)
+            self._learn_account(sim.account_sid for sim in sims)
             discovered = {sim.sid: sim for sim in sims if self._settings.shard.owns(sim.sid)}
             wanted = set(self._targets) | set(discovered) | self._still_listed(discovered)
             for sid in discovered:
@@ -215,6 +218,7 @@ class Poller:
         )
         for sid, result in zip(missing, results, strict=True):
             if isinstance(result, Sim):
+                self._learn_account([result.account_sid])
                 self._set_identity(result)
             elif isinstance(result, ApiError):
                 ok = False
@@ -355,6 +359,18 @@ class Poller:
                     await task
 
     # ------------------------------------------------------------------ helpers
+
+    def _learn_account(self, account_sids: Iterable[str | None]) -> None:
+        """Tell the state which account answers (a state file is checked against it)."""
+        if self._state.account_sid is not None:
+            return
+        found = next((a for a in account_sids if a), None)  # the state checks its shape
+        if self._state.learn_account(found):
+            log.warning(
+                "the API answers for account %s, not the account of the restored state file;"
+                " its SIMs start a fresh baseline",
+                found,
+            )
 
     def _set_identity(self, sim: Sim) -> None:
         self._state.set_identity(
