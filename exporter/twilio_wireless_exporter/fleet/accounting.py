@@ -39,8 +39,8 @@ DEFAULT_FORGET_AFTER = 3
 # The long-lived per-SIM records below are msgspec Structs with ``gc=False``: they hold only
 # scalars, strings and records of their own kind, so they can never be part of a reference
 # cycle, and leaving them out of the cyclic garbage collector's bookkeeping keeps a full
-# collection short at fleet scale (at 10,000 SIMs, tens of thousands of tracked objects fewer,
-# which made a 40-60 ms pause that landed in the middle of scrapes).
+# collection short at fleet scale, where its pause would land in the middle of scrapes
+# (docs/performance.md has the figures).
 
 
 class SessionMemo(msgspec.Struct, gc=False):
