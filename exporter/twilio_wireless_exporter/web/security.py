@@ -6,23 +6,43 @@ is validated, and its SSL context built, by the config layer on loading.
 Every endpoint, ``/-/healthy`` and ``/-/ready`` included, requires the credentials, as with the
 exporter-toolkit; probes then send an ``Authorization`` header (or use a TCP check).
 
-Passwords are checked with ``bcrypt.checkpw`` in a worker thread (bcrypt is slow by design and must
-not stall the event loop; at most two checks run at once, so a flood of wrong passwords cannot
-take every worker thread). An unknown user name still costs one bcrypt check against a dummy hash,
-so response times do not reveal which users exist. A successful check is remembered as an HMAC of
-the password under a per-process random key and compared with :func:`hmac.compare_digest`, so that
-the scrapes after the first one do not pay bcrypt's cost again (the toolkit caches the same way).
+Passwords are checked with ``bcrypt.checkpw``, which is slow by design; so that wrong passwords
+cannot buy the exporter's CPU (or keep the right password waiting), that work is bounded:
+
+* **A small pool.** Checks run in a dedicated pool of :data:`AuthLimits.workers` threads (one on
+  a machine of two cores or fewer, else two), never on the event loop and never in the shared
+  default executor.
+* **A queue limit.** At most :data:`AuthLimits.max_pending` checks wait or run at once; a request
+  that would need one more is answered 503 with ``Retry-After`` (``reason="auth_overloaded"``).
+* **Per-client backoff.** After its third failed check in a row, a client (its address) gets
+  429 with ``Retry-After`` (``reason="auth_backoff"``) without a check until its backoff has
+  passed: 1s, doubling with every further failure to 60s; a success clears it. A client has at
+  most one check in flight.
+* **Caches.** A successful check is remembered as an HMAC of user and password under a
+  per-process random key, compared with :func:`hmac.compare_digest`, so Prometheus' scrapes after
+  the first one pay no bcrypt (the toolkit caches the same way), and a client whose credentials
+  are cached gets in even while its address is backing off (behind NAT, say). Recently failed
+  credentials are remembered the same way and refused (401) without a check.
+
+An unknown user name still costs one bcrypt check against a dummy hash, so response times do not
+reveal which users exist.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
-from collections.abc import Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Final
 
 import aiohttp
@@ -31,8 +51,18 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from twilio_wireless_exporter.config import WebConfig
+from twilio_wireless_exporter.web.connections import Rejections
+from twilio_wireless_exporter.web.ratelog import RateLimitedLog
 
-__all__ = ["REALM", "BasicAuth", "middlewares", "parse_basic_authorization", "security_middleware"]
+__all__ = [
+    "REALM",
+    "AuthLimits",
+    "BasicAuth",
+    "Verdict",
+    "middlewares",
+    "parse_basic_authorization",
+    "security_middleware",
+]
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +70,50 @@ REALM: Final = "twilio-wireless-exporter"
 WWW_AUTHENTICATE: Final = f'Basic realm="{REALM}"'
 _BCRYPT_MAX_PASSWORD: Final = 72  # bcrypt uses the first 72 bytes (like htpasswd and Go)
 _DEFAULT_COST: Final = 10
-_MAX_CONCURRENT_CHECKS: Final = 2
 
 
-def middlewares(config: WebConfig) -> list[Middleware]:
+def _default_workers() -> int:
+    """One bcrypt thread on two cores or fewer (a core stays free for the event loop), else 2."""
+    return 1 if (os.cpu_count() or 1) <= 2 else 2
+
+
+@dataclass(frozen=True, slots=True)
+class AuthLimits:
+    """The bounds on bcrypt work (docs/operations.md lists them)."""
+
+    workers: int = field(default_factory=_default_workers)
+    max_pending: int = 8
+    """Checks waiting or running at once; beyond that, 503."""
+    free_failures: int = 3
+    """Failed checks in a row a client may make before its backoff starts (typos happen)."""
+    backoff_initial: float = 1.0
+    backoff_max: float = 60.0
+    clients: int = 4096
+    """Client addresses whose failures are remembered (least recently seen forgotten first)."""
+    failed_cache: int = 1024
+    """Recently failed credentials refused without a check."""
+
+
+class Verdict(enum.Enum):
+    OK = "ok"
+    DENIED = "unauthorized"
+    BACKOFF = "auth_backoff"
+    BUSY = "auth_overloaded"
+
+
+@dataclass(slots=True)
+class _Client:
+    failures: int = 0
+    until: float = 0.0
+    checking: bool = False
+
+
+def middlewares(config: WebConfig, rejections: Rejections | None = None) -> list[Middleware]:
     """The aiohttp middlewares enforcing the config's basic auth and adding its headers."""
     users, headers = config.users, config.headers
     if not users and not headers:
         return []
-    return [security_middleware(BasicAuth(users) if users else None, headers)]
+    return [security_middleware(BasicAuth(users) if users else None, headers, rejections)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,17 +133,28 @@ def parse_basic_authorization(header: str | None) -> tuple[str, bytes] | None:
 
 
 class BasicAuth:
-    """Checks basic-auth credentials against bcrypt hashes, timing-safe, with a verified cache."""
+    """Checks basic-auth credentials against bcrypt hashes: timing-safe, cached, bounded."""
 
-    def __init__(self, users: Mapping[str, bytes]) -> None:
+    def __init__(
+        self,
+        users: Mapping[str, bytes],
+        limits: AuthLimits | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._users = dict(users)
+        self.limits = limits or AuthLimits()
+        self._clock = clock
         costs = [int(hashed[4:6]) for hashed in self._users.values()]
         cost = max(costs, default=_DEFAULT_COST)
         # Unknown users are checked against this, at the highest configured cost.
         self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
         self._key = os.urandom(32)
         self._verified: dict[str, bytes] = {}
-        self._checks = asyncio.Semaphore(_MAX_CONCURRENT_CHECKS)
+        self._failed: OrderedDict[bytes, None] = OrderedDict()
+        self._clients: OrderedDict[str, _Client] = OrderedDict()
+        self._pending = 0
+        self._pool: ThreadPoolExecutor | None = None
         self.bcrypt_checks = 0
         """How many bcrypt checks ran (the cache keeps this at one per user and password)."""
 
@@ -90,10 +166,19 @@ class BasicAuth:
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
     async def check(self, header: str | None) -> str | None:
-        """The authenticated user name, or ``None`` for missing or wrong credentials."""
+        """The authenticated user name, or ``None`` for missing or wrong credentials (without
+        per-client backoff or queue limit: :meth:`authenticate` is what requests go through)."""
+        verdict, user, _ = await self.authenticate(header, None)
+        return user if verdict is Verdict.OK else None
+
+    async def authenticate(
+        self, header: str | None, client: str | None
+    ) -> tuple[Verdict, str | None, float]:
+        """``(verdict, user, retry after seconds)`` for the credentials ``client`` (an address;
+        ``None``: no backoff and no queue limit) presents in ``header``."""
         credentials = parse_basic_authorization(header)
         if credentials is None:
-            return None
+            return Verdict.DENIED, None, 0.0  # costs nothing, and is no failed attempt either
         user, password = credentials
         password = password[:_BCRYPT_MAX_PASSWORD]
         hashed = self._users.get(user)
@@ -101,34 +186,118 @@ class BasicAuth:
         if hashed is not None:
             known = self._verified.get(user)
             if known is not None and hmac.compare_digest(known, mac):
-                return user
-        ok = await self._checkpw(password, hashed if hashed is not None else self._dummy)
+                self._forgive(client)
+                return Verdict.OK, user, 0.0
+        if mac in self._failed:
+            self._failed.move_to_end(mac)
+            return Verdict.DENIED, None, 0.0
+        state = self._client(client)
+        now = self._clock()
+        if state is not None and (state.checking or now < state.until):
+            return Verdict.BACKOFF, None, max(1.0, math.ceil(state.until - now))
+        if client is not None and self._pending >= self.limits.max_pending:
+            return Verdict.BUSY, None, 1.0
+        if state is not None:
+            state.checking = True
+        try:
+            ok = await self._checkpw(password, hashed if hashed is not None else self._dummy)
+        finally:
+            if state is not None:
+                state.checking = False
         if ok and hashed is not None:
             self._verified[user] = mac
-            return user
-        return None
+            self._forgive(client)
+            return Verdict.OK, user, 0.0
+        self._remember_failure(mac)
+        if state is not None:
+            state.failures += 1
+            over = state.failures - self.limits.free_failures
+            if over > 0:
+                delay = self.limits.backoff_initial * 2.0 ** min(over - 1, 30)
+                state.until = self._clock() + min(delay, self.limits.backoff_max)
+        return Verdict.DENIED, None, 0.0
+
+    def _client(self, client: str | None) -> _Client | None:
+        if client is None:
+            return None
+        state = self._clients.get(client)
+        if state is None:
+            state = self._clients[client] = _Client()
+            while len(self._clients) > self.limits.clients:
+                oldest = next(iter(self._clients))
+                if self._clients[oldest].checking:
+                    break  # the table may overshoot by the checks in flight, never forget them
+                del self._clients[oldest]
+        else:
+            self._clients.move_to_end(client)
+        return state
+
+    def _forgive(self, client: str | None) -> None:
+        if client is not None:
+            self._clients.pop(client, None)
+
+    def _remember_failure(self, mac: bytes) -> None:
+        self._failed[mac] = None
+        self._failed.move_to_end(mac)
+        while len(self._failed) > self.limits.failed_cache:
+            self._failed.popitem(last=False)
 
     async def _checkpw(self, password: bytes, hashed: bytes) -> bool:
-        async with self._checks:
-            self.bcrypt_checks += 1
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="bcrypt")
+        self._pending += 1
+        self.bcrypt_checks += 1
+        try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(None, bcrypt.checkpw, password, hashed)
+            return await loop.run_in_executor(self._pool, bcrypt.checkpw, password, hashed)
+        finally:
+            self._pending -= 1
 
 
-def security_middleware(auth: BasicAuth | None, headers: Mapping[str, str]) -> Middleware:
-    """Require basic auth on every route (when ``auth``) and add ``headers`` to every response."""
+_STATUS: Final = {Verdict.DENIED: 401, Verdict.BACKOFF: 429, Verdict.BUSY: 503}
+_TEXT: Final = {
+    Verdict.DENIED: "Unauthorized\n",
+    Verdict.BACKOFF: "Too many failed logins from this address; retry later\n",
+    Verdict.BUSY: "Too many logins being checked; retry later\n",
+}
+
+
+def security_middleware(
+    auth: BasicAuth | None,
+    headers: Mapping[str, str],
+    rejections: Rejections | None = None,
+) -> Middleware:
+    """Require basic auth on every route (when ``auth``) and add ``headers`` to every response;
+    refusals are counted in ``rejections``."""
     extra = dict(headers)
+    throttled = RateLimitedLog(log)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if auth is not None and await auth.check(request.headers.get("Authorization")) is None:
-            log.debug("unauthorised request for %s from %s", request.path, request.remote)
-            response: web.StreamResponse = web.Response(
-                status=401,
-                text="Unauthorized\n",
-                headers={"WWW-Authenticate": WWW_AUTHENTICATE, **extra},
+        if auth is not None:
+            verdict, _, retry_after = await auth.authenticate(
+                request.headers.get("Authorization"), request.remote or "?"
             )
-            return response
+            if verdict is not Verdict.OK:
+                if rejections is not None:
+                    rejections.reject(verdict.value)
+                refusal = {**extra}
+                if verdict is Verdict.DENIED:
+                    refusal["WWW-Authenticate"] = WWW_AUTHENTICATE
+                    log.debug("unauthorised request for %s from %s", request.path, request.remote)
+                else:
+                    refusal["Retry-After"] = str(int(retry_after))
+                    throttled.log(
+                        verdict.value,
+                        logging.WARNING,
+                        "refused a login from %s: %s",
+                        request.remote,
+                        _TEXT[verdict].strip(),
+                    )
+                response: web.StreamResponse = web.Response(
+                    status=_STATUS[verdict], text=_TEXT[verdict], headers=refusal
+                )
+                return response
         try:
             response = await handler(request)
         except web.HTTPException as exc:
