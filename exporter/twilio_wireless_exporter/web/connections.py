@@ -11,10 +11,12 @@ none (``/-/healthy`` included) and every further attempt logs "Too many open fil
   never completes.
 * **Connection limit.** At most ``max_connections`` connections are open at once, chosen below
   the open-files limit (``RLIMIT_NOFILE``) so that the poller, the state file and the accept
-  itself always find a descriptor. A new connection beyond the limit takes the place of the
-  connection least likely to be a working client: the oldest one still without a complete
-  request head, else the one that has been silent longest. A health check therefore gets in even
-  while the slots are held by clients that send nothing.
+  itself always find a descriptor. The listen backlog is what asyncio accepts in one go before
+  any of those connections is seen, so it is sized from what the limit leaves over too. A new
+  connection beyond the limit takes the place of the connection least likely to be a working
+  client: the oldest one still without a complete request head, else the one that has been
+  silent longest. A health check therefore gets in even while the slots are held by clients
+  that send nothing.
 * **Counted and logged once per interval.** Every cut connection is counted in
   ``twilio_wireless_http_rejected_total`` and logged by a :class:`RateLimitedLog`.
 
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 #: File descriptors left for everything but client connections (the poller's connection pool,
 #: the state file, log files, the listening sockets, the descriptor accept needs).
 FD_RESERVE: Final = 64
+MIN_BACKLOG: Final = 16
+MAX_BACKLOG: Final = 128
 #: The default limit when the open-files limit leaves room for more.
 DEFAULT_MAX_CONNECTIONS: Final = 512
 DEFAULT_HEADER_TIMEOUT: Final = 10.0
@@ -69,13 +73,25 @@ def open_files_limit() -> int | None:
 
 def connection_limit(requested: int | None, files: int | None) -> int:
     """The connection limit: ``requested`` (or the default), lowered to half the open-files
-    limit ``files`` when that is smaller, and to the limit minus :data:`FD_RESERVE` at most."""
+    limit ``files`` when that is smaller; at most what leaves :data:`FD_RESERVE` descriptors and
+    a minimal accept backlog free."""
     if files is None:
         return requested or DEFAULT_MAX_CONNECTIONS
-    ceiling = max(1, files - FD_RESERVE)
+    ceiling = max(1, files - FD_RESERVE - MIN_BACKLOG)
     if requested:
         return min(requested, ceiling)
     return max(1, min(DEFAULT_MAX_CONNECTIONS, files // 2, ceiling))
+
+
+def accept_backlog(max_connections: int, files: int | None) -> int:
+    """The listen backlog, which is also how many connections asyncio accepts in one go before
+    any of them is counted: a quarter of what the open-files limit leaves beside the connections
+    and the reserve (a connection that makes room frees its descriptor only on a later turn of
+    the loop, by which time asyncio may have accepted two more batches), at most
+    :data:`MAX_BACKLOG`."""
+    if files is None:
+        return MAX_BACKLOG
+    return max(1, min(MAX_BACKLOG, (files - FD_RESERVE - max_connections) // 4))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +101,8 @@ class ConnectionSettings:
     """Seconds from connecting (after TLS) to the end of the first request head."""
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     """Seconds a kept-alive connection may wait for its next request (aiohttp's keep-alive)."""
+    backlog: int = MAX_BACKLOG
+    """The listen backlog (see :func:`accept_backlog`)."""
 
 
 class ConnectionLimiter:
@@ -282,7 +300,6 @@ class GuardedSite(web.TCPSite):
         *,
         ssl_context: ssl.SSLContext | None = None,
         reuse_address: bool | None = None,
-        backlog: int = 128,
     ) -> None:
         super().__init__(
             runner,
@@ -290,7 +307,7 @@ class GuardedSite(web.TCPSite):
             port,
             ssl_context=ssl_context,
             reuse_address=reuse_address,
-            backlog=backlog,
+            backlog=limiter.settings.backlog,
         )
         self._limiter = limiter
 

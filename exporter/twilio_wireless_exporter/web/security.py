@@ -12,8 +12,10 @@ cannot buy the exporter's CPU (or keep the right password waiting), that work is
 * **A small pool.** Checks run in a dedicated pool of :data:`AuthLimits.workers` threads (one on
   a machine of two cores or fewer, else two), never on the event loop and never in the shared
   default executor.
-* **A queue limit.** At most :data:`AuthLimits.max_pending` checks wait or run at once; a request
-  that would need one more is answered 503 with ``Retry-After`` (``reason="auth_overloaded"``).
+* **A queue limit, first attempts first.** At most :data:`AuthLimits.max_pending` checks wait
+  for a worker, in order of how often their client has failed already (then of arrival); when
+  the queue is full, the check that would go last is answered 503 with ``Retry-After``
+  (``reason="auth_overloaded"``), so a login not seen failing displaces a repeat offender.
 * **Per-client backoff.** After its third failed check in a row, a client (its address) gets
   429 with ``Retry-After`` (``reason="auth_backoff"``) without a check until its backoff has
   passed: 1s, doubling with every further failure to 60s; a success clears it. A client has at
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import hashlib
+import heapq
 import hmac
 import logging
 import math
@@ -83,9 +86,9 @@ class AuthLimits:
 
     workers: int = field(default_factory=_default_workers)
     max_pending: int = 8
-    """Checks waiting or running at once; beyond that, 503."""
+    """Checks waiting for a worker; beyond that, 503 (for the one that would go last)."""
     free_failures: int = 3
-    """Failed checks in a row a client may make before its backoff starts (typos happen)."""
+    """Failed checks in a row after which a client's backoff starts (typos happen)."""
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     clients: int = 4096
@@ -153,7 +156,9 @@ class BasicAuth:
         self._verified: dict[str, bytes] = {}
         self._failed: OrderedDict[bytes, None] = OrderedDict()
         self._clients: OrderedDict[str, _Client] = OrderedDict()
-        self._pending = 0
+        self._running = 0
+        self._waiting: list[tuple[int, int, asyncio.Future[bool]]] = []  # a heap
+        self._arrivals = 0
         self._pool: ThreadPoolExecutor | None = None
         self.bcrypt_checks = 0
         """How many bcrypt checks ran (the cache keeps this at one per user and password)."""
@@ -195,12 +200,18 @@ class BasicAuth:
         now = self._clock()
         if state is not None and (state.checking or now < state.until):
             return Verdict.BACKOFF, None, max(1.0, math.ceil(state.until - now))
-        if client is not None and self._pending >= self.limits.max_pending:
-            return Verdict.BUSY, None, 1.0
+        # First attempts go before clients that failed already: a flood of wrong passwords
+        # from addresses that keep trying waits behind a login it has not seen fail.
+        priority = 0 if state is None else state.failures
         if state is not None:
             state.checking = True
         try:
-            ok = await self._checkpw(password, hashed if hashed is not None else self._dummy)
+            if not await self._slot(priority, bounded=client is not None):
+                return Verdict.BUSY, None, 1.0
+            try:
+                ok = await self._checkpw(password, hashed if hashed is not None else self._dummy)
+            finally:
+                self._release()
         finally:
             if state is not None:
                 state.checking = False
@@ -212,8 +223,8 @@ class BasicAuth:
         if state is not None:
             state.failures += 1
             over = state.failures - self.limits.free_failures
-            if over > 0:
-                delay = self.limits.backoff_initial * 2.0 ** min(over - 1, 30)
+            if over >= 0:
+                delay = self.limits.backoff_initial * 2.0 ** min(over, 30)
                 state.until = self._clock() + min(delay, self.limits.backoff_max)
         return Verdict.DENIED, None, 0.0
 
@@ -242,16 +253,48 @@ class BasicAuth:
         while len(self._failed) > self.limits.failed_cache:
             self._failed.popitem(last=False)
 
+    async def _slot(self, priority: int, *, bounded: bool) -> bool:
+        """Wait for one of the pool's workers, in order of ``priority`` (lower first) then of
+        arrival; ``False`` when the queue is full of checks that go first (or this one is
+        displaced by one that goes before it). Unbounded for direct calls of :meth:`check`."""
+        if self._running < self.limits.workers:
+            self._running += 1
+            return True
+        if bounded and len(self._waiting) >= self.limits.max_pending:
+            last = max(self._waiting)
+            if last[0] <= priority:
+                return False
+            self._waiting.remove(last)
+            heapq.heapify(self._waiting)
+            last[2].set_result(False)
+        self._arrivals += 1
+        granted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        entry = (priority, self._arrivals, granted)
+        heapq.heappush(self._waiting, entry)
+        try:
+            return await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled() and granted.result():
+                self._release()  # the worker handed over: pass it on
+            elif entry in self._waiting:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+            raise
+
+    def _release(self) -> None:
+        while self._waiting:
+            _, _, granted = heapq.heappop(self._waiting)
+            if not granted.done():
+                granted.set_result(True)  # the worker goes to the next in line
+                return
+        self._running -= 1
+
     async def _checkpw(self, password: bytes, hashed: bytes) -> bool:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="bcrypt")
-        self._pending += 1
         self.bcrypt_checks += 1
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, bcrypt.checkpw, password, hashed)
-        finally:
-            self._pending -= 1
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, bcrypt.checkpw, password, hashed)
 
 
 _STATUS: Final = {Verdict.DENIED: 401, Verdict.BACKOFF: 429, Verdict.BUSY: 503}
