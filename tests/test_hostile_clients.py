@@ -37,7 +37,12 @@ from twilio_wireless_exporter.web.connections import (
     accept_backlog,
     connection_limit,
 )
-from twilio_wireless_exporter.web.security import AuthLimits, BasicAuth, security_middleware
+from twilio_wireless_exporter.web.security import (
+    AuthLimits,
+    BasicAuth,
+    client_key,
+    security_middleware,
+)
 from twilio_wireless_exporter.web.serverlog import quiet_bad_requests
 
 PARTIAL_HEAD = b"GET /-/healthy HTTP/1.1\r\nHost: exporter\r\nX-Slow: "
@@ -375,3 +380,13 @@ async def test_a_flood_of_wrong_passwords_cannot_lock_out_the_right_one(
         assert gated.started[10].startswith(b"again ")
         assert gated.started[11] == PASSWORD.encode()
     assert rejections.reasons["auth_overloaded"] == 6
+
+
+def test_failures_count_per_ipv4_address_and_per_ipv6_64() -> None:
+    assert client_key("192.0.2.7") == "192.0.2.7"
+    assert (
+        client_key("2001:db8:1:2::7") == client_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    )
+    assert client_key("2001:db8:1:3::7") != client_key("2001:db8:1:2::7")
+    assert client_key(None) == "?"
+    assert client_key("not an address") == "not an address"

@@ -68,7 +68,6 @@ _SPLICE_YIELD_EVERY = 8  # blocks (of every family) spliced between two yields
 #: Escaping schemes the cached lines are written in: underscores always, allow-utf-8 while every
 #: label name is a legacy one (then both schemes write the same bytes).
 _CACHED_ESCAPINGS = frozenset({Escaping.UNDERSCORES, Escaping.ALLOW_UTF8})
-_VARIANT_YIELD_EVERY = 16  # blocks rewritten in another escaping between two yields
 #: In a sample line: the sample name (at the start of a line), or one label's name and the rest
 #: of the pair (the quoted value, matched whole so that nothing inside it is taken for a name).
 _NAMES = re.compile(
@@ -417,18 +416,14 @@ class Exposition:
     def _escape_steps(self, encoding: Encoding) -> Generator[None, None, None]:
         """Give every block its text in ``encoding`` (the ones that lack it); yields between
         steps so the caller can let the loop run."""
-        done = 0
         for family_blocks in self._blocks:
             for block in family_blocks:
                 variants = block.variants
                 if variants is None:
                     variants = block.variants = {}
-                if encoding in variants:
-                    continue
-                variants[encoding] = escape_block(block.data, encoding)
-                done += 1
-                if done % _VARIANT_YIELD_EVERY == 0:
-                    yield
+                if encoding not in variants:
+                    variants[encoding] = escape_block(block.data, encoding)
+                    yield  # a block at a time: the loop never waits for more than one
 
     def _escaped_parts(self, encoding: Encoding) -> list[bytes]:
         headers = self._escaped_headers.get(encoding)

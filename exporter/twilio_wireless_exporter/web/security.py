@@ -12,10 +12,12 @@ cannot buy the exporter's CPU (or keep the right password waiting), that work is
 * **A small pool.** Checks run in a dedicated pool of :data:`AuthLimits.workers` threads (one on
   a machine of two cores or fewer, else two), never on the event loop and never in the shared
   default executor.
-* **A queue limit, first attempts first.** At most :data:`AuthLimits.max_pending` checks wait
-  for a worker, in order of how often their client has failed already (then of arrival); when
-  the queue is full, the check that would go last is answered 503 with ``Retry-After``
-  (``reason="auth_overloaded"``), so a login not seen failing displaces a repeat offender.
+* **A queue limit, newcomers first.** At most :data:`AuthLimits.max_pending` checks wait for a
+  worker, in order of how often their client has failed or been turned away already (then of
+  arrival); when the queue is full, the check that would go last is answered 503 with
+  ``Retry-After`` (``reason="auth_overloaded"``). So under a flood of wrong passwords from many
+  addresses, a login not seen before displaces the addresses that keep trying. A client is an
+  IPv4 address or an IPv6 /64.
 * **Per-client backoff.** After its third failed check in a row, a client (its address) gets
   429 with ``Retry-After`` (``reason="auth_backoff"``) without a check until its backoff has
   passed: 1s, doubling with every further failure to 60s; a success clears it. A client has at
@@ -37,6 +39,7 @@ import enum
 import hashlib
 import heapq
 import hmac
+import ipaddress
 import logging
 import math
 import os
@@ -107,8 +110,25 @@ class Verdict(enum.Enum):
 @dataclass(slots=True)
 class _Client:
     failures: int = 0
+    """Failed checks in a row."""
+    refused: int = 0
+    """Requests answered 429 or 503 since the latest success."""
     until: float = 0.0
     checking: bool = False
+
+
+def client_key(remote: str | None) -> str:
+    """Whose failures a request counts to: its IPv4 address, or its IPv6 /64 (one host can
+    have a whole /64 to pick addresses from)."""
+    if remote is None:
+        return "?"
+    try:
+        address = ipaddress.ip_address(remote)
+    except ValueError:
+        return remote
+    if address.version == 6:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return str(address)
 
 
 def middlewares(config: WebConfig, rejections: Rejections | None = None) -> list[Middleware]:
@@ -199,14 +219,17 @@ class BasicAuth:
         state = self._client(client)
         now = self._clock()
         if state is not None and (state.checking or now < state.until):
+            state.refused += 1
             return Verdict.BACKOFF, None, max(1.0, math.ceil(state.until - now))
-        # First attempts go before clients that failed already: a flood of wrong passwords
-        # from addresses that keep trying waits behind a login it has not seen fail.
-        priority = 0 if state is None else state.failures
+        # Clients go in order of how often they failed or were turned away already: a flood of
+        # wrong passwords from addresses that keep trying waits behind a login it has not seen.
+        priority = 0 if state is None else state.failures + state.refused
         if state is not None:
             state.checking = True
         try:
             if not await self._slot(priority, bounded=client is not None):
+                if state is not None:
+                    state.refused += 1
                 return Verdict.BUSY, None, 1.0
             try:
                 ok = await self._checkpw(password, hashed if hashed is not None else self._dummy)
@@ -319,7 +342,7 @@ def security_middleware(
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if auth is not None:
             verdict, _, retry_after = await auth.authenticate(
-                request.headers.get("Authorization"), request.remote or "?"
+                request.headers.get("Authorization"), client_key(request.remote)
             )
             if verdict is not Verdict.OK:
                 if rejections is not None:
