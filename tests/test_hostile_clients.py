@@ -208,10 +208,15 @@ def test_a_flood_of_silent_connections_beyond_the_open_files_limit() -> None:
     """Twice as many never-finished request heads as the process has file descriptors: the
     exporter keeps answering, counts what it cut, and logs it in a line or two."""
     with exporter_with_open_files(256) as (base, log):
+        port = int(base.rsplit(":", 1)[1])
+        for _ in range(3):  # malformed requests: 400, and nothing at the default log level
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n")
+                assert b" 400 " in sock.recv(4096).split(b"\r\n", 1)[0]
         flood = []
         try:
             for _ in range(512):
-                sock = socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1])))
+                sock = socket.create_connection(("127.0.0.1", port))
                 sock.sendall(PARTIAL_HEAD)
                 flood.append(sock)
             assert fetch(base + "/-/healthy") == (200, "Healthy\n")
@@ -224,10 +229,12 @@ def test_a_flood_of_silent_connections_beyond_the_open_files_limit() -> None:
         assert sample(body, "twilio_wireless_http_connections") <= limit
         cut = sample(body, 'twilio_wireless_http_rejected_total{reason="connection_limit"}')
         assert cut >= 512 - limit
+        assert sample(body, 'twilio_wireless_http_rejected_total{reason="bad_request"}') == 3
         log.wait_for(re.compile(r"connection limit of 128 reached"))
     text = "\n".join(log.lines)
     assert "Too many open files" not in text
     assert "Traceback" not in text
+    assert "Error handling request" not in text
     assert len([line for line in log.lines if "connection limit" in line]) <= 2
 
 

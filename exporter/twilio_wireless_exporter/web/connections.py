@@ -11,11 +11,10 @@ none (``/-/healthy`` included) and every further attempt logs "Too many open fil
   never completes.
 * **Connection limit.** At most ``max_connections`` connections are open at once, chosen below
   the open-files limit (``RLIMIT_NOFILE``) so that the poller, the state file and the accept
-  itself always find a descriptor. The listen backlog is what asyncio accepts in one go before
-  any of those connections is seen, so it is sized from what the limit leaves over too. A new
-  connection beyond the limit takes the place of the connection least likely to be a working
-  client: the oldest one still without a complete request head, else the one that has been
-  silent longest. A health check therefore gets in even while the slots are held by clients
+  itself always find a descriptor. How many connections asyncio accepts in one go, before any
+  of them is seen, is sized from what the limit leaves over too. A new connection beyond the
+  limit takes the place of the connection least likely to be a working client: the oldest one
+  still without a complete request head, else the one that has been silent longest. A health check therefore gets in even while the slots are held by clients
   that send nothing.
 * **Counted and logged once per interval.** Every cut connection is counted in
   ``twilio_wireless_http_rejected_total`` and logged by a :class:`RateLimitedLog`.
@@ -29,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -84,11 +85,12 @@ def connection_limit(requested: int | None, files: int | None) -> int:
 
 
 def accept_backlog(max_connections: int, files: int | None) -> int:
-    """The listen backlog, which is also how many connections asyncio accepts in one go before
-    any of them is counted: a quarter of what the open-files limit leaves beside the connections
-    and the reserve (a connection that makes room frees its descriptor only on a later turn of
-    the loop, by which time asyncio may have accepted two more batches), at most
-    :data:`MAX_BACKLOG`."""
+    """How many connections asyncio accepts in one go, before any of them is counted (it is
+    the ``backlog`` of ``create_server``): a quarter of what the open-files limit leaves beside
+    the connections and the reserve (a connection that makes room frees its descriptor only on a
+    later turn of the loop, by which time asyncio may have accepted two more batches), at most
+    :data:`MAX_BACKLOG`. The kernel's queue of connections not yet accepted stays
+    :data:`MAX_BACKLOG` long."""
     if files is None:
         return MAX_BACKLOG
     return max(1, min(MAX_BACKLOG, (files - FD_RESERVE - max_connections) // 4))
@@ -102,7 +104,7 @@ class ConnectionSettings:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     """Seconds a kept-alive connection may wait for its next request (aiohttp's keep-alive)."""
     backlog: int = MAX_BACKLOG
-    """The listen backlog (see :func:`accept_backlog`)."""
+    """Connections accepted in one go (see :func:`accept_backlog`)."""
 
 
 class ConnectionLimiter:
@@ -331,4 +333,10 @@ class GuardedSite(web.TCPSite):
             **extra,
         )
         sockets = self._server.sockets
+        for listening in sockets:
+            # asyncio listens with its batch size; the kernel may queue more (queued
+            # connections hold no descriptor of ours), so that a flood does not drop the SYNs of
+            # everyone else. A duplicate descriptor reaches the same socket.
+            with socket.socket(fileno=os.dup(listening.fileno())) as same:
+                same.listen(MAX_BACKLOG)
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
