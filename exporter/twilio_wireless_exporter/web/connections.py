@@ -14,8 +14,8 @@ none (``/-/healthy`` included) and every further attempt logs "Too many open fil
   itself always find a descriptor. How many connections asyncio accepts in one go, before any
   of them is seen, is sized from what the limit leaves over too. A new connection beyond the
   limit takes the place of the connection least likely to be a working client: the oldest one
-  still without a complete request head, else the one that has been silent longest. A health check therefore gets in even while the slots are held by clients
-  that send nothing.
+  still without a complete request head, else the one that has been silent longest. A health
+  check therefore gets in even while the slots are held by clients that send nothing.
 * **Counted and logged once per interval.** Every cut connection is counted in
   ``twilio_wireless_http_rejected_total`` and logged by a :class:`RateLimitedLog`.
 
