@@ -345,13 +345,15 @@ async def test_wrong_passwords_from_one_address_buy_three_checks_then_backoff(
         assert auth.bcrypt_checks == 3
         # the right password from elsewhere is checked at once, and then cached
         assert await request("127.0.0.3", basic("alice", PASSWORD)) == (200, None)
-        # from the backing-off address too, once the credentials are known good
+        # from the backing-off address too, once the credentials are known good; that does not
+        # lift the address's backoff for anyone else there
         assert await request("127.0.0.2", basic("alice", PASSWORD)) == (200, None)
         assert auth.bcrypt_checks == 4
+        assert (await request("127.0.0.2", basic("alice", "guess 99")))[0] == 429
         # a wrong password already refused is refused again without a check
         assert await request("127.0.0.4", basic("alice", "guess 0")) == (401, None)
         assert auth.bcrypt_checks == 4
-    assert rejections.reasons == {"unauthorized": 4, "auth_backoff": 47}
+    assert rejections.reasons == {"unauthorized": 4, "auth_backoff": 48}
 
 
 async def test_a_flood_of_wrong_passwords_cannot_lock_out_the_right_one(

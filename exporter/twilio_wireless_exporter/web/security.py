@@ -20,8 +20,8 @@ cannot buy the exporter's CPU (or keep the right password waiting), that work is
   IPv4 address or an IPv6 /64.
 * **Per-client backoff.** After its third failed check in a row, a client (its address) gets
   429 with ``Retry-After`` (``reason="auth_backoff"``) without a check until its backoff has
-  passed: 1s, doubling with every further failure to 60s; a success clears it. A client has at
-  most one check in flight.
+  passed: 1s, doubling with every further failure to 60s; a successful check clears it. A
+  client has at most one check in flight.
 * **Caches.** A successful check is remembered as an HMAC of user and password under a
   per-process random key, compared with :func:`hmac.compare_digest`, so Prometheus' scrapes after
   the first one pay no bcrypt (the toolkit caches the same way), and a client whose credentials
@@ -211,7 +211,8 @@ class BasicAuth:
         if hashed is not None:
             known = self._verified.get(user)
             if known is not None and hmac.compare_digest(known, mac):
-                self._forgive(client)
+                # not forgiven: whoever shares the address keeps backing off while a scraper
+                # with known-good credentials gets in
                 return Verdict.OK, user, 0.0
         if mac in self._failed:
             self._failed.move_to_end(mac)
