@@ -15,6 +15,7 @@ import os
 import re
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
 
 import aiohttp
 import bcrypt
@@ -30,6 +32,8 @@ from aiohttp import web
 
 from tests.harness_support import eventually
 from tests.process_support import PipeLog
+from tests.tls_support import TLS
+from twilio_wireless_exporter.config import web_config_from_mapping
 from twilio_wireless_exporter.web.connections import (
     ConnectionLimiter,
     ConnectionSettings,
@@ -68,13 +72,14 @@ async def guarded_server(
     rejections: Recorded,
     *,
     middlewares: tuple[object, ...] = (),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[tuple[int, ConnectionLimiter]]:
     app = web.Application(middlewares=middlewares)  # type: ignore[arg-type]
     app.router.add_get("/-/healthy", _healthy)
     runner = web.AppRunner(app, access_log=None, keepalive_timeout=settings.idle_timeout)
     await runner.setup()
     limiter = ConnectionLimiter(settings, rejections)
-    site = GuardedSite(runner, "127.0.0.1", 0, limiter)
+    site = GuardedSite(runner, "127.0.0.1", 0, limiter, ssl_context=ssl_context)
     await site.start()
     try:
         yield site.port, limiter
@@ -140,6 +145,34 @@ async def test_beyond_the_connection_limit_the_oldest_silent_connection_makes_ro
         assert limiter.status() == (min(limiter.open, 5), 5)
         for _, writer in held:
             writer.close()
+
+
+async def test_with_tls_the_handshake_and_then_the_head_are_timed(cert_dir: Path) -> None:
+    rejections = Recorded()
+    settings = ConnectionSettings(max_connections=10, header_timeout=0.3, idle_timeout=60)
+    server_tls = web_config_from_mapping({"tls_server_config": TLS}, base_dir=cert_dir)
+    client_tls = ssl.create_default_context(cafile=cert_dir / "server.crt")
+    async with guarded_server(settings, rejections, ssl_context=server_tls.ssl_context) as (
+        port,
+        limiter,
+    ):
+        no_hello, silent = await asyncio.open_connection("127.0.0.1", port)  # no TLS at all
+        slow_reader, slow = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_tls, server_hostname="localhost"
+        )
+        slow.write(PARTIAL_HEAD)
+        connector = aiohttp.TCPConnector(ssl=client_tls)
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.get(f"https://localhost:{port}/-/healthy") as resp,
+        ):
+            assert (resp.status, await resp.text()) == (200, "Healthy\n")
+        assert await closed_by_server(no_hello)
+        assert await closed_by_server(slow_reader)
+        assert rejections.reasons == {"header_timeout": 1}  # the handshake's is asyncio's
+        await eventually(lambda: limiter.open == 0)
+        silent.close()
+        slow.close()
 
 
 def test_the_connection_limit_stays_below_the_open_files_limit() -> None:
