@@ -175,6 +175,31 @@ async def test_with_tls_the_handshake_and_then_the_head_are_timed(cert_dir: Path
         slow.close()
 
 
+async def test_with_tls_connections_still_in_their_handshake_count_and_make_room(
+    cert_dir: Path,
+) -> None:
+    rejections = Recorded()
+    settings = ConnectionSettings(max_connections=3, header_timeout=600, idle_timeout=600)
+    server_tls = web_config_from_mapping({"tls_server_config": TLS}, base_dir=cert_dir)
+    client_tls = ssl.create_default_context(cafile=cert_dir / "server.crt")
+    async with guarded_server(settings, rejections, ssl_context=server_tls.ssl_context) as (
+        port,
+        limiter,
+    ):
+        silent = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+        await eventually(lambda: rejections.reasons["connection_limit"] == 7)
+        assert limiter.open == 3
+        assert await closed_by_server(silent[0][0])
+        connector = aiohttp.TCPConnector(ssl=client_tls)
+        async with (
+            aiohttp.ClientSession(connector=connector) as http,
+            http.get(f"https://localhost:{port}/-/healthy") as resp,
+        ):
+            assert (resp.status, await resp.text()) == (200, "Healthy\n")
+        for _, writer in silent:
+            writer.close()
+
+
 def test_the_connection_limit_stays_below_the_open_files_limit() -> None:
     assert connection_limit(0, 1024) == 512
     assert connection_limit(0, 256) == 128

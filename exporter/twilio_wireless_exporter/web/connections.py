@@ -5,8 +5,8 @@ accepts connections until the process runs out of file descriptors, after which 
 none (``/-/healthy`` included) and every further attempt logs "Too many open files". Here:
 
 * **Header timeout.** A connection must deliver a complete request head within
-  ``header_timeout`` of being established (after the TLS handshake, which has its own timeout
-  of the same length); otherwise it is cut. Later requests on a kept-alive connection are bounded
+  ``header_timeout`` of being established (after the TLS handshake, which has a timeout of the
+  same length); otherwise it is cut. Later requests on a kept-alive connection are bounded
   by aiohttp's keep-alive timeout (``idle_timeout``), which also applies to a request head that
   never completes.
 * **Connection limit.** At most ``max_connections`` connections are open at once, chosen below
@@ -21,7 +21,9 @@ none (``/-/healthy`` included) and every further attempt logs "Too many open fil
 
 The limiter wraps aiohttp's protocol (one :class:`GuardedConnection` around each aiohttp
 ``RequestHandler``) and sees only the bytes the client sends; it needs nothing of aiohttp's
-internals. :class:`GuardedSite` is a ``TCPSite`` that listens through it.
+internals. With TLS it runs the handshake itself (``loop.start_tls``), so a connection counts
+from its accept, handshake included. :class:`GuardedSite` is a ``TCPSite`` that listens through
+it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from aiohttp import web
 
@@ -132,13 +134,21 @@ class ConnectionLimiter:
         """``(open connections, limit)``, for the metrics."""
         return len(self._open), self.settings.max_connections
 
-    def factory(self, inner: Callable[[], asyncio.Protocol]) -> Callable[[], GuardedConnection]:
-        """A protocol factory for ``loop.create_server`` wrapping ``inner``'s protocols."""
+    def factory(
+        self, inner: Callable[[], asyncio.Protocol], tls: ssl.SSLContext | None = None
+    ) -> Callable[[], GuardedConnection]:
+        """A protocol factory for ``loop.create_server`` (without ``ssl``: with ``tls``, the
+        connections run their handshakes themselves) wrapping ``inner``'s protocols."""
 
         def make() -> GuardedConnection:
-            return GuardedConnection(self, inner())
+            return GuardedConnection(self, inner(), tls)
 
         return make
+
+    def stop(self) -> None:
+        """End the TLS handshakes still running (the server is stopping)."""
+        for conn in list(self._open):
+            conn.stop()
 
     # called by the connections
 
@@ -193,15 +203,30 @@ class ConnectionLimiter:
 class GuardedConnection(asyncio.Protocol):
     """One client connection: aiohttp's protocol ``inner`` behind the limiter's checks.
 
-    Forwards every event to ``inner`` unchanged; watches the bytes received for the end of the
-    first request head (an empty line) and the time the client last sent anything.
+    Counted from the moment the TCP connection is accepted. With ``tls``, this protocol runs the
+    TLS handshake itself (``loop.start_tls``, within the header timeout), so that a connection
+    still in its handshake is counted and can be cut like any other. Then forwards every event
+    to ``inner`` unchanged, watching the bytes received for the end of the first request head
+    (an empty line) and the time the client last sent anything.
     """
 
-    def __init__(self, limiter: ConnectionLimiter, inner: asyncio.Protocol) -> None:
+    def __init__(
+        self,
+        limiter: ConnectionLimiter,
+        inner: asyncio.Protocol,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._limiter = limiter
         self._inner = inner
+        self._tls = tls
         self._cut = False
+        self._raw: asyncio.Transport | None = None
+        """The TCP connection (with TLS, until the handshake is done)."""
         self._transport: asyncio.Transport | None = None
+        """What ``inner`` was given: the TCP connection, or the TLS one on top of it."""
+        self._handshake: asyncio.Task[None] | None = None
+        self._early: list[bytes] = []  # received after the handshake, before start_tls returned
+        self._early_eof = False
         self._deadline: asyncio.TimerHandle | None = None
         self._head_done = False
         self._tail = b""
@@ -213,15 +238,53 @@ class GuardedConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._raw = transport
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0])
         self._opened = self._last_data = self._limiter._clock()
         if not self._limiter._admit(self):
-            self._transport = None
+            self._raw = None
             transport.abort()  # never handed to aiohttp
             return
+        if self._tls is None:
+            self._start(transport)
+            return
+        transport.pause_reading()  # the ClientHello waits for start_tls
+        self._handshake = asyncio.ensure_future(self._start_tls(transport, self._tls))
+
+    async def _start_tls(self, raw: asyncio.Transport, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            secure = await loop.start_tls(
+                raw,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self._limiter.settings.header_timeout,
+            )
+        except (Exception, asyncio.CancelledError) as exc:
+            # no handshake (timed out, refused, cut, or the server stops): asyncio has closed
+            # the connection; nothing was handed to aiohttp
+            log.debug("no TLS handshake with %s: %s", self.peer, type(exc).__name__)
+            self._gone()
+            raw.abort()
+            return
+        finally:
+            self._handshake = None
+        if secure is None or self._cut:
+            self._gone()
+            raw.abort()
+            return
+        self._start(secure)
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+        if self._early_eof:
+            self.eof_received()
+
+    def _start(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
         timeout = self._limiter.settings.header_timeout
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_at(loop.time() + timeout, self._limiter._timed_out, self)
@@ -229,6 +292,8 @@ class GuardedConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None:
+            if self._handshake is not None:
+                self._early.append(data)
             return
         self._last_data = self._limiter._clock()
         if not self._head_done:
@@ -245,14 +310,12 @@ class GuardedConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         if self._transport is None:
+            self._early_eof = self._handshake is not None
             return None
         return self._inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
-        self._limiter._closed(self)
+        self._gone()
         if self._transport is not None:
             self._transport = None
             self._inner.connection_lost(exc)
@@ -265,12 +328,19 @@ class GuardedConnection(asyncio.Protocol):
         if self._transport is not None:
             self._inner.resume_writing()
 
+    def _gone(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._limiter._closed(self)
+
     # for the limiter
 
     def idle_key(self) -> tuple[bool, float] | None:
         """How readily this connection is evicted (smaller first): still without a request
-        head, by age; else by how long the client has been silent."""
-        if self._transport is None or self._cut:
+        head (or still in its TLS handshake), by age; else by how long the client has been
+        silent."""
+        if self._raw is None or self._cut:
             return None
         if not self._head_done:
             return (False, self._opened)
@@ -279,12 +349,16 @@ class GuardedConnection(asyncio.Protocol):
     def cut(self) -> None:
         """Close the connection now, without waiting for buffered output."""
         self._cut = True
-        self._limiter._closed(self)  # its slot is free at once, before connection_lost
-        if self._deadline is not None:
-            self._deadline.cancel()
-            self._deadline = None
+        self._gone()  # its slot is free at once, before connection_lost
         if self._transport is not None:
             self._transport.abort()
+        elif self._raw is not None:
+            self._raw.abort()  # in its handshake: start_tls fails and cleans up
+
+    def stop(self) -> None:
+        """The server stops: end a handshake still running."""
+        if self._handshake is not None:
+            self._handshake.cancel()
 
 
 class GuardedSite(web.TCPSite):
@@ -318,19 +392,13 @@ class GuardedSite(web.TCPSite):
         server = self._runner.server
         if server is None:
             raise RuntimeError("call runner.setup() before starting a site")
-        tls = self._ssl_context is not None
-        extra: dict[str, Any] = {}
-        if tls:
-            extra["ssl_handshake_timeout"] = self._limiter.settings.header_timeout
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            self._limiter.factory(server),
+            self._limiter.factory(server, self._ssl_context),
             self._host,
             self._port,
-            ssl=self._ssl_context,
             backlog=self._backlog,
             reuse_address=self._reuse_address,
-            **extra,
         )
         sockets = self._server.sockets
         for listening in sockets:
@@ -340,3 +408,7 @@ class GuardedSite(web.TCPSite):
             with socket.socket(fileno=os.dup(listening.fileno())) as same:
                 same.listen(MAX_BACKLOG)
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+    async def stop(self) -> None:
+        self._limiter.stop()
+        await super().stop()
