@@ -33,6 +33,7 @@ from aiohttp import web
 from tests.harness_support import eventually
 from tests.process_support import PipeLog
 from tests.tls_support import TLS
+from twilio_wireless_exporter.cli import build_parser
 from twilio_wireless_exporter.config import web_config_from_mapping
 from twilio_wireless_exporter.web.connections import (
     ConnectionLimiter,
@@ -41,6 +42,7 @@ from twilio_wireless_exporter.web.connections import (
     accept_backlog,
     connection_limit,
 )
+from twilio_wireless_exporter.web.ratelog import RateLimitedLog
 from twilio_wireless_exporter.web.security import (
     AuthLimits,
     BasicAuth,
@@ -457,3 +459,55 @@ def test_failures_count_per_ipv4_address_and_per_ipv6_64() -> None:
     assert client_key("2001:db8:1:3::7") != client_key("2001:db8:1:2::7")
     assert client_key(None) == "?"
     assert client_key("not an address") == "not an address"
+
+
+def test_a_log_line_per_interval_with_the_count_of_those_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    throttled = RateLimitedLog(logging.getLogger("test.ratelog"), 60.0, lambda: now[0])
+    caplog.set_level(logging.INFO, "test.ratelog")
+    assert throttled.log("cut", logging.WARNING, "cut %s", "a")
+    for n in range(500):
+        assert not throttled.log("cut", logging.WARNING, "cut %s", n)
+    assert throttled.log("other", logging.WARNING, "another kind")  # kinds are separate
+    now[0] = 60.0
+    assert throttled.log("cut", logging.WARNING, "cut %s", "b")
+    assert [r.getMessage() for r in caplog.records] == [
+        "cut a",
+        "another kind",
+        "cut b (500 more like it in the last 60s not logged)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], (0, 10.0, 300.0)),
+        (
+            ["--web.max-connections", "64", "--web.read-header-timeout", "500ms"]
+            + ["--web.idle-timeout", "1m"],
+            (64, 0.5, 60.0),
+        ),
+    ],
+)
+def test_the_connection_flags(flags: list[str], expected: tuple[int, float, float]) -> None:
+    args = build_parser().parse_args(["--demo", *flags])
+    assert (args.max_connections, args.header_timeout, args.idle_timeout) == expected
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--web.max-connections", "-1"],
+        ["--web.max-connections", "many"],
+        ["--web.read-header-timeout", "0s"],
+        ["--web.read-header-timeout", "soon"],
+        ["--web.idle-timeout", "-5m"],
+    ],
+)
+def test_bad_connection_flags_exit_2(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--demo", *flags])
+    assert exited.value.code == 2
+    assert flags[0] in capsys.readouterr().err
