@@ -485,8 +485,11 @@ def test_a_log_line_per_interval_with_the_count_of_those_left_out(
     [
         ([], (0, 10.0, 300.0)),
         (
-            ["--web.max-connections", "64", "--web.read-header-timeout", "500ms"]
-            + ["--web.idle-timeout", "1m"],
+            [
+                *("--web.max-connections", "64"),
+                *("--web.read-header-timeout", "500ms"),
+                *("--web.idle-timeout", "1m"),
+            ],
             (64, 0.5, 60.0),
         ),
     ],
