@@ -19,7 +19,7 @@ from twilio_wireless_exporter.api.auth import TokenResult
 from twilio_wireless_exporter.api.transport import ErrorKind, RetryReason
 from twilio_wireless_exporter.cli import drop_created_samples
 from twilio_wireless_exporter.config import Config, config_from_mapping
-from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.exposition.collector import HttpMetrics, build_registry
 from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.exposition.renderer import Exposition
@@ -167,7 +167,8 @@ def test_promtool_check_metrics_is_clean(render: Render) -> None:
 
 
 def fully_populated() -> tuple[FleetState, CollectorRegistry]:
-    """A polled fleet and a registry with every optional family: OAuth2 tokens, the state file."""
+    """A polled fleet and a registry with every optional family: OAuth2 tokens, the state file,
+    the HTTP server's."""
     state = polled_state()
     registry, api = build_registry(state, poll_interval=60.0)
     api.request_done("/v1/Sims/{sid}/DataSessions", "200", 0.2)
@@ -176,6 +177,9 @@ def fully_populated() -> tuple[FleetState, CollectorRegistry]:
     api.token_request(TokenResult.SUCCESS)
     api.watch_token(lambda: (T0 + 3600.0, 3600.0))
     StateStore(Path("unused.db"), state_identity(minimal_config()), registry=registry)
+    http = HttpMetrics(registry)
+    http.reject("header_timeout")
+    http.watch_connections(lambda: (3, 512))
     return state, registry
 
 

@@ -34,6 +34,7 @@ from tests.fleet_support import SID_A, polled_state
 from tests.harness_support import eventually
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config import RESERVED_LABEL_NAMES
+from twilio_wireless_exporter.exposition import renderer as renderer_module
 from twilio_wireless_exporter.exposition.collector import build_registry
 from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.formats import (
@@ -184,6 +185,10 @@ def assert_same(exposition: Exposition, state: FleetState, imei_label: bool) -> 
     assert inflater.eof
     assert not inflater.unused_data
     assert gzip.decompress(exposition.gzip(OPENMETRICS)) == ref_om
+    for fmt in Format:  # the escaping schemes derived from the cached blocks
+        for escaping in (Escaping.DOTS, Escaping.VALUES):
+            encoding = Encoding(fmt, escaping)
+            assert exposition.text(encoding) == reference.text(encoding), encoding
 
 
 @pytest.mark.slow
@@ -405,11 +410,60 @@ async def test_async_render_matches_and_shares_work() -> None:
     assert gzip.decompress(zipped) == plain
     om = await rendered(exposition, OPENMETRICS, compress=True)
     assert gzip.decompress(om) == reference.text(OPENMETRICS)
-    # an escaping scheme the cache does not write: the reference serves it
+    # an escaping scheme that rewrites names: derived from the cache, same bytes
     dots = Encoding(Format.OPENMETRICS, Escaping.DOTS)
     assert await rendered(exposition, dots, compress=False) == reference.text(dots)
     assert b"twilio__wireless__sim__up{" in reference.text(dots)
     assert gzip.decompress(await rendered(exposition, dots, compress=True)) == reference.text(dots)
+
+
+SLOW_PATH_ENCODINGS = [
+    Encoding(fmt, escaping)
+    for fmt in Format
+    for escaping in (Escaping.DOTS, Escaping.VALUES, Escaping.ALLOW_UTF8, Escaping.UNDERSCORES)
+]
+
+
+@pytest.mark.parametrize("encoding", SLOW_PATH_ENCODINGS, ids=str)
+async def test_every_escaping_is_served_from_the_cache(
+    encoding: Encoding, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No encoding re-renders the fleet from scratch on a scrape (the reference exposition,
+    about a second of event loop per scrape at thousands of SIMs): all come from the cache,
+    and only blocks that changed are rewritten for the schemes that rename."""
+    state = FleetState()
+    for n in range(40):
+        apply_change(state, sid_of(n), sample_change(n))
+    exposition, reference = expositions(state, block_size=8)
+    expected = reference.text(encoding)
+    monkeypatch.setattr(exposition._reference, "render", pytest.fail)
+    monkeypatch.setattr(exposition._reference, "text", pytest.fail)
+    monkeypatch.setattr(exposition._reference, "gzip", pytest.fail)
+    escaped: list[bytes] = []
+    original = renderer_module.escape_block
+
+    def counting(data: bytes, encoding: Encoding) -> bytes:
+        escaped.append(data)
+        return original(data, encoding)
+
+    monkeypatch.setattr(renderer_module, "escape_block", counting)
+    assert await rendered(exposition, encoding, compress=False) == expected
+    assert gzip.decompress(await rendered(exposition, encoding, compress=True)) == expected
+    first = len(escaped)
+    state.record_success(sid_of(3), ListingOutcome(), now=5.0)  # one SIM's poll time moves
+    assert await rendered(exposition, encoding, compress=False) == reference.text(encoding)
+    assert len(escaped) - first <= 1  # one block of one family rewritten, not the fleet
+
+
+async def test_openmetrics_2_is_served_from_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = FleetState()
+    apply_change(state, sid_of(1), sample_change(1))
+    exposition, reference = expositions(state)
+    monkeypatch.setattr(exposition._reference, "render", pytest.fail)
+    chosen = negotiate("application/openmetrics-text; version=2.0.0", "gzip")
+    body = gzip.decompress(await rendered(exposition, chosen.encoding, compress=chosen.gzip))
+    assert body == reference.text(OPENMETRICS)
+    assert chosen.content_type.startswith("application/openmetrics-text; version=2.0.0")
 
 
 async def rendered(exposition: Exposition, encoding: Encoding, *, compress: bool) -> bytes:

@@ -27,11 +27,24 @@ from twilio_wireless_exporter.config import (
     load_config,
     load_web_config,
 )
+from twilio_wireless_exporter.config.types import format_duration, parse_duration
+from twilio_wireless_exporter.exposition.collector import HttpMetrics
 from twilio_wireless_exporter.fleet.persist import StateLockedError
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.sharding import Shard, parse_shard
 from twilio_wireless_exporter.web.address import netloc, parse_listen_address
+from twilio_wireless_exporter.web.connections import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    ConnectionLimiter,
+    ConnectionSettings,
+    GuardedSite,
+    accept_backlog,
+    connection_limit,
+    open_files_limit,
+)
 from twilio_wireless_exporter.web.security import middlewares as security_middlewares
+from twilio_wireless_exporter.web.serverlog import quiet_bad_requests, throttle_accept_errors
 
 DEFAULT_PORT = 10311
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
@@ -78,6 +91,30 @@ def setup_logging(level: str, fmt: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(
         logging.DEBUG if level == "debug" else logging.WARNING
     )
+    # Malformed requests: one debug line each, not an ERROR with a traceback (counted once the
+    # server's metrics exist, see serve()); failed accepts: one line per minute.
+    quiet_bad_requests()
+    throttle_accept_errors()
+
+
+def _duration_argument(value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be longer than 0s, got {value!r}")
+    return seconds
+
+
+def _connections_argument(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 0 <= count <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be between 0 (automatic) and 1000000, got {value}")
+    return count
 
 
 def _shard_argument(value: str) -> Shard:
@@ -115,6 +152,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE",
         help="TLS and basic auth for the endpoints (Prometheus exporter-toolkit web config format)",
+    )
+    parser.add_argument(
+        "--web.max-connections",
+        dest="max_connections",
+        type=_connections_argument,
+        default=0,
+        metavar="N",
+        help="most client connections open at once; 0 (default): 512, or half the open-files"
+        " limit when that is lower",
+    )
+    parser.add_argument(
+        "--web.read-header-timeout",
+        dest="header_timeout",
+        type=_duration_argument,
+        default=DEFAULT_HEADER_TIMEOUT,
+        metavar="DURATION",
+        help="time a new connection has for its TLS handshake, and then for its first request"
+        f" head (default {format_duration(DEFAULT_HEADER_TIMEOUT)})",
+    )
+    parser.add_argument(
+        "--web.idle-timeout",
+        dest="idle_timeout",
+        type=_duration_argument,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="DURATION",
+        help="time a kept-alive connection may wait for its next request"
+        f" (default {format_duration(DEFAULT_IDLE_TIMEOUT)})",
     )
     parser.add_argument(
         "--shard",
@@ -302,9 +366,20 @@ async def serve(
             demo = await stack.enter_async_context(_demo_config(args, "127.0.0.1"))
             config = with_shard(demo, args.shard)
         exporter = Exporter(config, on_failure=stop.set)  # a crashed loop ends the process
-        middlewares = security_middlewares(web_config) if web_config is not None else []
+        http_metrics = HttpMetrics(exporter.registry)
+        quiet_bad_requests(http_metrics)
+        limiter = ConnectionLimiter(connection_settings(args), http_metrics)
+        http_metrics.watch_connections(limiter.status)
+        middlewares = (
+            security_middlewares(web_config, http_metrics) if web_config is not None else []
+        )
         app = exporter.web_app(middlewares=middlewares)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=limiter.settings.idle_timeout,
+        )
         try:
             await runner.setup()
         except StateLockedError as exc:
@@ -312,8 +387,17 @@ async def serve(
             return EXIT_STATE_IN_USE
         stack.push_async_callback(runner.cleanup)
         ssl_context = web_config.ssl_context if web_config is not None else None
-        site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
+        site = GuardedSite(runner, host, port, limiter, reuse_address=True, ssl_context=ssl_context)
         await site.start()
+        settings = limiter.settings
+        log.info(
+            "serving at most %d connections (open-files limit %s), request heads within %s,"
+            " idle connections closed after %s",
+            settings.max_connections,
+            open_files_limit() or "unlimited",
+            format_duration(settings.header_timeout),
+            format_duration(settings.idle_timeout),
+        )
         log.debug("froze %d start-up objects out of the garbage collector", freeze_startup_heap())
         scheme = "https" if ssl_context is not None else "http"
         # The addresses actually bound, so that with port 0 (`127.0.0.1:0`) whoever started the
@@ -323,6 +407,25 @@ async def serve(
         await stop.wait()
         log.info("shutting down")
     return 1 if exporter.failed else 0
+
+
+def connection_settings(args: argparse.Namespace) -> ConnectionSettings:
+    """The web server's connection bounds from the flags and this process's open-files limit."""
+    files = open_files_limit()
+    limit = connection_limit(args.max_connections, files)
+    if args.max_connections and limit < args.max_connections:
+        log.warning(
+            "--web.max-connections %d lowered to %d to stay below the open-files limit of %d",
+            args.max_connections,
+            limit,
+            files,
+        )
+    return ConnectionSettings(
+        max_connections=limit,
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        backlog=accept_backlog(limit, files),
+    )
 
 
 def drop_created_samples() -> None:

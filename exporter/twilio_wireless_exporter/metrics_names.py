@@ -310,6 +310,34 @@ STATE_UNSAVED_SIMS = _family(
     " previously saved state was kept.",
 )
 
+HTTP_REJECT_REASONS = (
+    "header_timeout",
+    "connection_limit",
+    "bad_request",
+    "unauthorized",
+    "auth_backoff",
+    "auth_overloaded",
+)
+"""The values of ``http_rejected``'s ``reason`` label (docs/metrics.md says what each means)."""
+HTTP_REJECTED = _family(
+    "http_rejected",
+    "counter",
+    "Connections and requests the exporter's HTTP server cut or refused, by reason"
+    " (header_timeout, connection_limit, bad_request, unauthorized, auth_backoff,"
+    " auth_overloaded).",
+    "reason",
+)
+HTTP_CONNECTIONS = _family(
+    "http_connections",
+    "gauge",
+    "Client connections open to the exporter's HTTP server.",
+)
+HTTP_CONNECTIONS_MAX = _family(
+    "http_connections_max",
+    "gauge",
+    "Most client connections the exporter's HTTP server keeps open (--web.max-connections).",
+)
+
 FLEET: tuple[Family, ...] = (SESSION_DURATION, SIMS_MONITORED, POLL_INTERVAL, BUILD_INFO)
 """Fleet-wide families of the exporter's private registry."""
 
@@ -328,8 +356,12 @@ SELF: tuple[Family, ...] = (
     STATE_SAVE_DURATION,
     STATE_ROWS_REJECTED,
     STATE_UNSAVED_SIMS,
+    HTTP_REJECTED,
+    HTTP_CONNECTIONS,
+    HTTP_CONNECTIONS_MAX,
 )
-"""The exporter's own health: API requests, polls, OAuth2 tokens, the state file."""
+"""The exporter's own health: API requests, polls, OAuth2 tokens, the state file, its HTTP
+server."""
 
 ALL: tuple[Family, ...] = PER_SIM + FLEET + SELF
 """Every family the exporter may expose."""

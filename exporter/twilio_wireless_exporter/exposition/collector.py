@@ -143,6 +143,45 @@ class ApiMetrics:
         return self.token_requests
 
 
+class HttpMetrics:
+    """What the exporter's HTTP server cut or refused, and its connections; the web layer's
+    ``Rejections`` observer. Registered by the command, which runs the server."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+        self.rejected = _counter(names.HTTP_REJECTED, registry)
+        self._children = {
+            reason: self.rejected.labels(reason) for reason in names.HTTP_REJECT_REASONS
+        }
+        self._connections: ConnectionsCollector | None = None
+
+    def reject(self, reason: str) -> None:
+        child = self._children.get(reason)
+        if child is None:
+            raise ValueError(f"undocumented rejection reason {reason!r}")
+        child.inc()
+
+    def watch_connections(self, status: Callable[[], tuple[int, int]]) -> None:
+        """Export ``status()``, ``(open connections, limit)``, at scrape time."""
+        if self._connections is None:
+            self._connections = ConnectionsCollector(status)
+            self._registry.register(self._connections)
+        else:
+            self._connections.status = status
+
+
+class ConnectionsCollector(Collector):
+    """Open client connections and their limit, asked for at scrape time."""
+
+    def __init__(self, status: Callable[[], tuple[int, int]]) -> None:
+        self.status = status
+
+    def collect(self) -> Iterable[Metric]:
+        connections, limit = self.status()
+        yield _single(names.HTTP_CONNECTIONS, float(connections))
+        yield _single(names.HTTP_CONNECTIONS_MAX, float(limit))
+
+
 def _counter(family: names.Family, registry: CollectorRegistry) -> Counter:
     return Counter(family.name, family.help, family.labels, registry=registry)
 

@@ -27,7 +27,13 @@ the event loop, where the poller mutates them, and yields to the loop every ``_Y
 
 Formats: the Prometheus text format and OpenMetrics share the sample lines; only the family
 headers and the tail differ. The caller says which :class:`~.formats.Encoding` it wants (the web
-layer negotiates it); the escaping schemes this cache does not reproduce are served by the
+layer negotiates it). The ``dots`` and ``values`` escaping schemes rewrite metric and label names
+(``dots`` doubles every underscore, ``values`` prefixes OpenMetrics sample names with ``U__``,
+as ``prometheus_client`` writes them): their blocks are derived from the cached ones, name by
+name, when first asked for and again only when a block changes, on the event loop in small
+steps; their gzip bodies are compressed whole in a worker thread. No encoding is rendered from
+scratch on a scrape: only label names outside the legacy character set (which the configuration
+does not accept) send the schemes other than underscores to the
 :class:`~.reference.ReferenceExposition` (see :meth:`Exposition.render`).
 """
 
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import struct
 import zlib
 from array import array
@@ -61,6 +68,11 @@ _SPLICE_YIELD_EVERY = 8  # blocks (of every family) spliced between two yields
 #: Escaping schemes the cached lines are written in: underscores always, allow-utf-8 while every
 #: label name is a legacy one (then both schemes write the same bytes).
 _CACHED_ESCAPINGS = frozenset({Escaping.UNDERSCORES, Escaping.ALLOW_UTF8})
+#: In a sample line: the sample name (at the start of a line), or one label's name and the rest
+#: of the pair (the quoted value, matched whole so that nothing inside it is taken for a name).
+_NAMES = re.compile(
+    rb'^([a-zA-Z_:][a-zA-Z0-9_:]*)|([a-zA-Z_][a-zA-Z0-9_]*)(="(?:[^"\\\n]|\\.)*")', re.MULTILINE
+)
 
 
 def format_value(value: float) -> str:
@@ -116,17 +128,54 @@ class _Headers(Collector):
             yield Metric(family.name, family.help, family.kind)
 
 
-def _headers(fmt: Format, families: tuple[Family, ...]) -> list[bytes]:
+def _headers(encoding: Encoding, families: tuple[Family, ...]) -> list[bytes]:
     """``# HELP``/``# TYPE`` lines of each per-SIM family, byte for byte as the stock output."""
     count = len(families)
-    text = generate(Encoding(fmt), _Headers(families)).decode()
-    if fmt is Format.OPENMETRICS:
+    text = generate(encoding, _Headers(families)).decode()
+    if encoding.format is Format.OPENMETRICS:
         text = text.removesuffix("# EOF\n")
     lines = text.splitlines(keepends=True)
     per_family = len(lines) // count
     if per_family * count != len(lines):
         raise RuntimeError("unexpected header layout from prometheus_client")
     return ["".join(lines[i * per_family : (i + 1) * per_family]).encode() for i in range(count)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _escaped_sample_name(name: bytes, encoding: Encoding) -> bytes:
+    """A legacy sample name as ``prometheus_client`` writes it in ``encoding``."""
+    text, scheme = name.decode(), encoding.escaping.value
+    if encoding.format is Format.OPENMETRICS:
+        escaped = om_format._escape(text, scheme, om_format._is_legacy_labelname_rune)
+    else:
+        escaped = om_format.escape_metric_name(text, scheme)
+    return escaped.encode()
+
+
+@functools.lru_cache(maxsize=4096)
+def _escaped_label_name(name: bytes, escaping: Escaping) -> bytes:
+    return om_format.escape_label_name(name.decode(), escaping.value).encode()
+
+
+def escape_block(data: bytes, encoding: Encoding) -> bytes:
+    """Sample lines written with legacy names (underscore escaping), rewritten in
+    ``encoding``'s escaping scheme; label values are left as they are."""
+
+    def rename(match: re.Match[bytes]) -> bytes:
+        sample = match[1]
+        if sample is not None:
+            return _escaped_sample_name(sample, encoding)
+        return _escaped_label_name(match[2], encoding.escaping) + match[3]
+
+    return _NAMES.sub(rename, data)
+
+
+def _identical_escaping(encoding: Encoding) -> bool:
+    """Whether legacy names are written the same as with underscore escaping."""
+    if encoding.escaping in _CACHED_ESCAPINGS:
+        return True
+    # values: legacy names stay in the text format; OpenMetrics sample names get U__
+    return encoding.escaping is Escaping.VALUES and encoding.format is Format.TEXT
 
 
 def _deflate_piece(data: bytes, level: int) -> bytes:
@@ -143,12 +192,14 @@ def _deflate_last(data: bytes, level: int) -> bytes:
 class _Block:
     """The text of one family for up to ``block_size`` consecutive SIMs."""
 
-    __slots__ = ("data", "ends", "gz")
+    __slots__ = ("data", "ends", "gz", "variants")
 
     def __init__(self, fragments: list[bytes]) -> None:
         self.data = b"".join(fragments)
         self.ends = array("I", accumulate(len(f) for f in fragments))
         self.gz: bytes | None = None
+        self.variants: dict[Encoding, bytes] | None = None
+        """``data`` in other escaping schemes, made when asked for."""
 
     def fragment(self, j: int) -> bytes:
         start = self.ends[j - 1] if j else 0
@@ -183,6 +234,7 @@ class _Block:
         self.data = b"".join(pieces)
         self.ends = new_ends
         self.gz = None
+        self.variants = None
 
 
 @dataclass(slots=True)
@@ -226,7 +278,8 @@ class Exposition:
         self._blocks: list[list[_Block]] = [[_Block([])] for _ in self._families]
         self._legacy_names = True
         self._generation = 0
-        self._headers = {fmt: _headers(fmt, self._families) for fmt in Format}
+        self._headers = {fmt: _headers(Encoding(fmt), self._families) for fmt in Format}
+        self._escaped_headers: dict[Encoding, list[bytes]] = {}
         self._header_gz: dict[Format, list[bytes]] = {}
         self._crc: dict[Format, tuple[int, int, int]] = {}  # fmt -> (generation, crc, size)
         self._lock = asyncio.Lock()
@@ -242,13 +295,13 @@ class Exposition:
         The parts are the cached blocks themselves, not a copy: blocks are immutable ``bytes``
         replaced on change, so the list is a consistent snapshot however long sending takes,
         and a large body costs no join on the event loop.
-        An escaping scheme this cache does not write is served by the reference exposition.
+        The other escaping schemes are derived from the cached blocks (see the module's
+        docstring); only with label names outside the legacy set does the reference exposition
+        serve them.
         Concurrent scrapes share work: a request that finds a render of the same body queued
         (not yet started) waits for that one, so every response still reflects the state at or
         after its request's arrival, and many scrapers at once cost about one render.
         """
-        if encoding.escaping not in _CACHED_ESCAPINGS:
-            return await self._reference.render(encoding, compress=compress)
         key = (encoding, compress)
         queued = self._queued.get(key)
         if queued is None:
@@ -267,6 +320,13 @@ class Exposition:
             await self._refresh_locked()
             if not self._reproducible(encoding):
                 return await self._reference.render(encoding, compress=compress)
+            if not _identical_escaping(encoding):
+                await self._escape_stale(encoding)
+                parts = self._escaped_parts(encoding)
+                if not compress:
+                    return parts
+                # rare encodings: no cached pieces, the whole body is compressed off the loop
+                return [await asyncio.to_thread(_gzip_whole, parts, self._gzip_level)]
             if not compress:
                 return self._text_parts(encoding)
             fmt = encoding.format
@@ -326,6 +386,10 @@ class Exposition:
         self.refresh()
         if not self._reproducible(encoding):
             return self._reference.text(encoding)
+        if not _identical_escaping(encoding):
+            for _ in self._escape_steps(encoding):
+                pass
+            return b"".join(self._escaped_parts(encoding))
         return b"".join(self._text_parts(encoding))
 
     def gzip(self, encoding: Encoding = TEXT) -> bytes:
@@ -333,14 +397,44 @@ class Exposition:
         self.refresh()
         if not self._reproducible(encoding):
             return self._reference.gzip(encoding)
+        if not _identical_escaping(encoding):
+            return _gzip_whole([self.text(encoding)], self._gzip_level)
         return b"".join(self._gzip_parts(encoding))
 
     def _reproducible(self, encoding: Encoding) -> bool:
-        """Label names outside the legacy charset are written differently per escaping scheme;
-        only the default (underscores) one is reproduced for them."""
-        if encoding.escaping is Escaping.UNDERSCORES:
-            return True
-        return self._legacy_names and encoding.escaping in _CACHED_ESCAPINGS
+        """Label names outside the legacy charset are written differently per escaping scheme
+        and the cache keeps only their underscore form; so for them only the default
+        (underscores) scheme is reproduced."""
+        return encoding.escaping is Escaping.UNDERSCORES or self._legacy_names
+
+    # ------------------------------------------------------------------ other escapings
+
+    async def _escape_stale(self, encoding: Encoding) -> None:
+        for _ in self._escape_steps(encoding):
+            await asyncio.sleep(0)
+
+    def _escape_steps(self, encoding: Encoding) -> Generator[None, None, None]:
+        """Give every block its text in ``encoding`` (the ones that lack it); yields between
+        steps so the caller can let the loop run."""
+        for family_blocks in self._blocks:
+            for block in family_blocks:
+                variants = block.variants
+                if variants is None:
+                    variants = block.variants = {}
+                if encoding not in variants:
+                    variants[encoding] = escape_block(block.data, encoding)
+                    yield  # a block at a time: the loop never waits for more than one
+
+    def _escaped_parts(self, encoding: Encoding) -> list[bytes]:
+        headers = self._escaped_headers.get(encoding)
+        if headers is None:
+            headers = self._escaped_headers[encoding] = _headers(encoding, self._families)
+        parts: list[bytes] = []
+        for header, family_blocks in zip(headers, self._blocks, strict=True):
+            parts.append(header)
+            parts.extend((block.variants or {})[encoding] for block in family_blocks)
+        parts.append(self._tail(encoding))
+        return parts
 
     # ------------------------------------------------------------------ rendering
 
@@ -497,6 +591,15 @@ class Exposition:
         parts.append(_deflate_last(tail, level))
         parts.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
         return parts
+
+
+def _gzip_whole(parts: list[bytes], level: int) -> bytes:
+    """One gzip member of the concatenated ``parts`` (run in a worker thread: zlib releases the
+    GIL, and the parts are immutable)."""
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    out = [compressor.compress(part) for part in parts]
+    out.append(compressor.flush())
+    return b"".join(out)
 
 
 def _crc_and_size(parts: list[bytes]) -> tuple[int, int]:
