@@ -83,6 +83,7 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "twilio_wireless_sims_monitored": ("gauge", frozenset()),
     "twilio_wireless_poll_interval_seconds": ("gauge", frozenset()),
     "twilio_wireless_exporter_build_info": ("gauge", frozenset({"version", "python_version"})),
+    "twilio_wireless_exporter_shards": ("gauge", frozenset({"index"})),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 COUNTER_SUFFIXES = ("_total", *HISTOGRAM_SUFFIXES)

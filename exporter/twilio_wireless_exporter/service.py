@@ -120,7 +120,9 @@ class Exporter:
         self.state = FleetState()
         self.sims = SimFamilies(self.state, imei_label=config.metrics.imei_label)
         self.registry, self.api_metrics = build_registry(
-            self.state, poll_interval=config.poll.interval
+            self.state,
+            poll_interval=config.poll.interval,
+            shard=Shard(config.shard.index, config.shard.count),
         )
         self.exposition = Exposition(self.sims, self.registry)
         self._session: aiohttp.ClientSession | None = None
