@@ -329,6 +329,16 @@ def test_shards_add_up_to_one_unsharded_exporter(cluster: Cluster) -> None:
         prom.query(f'count by (sim_sid) ({names.SIM_INFO.sample}{{job="{SHARD_JOB}"}}) > 1') == []
     )
 
+    # Every shard says which one it is and how many there are; the unsharded one is 0 of 1.
+    announced = {
+        (r["metric"]["job"], r["metric"]["index"]): float(r["value"][1])
+        for r in prom.query(names.SHARDS.sample)
+    }
+    assert announced == {
+        **{(SHARD_JOB, str(i)): float(SHARDS) for i in range(SHARDS)},
+        (SINGLE_JOB, "0"): 1.0,
+    }
+
     # The shipped rules are loaded and evaluate without errors.
     groups: list[Json] = prom.api("rules")["groups"]
     rules = [r for g in groups for r in g["rules"]]
