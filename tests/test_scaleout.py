@@ -458,7 +458,7 @@ def test_a_killed_shard_goes_stale_and_fires_the_shard_alert(cluster: Cluster) -
         assert [(a["labels"]["job"], float(a["value"])) for a in firing] == [(SHARD_JOB, 1.0)]
 
         # The other shards carry on: their SIMs stay fresh in Prometheus and they keep listing
-        # every SIM they own, while nobody lists the killed shard's SIMs for the shards.
+        # every SIM they own, and only those: no other shard takes the killed shard's SIMs over.
         up_kept = f'{names.SIM_UP.sample}{{job="{SHARD_JOB}"}} == 1'
         wait_for(
             partial(scraped_after, prom, up_kept, killed_wall + 1),
@@ -478,9 +478,12 @@ def test_a_killed_shard_goes_stale_and_fires_the_shard_alert(cluster: Cluster) -
             )
 
         wait_for(listed_again, timeout=DEADLINE, what="the other shards to poll every SIM again")
+        after = cluster.simulator.requests()["clients"]
         for exporter in cluster.shards:
             if exporter is not victim:
                 assert ready(exporter)
+                owned = set(cluster.owned(exporter.shard or 0))
+                assert set(after[exporter.key]["listings"]) == owned, exporter.name
     except (AssertionError, TimeoutError) as exc:
         raise AssertionError(f"{exc}\n{cluster.log_tail()}") from exc
     report(
