@@ -2,6 +2,7 @@
 # twilio-wireless-exporter: Prometheus exporter for Twilio Programmable Wireless.
 #
 #   docker build -t twilio-wireless-exporter .
+#   (without Docker or a registry, on a base made from Debian packages: .ci/image-smoke)
 #   docker run --rm -p 10311:10311 twilio-wireless-exporter --demo --web.listen-address :10311
 #   docker run --rm -p 10311:10311 \
 #       -v "$PWD/config.yaml:/etc/twilio-wireless-exporter/config.yaml:ro" \
@@ -23,7 +24,10 @@ WORKDIR /src
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md config.example.yaml ./
 COPY exporter ./exporter
-RUN /opt/venv/bin/pip install --no-cache-dir . \
+# pip reads an optional pip.conf given as a build secret (an index mirror, a proxy's CA path),
+# never stored in a layer: `--secret id=pip.conf,src=FILE`; without it, pip's defaults apply.
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf,required=false \
+    /opt/venv/bin/pip install --no-cache-dir . \
     && /opt/venv/bin/twilio-wireless-exporter --version
 
 # --- runtime: the virtual environment only, run as an unprivileged user ----------------------

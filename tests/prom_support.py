@@ -18,7 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,7 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "twilio_wireless_sims_monitored": ("gauge", frozenset()),
     "twilio_wireless_poll_interval_seconds": ("gauge", frozenset()),
     "twilio_wireless_exporter_build_info": ("gauge", frozenset({"version", "python_version"})),
+    "twilio_wireless_exporter_shards": ("gauge", frozenset({"index"})),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 COUNTER_SUFFIXES = ("_total", *HISTOGRAM_SUFFIXES)
@@ -637,12 +638,27 @@ class Prometheus:
     Prometheus binds ``127.0.0.1:0`` and logs the address it got (``msg="Listening on"
     address=127.0.0.1:PORT``, at info); ``start`` reads it from the log, so no port is picked
     first and bound later.
+
+    ``scrape`` maps a job to one static target; ``file_sd`` maps a job to a file of targets in
+    Prometheus' ``file_sd`` format (see :func:`write_file_sd`), discovered the way a service
+    discovery would hand them over. ``rule_files`` replaces the shipped rule files (for a copy
+    with a shorter ``for:``, say).
     """
 
-    def __init__(self, binary: str, workdir: Path, scrape: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        binary: str,
+        workdir: Path,
+        scrape: Mapping[str, str],
+        *,
+        file_sd: Mapping[str, Path] | None = None,
+        rule_files: Sequence[Path] | None = None,
+    ) -> None:
         self.binary = binary
         self.workdir = workdir
         self.scrape = scrape  # job -> host:port
+        self.file_sd = dict(file_sd or {})  # job -> targets file
+        self.rule_files = list(RULE_FILES if rule_files is None else rule_files)
         self.url = ""  # known once started
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / "prometheus.log"
@@ -654,10 +670,14 @@ class Prometheus:
                 "scrape_timeout": "1s",
                 "evaluation_interval": "1s",
             },
-            "rule_files": [str(p) for p in RULE_FILES],
+            "rule_files": [str(p) for p in self.rule_files],
             "scrape_configs": [
                 {"job_name": job, "static_configs": [{"targets": [address]}]}
                 for job, address in self.scrape.items()
+            ]
+            + [
+                {"job_name": job, "file_sd_configs": [{"files": [str(path)]}]}
+                for job, path in self.file_sd.items()
             ],
         }
 
@@ -716,6 +736,17 @@ class Prometheus:
             raise PromQueryError(f"expected an instant vector, got {data['resultType']}")
         result: list[Json] = data["result"]
         return result
+
+
+def write_file_sd(
+    path: Path, targets: Sequence[str], labels: Mapping[str, str] | None = None
+) -> None:
+    """Write ``host:port`` targets as one group of a ``file_sd`` file (JSON), atomically, as
+    Prometheus wants it (it re-reads the file when it changes)."""
+    group: Json = {"targets": list(targets), "labels": dict(labels or {})}
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps([group]), encoding="utf-8")
+    partial.replace(path)
 
 
 # Values for Grafana's variables when running dashboard queries outside Grafana.

@@ -26,6 +26,7 @@ from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.accounting import apply_listing
 from twilio_wireless_exporter.fleet.persist import StateStore, state_identity
 from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_exporter.sharding import Shard
 
 Render = Callable[..., str]
 
@@ -112,6 +113,17 @@ def test_poll_interval_is_exported_only_when_given(render: Render) -> None:
     assert "twilio_wireless_poll_interval_seconds" not in render(polled_state())
 
 
+def test_shard_is_exported_only_when_given(render: Render) -> None:
+    registry, _ = build_registry(polled_state(), shard=Shard(2, 5))
+    text = generate_latest(registry).decode()
+    assert value(text, "twilio_wireless_exporter_shards", index="2") == 5
+    assert "# TYPE twilio_wireless_exporter_shards gauge\n" in text
+    assert [key for key in samples(text) if key[0] == "twilio_wireless_exporter_shards"] == [
+        ("twilio_wireless_exporter_shards", (("index", "2"),))
+    ]
+    assert "twilio_wireless_exporter_shards" not in render(polled_state())
+
+
 def test_absent_data_is_absent_not_zero(render: Render) -> None:
     text = render(polled_state())
     names_for_b = {name for (name, labels) in samples(text) if ("sim_sid", SID_B) in labels}
@@ -170,7 +182,7 @@ def fully_populated() -> tuple[FleetState, CollectorRegistry]:
     """A polled fleet and a registry with every optional family: OAuth2 tokens, the state file,
     the HTTP server's."""
     state = polled_state()
-    registry, api = build_registry(state, poll_interval=60.0)
+    registry, api = build_registry(state, poll_interval=60.0, shard=Shard(0, 1))
     api.request_done("/v1/Sims/{sid}/DataSessions", "200", 0.2)
     api.retry("/v1/Sims/{sid}/DataSessions", RetryReason.THROTTLED)
     api.poll_error(ErrorKind.TIMEOUT)

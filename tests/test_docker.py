@@ -99,6 +99,19 @@ def test_dockerfile_is_multi_stage_on_a_slim_python() -> None:
     assert any(ins == "COPY" and a.startswith("--from=") for ins, a in instructions)
 
 
+def test_pip_settings_come_only_from_an_optional_build_secret() -> None:
+    """A package mirror or a proxy's CA for pip comes in as the optional build secret
+    ``pip.conf``, mounted only while pip runs; no build argument or variable carries one."""
+    instructions = dockerfile_instructions()
+    pip_runs = [a for ins, a in instructions if ins == "RUN" and "pip install" in a]
+    mount = "--mount=type=secret,id=pip.conf,target=/etc/pip.conf,required=false"
+    assert pip_runs
+    assert all(a.startswith(mount) for a in pip_runs), pip_runs
+    for ins, args in instructions:
+        if ins in ("ARG", "ENV"):
+            assert not re.search(r"index|trusted.host|cert|proxy", args, re.I), (ins, args)
+
+
 def test_the_runtime_user_is_numeric_and_not_root() -> None:
     """Kubernetes' ``runAsNonRoot`` can only verify a numeric user; it must be the one created."""
     stage = last_stage(dockerfile_instructions())

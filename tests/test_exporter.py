@@ -330,6 +330,17 @@ async def test_poll_interval_is_exported_from_the_config(
     assert metric(await h.scrape(), "twilio_wireless_poll_interval_seconds") == 450
 
 
+async def test_shard_is_exported_from_the_config(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    unsharded = await harness([sim.fleet.add_sim()])
+    assert metric(await unsharded.scrape(), "twilio_wireless_exporter_shards", index="0") == 1
+    h = await harness([sim.fleet.add_sim()], shard={"index": 1, "count": 3})
+    text = await h.scrape()  # there before the first poll: the shard alert counts on it
+    assert metric(text, "twilio_wireless_exporter_shards", index="1") == 3
+    assert metric(text, "twilio_wireless_exporter_shards", index="0") is None
+
+
 async def test_health_and_readiness(sim: RunningSimulator, harness: MakeHarness) -> None:
     sid = sim.fleet.add_sim()
     h = await harness([sid])

@@ -79,6 +79,7 @@ def test_alerts_follow_conventions() -> None:
         "TwilioWirelessApiErrors",
         "TwilioWirelessPollStale",
         "TwilioWirelessSimImeiChanged",
+        "TwilioWirelessShardMissing",
     } <= set(names)
     problems = [p for rule in alerts for p in alert_problems(rule)]
     assert problems == []
@@ -258,6 +259,13 @@ def test_promtool_unit_tests_pass() -> None:
         ("3 * twilio_wireless_poll_interval_seconds", "1 * twilio_wireless_poll_interval_seconds"),
         ("poll_interval_seconds, 900)", "poll_interval_seconds, 300)"),  # no 15-minute floor
         ("or on (job, instance)", "or"),  # the fallback duplicates a target's threshold
+        # replicas of one shard counted as shards: an HA fleet missing a shard stays silent
+        (
+            "count by (job) (count by (job, index) (twilio_wireless_exporter_shards))",
+            "count by (job) (twilio_wireless_exporter_shards)",
+        ),
+        ("          > 0\n        for: 10m", "          >= 0\n        for: 10m"),  # fires always
+        ("        for: 10m", "        for: 1m"),  # a missing shard pages before 10 minutes
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str) -> None:

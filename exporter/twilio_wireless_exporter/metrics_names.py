@@ -210,6 +210,13 @@ POLL_INTERVAL = _family(
     "gauge",
     "Configured interval between two polls of each SIM's data sessions (poll.interval).",
 )
+SHARDS = _family(
+    "exporter_shards",
+    "gauge",
+    "Number of shards the fleet is split over, as this exporter was started (shard.count, 1"
+    " when unsharded); the index label is this exporter's own 0-based shard (shard.index).",
+    "index",
+)
 BUILD_INFO = _family(
     "exporter_build_info",
     "gauge",
@@ -338,7 +345,13 @@ HTTP_CONNECTIONS_MAX = _family(
     "Most client connections the exporter's HTTP server keeps open (--web.max-connections).",
 )
 
-FLEET: tuple[Family, ...] = (SESSION_DURATION, SIMS_MONITORED, POLL_INTERVAL, BUILD_INFO)
+FLEET: tuple[Family, ...] = (
+    SESSION_DURATION,
+    SIMS_MONITORED,
+    POLL_INTERVAL,
+    SHARDS,
+    BUILD_INFO,
+)
 """Fleet-wide families of the exporter's private registry."""
 
 SELF: tuple[Family, ...] = (

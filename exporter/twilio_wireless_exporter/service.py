@@ -123,7 +123,9 @@ class Exporter:
         self._retry_sleep = retry_sleep or asyncio.sleep
         self.state = FleetState()
         self.registry, self.api_metrics = build_registry(
-            self.state, poll_interval=config.poll.interval
+            self.state,
+            poll_interval=config.poll.interval,
+            shard=Shard(config.shard.index, config.shard.count),
         )
         self.sims = SimFamilies(
             self.state,

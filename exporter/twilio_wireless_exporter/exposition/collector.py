@@ -27,6 +27,7 @@ from twilio_wireless_exporter.api.auth import TokenResult
 from twilio_wireless_exporter.api.records import RejectReason
 from twilio_wireless_exporter.api.transport import ErrorKind, RetryReason
 from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_exporter.sharding import Shard
 
 API_DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -35,12 +36,17 @@ class FleetCollector(Collector):
     """The fleet-wide families of :class:`FleetState`, rendered on every collect().
 
     ``poll_interval`` (seconds) is exported as ``twilio_wireless_poll_interval_seconds`` so that
-    alerts can scale with it; without it the family is left out.
+    alerts can scale with it; ``shard`` as ``twilio_wireless_exporter_shards{index}`` (value: the
+    shard count), so that an alert can tell when fewer shards answer than the fleet is split
+    over. Without them, their families are left out.
     """
 
-    def __init__(self, state: FleetState, *, poll_interval: float | None = None) -> None:
+    def __init__(
+        self, state: FleetState, *, poll_interval: float | None = None, shard: Shard | None = None
+    ) -> None:
         self._state = state
         self._poll_interval = poll_interval
+        self._shard = shard
 
     def collect(self) -> Iterable[Metric]:
         family = names.SESSION_DURATION
@@ -59,6 +65,8 @@ class FleetCollector(Collector):
         yield _single(names.SIMS_MONITORED, float(len(self._state.sims)))
         if self._poll_interval is not None:
             yield _single(names.POLL_INTERVAL, float(self._poll_interval))
+        if self._shard is not None:
+            yield _single(names.SHARDS, float(self._shard.count), {"index": str(self._shard.index)})
         yield _single(
             names.BUILD_INFO,
             1.0,
@@ -206,14 +214,15 @@ class TokenCollector(Collector):
 
 
 def build_registry(
-    state: FleetState, *, poll_interval: float | None = None
+    state: FleetState, *, poll_interval: float | None = None, shard: Shard | None = None
 ) -> tuple[CollectorRegistry, ApiMetrics]:
     """The exporter's private registry: the fleet collector and the API metrics.
 
-    Pass the configured ``poll_interval`` (seconds) to export it; the exporter always does.
+    Pass the configured ``poll_interval`` (seconds) and ``shard`` to export them; the exporter
+    always does.
     Whether counters and histograms carry ``*_created`` samples is a process-wide setting of
     ``prometheus_client``, chosen by the command (``cli.py``), not here.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(state, poll_interval=poll_interval))
+    registry.register(FleetCollector(state, poll_interval=poll_interval, shard=shard))
     return registry, ApiMetrics(registry)
