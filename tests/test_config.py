@@ -1,9 +1,13 @@
 """Tests of the configuration module: every kind of bad config, the good paths, and secrecy."""
 
+import json
 import math
 import os
 import pickle
 import stat
+import subprocess
+import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -1555,3 +1559,175 @@ def test_secret_file_mode_constant_is_what_the_warning_uses(tmp_path: Path) -> N
     )
     assert len(cfg.warnings) == 1
     assert "(mode 0604)" in cfg.warnings[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile values: each is one clear line at its path, never a traceback, never a hang
+
+
+def finishes(call: Any) -> Any:
+    """``call()`` in a thread that the test gives up on if it blocks (e.g. opening a FIFO)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:  # the caller inspects it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "blocked (a FIFO opened for reading waits for a writer)"
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "message"),
+    [
+        pytest.param(
+            make(poll={"requests_per_second": 10**400}),
+            "poll.requests_per_second",
+            "is too large, got a 401-digit number",
+            id="rps-401-digits",
+        ),
+        pytest.param(
+            make(poll={"page_size": -(10**400)}),
+            "poll.page_size",
+            "must be between 1 and 1000, got a 401-digit number",
+            id="int-401-digits",
+        ),
+        pytest.param(
+            make(poll={"max_response_bytes": "9" * 400 + "GiB"}),
+            "poll.max_response_bytes",
+            "must be between 1KiB and 1GiB, got '99999",
+            id="size-400-digits",
+        ),
+        pytest.param(
+            make(poll={"max_response_bytes": -1}),
+            "poll.max_response_bytes",
+            "must not be negative, got -1",
+            id="size-negative",
+        ),
+        pytest.param(
+            make(poll={"max_response_bytes": "-1KiB"}),
+            "poll.max_response_bytes",
+            "must not be negative, got '-1KiB'",
+            id="size-negative-text",
+        ),
+        pytest.param(
+            make(state={"path": ""}), "state.path", "must not be empty", id="state-path-empty"
+        ),
+        pytest.param(
+            make(state={"path": "/tmp/" + "x" * 300}),
+            "state.path",
+            "File name too long",
+            id="state-path-component-too-long",
+        ),
+        pytest.param(
+            make(state={"path": "/tmp/" + "x" * 300 + "/state.db"}),
+            "state.path",
+            "File name too long",
+            id="state-dir-component-too-long",
+        ),
+        pytest.param(
+            make(twilio={"auth_token_file": "/tmp/" + "x" * 300}),
+            "twilio.auth_token_file",
+            "File name too long",
+            id="secret-file-component-too-long",
+        ),
+        pytest.param(
+            make(twilio={"auth_token_file": " "}),
+            "twilio.auth_token_file",
+            "must not be empty",
+            id="secret-file-blank",
+        ),
+        pytest.param(
+            make(twilio={"account_sid": 5, "auth_token": "x"}),
+            "twilio.account_sid",
+            "must be a string like AC followed by 32 hex digits, got a number",
+            id="account-sid-number",
+        ),
+        pytest.param(
+            make(twilio={"api_key": ["SK"], "api_secret": "x"}),
+            "twilio.api_key",
+            "must be a string like SK followed by 32 hex digits, got a list",
+            id="api-key-list",
+        ),
+    ],
+)
+def test_hostile_value_is_one_line_at_its_path(data: Any, path: str, message: str) -> None:
+    problems = problems_of(data)
+    assert_problem(problems, path, message)
+    assert all(len(line) < 600 for line in problems), problems
+
+
+def test_state_path_that_is_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "state"
+    os.mkfifo(fifo)
+    assert problems_of(make(state={"path": str(fifo)})) == [
+        f"state.path: {fifo} is not a regular file"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("twilio", "option"),
+    [
+        ({"account_sid": ACCOUNT_SID, "auth_token_file": "{fifo}"}, "twilio.auth_token_file"),
+        ({"api_key": API_KEY, "api_secret_file": "{fifo}"}, "twilio.api_secret_file"),
+        (
+            {
+                "auth": {
+                    "type": "oauth2_client_credentials",
+                    "client_id": "c",
+                    "client_secret_file": "{fifo}",
+                }
+            },
+            "twilio.auth.client_secret_file",
+        ),
+    ],
+)
+def test_secret_file_that_is_a_fifo_does_not_block(
+    tmp_path: Path, twilio: dict[str, Any], option: str
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    filled = json.loads(json.dumps(twilio).replace("{fifo}", str(fifo)))
+    error = finishes(lambda: config_from_mapping(make(twilio=filled), {}))
+    assert isinstance(error, ConfigError)
+    assert error.problems == [f"{option}: {fifo} is not a regular file"]
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_secret_file_that_is_a_device(device: str) -> None:
+    data = make(twilio={"account_sid": ACCOUNT_SID, "auth_token_file": device})
+    assert problems_of(data, {}) == [f"twilio.auth_token_file: {device} is not a regular file"]
+
+
+def test_config_file_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    error = finishes(lambda: load_config(fifo, ENV))
+    assert isinstance(error, ConfigError)
+    assert error.problems == [f"{fifo}: cannot read config file: not a regular file"]
+
+
+def test_check_config_with_a_fifo_secret_exits_2(tmp_path: Path) -> None:
+    """The issue's case end to end: ``--check-config`` used to wait forever for a writer."""
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"twilio: {{account_sid: {ACCOUNT_SID}, auth_token_file: token}}\nsims: [{SIM_A}]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "twilio_wireless_exporter", "--config", str(config), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "exporter")},
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"twilio.auth_token_file: {fifo} is not a regular file" in done.stderr
+    assert "Traceback" not in done.stderr

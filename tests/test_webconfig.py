@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import os
 import ssl
+import threading
 from pathlib import Path
 
 import bcrypt
@@ -441,3 +443,62 @@ async def test_hashes_in_2y_form_from_htpasswd() -> None:
     config = web_config_from_mapping({"basic_auth_users": {"alice": alice}})
     auth = BasicAuth(config.users)
     assert await auth.check(basic("alice", "pw")) == "alice"
+
+
+# ------------------------------------------------------------------------------- hostile values
+
+
+@pytest.mark.parametrize("value", ["a\rb", "a\nb", "a\x00b", "a\x7fb", "a\x1bb", "default-src\r"])
+def test_header_value_with_a_control_character(tmp_path: Path, value: str) -> None:
+    data = {"http_server_config": {"headers": {"Content-Security-Policy": value}}}
+    assert problems(data, tmp_path) == [
+        "http_server_config.headers.Content-Security-Policy: must be one line of text without "
+        f"control characters, got {value!r}"
+    ]
+
+
+def test_header_value_too_long(tmp_path: Path) -> None:
+    data = {"http_server_config": {"headers": {"Content-Security-Policy": "x" * 5000}}}
+    (line,) = problems(data, tmp_path)
+    assert line.startswith(
+        "http_server_config.headers.Content-Security-Policy: must be at most 4096 characters"
+    )
+
+
+def test_header_value_with_a_tab_is_fine(tmp_path: Path) -> None:
+    config = web_config_from_mapping(
+        {"http_server_config": {"headers": {"Content-Security-Policy": "default-src\t'self'"}}}
+    )
+    assert config.headers == {"Content-Security-Policy": "default-src\t'self'"}
+
+
+@pytest.mark.parametrize("option", ["cert_file", "key_file", "client_ca_file"])
+def test_tls_file_with_a_component_too_long(tmp_path: Path, option: str) -> None:
+    long = "/tmp/" + "x" * 300
+    data = {
+        "tls_server_config": {
+            "cert_file": "server.crt",
+            "key_file": "server.key",
+            option: long,
+        }
+    }
+    lines = problems(data, tmp_path)
+    assert f"tls_server_config.{option}: cannot use {long}: File name too long" in lines
+
+
+def test_web_config_file_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "web.yml"
+    os.mkfifo(fifo)
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            load_web_config(fifo)
+        except ConfigError as exc:
+            outcome.append(exc.problems)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "blocked on the FIFO"
+    assert outcome == [[f"{fifo}: cannot read web config file: not a regular file"]]
