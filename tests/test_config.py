@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr, TypeAdapter, ValidationError
 
@@ -25,6 +26,7 @@ from twilio_wireless_exporter.config import (
     config_from_mapping,
     load_config,
 )
+from twilio_wireless_exporter.config.errors import dotted
 from twilio_wireless_exporter.config.models import (
     DiscoverySettings,
     MetricsSettings,
@@ -850,14 +852,14 @@ def test_unreadable_secret_file(tmp_path: Path) -> None:
 def test_permission_denied_on_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the same as the test above, but also when running as root
     secret = write_secret(tmp_path / "token", SECRET)
-    real_open = Path.open
+    real_open = os.open
 
-    def guarded_open(self: Path, *args: Any, **kwargs: Any) -> Any:
-        if self == secret:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
+    def guarded_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path) == secret:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_open)
     data = make(twilio={"account_sid": ACCOUNT_SID, "auth_token_file": str(secret)})
     assert problems_of(data, {}) == [
         f"twilio.auth_token_file: cannot read {secret}: Permission denied"
@@ -1695,13 +1697,15 @@ def test_secret_file_that_is_a_fifo_does_not_block(
     filled = json.loads(json.dumps(twilio).replace("{fifo}", str(fifo)))
     error = finishes(lambda: config_from_mapping(make(twilio=filled), {}))
     assert isinstance(error, ConfigError)
-    assert error.problems == [f"{option}: {fifo} is not a regular file"]
+    assert error.problems == [f"{option}: cannot read {fifo}: not a regular file"]
 
 
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
 def test_secret_file_that_is_a_device(device: str) -> None:
     data = make(twilio={"account_sid": ACCOUNT_SID, "auth_token_file": device})
-    assert problems_of(data, {}) == [f"twilio.auth_token_file: {device} is not a regular file"]
+    assert problems_of(data, {}) == [
+        f"twilio.auth_token_file: cannot read {device}: not a regular file"
+    ]
 
 
 def test_config_file_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
@@ -1721,7 +1725,14 @@ def test_check_config_with_a_fifo_secret_exits_2(tmp_path: Path) -> None:
         f"twilio: {{account_sid: {ACCOUNT_SID}, auth_token_file: token}}\nsims: [{SIM_A}]\n"
     )
     done = subprocess.run(
-        [sys.executable, "-m", "twilio_wireless_exporter", "--config", str(config), "--check-config"],
+        [
+            sys.executable,
+            "-m",
+            "twilio_wireless_exporter",
+            "--config",
+            str(config),
+            "--check-config",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -1729,5 +1740,139 @@ def test_check_config_with_a_fifo_secret_exits_2(tmp_path: Path) -> None:
         check=False,
     )
     assert done.returncode == 2
-    assert f"twilio.auth_token_file: {fifo} is not a regular file" in done.stderr
+    assert f"twilio.auth_token_file: cannot read {fifo}: not a regular file" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Property: any hostile configuration is a Config or a ConfigError with paths, nothing else
+
+#: Every option of the file, by section (``sims`` items: see SIM_OPTIONS).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "twilio": (*TwilioSettings.model_fields, "auth"),
+    "twilio.auth": ("type", "token_url", "client_id", "client_secret", "client_secret_file"),
+    "poll": tuple(PollSettings.model_fields),
+    "discovery": tuple(DiscoverySettings.model_fields),
+    "metrics": tuple(MetricsSettings.model_fields),
+    "state": tuple(StateSettings.model_fields),
+    "shard": ("index", "count"),
+}
+SIM_OPTIONS = ("sid", "name", "labels")
+
+odd_text = st.sampled_from(
+    [
+        "",
+        " ",
+        "\x00",
+        "a\r\nb",
+        "\x7f",
+        "~nobody-here/x",
+        "/tmp/" + "x" * 300,
+        "9" * 400 + "GiB",
+        "9" * 400 + "s",
+        "-1",
+        "nan",
+        "-inf",
+        "1e308",
+        "1h1h",
+        "http://[::1",
+        "https://u:p@h",
+        "DE" + "a" * 32,
+        "active",
+        "oauth2_client_credentials",
+        "{fifo}",
+        "{dir}",
+    ]
+)
+hostile_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([10**400, -(10**400), 2**63, -(2**63) - 1, 2**1024]),
+    st.floats(),
+    st.text(max_size=40),
+    odd_text,
+)
+hostile_value = st.recursive(
+    hostile_scalar,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def hostile_configs(draw: st.DrawFn) -> dict[Any, Any]:
+    data: dict[Any, Any] = {}
+    for path in draw(st.lists(st.sampled_from(sorted(OPTIONS)), max_size=4, unique=True)):
+        section = data
+        for part in path.split("."):
+            if not isinstance(section.get(part), dict):
+                section[part] = {}
+            section = section[part]
+        names = st.sampled_from(OPTIONS[path]) | st.text(max_size=6)
+        values = odd_text | hostile_value
+        section.update(draw(st.dictionaries(names, values, max_size=4)))
+    if draw(st.booleans()):
+        sim = st.dictionaries(st.sampled_from(SIM_OPTIONS), hostile_value, max_size=3)
+        data["sims"] = draw(st.lists(sim | hostile_value, max_size=3))
+    if draw(st.booleans()):  # now and then a whole section of the wrong kind
+        data[draw(st.sampled_from([*sorted(OPTIONS), "sims"]))] = draw(hostile_value)
+    return data
+
+
+def input_paths(data: object, prefix: tuple[str | int, ...] = ()) -> set[str]:
+    """Every location of ``data``, written as the error lines write them."""
+    found = {dotted(prefix)} if prefix else set()
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            found |= input_paths(value, (*prefix, key))
+            found.add(dotted((*prefix, key, "[key]")))  # an integer key, named as the key
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found |= input_paths(value, (*prefix, index))
+    return found
+
+
+MODEL_PATHS = {f"{section}.{name}" for section, names in OPTIONS.items() for name in names} | {
+    *OPTIONS,
+    "sims",
+    *(f"sims.{name}" for name in SIM_OPTIONS),
+}
+
+
+@pytest.fixture(scope="module")
+def odd_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    where = tmp_path_factory.mktemp("odd")
+    os.mkfifo(where / "fifo")
+    return {"{fifo}": str(where / "fifo"), "{dir}": str(where)}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=hostile_configs(), environ=st.sampled_from([ENV, {}]))
+def test_a_hostile_config_is_valid_or_reported_at_real_paths(
+    odd_files: dict[str, str], data: dict[Any, Any], environ: dict[str, str]
+) -> None:
+    data = fill_in(data, odd_files)
+    config = finishes(lambda: config_from_mapping(data, environ))
+    if isinstance(config, Config):
+        return
+    assert isinstance(config, ConfigError), repr(config)
+    known = input_paths(data) | MODEL_PATHS
+    for line in config.problems:
+        path = line.split(": ", 1)[0]
+        generic = re.sub(r"\[\d+\]", "", path)
+        assert path in known or generic in known, f"{line!r} does not start with a field path"
+        assert len(line) < 1000, line
+
+
+def fill_in(value: Any, files: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return files.get(value, value)
+    if isinstance(value, dict):
+        return {key: fill_in(item, files) for key, item in value.items()}
+    if isinstance(value, list):
+        return [fill_in(item, files) for item in value]
+    return value

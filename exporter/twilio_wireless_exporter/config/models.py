@@ -6,6 +6,7 @@ options are written as validators; everything else is a type.
 """
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Final, Literal, Self, TypeAlias, get_args
@@ -15,7 +16,6 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ByteSize,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -28,7 +28,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails
+from pydantic_core import PydanticCustomError as Problem
 
 from twilio_wireless_exporter.config.credentials import Credentials, resolve_credentials
 from twilio_wireless_exporter.config.errors import also_report, fail, problem, shaped
@@ -42,6 +43,7 @@ from twilio_wireless_exporter.config.types import (
     SimSid,
     Size,
     Text,
+    file_status,
     format_duration,
     warnings_of,
 )
@@ -57,29 +59,11 @@ SIM_STATUSES: Final[tuple[str, ...]] = get_args(SimStatus)
 
 #: Label names the exporter sets itself (or Prometheus reserves); constant SIM labels must not
 #: reuse them.
+#: ``display_name`` is added by the shipped dashboards and alert rules.
 RESERVED_LABEL_NAMES: Final = frozenset(
-    {
-        "sim_sid",
-        "sim_name",
-        "unique_name",
-        "friendly_name",
-        "status",
-        "rate_plan_sid",
-        "radio_link",
-        "operator_name",
-        "operator_country",
-        "operator_mcc",
-        "operator_mnc",
-        "imei",
-        "endpoint",
-        "code",
-        "reason",
-        "le",
-        "quantile",
-        "job",
-        "instance",
-        "display_name",  # added by the shipped dashboards and alert rules
-    }
+    "sim_sid sim_name unique_name friendly_name status rate_plan_sid radio_link operator_name"  # noqa: SIM905
+    " operator_country operator_mcc operator_mnc imei endpoint code reason le quantile job"
+    " instance display_name".split()
 )
 _OAUTH2_ONLY: Final = ("token_url", "client_id", "client_secret", "client_secret_file", "scope")
 
@@ -91,17 +75,25 @@ def _is_loopback(url: str) -> bool:
 
 def _label_name(name: str) -> str:
     if name.startswith("__"):
-        raise PydanticCustomError("label_prometheus", "")
+        raise Problem("label", "label names starting with __ are reserved for Prometheus")
     if name in RESERVED_LABEL_NAMES:
-        raise PydanticCustomError("label_exporter", "")
+        raise Problem("label", "is a label the exporter sets itself; choose another name")
     return name
 
 
 def _state_file(path: Path) -> Path:
-    if not path.parent.is_dir():
-        raise PydanticCustomError("no_directory", "", {"directory": str(path.parent)})
-    if path.is_dir():
-        raise PydanticCustomError("is_directory", "", {"path": str(path)})
+    parent = file_status(path.parent)
+    if parent is None or not stat.S_ISDIR(parent.st_mode):
+        raise Problem(
+            "state", "directory {directory} does not exist", {"directory": str(path.parent)}
+        )
+    found = file_status(path)
+    if found is not None and stat.S_ISDIR(found.st_mode):
+        raise Problem(
+            "state", "{path} is a directory; give the path of a file", {"path": str(path)}
+        )
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        raise Problem("state", "{path} is not a regular file", {"path": str(path)})
     return path
 
 
@@ -152,7 +144,8 @@ class AuthSettings(Settings):
     def _oauth2_options_need_oauth2(self) -> Self:
         misplaced = [n for n in (*_OAUTH2_ONLY, "refresh_margin") if n in self.model_fields_set]
         if self.type == "basic" and misplaced:
-            raise fail([problem("oauth2_only", (name,)) for name in misplaced])
+            wrong = "is only used with type: oauth2_client_credentials"
+            raise fail([problem(wrong, (name,)) for name in misplaced])
         return self
 
 
@@ -218,15 +211,14 @@ class PollSettings(Settings):
     backoff_initial: Annotated[Duration, Field(gt=0)] = 1.0
     backoff_max: Annotated[Duration, Field(gt=0)] = 60.0
     max_pages: Annotated[StrictInt, Field(ge=1, le=10000)] = 50
-    max_response_bytes: Annotated[Size, Field(ge=1024, le=1024**3)] = ByteSize(16 * 1024**2)
+    max_response_bytes: Annotated[Size, Field(ge=1024, le=1024**3)] = 16 * 1024**2
 
     @model_validator(mode="after")
     def _backoff_cap_covers_first_backoff(self) -> Self:
         if self.backoff_max < self.backoff_initial:
             initial, maximum = map(format_duration, (self.backoff_initial, self.backoff_max))
-            raise fail(
-                [problem("backoff_order", ("backoff_max",), initial=initial, maximum=maximum)]
-            )
+            wrong = f"must not be shorter than poll.backoff_initial ({initial}), got {maximum}"
+            raise fail([problem(wrong, ("backoff_max",))])
         return self
 
 
@@ -277,7 +269,8 @@ class ShardSettings(Settings):
     @model_validator(mode="after")
     def _index_below_count(self) -> Self:
         if self.index >= self.count:
-            raise fail([problem("shard_index", ("index",), count=self.count, index=self.index)])
+            wrong = f"must be less than shard.count ({self.count}), got {self.index}"
+            raise fail([problem(wrong, ("index",))])
         return self
 
 
@@ -312,7 +305,8 @@ class Config(Settings):
             discovery = data.get("discovery")
             enabled = isinstance(discovery, Mapping) and discovery.get("enabled") is True
             if not data.get("sims") and not enabled:
-                extra.append(problem("nothing_to_poll", ("sims",)))
+                wrong = "no SIMs to monitor; list SIMs under sims or set discovery.enabled: true"
+                extra.append(problem(wrong, ("sims",)))
         config: Self = also_report(handler, data, extra)
         config._warnings = tuple(warnings_of(info))
         return config
@@ -333,7 +327,7 @@ class Config(Settings):
         for index, sim in enumerate(sims):
             first = first_seen.setdefault(sim.sid.upper(), index)
             if first != index:
-                problems.append(problem("duplicate_sid", (index, "sid"), first=first))
+                problems.append(problem(f"duplicate of sims[{first}].sid", (index, "sid")))
         if problems:
             raise fail(problems)
         return sims

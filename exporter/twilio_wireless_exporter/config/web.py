@@ -19,6 +19,8 @@ reported like any other problem (with its path, exit status 2) before anything s
 
 import ssl
 import stat
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, Self, TypeAlias
 
@@ -32,12 +34,13 @@ from pydantic import (
     ValidationInfo,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails
+from pydantic_core import PydanticCustomError as Problem
 
 from twilio_wireless_exporter.config.errors import ConfigError, fail, problem, shaped
 from twilio_wireless_exporter.config.loading import read_yaml_file, validate
 from twilio_wireless_exporter.config.models import Settings
-from twilio_wireless_exporter.config.types import ConfigPath, warnings_of
+from twilio_wireless_exporter.config.types import ExistingFile, warnings_of
 
 TLSVersion: TypeAlias = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
 ClientAuthType: TypeAlias = Literal[
@@ -69,15 +72,13 @@ HeaderName: TypeAlias = Literal[
 ]
 
 
-def _existing_file(path: Path) -> Path:
-    if not path.is_file():
-        raise PydanticCustomError("not_a_file", "", {"path": str(path)})
-    return path
-
-
 def _verified_client_certs_only(value: object) -> object:
     if value in ("RequestClientCert", "RequireAnyClientCert"):
-        raise PydanticCustomError("client_cert_unverified", "", {"auth": value})
+        raise Problem(
+            "client_cert",
+            f"{value} (a client certificate that is not verified) is not supported; use "
+            "VerifyClientCertIfGiven or RequireAndVerifyClientCert with client_ca_file",
+        )
     return value
 
 
@@ -87,10 +88,9 @@ def _unsupported(reason: str) -> Any:
 
 
 def _refuse(value: object) -> object:
-    raise PydanticCustomError("tls_unsupported", "")
+    raise Problem("tls_unsupported", "")
 
 
-ExistingFile = Annotated[ConfigPath, AfterValidator(_existing_file)]
 Unsupported = Annotated[object, AfterValidator(_refuse)]
 UserName = Annotated[
     StrictStr,
@@ -106,15 +106,27 @@ BcryptHash = Annotated[
         "plain passwords are not accepted",
     ),
 ]
-HeaderValue = Annotated[StrictStr, shaped(r"^[^\r\n]+$", "must be a one-line string, got {got}")]
+# HTAB is the one control character a header value may hold; any other ends or breaks the header.
+HeaderValue = Annotated[
+    StrictStr,
+    Field(max_length=4096),
+    shaped(
+        r"^[^\x00-\x08\x0a-\x1f\x7f]+$",
+        "must be one line of text without control characters, got {got}",
+    ),
+]
 
 
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return type(exc).__name__
+def _load(name: str, path: Path, message: str, load: Callable[[], object]) -> None:
+    """Load a certificate or key; a failure is a problem at ``name``."""
+    try:
+        load()
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        if isinstance(exc, ssl.SSLError):
+            reason = str(exc.reason or "no usable key")
+        else:
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__
+        raise fail([problem(message, (name,), path=str(path), reason=reason)]) from None
 
 
 class TLSSettings(Settings):
@@ -157,14 +169,14 @@ class TLSSettings(Settings):
         problems: list[InitErrorDetails] = []
         for name, other in (("cert_file", "key_file"), ("key_file", "cert_file")):
             if getattr(self, name) is None and getattr(self, other) is not None:
-                problems.append(problem("required_with", (name,), other=other))
+                problems.append(problem(f"is required with {other}", (name,)))
         if self.client_auth_type != "NoClientCert" and self.client_ca_file is None:
-            auth = self.client_auth_type
-            problems.append(problem("client_ca_required", ("client_ca_file",), auth=auth))
+            wrong = f"is required with client_auth_type {self.client_auth_type}"
+            problems.append(problem(wrong, ("client_ca_file",)))
         versions = list(_TLS_VERSIONS)
         if self.max_version and versions.index(self.min_version) > versions.index(self.max_version):
-            minimum = self.min_version
-            problems.append(problem("version_order", ("max_version",), minimum=minimum))
+            wrong = f"must not be lower than min_version {self.min_version}"
+            problems.append(problem(wrong, ("max_version",)))
         if problems:
             raise fail(problems)
         if self.cert_file is not None and self.key_file is not None:
@@ -178,27 +190,23 @@ class TLSSettings(Settings):
         return self
 
     def _server_context(self, cert_file: Path, key_file: Path) -> ssl.SSLContext:
-        for name in ("cert_file", "client_ca_file"):
-            path = getattr(self, name)
-            try:
-                if path is not None:
-                    ssl.create_default_context(cafile=path)
-            except (ssl.SSLError, ValueError, OSError) as exc:
-                raise fail([problem("no_pem", (name,), path=path, reason=_why(exc))]) from None
+        no_pem = "{path} holds no PEM certificate: {reason}"
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # a certificate read apart from the key
+        _load("cert_file", cert_file, no_pem, lambda: check.load_verify_locations(cert_file))
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = _TLS_VERSIONS[self.min_version]
-        if self.max_version is not None:
-            context.maximum_version = _TLS_VERSIONS[self.max_version]
-        try:
-            # An encrypted key gets an empty passphrase (and fails) instead of a prompt on the tty.
-            context.load_cert_chain(cert_file, key_file, password=b"")
-        except (ssl.SSLError, ValueError, OSError) as exc:
-            unusable = isinstance(exc, ssl.SSLError) and not exc.reason
-            reason = "no usable key" if unusable else _why(exc)
-            path = key_file
-            raise fail([problem("key_unusable", ("key_file",), path=path, reason=reason)]) from None
-        if self.client_ca_file is not None:
-            context.load_verify_locations(cafile=self.client_ca_file)
+        context.maximum_version = _TLS_VERSIONS[self.max_version or "TLS13"]
+        # An encrypted key gets an empty passphrase (and fails) instead of a prompt on the tty.
+        load_chain = partial(context.load_cert_chain, cert_file, key_file, password=b"")
+        unusable = "cannot use {path} with cert_file: {reason} (the key must be the certificate's, "
+        _load("key_file", key_file, unusable + "unencrypted, in PEM)", load_chain)
+        if (client_ca := self.client_ca_file) is not None:
+            _load(
+                "client_ca_file",
+                client_ca,
+                no_pem,
+                partial(context.load_verify_locations, client_ca),
+            )
         context.verify_mode = _CLIENT_AUTH[self.client_auth_type]
         if self.prefer_server_cipher_suites:
             context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -214,7 +222,7 @@ class HTTPSettings(Settings):
     @model_validator(mode="after")
     def _allowed_header_values(self) -> Self:
         problems = [
-            problem("header_choice", ("headers", name), value, choices=", ".join(allowed))
+            problem(f"must be one of {', '.join(allowed)}, got {{got}}", ("headers", name), value)
             for name, value in self.headers.items()
             if value.lower() not in (allowed := _RESTRICTED.get(name, (value.lower(),)))
         ]
@@ -230,7 +238,6 @@ class WebConfig(Settings):
     basic_auth_users: dict[UserName, BcryptHash] = Field(default_factory=dict, repr=False)
     http_server_config: HTTPSettings = Field(default_factory=HTTPSettings)
 
-    _source: str = PrivateAttr(default="<web config>")
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
@@ -243,10 +250,6 @@ class WebConfig(Settings):
             )
         self._warnings = tuple(warnings)
         return self
-
-    @property
-    def source(self) -> str:
-        return self._source
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -270,10 +273,6 @@ class WebConfig(Settings):
     def headers(self) -> dict[str, str]:
         return {str(name): value for name, value in self.http_server_config.headers.items()}
 
-    @property
-    def scheme(self) -> str:
-        return "https" if self.ssl_context is not None else "http"
-
     def summary(self) -> str:
         tls = f"TLS on (min {self.tls.min_version})" if self.tls is not None else "TLS off"
         users = self.basic_auth_users
@@ -285,9 +284,7 @@ def web_config_from_mapping(
 ) -> WebConfig:
     """Validate parsed web configuration data. Raises :class:`ConfigError`."""
     context = {"base_dir": Path.cwd() if base_dir is None else base_dir, "warnings": []}
-    config = WebConfig() if data is None else validate(WebConfig, data, source, context)
-    config._source = source
-    return config
+    return WebConfig() if data is None else validate(WebConfig, data, source, context)
 
 
 def load_web_config(path: Path) -> WebConfig:
