@@ -6,7 +6,6 @@ environment. Which kind of credentials applies is a rule across options, so this
 hand; every problem is a named kind worded by :mod:`.errors`.
 """
 
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from twilio_wireless_exporter.config.types import (
     ApiKey,
     UnreadableFileError,
     read_regular_file,
+    readable_by_others,
 )
 
 if TYPE_CHECKING:
@@ -162,11 +162,7 @@ class _Resolver:
         if wrong is not None or text is None:
             self.add(f"{{path}} {wrong}", loc, path=str(path))
             return None
-        if mode & 0o077:
-            self.warnings.append(
-                f"{dotted(('twilio', *loc))}: {path} is readable by other users "
-                f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
-            )
+        self.warnings.extend(readable_by_others(dotted(("twilio", *loc)), path, mode))
         return SecretStr(text)
 
     def basic(self) -> BasicCredentials | None:

@@ -238,6 +238,13 @@ def _existing_file(path: Path) -> Path:
 ExistingFile = Annotated[ConfigPath, AfterValidator(_existing_file)]
 
 
+def readable_by_others(where: str, path: Path, mode: int) -> list[str]:
+    """The warning for a secret file that group or others may read, if it is one."""
+    if not mode & 0o077:
+        return []
+    return [f"{where}: {path} is readable by other users (mode {mode & 0o777:04o}); chmod 600 it"]
+
+
 class UnreadableFileError(Exception):
     """A file that :func:`read_regular_file` refused; the message is meant for users."""
 

@@ -1,28 +1,14 @@
-"""The web configuration file (``--web.config.file``): TLS and HTTP basic auth for our endpoints.
+"""The web configuration file (``--web.config.file``), in the Prometheus exporter-toolkit's format.
 
-The format is the Prometheus exporter-toolkit's (``tls_server_config``, ``basic_auth_users`` with
-bcrypt hashes, ``http_server_config``), so that one file can serve several exporters.
-
-What differs from the exporter-toolkit, on purpose:
-
-* Options of the toolkit that Python's TLS stack cannot honour (``cipher_suites``,
-  ``curve_preferences``, ``client_allowed_sans``, inline ``cert``/``key``, and the client auth types
-  that ask for a certificate without verifying it) are rejected with a clear message rather than
-  silently ignored: a security setting that does nothing is worse than a refusal.
-* ``http_server_config.http2`` is accepted (a boolean) and has no effect: the server speaks
-  HTTP/1.1 only, which every client negotiates.
-* The file is read once at start (the toolkit re-reads it per request); restart to apply changes.
-
-The server's SSL context is built here, on loading, so that an unusable certificate or key is
-reported like any other problem (with its path, exit status 2) before anything starts.
+Toolkit options that Python's TLS stack cannot honour are refused, not ignored (the differences
+are listed in docs/operations.md). The SSL context is built on loading, so that an unusable
+certificate or key is reported like any other problem, before anything starts.
 """
 
 import ssl
-import stat
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Self, TypeAlias
+from typing import Annotated, Any, Final, Literal, Self, TypeAlias, get_args
 
 from pydantic import (
     AfterValidator,
@@ -37,10 +23,10 @@ from pydantic import (
 from pydantic_core import InitErrorDetails
 from pydantic_core import PydanticCustomError as Problem
 
-from twilio_wireless_exporter.config.errors import ConfigError, fail, problem, shaped
+from twilio_wireless_exporter.config.errors import fail, problem, shaped
 from twilio_wireless_exporter.config.loading import read_yaml_file, validate
 from twilio_wireless_exporter.config.models import Settings
-from twilio_wireless_exporter.config.types import ExistingFile, warnings_of
+from twilio_wireless_exporter.config.types import ExistingFile, readable_by_others, warnings_of
 
 TLSVersion: TypeAlias = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
 ClientAuthType: TypeAlias = Literal[
@@ -52,11 +38,11 @@ _TLS_VERSIONS: Final = {
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
-_CLIENT_AUTH: Final = {
-    "NoClientCert": ssl.CERT_NONE,
-    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
-}
+_CLIENT_AUTH: Final = dict(
+    zip(
+        get_args(ClientAuthType), (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED), strict=True
+    )
+)
 #: The values the toolkit accepts for the headers it restricts.
 _RESTRICTED: Final = {
     "X-Frame-Options": ("deny", "sameorigin"),
@@ -117,10 +103,10 @@ HeaderValue = Annotated[
 ]
 
 
-def _load(name: str, path: Path, message: str, load: Callable[[], object]) -> None:
-    """Load a certificate or key; a failure is a problem at ``name``."""
+def _load(name: str, path: Path, message: str, load: Callable[..., object], *args: object) -> None:
+    """``load(*args)`` (a certificate or key into an SSL context); a failure is a problem."""
     try:
-        load()
+        load(*args)
     except (ssl.SSLError, ValueError, OSError) as exc:
         if isinstance(exc, ssl.SSLError):
             reason = str(exc.reason or "no usable key")
@@ -180,33 +166,26 @@ class TLSSettings(Settings):
         if problems:
             raise fail(problems)
         if self.cert_file is not None and self.key_file is not None:
+            where = "tls_server_config.key_file"
             mode = self.key_file.stat().st_mode
-            if stat.S_ISREG(mode) and mode & 0o077:
-                warnings_of(info).append(
-                    f"tls_server_config.key_file: {self.key_file} is readable by other users "
-                    f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
-                )
+            warnings_of(info).extend(readable_by_others(where, self.key_file, mode))
             self._context = self._server_context(self.cert_file, self.key_file)
         return self
 
     def _server_context(self, cert_file: Path, key_file: Path) -> ssl.SSLContext:
         no_pem = "{path} holds no PEM certificate: {reason}"
-        check = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # a certificate read apart from the key
-        _load("cert_file", cert_file, no_pem, lambda: check.load_verify_locations(cert_file))
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # the certificate alone, before the key
+        _load("cert_file", cert_file, no_pem, check.load_verify_locations, cert_file)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = _TLS_VERSIONS[self.min_version]
         context.maximum_version = _TLS_VERSIONS[self.max_version or "TLS13"]
-        # An encrypted key gets an empty passphrase (and fails) instead of a prompt on the tty.
-        load_chain = partial(context.load_cert_chain, cert_file, key_file, password=b"")
         unusable = "cannot use {path} with cert_file: {reason} (the key must be the certificate's, "
-        _load("key_file", key_file, unusable + "unencrypted, in PEM)", load_chain)
-        if (client_ca := self.client_ca_file) is not None:
-            _load(
-                "client_ca_file",
-                client_ca,
-                no_pem,
-                partial(context.load_verify_locations, client_ca),
-            )
+        # An encrypted key gets an empty passphrase (and fails) instead of a prompt on the tty.
+        chain = (context.load_cert_chain, cert_file, key_file, b"")
+        _load("key_file", key_file, unusable + "unencrypted, in PEM)", *chain)
+        if self.client_ca_file is not None:
+            ca = self.client_ca_file
+            _load("client_ca_file", ca, no_pem, context.load_verify_locations, ca)
         context.verify_mode = _CLIENT_AUTH[self.client_auth_type]
         if self.prefer_server_cipher_suites:
             context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -291,6 +270,3 @@ def load_web_config(path: Path) -> WebConfig:
     """Read and validate a web configuration file. Raises :class:`ConfigError`."""
     data = read_yaml_file(Path(path), "web config file")
     return web_config_from_mapping(data, str(path), base_dir=Path(path).absolute().parent)
-
-
-__all__ = ["ConfigError", "TLSSettings", "WebConfig", "load_web_config", "web_config_from_mapping"]
