@@ -185,11 +185,6 @@ def explain(error: ErrorDetails, root: type[BaseModel] | None = None, hidden: bo
         return str(context["error"])  # the duration parser's own words
     if name in ("greater_than", "greater_than_equal", "less_than_equal"):
         return _bounds(name, field, context, describe(value))
-    if name == "too_short":
-        choices = _choices(field.annotation) if field is not None else []
-        if isinstance(value, list | tuple) and choices:
-            return f"must list at least one of {', '.join(choices)}"
-        name = "string_too_short"
     got = _shown(value, hidden or any(part in HIDDEN_OPTIONS for part in loc))
     if name == "float_type" and isinstance(value, int) and not isinstance(value, bool):
         return f"is too large, got {got}"  # an integer beyond the range of a float
@@ -245,12 +240,6 @@ def _find_model(annotation: object) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return next(filter(None, map(_find_model, typing.get_args(annotation))), None)
-
-
-def _choices(annotation: object) -> list[str]:
-    if typing.get_origin(annotation) is typing.Literal:
-        return [str(arg) for arg in typing.get_args(annotation)]
-    return next(filter(None, map(_choices, typing.get_args(annotation))), [])
 
 
 def _unknown_option(root: type[BaseModel] | None, loc: Sequence[str | int]) -> str:

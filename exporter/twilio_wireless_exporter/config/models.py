@@ -234,15 +234,18 @@ def _one_or_many(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
+def _some_statuses(statuses: tuple[str, ...]) -> tuple[str, ...]:
+    if not statuses:
+        raise Problem("status", f"must list at least one of {', '.join(SIM_STATUSES)}")
+    return tuple(dict.fromkeys(statuses))
+
+
 class DiscoverySettings(Settings):
     """``discovery``: find SIMs through the API (``GET /v1/Sims?Status=…``) besides ``sims``."""
 
     enabled: StrictBool = False
     status: Annotated[
-        tuple[SimStatus, ...],
-        BeforeValidator(_one_or_many),
-        Field(min_length=1),
-        AfterValidator(lambda statuses: tuple(dict.fromkeys(statuses))),
+        tuple[SimStatus, ...], BeforeValidator(_one_or_many), AfterValidator(_some_statuses)
     ] = ("active",)
     refresh_interval: Annotated[Duration, Field(ge=10)] = 600.0
 
