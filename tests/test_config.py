@@ -1716,6 +1716,24 @@ def test_config_file_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
     assert error.problems == [f"{fifo}: cannot read config file: not a regular file"]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sims: " + "[" * 5000 + "]" * 5000 + "\n",
+        "sims:\n" + "".join("  " * depth + "- \n" for depth in range(1, 3000)),
+    ],
+)
+def test_yaml_nested_too_deeply(tmp_path: Path, text: str) -> None:
+    path = write_config(tmp_path, text)
+    assert load_problems(path) == [f"{path}: invalid YAML: nested too deeply"]
+
+
+def test_config_file_too_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("twilio_wireless_exporter.config.loading.MAX_FILE_BYTES", 1024)
+    path = write_config(tmp_path, "# " + "x" * 2000 + "\n")
+    assert load_problems(path) == [f"{path}: cannot read config file: larger than 1KiB"]
+
+
 def test_check_config_with_a_fifo_secret_exits_2(tmp_path: Path) -> None:
     """The issue's case end to end: ``--check-config`` used to wait forever for a writer."""
     fifo = tmp_path / "token"

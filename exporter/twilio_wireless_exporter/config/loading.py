@@ -61,7 +61,8 @@ def read_yaml_file(path: Path, what: str = "config file") -> object:
         problem = f"cannot read {what}: not UTF-8 text (byte {exc.start})"
     else:
         if len(raw) > MAX_FILE_BYTES:
-            raise ConfigError([f"{path}: larger than {format_size(MAX_FILE_BYTES)}"], str(path))
+            too_large = f"cannot read {what}: larger than {format_size(MAX_FILE_BYTES)}"
+            raise ConfigError([f"{path}: {too_large}"], str(path))
         try:
             return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.MarkedYAMLError as exc:
@@ -70,6 +71,8 @@ def read_yaml_file(path: Path, what: str = "config file") -> object:
             problem = f"{where}{exc.problem or exc.context or 'invalid YAML'}"
         except yaml.YAMLError as exc:
             problem = f"invalid YAML: {type(exc).__name__}"
+        except RecursionError:  # PyYAML builds nested collections recursively
+            problem = "invalid YAML: nested too deeply"
     raise ConfigError([f"{path}: {problem}"], str(path))
 
 

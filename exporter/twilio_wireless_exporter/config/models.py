@@ -178,25 +178,19 @@ class TwilioSettings(Settings):
     def _resolve_credentials(self, info: ValidationInfo) -> Self:
         environ = info.context.get("environ") if isinstance(info.context, dict) else None
         warnings = warnings_of(info)
-        oauth2 = self.auth.type == "oauth2_client_credentials"
         self._credentials = resolve_credentials(
             self, environ if isinstance(environ, Mapping) else os.environ, warnings
         )
-        for url, loc in ((self.base_url, "base_url"), (self.auth.token_url, "auth.token_url")):
-            if (
-                (loc == "base_url" or oauth2)
-                and url.startswith("http://")
-                and not _is_loopback(url)
-            ):
-                warnings.append(
-                    f"twilio.{loc}: uses plain http; credentials would cross the network "
-                    "unencrypted"
-                )
+        urls = {"base_url": self.base_url}
+        if self.auth.type == "oauth2_client_credentials":
+            urls["auth.token_url"] = self.auth.token_url
+        for loc, url in urls.items():
+            if url.startswith("http://") and not _is_loopback(url):
+                cleartext = "uses plain http; credentials would cross the network unencrypted"
+                warnings.append(f"twilio.{loc}: {cleartext}")
         if urlsplit(self.base_url).path.rstrip("/").endswith("/v1"):
-            warnings.append(
-                "twilio.base_url: ends in /v1, but the exporter adds /v1 itself; "
-                "give the URL without it"
-            )
+            twice = "ends in /v1, but the exporter adds /v1 itself; give the URL without it"
+            warnings.append(f"twilio.base_url: {twice}")
         return self
 
 
