@@ -35,14 +35,9 @@ ENVIRONMENT: Final = {
     "client_id": "KORE_CLIENT_ID",
     "client_secret": "KORE_CLIENT_SECRET",
 }
-BASIC_OPTIONS: Final = (
-    "account_sid",
-    "auth_token",
-    "auth_token_file",
-    "api_key",
-    "api_secret",
-    "api_secret_file",
-)
+_TOKEN_OPTIONS: Final = ("auth_token", "auth_token_file")
+_KEY_OPTIONS: Final = ("api_key", "api_secret", "api_secret_file")
+BASIC_OPTIONS: Final = ("account_sid", *_TOKEN_OPTIONS, *_KEY_OPTIONS)
 _MAX_SECRET_FILE_BYTES: Final = 64 * 1024
 _NO_CREDENTIALS: Final = (
     "no Twilio credentials configured; set twilio.account_sid with twilio.auth_token or "
@@ -167,8 +162,8 @@ class _Resolver:
 
     def basic(self) -> BasicCredentials | None:
         t = self.twilio
-        tokens = [n for n in ("auth_token", "auth_token_file") if getattr(t, n) is not None]
-        keys = [n for n in BASIC_OPTIONS[3:] if getattr(t, n) is not None]
+        tokens = [n for n in _TOKEN_OPTIONS if getattr(t, n) is not None]
+        keys = [n for n in _KEY_OPTIONS if getattr(t, n) is not None]
         if tokens and keys:
             self.add(_BOTH_KINDS.format(tokens[0]), (keys[0],))
             return None

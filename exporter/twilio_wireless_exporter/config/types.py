@@ -16,7 +16,14 @@ from pathlib import Path, PurePath
 from typing import Annotated, Final
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, PlainValidator, SecretStr, StrictStr
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ByteSize,
+    PlainValidator,
+    SecretStr,
+    StrictStr,
+)
 from pydantic import ValidationInfo as Info
 from pydantic_core import PydanticCustomError as Problem
 
@@ -95,12 +102,7 @@ def _duration(value: object) -> float:
 Duration = Annotated[float, BeforeValidator(_duration), Shown(format_duration, "longer than")]
 
 _SIZE_RE: Final = re.compile(r"(-?)(\d+(?:\.\d+)?)\s*([a-z]*)")
-_SIZE_UNITS: Final = {
-    "": 1,
-    "b": 1,
-    **{p + "b": 1000**n for n, p in enumerate("kmgtpe", 1)},
-    **{p + "ib": 1024**n for n, p in enumerate("kmgtpe", 1)},
-}
+_SIZE_UNITS: Final = {"": 1, **ByteSize.byte_sizes}  # pydantic's units: b, kb, kib, kbit, ...
 
 
 def format_size(size: int) -> str:
@@ -117,7 +119,7 @@ def _size(value: object) -> int:
     elif isinstance(value, str) and (match := _SIZE_RE.fullmatch(value.strip().lower())):
         sign, digits, unit = match.groups()
         if unit in _SIZE_UNITS:
-            number = Decimal(f"{sign}{digits}") * _SIZE_UNITS[unit]
+            number = Decimal(f"{sign}{digits}") * Decimal(_SIZE_UNITS[unit])
     if number is None:
         raise Problem("size", "must be a size like 16MiB, 512KiB or a number of bytes, got {got}")
     if number < 0:
