@@ -1664,6 +1664,12 @@ def test_hostile_value_is_one_line_at_its_path(data: Any, path: str, message: st
     assert all(len(line) < 600 for line in problems), problems
 
 
+def test_state_path_that_is_a_directory(tmp_path: Path) -> None:
+    assert problems_of(make(state={"path": str(tmp_path)})) == [
+        f"state.path: {tmp_path} is a directory; give the path of a file"
+    ]
+
+
 def test_state_path_that_is_a_fifo(tmp_path: Path) -> None:
     fifo = tmp_path / "state"
     os.mkfifo(fifo)

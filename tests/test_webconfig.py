@@ -450,7 +450,9 @@ async def test_hashes_in_2y_form_from_htpasswd() -> None:
 # ------------------------------------------------------------------------------- hostile values
 
 
-@pytest.mark.parametrize("value", ["a\rb", "a\nb", "a\x00b", "a\x7fb", "a\x1bb", "default-src\r"])
+@pytest.mark.parametrize(
+    "value", ["a\rb", "a\nb", "a\x00b", "a\x7fb", "a\x1bb", "default-src\r", "a\x85b", "a\u2028b"]
+)
 def test_header_value_with_a_control_character(tmp_path: Path, value: str) -> None:
     data = {"http_server_config": {"headers": {"Content-Security-Policy": value}}}
     assert problems(data, tmp_path) == [

@@ -57,13 +57,12 @@ SimStatus: TypeAlias = Literal[
 ]
 SIM_STATUSES: Final[tuple[str, ...]] = get_args(SimStatus)
 
-#: Label names the exporter sets itself (or Prometheus reserves); constant SIM labels must not
-#: reuse them.
-#: ``display_name`` is added by the shipped dashboards and alert rules.
+#: Label names the exporter sets itself, or Prometheus reserves, or the shipped dashboards and
+#: alert rules add (``display_name``); constant SIM labels must not reuse them.
 RESERVED_LABEL_NAMES: Final = frozenset(
-    "sim_sid sim_name unique_name friendly_name status rate_plan_sid radio_link operator_name"  # noqa: SIM905
-    " operator_country operator_mcc operator_mnc imei endpoint code reason le quantile job"
-    " instance display_name".split()
+    "sim_sid sim_name unique_name friendly_name status rate_plan_sid radio_link"  # noqa: SIM905
+    " operator_name operator_country operator_mcc operator_mnc imei endpoint code reason le"
+    " quantile job instance display_name".split()
 )
 _OAUTH2_ONLY: Final = ("token_url", "client_id", "client_secret", "client_secret_file", "scope")
 
@@ -82,18 +81,13 @@ def _label_name(name: str) -> str:
 
 
 def _state_file(path: Path) -> Path:
-    parent = file_status(path.parent)
+    parent, found = file_status(path.parent), file_status(path)
     if parent is None or not stat.S_ISDIR(parent.st_mode):
-        raise Problem(
-            "state", "directory {directory} does not exist", {"directory": str(path.parent)}
-        )
-    found = file_status(path)
-    if found is not None and stat.S_ISDIR(found.st_mode):
-        raise Problem(
-            "state", "{path} is a directory; give the path of a file", {"path": str(path)}
-        )
+        raise Problem("state", f"directory {path.parent} does not exist")
     if found is not None and not stat.S_ISREG(found.st_mode):
-        raise Problem("state", "{path} is not a regular file", {"path": str(path)})
+        directory = stat.S_ISDIR(found.st_mode)
+        wrong = "is a directory; give the path of a file" if directory else "is not a regular file"
+        raise Problem("state", f"{path} {wrong}")
     return path
 
 

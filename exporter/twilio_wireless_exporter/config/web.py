@@ -92,12 +92,13 @@ BcryptHash = Annotated[
         "plain passwords are not accepted",
     ),
 ]
-# HTAB is the one control character a header value may hold; any other ends or breaks the header.
+# HTAB is the one control character a header value may hold: any other (C1 and the Unicode line
+# separators included, which some parsers split lines at) ends or breaks the header.
 HeaderValue = Annotated[
     StrictStr,
     Field(max_length=4096),
     shaped(
-        r"^[^\x00-\x08\x0a-\x1f\x7f]+$",
+        r"^[^\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]+$",
         "must be one line of text without control characters, got {got}",
     ),
 ]
