@@ -3,7 +3,7 @@
 Each secret comes from its option, else its file, else its environment variable; the other
 options (the Account SID, the API key, the OAuth2 client id) from the option, else the
 environment. Which kind of credentials applies is a rule across options, so this is written by
-hand; every problem is a named kind worded by :mod:`.errors`.
+hand, each problem with its own words.
 """
 
 from collections.abc import Mapping

@@ -64,7 +64,6 @@ RESERVED_LABEL_NAMES: Final = frozenset(
     " operator_name operator_country operator_mcc operator_mnc imei endpoint code reason le"
     " quantile job instance display_name".split()
 )
-_OAUTH2_ONLY: Final = ("token_url", "client_id", "client_secret", "client_secret_file", "scope")
 
 
 def _is_loopback(url: str) -> bool:
@@ -136,7 +135,8 @@ class AuthSettings(Settings):
 
     @model_validator(mode="after")
     def _oauth2_options_need_oauth2(self) -> Self:
-        misplaced = [n for n in (*_OAUTH2_ONLY, "refresh_margin") if n in self.model_fields_set]
+        # every option but the type belongs to OAuth 2.0
+        misplaced = [n for n in type(self).model_fields if n in self.model_fields_set - {"type"}]
         if self.type == "basic" and misplaced:
             wrong = "is only used with type: oauth2_client_credentials"
             raise fail([problem(wrong, (name,)) for name in misplaced])
