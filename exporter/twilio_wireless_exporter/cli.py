@@ -176,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_sims(value: str) -> int:
-    if not value.strip().isdigit() or not 1 <= int(value) <= MAX_DEMO_SIMS:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_DEMO_SIMS}")
+    if not value.strip().isdecimal() or not 1 <= int(value) <= MAX_DEMO_SIMS:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 to {MAX_DEMO_SIMS}, got {value!r}"
+        )
     return int(value)
 
 
