@@ -335,3 +335,60 @@ async def test_sighup_stops_cleanly_with_a_final_save_and_a_second_exporter_is_r
         assert "Traceback" not in log
         identity = state_identity(config_from_mapping(mapping, environ={}))
         assert set(read_state(state, identity).accounts) == {sid}  # the final save
+
+
+async def never_served(*_: object) -> int:
+    raise AssertionError("the exporter was started")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--demo.sims", "-1"], "argument --demo.sims: must be a whole number from 1 to 100000"),
+        (["--demo.sims", "0"], "argument --demo.sims: must be a whole number from 1 to 100000"),
+        (["--demo.sims", "many"], "argument --demo.sims: must be a whole number from 1 to"),
+        (["--demo.sims", "1000001"], "argument --demo.sims: must be a whole number from 1 to"),
+        (["--demo.speed", "0"], "argument --demo.speed: must be a number from 0.001 to 1000000"),
+        (["--demo.speed", "nan"], "argument --demo.speed: must be a number from 0.001 to"),
+        (["--demo.speed", "inf"], "argument --demo.speed: must be a number from 0.001 to"),
+        (["--demo.speed", "-5"], "argument --demo.speed: must be a number from 0.001 to"),
+    ],
+)
+def test_bad_demo_flags_exit_2_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    expected: str,
+) -> None:
+    monkeypatch.setattr(cli, "serve", never_served)
+    with pytest.raises(SystemExit) as exc:
+        main(["--demo", *flags, "--web.listen-address", "127.0.0.1:0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra", [[], ["--check-config"]])
+def test_demo_refuses_a_config_file(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+) -> None:
+    """``--demo`` runs its own configuration; a ``--config`` beside it was silently ignored."""
+    monkeypatch.setattr(cli, "serve", never_served)
+    path = write(tmp_path, GOOD_YAML)
+    with pytest.raises(SystemExit) as exc:
+        main(["--demo", "--config", str(path), "--web.listen-address", "127.0.0.1:0", *extra])
+    assert exc.value.code == 2
+    assert "--demo and --config cannot be combined" in capsys.readouterr().err
+
+
+def test_demo_check_config_needs_a_config_file(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--demo", "--check-config"])
+    assert exc.value.code == 2
+    assert "--check-config checks --config; --demo has nothing to check" in (
+        capsys.readouterr().err
+    )

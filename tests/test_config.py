@@ -1,15 +1,20 @@
 """Tests of the configuration module: every kind of bad config, the good paths, and secrecy."""
 
+import json
 import math
 import os
 import pickle
+import re
 import stat
+import subprocess
+import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr, TypeAdapter, ValidationError
 
@@ -21,6 +26,7 @@ from twilio_wireless_exporter.config import (
     config_from_mapping,
     load_config,
 )
+from twilio_wireless_exporter.config.errors import dotted
 from twilio_wireless_exporter.config.models import (
     DiscoverySettings,
     MetricsSettings,
@@ -846,14 +852,14 @@ def test_unreadable_secret_file(tmp_path: Path) -> None:
 def test_permission_denied_on_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the same as the test above, but also when running as root
     secret = write_secret(tmp_path / "token", SECRET)
-    real_open = Path.open
+    real_open = os.open
 
-    def guarded_open(self: Path, *args: Any, **kwargs: Any) -> Any:
-        if self == secret:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_open(self, *args, **kwargs)
+    def guarded_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path) == secret:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "open", guarded_open)
+    monkeypatch.setattr(os, "open", guarded_open)
     data = make(twilio={"account_sid": ACCOUNT_SID, "auth_token_file": str(secret)})
     assert problems_of(data, {}) == [
         f"twilio.auth_token_file: cannot read {secret}: Permission denied"
@@ -1555,3 +1561,342 @@ def test_secret_file_mode_constant_is_what_the_warning_uses(tmp_path: Path) -> N
     )
     assert len(cfg.warnings) == 1
     assert "(mode 0604)" in cfg.warnings[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hostile values: each is one clear line at its path, never a traceback, never a hang
+
+
+def finishes(call: Any) -> Any:
+    """``call()`` in a thread that the test gives up on if it blocks (e.g. opening a FIFO)."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:  # the caller inspects it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "blocked (a FIFO opened for reading waits for a writer)"
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    ("data", "path", "message"),
+    [
+        pytest.param(
+            make(poll={"requests_per_second": 10**400}),
+            "poll.requests_per_second",
+            "is too large, got a 401-digit number",
+            id="rps-401-digits",
+        ),
+        pytest.param(
+            make(poll={"page_size": -(10**400)}),
+            "poll.page_size",
+            "must be between 1 and 1000, got a 401-digit number",
+            id="int-401-digits",
+        ),
+        pytest.param(
+            make(poll={"max_response_bytes": "9" * 400 + "GiB"}),
+            "poll.max_response_bytes",
+            "must be between 1KiB and 1GiB, got '99999",
+            id="size-400-digits",
+        ),
+        pytest.param(
+            make(poll={"max_response_bytes": -1}),
+            "poll.max_response_bytes",
+            "must not be negative, got -1",
+            id="size-negative",
+        ),
+        pytest.param(
+            make(poll={"max_response_bytes": "-1KiB"}),
+            "poll.max_response_bytes",
+            "must not be negative, got '-1KiB'",
+            id="size-negative-text",
+        ),
+        pytest.param(
+            make(state={"path": ""}), "state.path", "must not be empty", id="state-path-empty"
+        ),
+        pytest.param(
+            make(state={"path": "/tmp/" + "x" * 300}),
+            "state.path",
+            "File name too long",
+            id="state-path-component-too-long",
+        ),
+        pytest.param(
+            make(state={"path": "/tmp/" + "x" * 300 + "/state.db"}),
+            "state.path",
+            "File name too long",
+            id="state-dir-component-too-long",
+        ),
+        pytest.param(
+            make(twilio={"auth_token_file": "/tmp/" + "x" * 300}),
+            "twilio.auth_token_file",
+            "File name too long",
+            id="secret-file-component-too-long",
+        ),
+        pytest.param(
+            make(twilio={"auth_token_file": " "}),
+            "twilio.auth_token_file",
+            "must not be empty",
+            id="secret-file-blank",
+        ),
+        pytest.param(
+            make(twilio={"account_sid": 5, "auth_token": "x"}),
+            "twilio.account_sid",
+            "must be a string like AC followed by 32 hex digits, got a number",
+            id="account-sid-number",
+        ),
+        pytest.param(
+            make(twilio={"api_key": ["SK"], "api_secret": "x"}),
+            "twilio.api_key",
+            "must be a string like SK followed by 32 hex digits, got a list",
+            id="api-key-list",
+        ),
+    ],
+)
+def test_hostile_value_is_one_line_at_its_path(data: Any, path: str, message: str) -> None:
+    problems = problems_of(data)
+    assert_problem(problems, path, message)
+    assert all(len(line) < 600 for line in problems), problems
+
+
+def test_state_path_that_is_a_directory(tmp_path: Path) -> None:
+    assert problems_of(make(state={"path": str(tmp_path)})) == [
+        f"state.path: {tmp_path} is a directory; give the path of a file"
+    ]
+
+
+def test_state_path_that_is_a_fifo(tmp_path: Path) -> None:
+    fifo = tmp_path / "state"
+    os.mkfifo(fifo)
+    assert problems_of(make(state={"path": str(fifo)})) == [
+        f"state.path: {fifo} is not a regular file"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("twilio", "option"),
+    [
+        ({"account_sid": ACCOUNT_SID, "auth_token_file": "{fifo}"}, "twilio.auth_token_file"),
+        ({"api_key": API_KEY, "api_secret_file": "{fifo}"}, "twilio.api_secret_file"),
+        (
+            {
+                "auth": {
+                    "type": "oauth2_client_credentials",
+                    "client_id": "c",
+                    "client_secret_file": "{fifo}",
+                }
+            },
+            "twilio.auth.client_secret_file",
+        ),
+    ],
+)
+def test_secret_file_that_is_a_fifo_does_not_block(
+    tmp_path: Path, twilio: dict[str, Any], option: str
+) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    filled = json.loads(json.dumps(twilio).replace("{fifo}", str(fifo)))
+    error = finishes(lambda: config_from_mapping(make(twilio=filled), {}))
+    assert isinstance(error, ConfigError)
+    assert error.problems == [f"{option}: cannot read {fifo}: not a regular file"]
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/null"])
+def test_secret_file_that_is_a_device(device: str) -> None:
+    data = make(twilio={"account_sid": ACCOUNT_SID, "auth_token_file": device})
+    assert problems_of(data, {}) == [
+        f"twilio.auth_token_file: cannot read {device}: not a regular file"
+    ]
+
+
+def test_config_file_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    error = finishes(lambda: load_config(fifo, ENV))
+    assert isinstance(error, ConfigError)
+    assert error.problems == [f"{fifo}: cannot read config file: not a regular file"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sims: " + "[" * 5000 + "]" * 5000 + "\n",
+        "sims:\n" + "".join("  " * depth + "- \n" for depth in range(1, 3000)),
+    ],
+)
+def test_yaml_nested_too_deeply(tmp_path: Path, text: str) -> None:
+    path = write_config(tmp_path, text)
+    assert load_problems(path) == [f"{path}: invalid YAML: nested too deeply"]
+
+
+def test_config_file_too_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("twilio_wireless_exporter.config.loading.MAX_FILE_BYTES", 1024)
+    path = write_config(tmp_path, "# " + "x" * 2000 + "\n")
+    assert load_problems(path) == [f"{path}: cannot read config file: larger than 1KiB"]
+
+
+def test_check_config_with_a_fifo_secret_exits_2(tmp_path: Path) -> None:
+    """The issue's case end to end: ``--check-config`` used to wait forever for a writer."""
+    fifo = tmp_path / "token"
+    os.mkfifo(fifo)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"twilio: {{account_sid: {ACCOUNT_SID}, auth_token_file: token}}\nsims: [{SIM_A}]\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "twilio_wireless_exporter",
+            "--config",
+            str(config),
+            "--check-config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "exporter")},
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"twilio.auth_token_file: cannot read {fifo}: not a regular file" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Property: any hostile configuration is a Config or a ConfigError with paths, nothing else
+
+#: Every option of the file, by section (``sims`` items: see SIM_OPTIONS).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "twilio": (*TwilioSettings.model_fields, "auth"),
+    "twilio.auth": ("type", "token_url", "client_id", "client_secret", "client_secret_file"),
+    "poll": tuple(PollSettings.model_fields),
+    "discovery": tuple(DiscoverySettings.model_fields),
+    "metrics": tuple(MetricsSettings.model_fields),
+    "state": tuple(StateSettings.model_fields),
+    "shard": ("index", "count"),
+}
+SIM_OPTIONS = ("sid", "name", "labels")
+
+odd_text = st.sampled_from(
+    [
+        "",
+        " ",
+        "\x00",
+        "a\r\nb",
+        "\x7f",
+        "~nobody-here/x",
+        "/tmp/" + "x" * 300,
+        "9" * 400 + "GiB",
+        "9" * 400 + "s",
+        "-1",
+        "nan",
+        "-inf",
+        "1e308",
+        "1h1h",
+        "http://[::1",
+        "https://u:p@h",
+        "DE" + "a" * 32,
+        "active",
+        "oauth2_client_credentials",
+        "{fifo}",
+        "{dir}",
+    ]
+)
+hostile_scalar = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([10**400, -(10**400), 2**63, -(2**63) - 1, 2**1024]),
+    st.floats(),
+    st.text(max_size=40),
+    odd_text,
+)
+hostile_value = st.recursive(
+    hostile_scalar,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.one_of(st.text(max_size=8), st.integers()), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def hostile_configs(draw: st.DrawFn) -> dict[Any, Any]:
+    data: dict[Any, Any] = {}
+    for path in draw(st.lists(st.sampled_from(sorted(OPTIONS)), max_size=4, unique=True)):
+        section = data
+        for part in path.split("."):
+            if not isinstance(section.get(part), dict):
+                section[part] = {}
+            section = section[part]
+        names = st.sampled_from(OPTIONS[path]) | st.text(max_size=6)
+        values = odd_text | hostile_value
+        section.update(draw(st.dictionaries(names, values, max_size=4)))
+    if draw(st.booleans()):
+        sim = st.dictionaries(st.sampled_from(SIM_OPTIONS), hostile_value, max_size=3)
+        data["sims"] = draw(st.lists(sim | hostile_value, max_size=3))
+    if draw(st.booleans()):  # now and then a whole section of the wrong kind
+        data[draw(st.sampled_from([*sorted(OPTIONS), "sims"]))] = draw(hostile_value)
+    return data
+
+
+def input_paths(data: object, prefix: tuple[str | int, ...] = ()) -> set[str]:
+    """Every location of ``data``, written as the error lines write them."""
+    found = {dotted(prefix)} if prefix else set()
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            found |= input_paths(value, (*prefix, key))
+            found.add(dotted((*prefix, key, "[key]")))  # an integer key, named as the key
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found |= input_paths(value, (*prefix, index))
+    return found
+
+
+MODEL_PATHS = {f"{section}.{name}" for section, names in OPTIONS.items() for name in names} | {
+    *OPTIONS,
+    "sims",
+    *(f"sims.{name}" for name in SIM_OPTIONS),
+}
+
+
+@pytest.fixture(scope="module")
+def odd_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    where = tmp_path_factory.mktemp("odd")
+    os.mkfifo(where / "fifo")
+    return {"{fifo}": str(where / "fifo"), "{dir}": str(where)}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=hostile_configs(), environ=st.sampled_from([ENV, {}]))
+def test_a_hostile_config_is_valid_or_reported_at_real_paths(
+    odd_files: dict[str, str], data: dict[Any, Any], environ: dict[str, str]
+) -> None:
+    data = fill_in(data, odd_files)
+    config = finishes(lambda: config_from_mapping(data, environ))
+    if isinstance(config, Config):
+        return
+    assert isinstance(config, ConfigError), repr(config)
+    known = input_paths(data) | MODEL_PATHS
+    for line in config.problems:
+        path = line.split(": ", 1)[0]
+        generic = re.sub(r"\[\d+\]", "", path)
+        assert path in known or generic in known, f"{line!r} does not start with a field path"
+        assert len(line) < 1000, line
+
+
+def fill_in(value: Any, files: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return files.get(value, value)
+    if isinstance(value, dict):
+        return {key: fill_in(item, files) for key, item in value.items()}
+    if isinstance(value, list):
+        return [fill_in(item, files) for item in value]
+    return value

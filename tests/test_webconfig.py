@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import os
 import ssl
+import threading
 from pathlib import Path
 
 import bcrypt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.tls_support import hashed
 from twilio_wireless_exporter.cli import main
@@ -441,3 +445,113 @@ async def test_hashes_in_2y_form_from_htpasswd() -> None:
     config = web_config_from_mapping({"basic_auth_users": {"alice": alice}})
     auth = BasicAuth(config.users)
     assert await auth.check(basic("alice", "pw")) == "alice"
+
+
+# ------------------------------------------------------------------------------- hostile values
+
+
+@pytest.mark.parametrize(
+    "value", ["a\rb", "a\nb", "a\x00b", "a\x7fb", "a\x1bb", "default-src\r", "a\x85b", "a\u2028b"]
+)
+def test_header_value_with_a_control_character(tmp_path: Path, value: str) -> None:
+    data = {"http_server_config": {"headers": {"Content-Security-Policy": value}}}
+    assert problems(data, tmp_path) == [
+        "http_server_config.headers.Content-Security-Policy: must be one line of text without "
+        f"control characters, got {value!r}"
+    ]
+
+
+def test_header_value_too_long(tmp_path: Path) -> None:
+    data = {"http_server_config": {"headers": {"Content-Security-Policy": "x" * 5000}}}
+    (line,) = problems(data, tmp_path)
+    assert line.startswith(
+        "http_server_config.headers.Content-Security-Policy: must be at most 4096 characters"
+    )
+
+
+def test_header_value_with_a_tab_is_fine(tmp_path: Path) -> None:
+    config = web_config_from_mapping(
+        {"http_server_config": {"headers": {"Content-Security-Policy": "default-src\t'self'"}}}
+    )
+    assert config.headers == {"Content-Security-Policy": "default-src\t'self'"}
+
+
+@pytest.mark.parametrize("option", ["cert_file", "key_file", "client_ca_file"])
+def test_tls_file_with_a_component_too_long(tmp_path: Path, option: str) -> None:
+    long = "/tmp/" + "x" * 300
+    data = {
+        "tls_server_config": {
+            "cert_file": "server.crt",
+            "key_file": "server.key",
+            option: long,
+        }
+    }
+    lines = problems(data, tmp_path)
+    assert f"tls_server_config.{option}: cannot use {long}: File name too long" in lines
+
+
+def test_web_config_file_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
+    fifo = tmp_path / "web.yml"
+    os.mkfifo(fifo)
+    outcome: list[object] = []
+
+    def load() -> None:
+        try:
+            load_web_config(fifo)
+        except ConfigError as exc:
+            outcome.append(exc.problems)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive(), "blocked on the FIFO"
+    assert outcome == [[f"{fifo}: cannot read web config file: not a regular file"]]
+
+
+web_options = {
+    "tls_server_config": (
+        "cert_file",
+        "key_file",
+        "client_auth_type",
+        "client_ca_file",
+        "min_version",
+        "max_version",
+        "cipher_suites",
+        "cert",
+    ),
+    "http_server_config": ("http2", "headers"),
+    "basic_auth_users": ("alice", "a:b", ""),
+}
+odd_web_value = st.sampled_from(
+    ["server.crt", "server.key", "/tmp/" + "x" * 300, "", "\x00", "TLS13", "deny", "a\rb", "\x7f"]
+)
+web_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20) | odd_web_value,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=8) | st.sampled_from(["X-Frame-Options"]), inner)
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def hostile_web_configs(draw: st.DrawFn) -> dict[str, object]:
+    data: dict[str, object] = {}
+    for section, names in web_options.items():
+        if draw(st.booleans()):
+            keys = st.sampled_from(names) | st.text(max_size=5)
+            data[section] = draw(st.dictionaries(keys, web_value, max_size=4) | web_value)
+    return data
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=hostile_web_configs())
+def test_a_hostile_web_config_is_valid_or_reported_at_its_sections(
+    cert_dir: Path, data: dict[str, object]
+) -> None:
+    try:
+        web_config_from_mapping(data, "web.yml", base_dir=cert_dir)
+    except ConfigError as exc:
+        for line in exc.problems:
+            assert line.split(".", 1)[0].split(":", 1)[0] in (*web_options, "web.yml"), line

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -54,6 +55,8 @@ EXIT_STATE_IN_USE = 3
 #: Signals that stop the exporter cleanly (final state save, exit status 0). SIGHUP is one of
 #: them rather than a reload: see docs/operations.md#signals.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+MAX_DEMO_SIMS = 100_000
+MIN_DEMO_SPEED, MAX_DEMO_SPEED = 0.001, 1e6
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 log = logging.getLogger("twilio_wireless_exporter")
@@ -197,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run against the built-in Twilio Wireless simulator (no account needed)",
     )
-    parser.add_argument("--demo.sims", dest="demo_sims", type=int, default=50, metavar="N")
+    parser.add_argument("--demo.sims", dest="demo_sims", type=_demo_sims, default=50, metavar="N")
     parser.add_argument(
         "--demo.speed",
         dest="demo_speed",
-        type=float,
+        type=_demo_speed,
         default=60.0,
         metavar="X",
         help="simulated seconds per real second in demo mode (default 60)",
@@ -240,6 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log.format", dest="log_format", choices=["text", "json"], default="text")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+def _demo_sims(value: str) -> int:
+    if not value.strip().isdecimal() or not 1 <= int(value) <= MAX_DEMO_SIMS:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 1 to {MAX_DEMO_SIMS}, got {value!r}"
+        )
+    return int(value)
+
+
+def _demo_speed(value: str) -> float:
+    try:
+        speed = float(value)
+    except ValueError:
+        speed = math.nan
+    if not MIN_DEMO_SPEED <= speed <= MAX_DEMO_SPEED:  # also false for NaN
+        raise argparse.ArgumentTypeError(
+            f"must be a number from {MIN_DEMO_SPEED:g} to {MAX_DEMO_SPEED:.0f}, got {value!r}"
+        )
+    return speed
 
 
 def _fraction(value: str) -> float:
@@ -468,8 +491,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
 
+    if args.demo and args.config is not None:
+        parser.error(
+            "--demo and --config cannot be combined: --demo runs a configuration of its own"
+        )
+    if args.demo and args.check_config:
+        parser.error("--check-config checks --config; --demo has nothing to check")
     config: Config | None = None
-    if not args.demo or args.check_config:
+    if not args.demo:
         if args.config is None:
             parser.error("--config is required (or use --demo)")
         try:

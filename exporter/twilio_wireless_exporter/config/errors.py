@@ -1,9 +1,9 @@
 """One error path: pydantic's validation errors become ``field.path: what is wrong`` lines.
 
-Validators do not write messages. The types declare the rules (bounds, patterns, literals, strict
-types) and the few hand-written checks raise errors of a named kind with their parameters; the
-one function :func:`error_lines` words every kind, from the table :data:`WORDING`. A value that
-might be a secret is never shown, only its kind or length.
+The types declare most rules (bounds, patterns, literals, strict types), and :func:`explain`
+words pydantic's errors from their kind and context; the few hand-written checks raise errors
+that carry their own words, where ``{got}`` stands for the value. A value that might be a secret
+is never shown, only its kind or length.
 """
 
 import difflib
@@ -37,9 +37,6 @@ class ConfigError(Exception):
         self.source = source
         super().__init__("\n".join(self.problems))
 
-    def __str__(self) -> str:
-        return "\n".join(self.problems)
-
     def __reduce__(self) -> tuple[type["ConfigError"], tuple[list[str], str]]:
         return (type(self), (self.problems, self.source))
 
@@ -64,6 +61,8 @@ def describe(value: object) -> str:
     """A short rendering of a non-secret value for error messages."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and len(digits := str(abs(value))) > 20:
+        return f"a {len(digits)}-digit number"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
@@ -96,9 +95,11 @@ class Shown:
     above: str = "a number greater than"
 
 
-def problem(kind: str, loc: Loc = (), value: object = None, **context: object) -> InitErrorDetails:
-    """One problem of a named kind (worded by :data:`WORDING`) at ``loc``."""
-    return {"type": PydanticCustomError(kind, kind, context), "loc": loc, "input": value}
+def problem(
+    message: str, loc: Loc = (), value: object = None, **context: object
+) -> InitErrorDetails:
+    """One problem at ``loc``: ``message`` with ``{name}`` filled in from ``context``."""
+    return {"type": PydanticCustomError("config", message, context), "loc": loc, "input": value}
 
 
 def fail(problems: list[InitErrorDetails]) -> ValidationError:
@@ -132,7 +133,8 @@ def also_report(
 # --------------------------------------------------------------------------------------------------
 # The wording
 
-#: Error kind (pydantic's or ours) -> wording; ``{got}`` is the value as it may be shown.
+#: Pydantic's error kinds -> wording; ``{got}`` is the value as it may be shown. The checks of
+#: this package raise errors that carry their own wording.
 WORDING: Final[dict[str, str]] = {
     "missing": "is required",
     "invalid_key": "option names must be strings, got {got}",
@@ -145,59 +147,8 @@ WORDING: Final[dict[str, str]] = {
     "bool_type": "must be true or false, got {got}",
     "string_type": "must be a string, got {got}; put it in quotes",
     "string_too_short": "must not be empty",
+    "string_too_long": "must be at most {max_length} characters",
     "literal_error": "must be one of {choices}, got {got}",
-    "path_type": "must be a file path, got {got}",
-    "byte_size": "must be a size like 16MiB, 512KiB or a number of bytes, got {got}",
-    "byte_size_unit": "must be a size like 16MiB, 512KiB or a number of bytes, got {got}",
-    "size_fraction": "must be a whole number of bytes, got {got}",
-    "path_nul": "must not contain a NUL character",
-    "path_home": "cannot expand ~ in {got}: no home directory is known",
-    "url": "must be an http or https URL like https://host, got {got}",
-    "url_userinfo": "must not contain a user name or password; configure credentials separately",
-    "url_query": "must not have a query string or fragment, got {got}",
-    "no_directory": "directory {directory} does not exist",
-    "is_directory": "{path} is a directory; give the path of a file",
-    "not_a_file": "{path} does not exist or is not a file",
-    "label_prometheus": "label names starting with __ are reserved for Prometheus",
-    "label_exporter": "is a label the exporter sets itself; choose another name",
-    "duplicate_sid": "duplicate of sims[{first}].sid",
-    "backoff_order": "must not be shorter than poll.backoff_initial ({initial}), got {maximum}",
-    "shard_index": "must be less than shard.count ({count}), got {index}",
-    "nothing_to_poll": "no SIMs to monitor; list SIMs under sims or set discovery.enabled: true",
-    "oauth2_only": "is only used with type: oauth2_client_credentials",
-    "basic_with_oauth2": "is a Twilio basic-auth option and cannot be used with "
-    "twilio.auth.type oauth2_client_credentials; remove it",
-    "env_invalid": "environment variable {name} {problem}",
-    "secret_twice": "{option} and {file} are both set; use only one",
-    "secret_unreadable": "cannot read {path}: {reason}",
-    "secret_large": "{path} is larger than 64 KiB; it must contain only the secret",
-    "secret_encoding": "{path} is not UTF-8 text",
-    "secret_empty": "{path} is empty",
-    "token_and_key": "cannot be combined with twilio.{other}: authenticate either with an API "
-    "key (api_key + api_secret) or with the account's auth token, not both",
-    "no_credentials": "no Twilio credentials configured; set twilio.account_sid with "
-    "twilio.auth_token or twilio.auth_token_file, or twilio.api_key with twilio.api_secret or "
-    "twilio.api_secret_file, or the environment variables TWILIO_ACCOUNT_SID and "
-    "TWILIO_AUTH_TOKEN (or TWILIO_API_KEY and TWILIO_API_SECRET); for KORE Wireless set "
-    "twilio.auth.type: oauth2_client_credentials",
-    "sid_required": "is required with an auth token; set twilio.account_sid or the environment "
-    "variable TWILIO_ACCOUNT_SID",
-    "key_required": "is required with an API secret; set twilio.api_key or the environment "
-    "variable TWILIO_API_KEY",
-    "key_secret_required": "an API key needs its secret; set twilio.api_secret, "
-    "twilio.api_secret_file or the environment variable TWILIO_API_SECRET",
-    "oauth2_required": "is required for oauth2_client_credentials; set {options} or the "
-    "environment variable {name}",
-    "tls_unsupported": "{reason}",
-    "required_with": "is required with {other}",
-    "client_cert_unverified": "{auth} (a client certificate that is not verified) is not "
-    "supported; use VerifyClientCertIfGiven or RequireAndVerifyClientCert with client_ca_file",
-    "client_ca_required": "is required with client_auth_type {auth}",
-    "version_order": "must not be lower than min_version {minimum}",
-    "no_pem": "{path} holds no PEM certificate: {reason}",
-    "key_unusable": "cannot use {path} with cert_file: {reason} (the key must be the "
-    "certificate's, unencrypted, in PEM)",
-    "header_choice": "must be one of {choices}, got {got}",
 }
 _ALIASES: Final = {"int_parsing": "int_type", "float_parsing": "float_type"}
 
@@ -234,22 +185,18 @@ def explain(error: ErrorDetails, root: type[BaseModel] | None = None, hidden: bo
         return str(context["error"])  # the duration parser's own words
     if name in ("greater_than", "greater_than_equal", "less_than_equal"):
         return _bounds(name, field, context, describe(value))
-    if name == "too_short":
-        choices = _choices(field.annotation) if field is not None else []
-        if isinstance(value, list | tuple) and choices:
-            return f"must list at least one of {', '.join(choices)}"
-        name = "string_too_short"
     got = _shown(value, hidden or any(part in HIDDEN_OPTIONS for part in loc))
-    wording = WORDING.get(name)
-    if name == "string_pattern_mismatch":
-        wording = _PATTERNS.get(str(context["pattern"]))
-    elif name == "literal_error":
+    if name == "float_type" and isinstance(value, int) and not isinstance(value, bool):
+        return f"is too large, got {got}"  # an integer beyond the range of a float
+    if name == "tls_unsupported" and field is not None:
+        return str(field.description)
+    if name == "literal_error":
         context["choices"] = ", ".join(re.findall(r"'([^']*)'", str(context["expected"])))
-    elif name == "tls_unsupported" and field is not None:
-        context["reason"] = field.description
-    if wording is None:  # not expected: pydantic's words, never the value
-        return str(error["msg"])
-    return wording.format(got=got, kind=kind(value), **context)
+    if name in WORDING:
+        return WORDING[name].format_map({"got": got, "kind": kind(value), **context})
+    if name == "string_pattern_mismatch":
+        return _PATTERNS.get(str(context["pattern"]), str(error["msg"])).replace("{got}", got)
+    return str(error["msg"]).replace("{got}", got)  # a check of ours, worded where it is
 
 
 def _shown(value: object, hidden: bool) -> str:
@@ -293,12 +240,6 @@ def _find_model(annotation: object) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     return next(filter(None, map(_find_model, typing.get_args(annotation))), None)
-
-
-def _choices(annotation: object) -> list[str]:
-    if typing.get_origin(annotation) is typing.Literal:
-        return [str(arg) for arg in typing.get_args(annotation)]
-    return next(filter(None, map(_choices, typing.get_args(annotation))), [])
 
 
 def _unknown_option(root: type[BaseModel] | None, loc: Sequence[str | int]) -> str:

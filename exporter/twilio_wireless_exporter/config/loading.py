@@ -7,15 +7,23 @@ the raw input (secrets included) is chained onto a :class:`ConfigError`.
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from twilio_wireless_exporter.config.errors import ConfigError, describe, error_lines, kind
 from twilio_wireless_exporter.config.models import Config
+from twilio_wireless_exporter.config.types import (
+    UnreadableFileError,
+    format_size,
+    read_regular_file,
+)
 
 M = TypeVar("M", bound=BaseModel)
+
+#: Far above any real configuration; a bound so that a wrong path cannot fill the memory.
+MAX_FILE_BYTES: Final = 64 * 1024**2
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -45,12 +53,16 @@ def read_yaml_file(path: Path, what: str = "config file") -> object:
     Errors name only the problem and its position: the snippet PyYAML adds may show a secret.
     """
     try:
-        text = Path(path).read_bytes().decode("utf-8-sig")
-    except OSError as exc:
-        problem = f"cannot read {what}: {exc.strerror or type(exc).__name__}"
+        raw, _ = read_regular_file(path, MAX_FILE_BYTES)
+        text = raw.decode("utf-8-sig")
+    except UnreadableFileError as exc:
+        problem = f"cannot read {what}: {exc}"
     except UnicodeDecodeError as exc:
         problem = f"cannot read {what}: not UTF-8 text (byte {exc.start})"
     else:
+        if len(raw) > MAX_FILE_BYTES:
+            too_large = f"cannot read {what}: larger than {format_size(MAX_FILE_BYTES)}"
+            raise ConfigError([f"{path}: {too_large}"], str(path))
         try:
             return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.MarkedYAMLError as exc:
@@ -59,6 +71,8 @@ def read_yaml_file(path: Path, what: str = "config file") -> object:
             problem = f"{where}{exc.problem or exc.context or 'invalid YAML'}"
         except yaml.YAMLError as exc:
             problem = f"invalid YAML: {type(exc).__name__}"
+        except RecursionError:  # PyYAML builds nested collections recursively
+            problem = "invalid YAML: nested too deeply"
     raise ConfigError([f"{path}: {problem}"], str(path))
 
 

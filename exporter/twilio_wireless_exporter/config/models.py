@@ -6,6 +6,7 @@ options are written as validators; everything else is a type.
 """
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Final, Literal, Self, TypeAlias, get_args
@@ -15,7 +16,6 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
-    ByteSize,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -28,7 +28,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails
+from pydantic_core import PydanticCustomError as Problem
 
 from twilio_wireless_exporter.config.credentials import Credentials, resolve_credentials
 from twilio_wireless_exporter.config.errors import also_report, fail, problem, shaped
@@ -42,6 +43,7 @@ from twilio_wireless_exporter.config.types import (
     SimSid,
     Size,
     Text,
+    file_status,
     format_duration,
     warnings_of,
 )
@@ -55,33 +57,13 @@ SimStatus: TypeAlias = Literal[
 ]
 SIM_STATUSES: Final[tuple[str, ...]] = get_args(SimStatus)
 
-#: Label names the exporter sets itself (or Prometheus reserves); constant SIM labels must not
-#: reuse them.
+#: Label names the exporter sets itself, or Prometheus reserves, or the shipped dashboards and
+#: alert rules add (``display_name``); constant SIM labels must not reuse them.
 RESERVED_LABEL_NAMES: Final = frozenset(
-    {
-        "sim_sid",
-        "sim_name",
-        "unique_name",
-        "friendly_name",
-        "status",
-        "rate_plan_sid",
-        "radio_link",
-        "operator_name",
-        "operator_country",
-        "operator_mcc",
-        "operator_mnc",
-        "imei",
-        "endpoint",
-        "code",
-        "reason",
-        "le",
-        "quantile",
-        "job",
-        "instance",
-        "display_name",  # added by the shipped dashboards and alert rules
-    }
+    "sim_sid sim_name unique_name friendly_name status rate_plan_sid radio_link"  # noqa: SIM905
+    " operator_name operator_country operator_mcc operator_mnc imei endpoint code reason le"
+    " quantile job instance display_name".split()
 )
-_OAUTH2_ONLY: Final = ("token_url", "client_id", "client_secret", "client_secret_file", "scope")
 
 
 def _is_loopback(url: str) -> bool:
@@ -91,17 +73,20 @@ def _is_loopback(url: str) -> bool:
 
 def _label_name(name: str) -> str:
     if name.startswith("__"):
-        raise PydanticCustomError("label_prometheus", "")
+        raise Problem("label", "label names starting with __ are reserved for Prometheus")
     if name in RESERVED_LABEL_NAMES:
-        raise PydanticCustomError("label_exporter", "")
+        raise Problem("label", "is a label the exporter sets itself; choose another name")
     return name
 
 
 def _state_file(path: Path) -> Path:
-    if not path.parent.is_dir():
-        raise PydanticCustomError("no_directory", "", {"directory": str(path.parent)})
-    if path.is_dir():
-        raise PydanticCustomError("is_directory", "", {"path": str(path)})
+    parent, found = file_status(path.parent), file_status(path)
+    if parent is None or not stat.S_ISDIR(parent.st_mode):
+        raise Problem("state", f"directory {path.parent} does not exist")
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        directory = stat.S_ISDIR(found.st_mode)
+        wrong = "is a directory; give the path of a file" if directory else "is not a regular file"
+        raise Problem("state", f"{path} {wrong}")
     return path
 
 
@@ -150,9 +135,11 @@ class AuthSettings(Settings):
 
     @model_validator(mode="after")
     def _oauth2_options_need_oauth2(self) -> Self:
-        misplaced = [n for n in (*_OAUTH2_ONLY, "refresh_margin") if n in self.model_fields_set]
+        # every option but the type belongs to OAuth 2.0
+        misplaced = [n for n in type(self).model_fields if n in self.model_fields_set - {"type"}]
         if self.type == "basic" and misplaced:
-            raise fail([problem("oauth2_only", (name,)) for name in misplaced])
+            wrong = "is only used with type: oauth2_client_credentials"
+            raise fail([problem(wrong, (name,)) for name in misplaced])
         return self
 
 
@@ -185,25 +172,19 @@ class TwilioSettings(Settings):
     def _resolve_credentials(self, info: ValidationInfo) -> Self:
         environ = info.context.get("environ") if isinstance(info.context, dict) else None
         warnings = warnings_of(info)
-        oauth2 = self.auth.type == "oauth2_client_credentials"
         self._credentials = resolve_credentials(
             self, environ if isinstance(environ, Mapping) else os.environ, warnings
         )
-        for url, loc in ((self.base_url, "base_url"), (self.auth.token_url, "auth.token_url")):
-            if (
-                (loc == "base_url" or oauth2)
-                and url.startswith("http://")
-                and not _is_loopback(url)
-            ):
-                warnings.append(
-                    f"twilio.{loc}: uses plain http; credentials would cross the network "
-                    "unencrypted"
-                )
+        urls = {"base_url": self.base_url}
+        if self.auth.type == "oauth2_client_credentials":
+            urls["auth.token_url"] = self.auth.token_url
+        for loc, url in urls.items():
+            if url.startswith("http://") and not _is_loopback(url):
+                cleartext = "uses plain http; credentials would cross the network unencrypted"
+                warnings.append(f"twilio.{loc}: {cleartext}")
         if urlsplit(self.base_url).path.rstrip("/").endswith("/v1"):
-            warnings.append(
-                "twilio.base_url: ends in /v1, but the exporter adds /v1 itself; "
-                "give the URL without it"
-            )
+            twice = "ends in /v1, but the exporter adds /v1 itself; give the URL without it"
+            warnings.append(f"twilio.base_url: {twice}")
         return self
 
 
@@ -218,15 +199,14 @@ class PollSettings(Settings):
     backoff_initial: Annotated[Duration, Field(gt=0)] = 1.0
     backoff_max: Annotated[Duration, Field(gt=0)] = 60.0
     max_pages: Annotated[StrictInt, Field(ge=1, le=10000)] = 50
-    max_response_bytes: Annotated[Size, Field(ge=1024, le=1024**3)] = ByteSize(16 * 1024**2)
+    max_response_bytes: Annotated[Size, Field(ge=1024, le=1024**3)] = 16 * 1024**2
 
     @model_validator(mode="after")
     def _backoff_cap_covers_first_backoff(self) -> Self:
         if self.backoff_max < self.backoff_initial:
             initial, maximum = map(format_duration, (self.backoff_initial, self.backoff_max))
-            raise fail(
-                [problem("backoff_order", ("backoff_max",), initial=initial, maximum=maximum)]
-            )
+            wrong = f"must not be shorter than poll.backoff_initial ({initial}), got {maximum}"
+            raise fail([problem(wrong, ("backoff_max",))])
         return self
 
 
@@ -242,15 +222,18 @@ def _one_or_many(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
+def _some_statuses(statuses: tuple[str, ...]) -> tuple[str, ...]:
+    if not statuses:
+        raise Problem("status", f"must list at least one of {', '.join(SIM_STATUSES)}")
+    return tuple(dict.fromkeys(statuses))
+
+
 class DiscoverySettings(Settings):
     """``discovery``: find SIMs through the API (``GET /v1/Sims?Status=…``) besides ``sims``."""
 
     enabled: StrictBool = False
     status: Annotated[
-        tuple[SimStatus, ...],
-        BeforeValidator(_one_or_many),
-        Field(min_length=1),
-        AfterValidator(lambda statuses: tuple(dict.fromkeys(statuses))),
+        tuple[SimStatus, ...], BeforeValidator(_one_or_many), AfterValidator(_some_statuses)
     ] = ("active",)
     refresh_interval: Annotated[Duration, Field(ge=10)] = 600.0
 
@@ -277,7 +260,8 @@ class ShardSettings(Settings):
     @model_validator(mode="after")
     def _index_below_count(self) -> Self:
         if self.index >= self.count:
-            raise fail([problem("shard_index", ("index",), count=self.count, index=self.index)])
+            wrong = f"must be less than shard.count ({self.count}), got {self.index}"
+            raise fail([problem(wrong, ("index",))])
         return self
 
 
@@ -312,7 +296,8 @@ class Config(Settings):
             discovery = data.get("discovery")
             enabled = isinstance(discovery, Mapping) and discovery.get("enabled") is True
             if not data.get("sims") and not enabled:
-                extra.append(problem("nothing_to_poll", ("sims",)))
+                wrong = "no SIMs to monitor; list SIMs under sims or set discovery.enabled: true"
+                extra.append(problem(wrong, ("sims",)))
         config: Self = also_report(handler, data, extra)
         config._warnings = tuple(warnings_of(info))
         return config
@@ -333,7 +318,7 @@ class Config(Settings):
         for index, sim in enumerate(sims):
             first = first_seen.setdefault(sim.sid.upper(), index)
             if first != index:
-                problems.append(problem("duplicate_sid", (index, "sid"), first=first))
+                problems.append(problem(f"duplicate of sims[{first}].sid", (index, "sid")))
         if problems:
             raise fail(problems)
         return sims

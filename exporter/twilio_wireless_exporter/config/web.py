@@ -1,26 +1,14 @@
-"""The web configuration file (``--web.config.file``): TLS and HTTP basic auth for our endpoints.
+"""The web configuration file (``--web.config.file``), in the Prometheus exporter-toolkit's format.
 
-The format is the Prometheus exporter-toolkit's (``tls_server_config``, ``basic_auth_users`` with
-bcrypt hashes, ``http_server_config``), so that one file can serve several exporters.
-
-What differs from the exporter-toolkit, on purpose:
-
-* Options of the toolkit that Python's TLS stack cannot honour (``cipher_suites``,
-  ``curve_preferences``, ``client_allowed_sans``, inline ``cert``/``key``, and the client auth types
-  that ask for a certificate without verifying it) are rejected with a clear message rather than
-  silently ignored: a security setting that does nothing is worse than a refusal.
-* ``http_server_config.http2`` is accepted (a boolean) and has no effect: the server speaks
-  HTTP/1.1 only, which every client negotiates.
-* The file is read once at start (the toolkit re-reads it per request); restart to apply changes.
-
-The server's SSL context is built here, on loading, so that an unusable certificate or key is
-reported like any other problem (with its path, exit status 2) before anything starts.
+Toolkit options that Python's TLS stack cannot honour are refused, not ignored (the differences
+are listed in docs/operations.md). The SSL context is built on loading, so that an unusable
+certificate or key is reported like any other problem, before anything starts.
 """
 
 import ssl
-import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, Self, TypeAlias
+from typing import Annotated, Any, Final, Literal, Self, TypeAlias, get_args
 
 from pydantic import (
     AfterValidator,
@@ -32,12 +20,13 @@ from pydantic import (
     ValidationInfo,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic_core import InitErrorDetails
+from pydantic_core import PydanticCustomError as Problem
 
-from twilio_wireless_exporter.config.errors import ConfigError, fail, problem, shaped
+from twilio_wireless_exporter.config.errors import fail, problem, shaped
 from twilio_wireless_exporter.config.loading import read_yaml_file, validate
 from twilio_wireless_exporter.config.models import Settings
-from twilio_wireless_exporter.config.types import ConfigPath, warnings_of
+from twilio_wireless_exporter.config.types import ExistingFile, readable_by_others, warnings_of
 
 TLSVersion: TypeAlias = Literal["TLS10", "TLS11", "TLS12", "TLS13"]
 ClientAuthType: TypeAlias = Literal[
@@ -49,11 +38,11 @@ _TLS_VERSIONS: Final = {
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
-_CLIENT_AUTH: Final = {
-    "NoClientCert": ssl.CERT_NONE,
-    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
-}
+_CLIENT_AUTH: Final = dict(
+    zip(
+        get_args(ClientAuthType), (ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED), strict=True
+    )
+)
 #: The values the toolkit accepts for the headers it restricts.
 _RESTRICTED: Final = {
     "X-Frame-Options": ("deny", "sameorigin"),
@@ -69,15 +58,13 @@ HeaderName: TypeAlias = Literal[
 ]
 
 
-def _existing_file(path: Path) -> Path:
-    if not path.is_file():
-        raise PydanticCustomError("not_a_file", "", {"path": str(path)})
-    return path
-
-
 def _verified_client_certs_only(value: object) -> object:
     if value in ("RequestClientCert", "RequireAnyClientCert"):
-        raise PydanticCustomError("client_cert_unverified", "", {"auth": value})
+        raise Problem(
+            "client_cert",
+            f"{value} (a client certificate that is not verified) is not supported; use "
+            "VerifyClientCertIfGiven or RequireAndVerifyClientCert with client_ca_file",
+        )
     return value
 
 
@@ -87,10 +74,9 @@ def _unsupported(reason: str) -> Any:
 
 
 def _refuse(value: object) -> object:
-    raise PydanticCustomError("tls_unsupported", "")
+    raise Problem("tls_unsupported", "")
 
 
-ExistingFile = Annotated[ConfigPath, AfterValidator(_existing_file)]
 Unsupported = Annotated[object, AfterValidator(_refuse)]
 UserName = Annotated[
     StrictStr,
@@ -106,15 +92,28 @@ BcryptHash = Annotated[
         "plain passwords are not accepted",
     ),
 ]
-HeaderValue = Annotated[StrictStr, shaped(r"^[^\r\n]+$", "must be a one-line string, got {got}")]
+# HTAB is the one control character a header value may hold: any other (C1 and the Unicode line
+# separators included, which some parsers split lines at) ends or breaks the header.
+HeaderValue = Annotated[
+    StrictStr,
+    Field(max_length=4096),
+    shaped(
+        r"^[^\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]+$",
+        "must be one line of text without control characters, got {got}",
+    ),
+]
 
 
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason)
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return type(exc).__name__
+def _load(name: str, path: Path, message: str, load: Callable[..., object], *args: object) -> None:
+    """``load(*args)`` (a certificate or key into an SSL context); a failure is a problem."""
+    try:
+        load(*args)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        if isinstance(exc, ssl.SSLError):
+            reason = str(exc.reason or "no usable key")
+        else:
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__
+        raise fail([problem(message, (name,), path=str(path), reason=reason)]) from None
 
 
 class TLSSettings(Settings):
@@ -157,48 +156,37 @@ class TLSSettings(Settings):
         problems: list[InitErrorDetails] = []
         for name, other in (("cert_file", "key_file"), ("key_file", "cert_file")):
             if getattr(self, name) is None and getattr(self, other) is not None:
-                problems.append(problem("required_with", (name,), other=other))
+                problems.append(problem(f"is required with {other}", (name,)))
         if self.client_auth_type != "NoClientCert" and self.client_ca_file is None:
-            auth = self.client_auth_type
-            problems.append(problem("client_ca_required", ("client_ca_file",), auth=auth))
+            wrong = f"is required with client_auth_type {self.client_auth_type}"
+            problems.append(problem(wrong, ("client_ca_file",)))
         versions = list(_TLS_VERSIONS)
         if self.max_version and versions.index(self.min_version) > versions.index(self.max_version):
-            minimum = self.min_version
-            problems.append(problem("version_order", ("max_version",), minimum=minimum))
+            wrong = f"must not be lower than min_version {self.min_version}"
+            problems.append(problem(wrong, ("max_version",)))
         if problems:
             raise fail(problems)
         if self.cert_file is not None and self.key_file is not None:
+            where = "tls_server_config.key_file"
             mode = self.key_file.stat().st_mode
-            if stat.S_ISREG(mode) and mode & 0o077:
-                warnings_of(info).append(
-                    f"tls_server_config.key_file: {self.key_file} is readable by other users "
-                    f"(mode {stat.S_IMODE(mode):04o}); chmod 600 it"
-                )
+            warnings_of(info).extend(readable_by_others(where, self.key_file, mode))
             self._context = self._server_context(self.cert_file, self.key_file)
         return self
 
     def _server_context(self, cert_file: Path, key_file: Path) -> ssl.SSLContext:
-        for name in ("cert_file", "client_ca_file"):
-            path = getattr(self, name)
-            try:
-                if path is not None:
-                    ssl.create_default_context(cafile=path)
-            except (ssl.SSLError, ValueError, OSError) as exc:
-                raise fail([problem("no_pem", (name,), path=path, reason=_why(exc))]) from None
+        no_pem = "{path} holds no PEM certificate: {reason}"
+        check = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # the certificate alone, before the key
+        _load("cert_file", cert_file, no_pem, check.load_verify_locations, cert_file)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = _TLS_VERSIONS[self.min_version]
-        if self.max_version is not None:
-            context.maximum_version = _TLS_VERSIONS[self.max_version]
-        try:
-            # An encrypted key gets an empty passphrase (and fails) instead of a prompt on the tty.
-            context.load_cert_chain(cert_file, key_file, password=b"")
-        except (ssl.SSLError, ValueError, OSError) as exc:
-            unusable = isinstance(exc, ssl.SSLError) and not exc.reason
-            reason = "no usable key" if unusable else _why(exc)
-            path = key_file
-            raise fail([problem("key_unusable", ("key_file",), path=path, reason=reason)]) from None
+        context.maximum_version = _TLS_VERSIONS[self.max_version or "TLS13"]
+        unusable = "cannot use {path} with cert_file: {reason} (the key must be the certificate's, "
+        # An encrypted key gets an empty passphrase (and fails) instead of a prompt on the tty.
+        chain = (context.load_cert_chain, cert_file, key_file, b"")
+        _load("key_file", key_file, unusable + "unencrypted, in PEM)", *chain)
         if self.client_ca_file is not None:
-            context.load_verify_locations(cafile=self.client_ca_file)
+            ca = self.client_ca_file
+            _load("client_ca_file", ca, no_pem, context.load_verify_locations, ca)
         context.verify_mode = _CLIENT_AUTH[self.client_auth_type]
         if self.prefer_server_cipher_suites:
             context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -214,7 +202,7 @@ class HTTPSettings(Settings):
     @model_validator(mode="after")
     def _allowed_header_values(self) -> Self:
         problems = [
-            problem("header_choice", ("headers", name), value, choices=", ".join(allowed))
+            problem(f"must be one of {', '.join(allowed)}, got {{got}}", ("headers", name), value)
             for name, value in self.headers.items()
             if value.lower() not in (allowed := _RESTRICTED.get(name, (value.lower(),)))
         ]
@@ -230,7 +218,6 @@ class WebConfig(Settings):
     basic_auth_users: dict[UserName, BcryptHash] = Field(default_factory=dict, repr=False)
     http_server_config: HTTPSettings = Field(default_factory=HTTPSettings)
 
-    _source: str = PrivateAttr(default="<web config>")
     _warnings: tuple[str, ...] = PrivateAttr(default=())
 
     @model_validator(mode="after")
@@ -243,10 +230,6 @@ class WebConfig(Settings):
             )
         self._warnings = tuple(warnings)
         return self
-
-    @property
-    def source(self) -> str:
-        return self._source
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -270,10 +253,6 @@ class WebConfig(Settings):
     def headers(self) -> dict[str, str]:
         return {str(name): value for name, value in self.http_server_config.headers.items()}
 
-    @property
-    def scheme(self) -> str:
-        return "https" if self.ssl_context is not None else "http"
-
     def summary(self) -> str:
         tls = f"TLS on (min {self.tls.min_version})" if self.tls is not None else "TLS off"
         users = self.basic_auth_users
@@ -285,15 +264,10 @@ def web_config_from_mapping(
 ) -> WebConfig:
     """Validate parsed web configuration data. Raises :class:`ConfigError`."""
     context = {"base_dir": Path.cwd() if base_dir is None else base_dir, "warnings": []}
-    config = WebConfig() if data is None else validate(WebConfig, data, source, context)
-    config._source = source
-    return config
+    return WebConfig() if data is None else validate(WebConfig, data, source, context)
 
 
 def load_web_config(path: Path) -> WebConfig:
     """Read and validate a web configuration file. Raises :class:`ConfigError`."""
     data = read_yaml_file(Path(path), "web config file")
     return web_config_from_mapping(data, str(path), base_dir=Path(path).absolute().parent)
-
-
-__all__ = ["ConfigError", "TLSSettings", "WebConfig", "load_web_config", "web_config_from_mapping"]
