@@ -446,6 +446,25 @@ async def test_rejected_credentials_recover_after_the_cooldown(make_env: MakeEnv
     ]
 
 
+async def test_rejected_credentials_for_a_thousand_rounds_keep_their_cooldown(
+    make_env: MakeEnv,
+) -> None:
+    """Before: the cool-down doubled without a cap on the exponent, so round 1,025 raised
+    OverflowError out of the authenticator (every poll an internal error, discovery crashed)."""
+    env = await make_env(sims=1)
+    await env.start()
+    rounds = 1030
+    env.sim.faults.script("token", [FaultResponse(status=400, body=INVALID_CLIENT)] * rounds)
+    for _ in range(rounds):
+        await env.poll()
+        await env.clock.advance(60)  # past the longest cool-down (poll.backoff_max)
+    assert env.up() == [False]
+    assert env.error() == "token: invalid_client: Client authentication failed status=400"
+    assert env.sim.stats.token_requests == rounds
+    await env.poll()
+    assert env.up() == [True]
+
+
 async def test_token_endpoint_faults_are_retried_with_backoff(make_env: MakeEnv) -> None:
     env = await make_env(sims=2)
     await env.start()

@@ -534,7 +534,8 @@ class OAuth2Authenticator:
         settings = self._settings
         cooldown = min(
             settings.failure_cooldown_max,
-            settings.failure_cooldown * 2.0 ** (self._failed_rounds - 1),
+            # the exponent is capped: unbounded, a few days of failed rounds overflow a float
+            settings.failure_cooldown * 2.0 ** min(self._failed_rounds - 1, 30),
         )
         if exc.retry_after is not None:
             cooldown = max(cooldown, exc.retry_after)
