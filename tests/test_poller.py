@@ -174,3 +174,51 @@ async def test_sims_are_kept_in_poll_slot_order(
         if line.startswith("twilio_wireless_sim_up{")
     ]
     assert shown == list(state.sims)
+
+
+async def test_one_unreadable_sim_repeats_its_own_read_not_the_fleet_listing(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    """Before: a configured SIM whose read failed made the whole refresh (the /v1/Sims
+    listing of the fleet) run again every minute instead of every refresh_interval."""
+    listed = sim.fleet.add_sim()
+    missing = "DE" + "f" * 32  # configured, but not a SIM of this account: 404
+    h = await harness([missing], discovery={"enabled": True, "refresh_interval": "10m"})
+    poller = h.exporter.poller
+    task = asyncio.create_task(poller.run())
+    try:
+
+        def idle(reads: int) -> Callable[[], bool]:
+            # both loops (scheduler, refresh) asleep on the clock after that many SIM reads
+            return lambda: sim.stats.count("sim") == reads and h.clock.sleepers == 2
+
+        await eventually(idle(1))
+        assert sim.stats.count("sims") == 1
+        for minute in range(1, 10):
+            await h.clock.advance(60)
+            await eventually(idle(1 + minute))  # the failed read, tried again each minute
+        assert sim.stats.count("sims") == 1  # the listing waits for its refresh_interval
+        await h.clock.advance(60)
+        await eventually(lambda: sim.stats.count("sims") == 2)
+        assert listed in h.exporter.state.sims
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_configured_sims_are_polled_while_discovery_fails(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    """Before: with discovery on, configured SIMs waited for the first successful listing, so
+    an API key without the right to list SIMs left every configured SIM unwatched."""
+    sid = sim.fleet.add_sim()
+    sim.faults.script("sims", [FaultResponse(status=403)] * 5)
+    h = await harness([sid], discovery={"enabled": True, "refresh_interval": "10m"})
+    task = asyncio.create_task(h.exporter.poller.run())
+    try:
+        await eventually(lambda: session_requests(sim) == 1)
+        assert sim.stats.count("sims", 403) == 1
+        assert not h.exporter.poller.ready  # ready needs one good discovery
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

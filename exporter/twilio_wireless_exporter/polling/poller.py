@@ -111,6 +111,7 @@ class Poller:
         self._discovered_once = not settings.discovery
         self._last_auth_log = -math.inf
         self._absent: dict[str, int] = {}
+        self._unread: set[str] | None = set()  # see refresh_sims
         """Discovered SIMs missing from the latest successful discoveries, and how often."""
         self._rejects_logged: set[tuple[str, RejectReason]] = set()
         for target in targets:
@@ -140,7 +141,7 @@ class Poller:
         record = self._state.sims.get(sid)
         if record is None:  # removed while we were polling
             return False
-        rejected = getattr(sessions, "rejected", ())
+        rejected = sessions.rejected
         keep = {r.sid for r in rejected if r.sid} if rejected else ()
         if self._state.account_sid is None:
             self._learn_account(s.account_sid for s in sessions)
@@ -178,55 +179,77 @@ class Poller:
         await asyncio.gather(*(worker() for _ in range(workers)))
 
     async def refresh_sims(self) -> bool:
-        """Discover SIMs and/or refresh what ``/v1/Sims`` says about them. True on success."""
-        ok = True
+        """Discover SIMs and/or refresh what ``/v1/Sims`` says about them. True on success.
+
+        Afterwards :attr:`_unread` holds the configured SIMs whose own read failed, or ``None``
+        when the discovery listing itself failed (then everything is tried again).
+        """
         discovered: dict[str, Sim] = {}
         if self._settings.discovery:
-            try:
-                sims = await self._client.list_sims(
-                    self._settings.discovery_statuses, DISCOVERY_PAGE_SIZE
-                )
-            except ApiError as exc:
-                self._count(exc)
-                self._report(exc, "SIM discovery failed")
+            listed = await self._discover()
+            if listed is None:
+                self._unread = None
                 return False
-            if getattr(sims, "rejected", None):
-                self._rejected("", ENDPOINT_SIMS, sims.rejected)
-            self._learn_account(sim.account_sid for sim in sims)
-            discovered = {sim.sid: sim for sim in sims if self._settings.shard.owns(sim.sid)}
-            wanted = set(self._targets) | set(discovered) | self._still_listed(discovered)
-            for sid in discovered:
-                target = self._targets.get(sid)
-                if target is not None:
-                    self._state.ensure(sid, target.labels, target.name)
-                elif sid not in self._state.sims:
-                    self._state.ensure(sid)
-            dropped = self._state.retain(wanted)
-            self._state.arrange(sim_offset)
-            if dropped:
-                log.info("discovery: %d SIMs no longer listed, stopped polling them", len(dropped))
-                gone = set(dropped)
-                self._rejects_logged = {k for k in self._rejects_logged if k[0] not in gone}
-            self._schedule_new()
-            self._discovered_once = True
+            discovered = listed
         for sim in discovered.values():
             self._set_identity(sim)
         # Configured SIMs that discovery does not cover: their own /v1/Sims/{sid}.
-        missing = [sid for sid in self._targets if sid not in discovered]
-        results = await asyncio.gather(
-            *(self._client.fetch_sim(sid) for sid in missing), return_exceptions=True
+        self._unread = await self._read_identities(
+            [sid for sid in self._targets if sid not in discovered]
         )
-        for sid, result in zip(missing, results, strict=True):
-            if isinstance(result, Sim):
-                self._learn_account([result.account_sid])
-                self._set_identity(result)
-            elif isinstance(result, ApiError):
-                ok = False
-                self._count(result)
-                self._report(result, f"cannot read SIM {sid}")
-            elif isinstance(result, BaseException):
-                raise result
-        return ok
+        return not self._unread
+
+    async def _discover(self) -> dict[str, Sim] | None:
+        """One discovery listing applied to the state: the SIMs of this shard, None on failure."""
+        try:
+            sims = await self._client.list_sims(
+                self._settings.discovery_statuses, DISCOVERY_PAGE_SIZE
+            )
+        except ApiError as exc:
+            self._count(exc)
+            self._report(exc, "SIM discovery failed")
+            return None
+        if sims.rejected:
+            self._rejected("", ENDPOINT_SIMS, sims.rejected)
+        self._learn_account(sim.account_sid for sim in sims)
+        discovered = {sim.sid: sim for sim in sims if self._settings.shard.owns(sim.sid)}
+        wanted = set(self._targets) | set(discovered) | self._still_listed(discovered)
+        for sid in discovered:
+            target = self._targets.get(sid)
+            if target is not None:
+                self._state.ensure(sid, target.labels, target.name)
+            elif sid not in self._state.sims:
+                self._state.ensure(sid)
+        dropped = self._state.retain(wanted)
+        self._state.arrange(sim_offset)
+        if dropped:
+            log.info("discovery: %d SIMs no longer listed, stopped polling them", len(dropped))
+            gone = set(dropped)
+            self._rejects_logged = {k for k in self._rejects_logged if k[0] not in gone}
+        self._schedule_new()
+        self._discovered_once = True
+        return discovered
+
+    async def _read_identities(self, sids: Sequence[str]) -> set[str]:
+        """``GET /v1/Sims/{sid}`` for each SID, at most as many at once as polls (no task per
+        SIM); returns the SIDs whose read failed."""
+        failed: set[str] = set()
+        pending = iter(sids)
+
+        async def worker() -> None:
+            for sid in pending:
+                try:
+                    sim = await self._client.fetch_sim(sid)
+                except ApiError as exc:
+                    failed.add(sid)
+                    self._count(exc)
+                    self._report(exc, f"cannot read SIM {sid}")
+                    continue
+                self._learn_account([sim.account_sid])
+                self._set_identity(sim)
+
+        await asyncio.gather(*(worker() for _ in range(min(self._max_tasks, len(sids)))))
+        return failed
 
     # ------------------------------------------------------------------ the long-running loop
 
@@ -241,18 +264,12 @@ class Poller:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._refresh_loop(), name="sim-refresh")
-                if self._settings.discovery and not self._discovered_once:
-                    # The SIM list comes from discovery; polls start as soon as it is known.
-                    await self._wait_for_discovery()
+                # Configured SIMs are polled at once; discovered ones join, due at once, as the
+                # listing brings them, so a failing discovery leaves no configured SIM unwatched.
                 self._schedule_new(initial=True)
                 await self._schedule_loop(group)
         finally:
             self._inflight.clear()
-
-    async def _wait_for_discovery(self) -> None:
-        while not self._discovered_once:
-            self._wake.clear()
-            await self._wake.wait()
 
     def _still_listed(self, discovered: Mapping[str, Sim]) -> set[str]:
         """Known SIMs missing from this discovery that stay, as they have not been missing from
@@ -284,14 +301,20 @@ class Poller:
         return kept
 
     async def _refresh_loop(self) -> None:
+        """A full refresh every ``discovery_interval``. In between, what failed is tried again
+        within a minute: the whole refresh when the discovery listing failed, otherwise only
+        the SIM reads that failed (one broken SIM must not repeat the fleet's listing)."""
         while True:
             ok = await self.refresh_sims()
-            if self._settings.discovery and ok:
-                self._wake.set()
-            delay = self._settings.discovery_interval
-            if not ok:
-                delay = min(delay, _DISCOVERY_RETRY)
-            await self._clock.sleep(delay)
+            next_full = self._clock.monotonic() + self._settings.discovery_interval
+            while not ok and (left := next_full - self._clock.monotonic()) > 0:
+                await self._clock.sleep(min(left, _DISCOVERY_RETRY))
+                if self._unread is None:
+                    break  # the listing failed: the next full refresh starts now
+                self._unread = await self._read_identities(sorted(self._unread))
+                ok = not self._unread
+            if ok:
+                await self._clock.sleep(max(0.0, next_full - self._clock.monotonic()))
 
     def _schedule_new(self, *, initial: bool = False) -> None:
         """Put SIMs that have no slot yet on the heap, due now (their first poll)."""
