@@ -31,6 +31,7 @@ from tests.process_support import listen_url
 from twilio_wireless_exporter.api.records import DataSession
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
+from twilio_wireless_exporter.fleet import persist
 from twilio_wireless_exporter.fleet.accounting import (
     ListingOutcome,
     SessionAttributes,
@@ -46,6 +47,7 @@ from twilio_wireless_exporter.fleet.persist import (
     StateFileError,
     StateIdentity,
     StateStore,
+    StateUnreadableError,
     read_state,
     snapshot,
     state_identity,
@@ -1552,3 +1554,29 @@ async def test_sigkill_mid_cycle_and_restart_loses_nothing_and_counts_nothing_tw
 
 def identity_of(sim: RunningSimulator) -> StateIdentity:
     return state_identity(config_from_mapping(exporter_mapping(sim.url, [SID]), environ={}))
+
+
+async def test_a_state_file_the_system_cannot_read_is_left_alone_and_start_is_refused(
+    scripted: RunningSimulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: any OSError while reading (permission denied, EIO, no descriptors left) moved a
+    possibly good file aside and started every counter from zero."""
+    sid = scripted.fleet.add_sim()
+    path = tmp_path / "state.db"
+    config = make_config(scripted, [sid], path)
+    async with exporter(config) as first:
+        await first.poller.poll_all()
+    saved = path.read_bytes()
+
+    def refuse(*_: object, **__: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(persist, "read_state", refuse)
+    exp = Exporter(config, clock=ManualClock(), retry_sleep=no_sleep)
+    with pytest.raises(StateUnreadableError, match=r"cannot be read .*Permission denied"):
+        await exp.open()
+    assert path.read_bytes() == saved  # neither moved aside nor replaced
+    assert not (tmp_path / "state.db.rejected").exists()
+    monkeypatch.undo()
+    async with exporter(config) as again:  # the lock and the session were released
+        assert set(again.state.restored) == {sid}

@@ -30,7 +30,7 @@ from twilio_wireless_exporter.config import (
 )
 from twilio_wireless_exporter.config.types import format_duration, parse_duration
 from twilio_wireless_exporter.exposition.collector import HttpMetrics
-from twilio_wireless_exporter.fleet.persist import StateLockedError
+from twilio_wireless_exporter.fleet.persist import StateUnavailableError
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.sharding import Shard, parse_shard
 from twilio_wireless_exporter.web.address import netloc, parse_listen_address
@@ -50,7 +50,7 @@ from twilio_wireless_exporter.web.serverlog import quiet_bad_requests, throttle_
 DEFAULT_PORT = 10311
 DEFAULT_LISTEN = f":{DEFAULT_PORT}"
 EXIT_CONFIG = 2
-#: Another exporter holds the lock of the configured ``state.path``.
+#: The configured ``state.path`` cannot be used: locked by another exporter, or unreadable.
 EXIT_STATE_IN_USE = 3
 #: Signals that stop the exporter cleanly (final state save, exit status 0). SIGHUP is one of
 #: them rather than a reload: see docs/operations.md#signals.
@@ -405,7 +405,7 @@ async def serve(
         )
         try:
             await runner.setup()
-        except StateLockedError as exc:
+        except StateUnavailableError as exc:
             log.error("cannot start: %s", exc)  # noqa: TRY400 - an operator's mistake
             return EXIT_STATE_IN_USE
         stack.push_async_callback(runner.cleanup)

@@ -168,9 +168,17 @@ class Exporter:
     async def open(self) -> None:
         """Create the HTTP session, client and poller without starting to poll.
 
-        With a state file, its lock is taken first: :class:`StateLockedError` (from
-        ``fleet.persist``) if another exporter uses the same ``state.path``.
+        With a state file, its lock is taken first: a ``StateUnavailableError`` (from
+        ``fleet.persist``) if another exporter uses the same ``state.path`` or the file exists
+        but cannot be read. Whatever fails here, nothing opened is left behind.
         """
+        try:
+            await self._open()
+        except BaseException:
+            await self._close()
+            raise
+
+    async def _open(self) -> None:
         path = self.config.state.path
         if path is not None and self._state_lock is None:
             lock = StateLock(path)
@@ -248,8 +256,14 @@ class Exporter:
         """Stop the background loops (cancelling in-flight polls), save the state a last time
         and close the HTTP session."""
         await self._loops.stop()
-        if self._store is not None:
-            await self._store.save(self.state)  # polling has stopped: the final state
+        try:
+            if self._store is not None:
+                await self._store.save(self.state)  # polling has stopped: the final state
+        finally:
+            await self._close()
+
+    async def _close(self) -> None:
+        """Release the state file's lock and close the HTTP session (each at most once)."""
         if self._state_lock is not None:
             self._state_lock.release()
             self._state_lock = None

@@ -786,9 +786,14 @@ class StateStore:
         started = time.perf_counter()
         try:
             loaded = read_state(self.path, self.identity, keep)
-        except (StateFileError, OSError) as exc:
+        except StateFileError as exc:
             self._reject(exc)
             return None
+        except OSError as exc:
+            raise StateUnreadableError(
+                f"state file {self.path} cannot be read ({exc}); it is left as it is: fix the"
+                " cause (permissions, disk) or move the file away to start fresh"
+            ) from exc
         for sid, success in loaded.last_success.items():
             record = state.sims.get(sid)
             if record is not None and record.last_success is None:
@@ -943,8 +948,18 @@ def complete_baselines(state: FleetState) -> int | None:
     return len(state.sims)
 
 
-class StateLockedError(Exception):
-    """Another process holds the state file's lock (the message is shown to the operator)."""
+class StateUnavailableError(Exception):
+    """The state file cannot be used at all, so the exporter refuses to start rather than
+    overwrite it with fresh counters (the message is shown to the operator)."""
+
+
+class StateLockedError(StateUnavailableError):
+    """Another process holds the state file's lock."""
+
+
+class StateUnreadableError(StateUnavailableError):
+    """The file exists but the system refused to read it (permissions, I/O error, no file
+    descriptors left): nothing says it is damaged, so it is neither moved aside nor replaced."""
 
 
 class StateLock:
