@@ -347,6 +347,7 @@ async def never_served(*_: object) -> int:
         (["--demo.sims", "-1"], "argument --demo.sims: must be a whole number from 1 to 100000"),
         (["--demo.sims", "0"], "argument --demo.sims: must be a whole number from 1 to 100000"),
         (["--demo.sims", "many"], "argument --demo.sims: must be a whole number from 1 to"),
+        (["--demo.sims", "\u0661\u0662"], "argument --demo.sims: must be a whole number from 1"),
         (["--demo.sims", "1000001"], "argument --demo.sims: must be a whole number from 1 to"),
         (["--demo.speed", "0"], "argument --demo.speed: must be a number from 0.001 to 1000000"),
         (["--demo.speed", "nan"], "argument --demo.speed: must be a number from 0.001 to"),

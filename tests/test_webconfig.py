@@ -238,8 +238,18 @@ def test_warnings_key_readable_by_others_and_auth_without_tls(cert_dir: Path) ->
         (
             {"basic_auth_users": {"alice": "plain-password-1"}},
             [
-                "basic_auth_users.alice: must be a bcrypt hash like $2y$10$ followed by 53 "
-                "characters (htpasswd -nBC 10 USER); plain passwords are not accepted"
+                "basic_auth_users.alice: must be a bcrypt hash of cost 04 to 16 like $2y$10$"
+                " followed by 53 characters (htpasswd -nBC 10 USER); plain passwords are not"
+                " accepted"
+            ],
+        ),
+        (
+            # cost 31: the start-up dummy hash and every login check would take days
+            {"basic_auth_users": {"alice": "$2y$31$" + "a" * 53}},
+            [
+                "basic_auth_users.alice: must be a bcrypt hash of cost 04 to 16 like $2y$10$"
+                " followed by 53 characters (htpasswd -nBC 10 USER); plain passwords are not"
+                " accepted"
             ],
         ),
         (

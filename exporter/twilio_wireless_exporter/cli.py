@@ -82,11 +82,7 @@ def setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter(
-                "%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"
-            )
-        )
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT, "%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -200,7 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run against the built-in Twilio Wireless simulator (no account needed)",
     )
-    parser.add_argument("--demo.sims", dest="demo_sims", type=_demo_sims, default=50, metavar="N")
+    parser.add_argument(
+        "--demo.sims",
+        dest="demo_sims",
+        type=_demo_sims,
+        default=50,
+        metavar="N",
+        help=f"simulated SIMs in the demo fleet, 1 to {MAX_DEMO_SIMS} (default: %(default)s)",
+    )
     parser.add_argument(
         "--demo.speed",
         dest="demo_speed",
@@ -246,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo_sims(value: str) -> int:
-    if not value.strip().isdecimal() or not 1 <= int(value) <= MAX_DEMO_SIMS:
+    digits = value.strip()
+    if not (digits.isascii() and digits.isdigit()) or not 1 <= int(digits) <= MAX_DEMO_SIMS:
         raise argparse.ArgumentTypeError(
             f"must be a whole number from 1 to {MAX_DEMO_SIMS}, got {value!r}"
         )

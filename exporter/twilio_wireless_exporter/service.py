@@ -28,7 +28,6 @@ from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.persist import StateLock, StateStore, state_identity
 from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.polling.poller import Poller, PollerSettings, SimTarget
-from twilio_wireless_exporter.sharding import Shard
 from twilio_wireless_exporter.web.app import WebContext, make_app
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ def poller_settings(config: Config) -> PollerSettings:
         discovery=config.discovery.enabled,
         discovery_statuses=tuple(config.discovery.status),
         discovery_interval=config.discovery.refresh_interval,
-        shard=Shard(config.shard.index, config.shard.count),
+        shard=config.shard.shard,
     )
 
 
@@ -125,7 +124,7 @@ class Exporter:
         self.registry, self.api_metrics = build_registry(
             self.state,
             poll_interval=config.poll.interval,
-            shard=Shard(config.shard.index, config.shard.count),
+            shard=config.shard.shard,
         )
         self.sims = SimFamilies(
             self.state,
@@ -213,7 +212,7 @@ class Exporter:
         )
         if path is not None and self._store is None:
             self._store = StateStore(path, state_identity(self.config), registry=self.registry)
-            shard = Shard(self.config.shard.index, self.config.shard.count)
+            shard = self.config.shard.shard
             discovery = self.config.discovery.enabled
             self._store.load(
                 self.state, lambda sid: sid in self.state.sims or (discovery and shard.owns(sid))
@@ -242,7 +241,7 @@ class Exporter:
         )
         shard = self.config.shard
         if shard.count > 1:
-            owned = sum(Shard(shard.index, shard.count).owns(sim.sid) for sim in self.config.sims)
+            owned = sum(shard.shard.owns(sim.sid) for sim in self.config.sims)
             log.info(
                 "shard %d/%d: this replica polls %d of the %d configured SIMs%s",
                 shard.index,

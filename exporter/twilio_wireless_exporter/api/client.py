@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
 import aiohttp
@@ -127,46 +127,44 @@ def _one_by_one(
     return records, rejected
 
 
-def decode_session_page(body: bytes) -> Page[DataSession]:
-    """A DataSessions page; records msgspec rejects are returned as rejections.
+def _decode_page(
+    body: bytes,
+    strict: msgspec.json.Decoder[Any],
+    loose: msgspec.json.Decoder[Any],
+    record: msgspec.json.Decoder[_R],
+) -> Page[_R]:
+    """A page (``strict``: its Struct), records msgspec rejects returned as rejections.
 
-    One strict decode first: when every record passes, that is all it costs. A body that is not
-    such a page raises msgspec's errors or :class:`MalformedBodyError` (a ``decode`` ApiError).
+    One strict decode first: when every record passes, that is all it costs. Otherwise the page
+    is read with its records undecoded (``loose``) and each record decoded alone. A body that
+    is not such a page raises msgspec's errors or :class:`MalformedBodyError` (a ``decode``
+    ApiError).
     """
     try:
-        page = _SESSION_PAGE.decode(body)
-        return Page(page.data_sessions, [], page.meta.next_page_url)
+        page = strict.decode(body)
+        return Page(page.records, [], page.meta.next_page_url)
     except msgspec.ValidationError as exc:
         whole = exc
     except RecursionError:
         raise _too_deep() from None
     try:
-        raw = _RAW_SESSION_PAGE.decode(body)
+        raw = loose.decode(body)
     except msgspec.ValidationError:
         raise whole from None  # the page itself is of the wrong shape
     except RecursionError:
         raise _too_deep() from None
-    records, rejected = _one_by_one(raw.data_sessions, _SESSION)
+    records, rejected = _one_by_one(raw.records, record)
     return Page(records, rejected, raw.meta.next_page_url)
+
+
+def decode_session_page(body: bytes) -> Page[DataSession]:
+    """A DataSessions page (see :func:`_decode_page`)."""
+    return _decode_page(body, _SESSION_PAGE, _RAW_SESSION_PAGE, _SESSION)
 
 
 def decode_sim_page(body: bytes) -> Page[Sim]:
-    """A ``/v1/Sims`` page, record by record like :func:`decode_session_page`."""
-    try:
-        page = _SIM_PAGE.decode(body)
-        return Page(page.sims, [], page.meta.next_page_url)
-    except msgspec.ValidationError as exc:
-        whole = exc
-    except RecursionError:
-        raise _too_deep() from None
-    try:
-        raw = _RAW_SIM_PAGE.decode(body)
-    except msgspec.ValidationError:
-        raise whole from None
-    except RecursionError:
-        raise _too_deep() from None
-    records, rejected = _one_by_one(raw.sims, _SIM_RECORD)
-    return Page(records, rejected, raw.meta.next_page_url)
+    """A ``/v1/Sims`` page (see :func:`_decode_page`)."""
+    return _decode_page(body, _SIM_PAGE, _RAW_SIM_PAGE, _SIM_RECORD)
 
 
 def decode_sim(body: bytes) -> Sim:

@@ -98,7 +98,7 @@ class PageMeta(msgspec.Struct, frozen=True):
 
 
 class DataSessionPage(msgspec.Struct, frozen=True):
-    data_sessions: list[DataSession]
+    records: list[DataSession] = msgspec.field(name="data_sessions")
     meta: PageMeta
 
 
@@ -112,19 +112,19 @@ class Sim(msgspec.Struct, frozen=True):
 
 
 class SimPage(msgspec.Struct, frozen=True):
-    sims: list[Sim]
+    records: list[Sim] = msgspec.field(name="sims")
     meta: PageMeta
 
 
 class RawSessionPage(msgspec.Struct, frozen=True):
     """A DataSessions page with its records undecoded, to decode them one by one."""
 
-    data_sessions: list[msgspec.Raw]
+    records: list[msgspec.Raw] = msgspec.field(name="data_sessions")
     meta: PageMeta
 
 
 class RawSimPage(msgspec.Struct, frozen=True):
-    sims: list[msgspec.Raw]
+    records: list[msgspec.Raw] = msgspec.field(name="sims")
     meta: PageMeta
 
 

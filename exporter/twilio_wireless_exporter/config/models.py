@@ -47,7 +47,7 @@ from twilio_wireless_exporter.config.types import (
     format_duration,
     warnings_of,
 )
-from twilio_wireless_exporter.sharding import MAX_SHARDS
+from twilio_wireless_exporter.sharding import MAX_SHARDS, Shard
 
 DEFAULT_BASE_URL: Final = "https://wireless.twilio.com"
 DEFAULT_TOKEN_URL: Final = "https://api.korewireless.com/api-services/v1/auth/token"  # noqa: S105
@@ -263,6 +263,10 @@ class ShardSettings(Settings):
             wrong = f"must be less than shard.count ({self.count}), got {self.index}"
             raise fail([problem(wrong, ("index",))])
         return self
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.index, self.count)
 
 
 class Config(Settings):
