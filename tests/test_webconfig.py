@@ -442,6 +442,26 @@ async def test_verified_credentials_are_cached(
     assert auth.bcrypt_checks == 4
 
 
+async def test_the_unknown_user_dummy_hash_is_made_on_first_use_not_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before: the dummy hash was made in the constructor, on the event loop, at the highest
+    configured cost: cost 16 held start-up (and SIGTERM) for seconds, cost 31 for days."""
+    made: list[bytes] = []
+    real_hashpw = bcrypt.hashpw
+
+    def hashpw(password: bytes, salt: bytes) -> bytes:
+        made.append(salt)
+        return real_hashpw(password, salt.replace(b"$16$", b"$04$", 1))  # keep the test fast
+
+    monkeypatch.setattr("twilio_wireless_exporter.web.security.bcrypt.hashpw", hashpw)
+    auth = BasicAuth({"alice": "$2b$16$" + "a" * 53})
+    assert made == []
+    assert await auth.check(basic("mallory", "pw")) is None
+    assert await auth.check(basic("eve", "pw")) is None
+    assert [salt[:7] for salt in made] == [b"$2b$16$"]  # once, at the configured cost
+
+
 async def test_long_passwords_use_the_first_72_bytes_like_htpasswd() -> None:
     password = b"p" * 72
     auth = BasicAuth({"alice": bcrypt.hashpw(password, bcrypt.gensalt(4))})

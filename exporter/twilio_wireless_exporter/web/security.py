@@ -169,9 +169,10 @@ class BasicAuth:
         self.limits = limits or AuthLimits()
         self._clock = clock
         costs = [int(hashed[4:6]) for hashed in self._users.values()]
-        cost = max(costs, default=_DEFAULT_COST)
-        # Unknown users are checked against this, at the highest configured cost.
-        self._dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(cost))
+        # Unknown users are checked against a dummy hash at the highest configured cost, made
+        # on first use in the bcrypt pool (see _unknown_user_hash), never at start-up.
+        self._dummy_cost = max(costs, default=_DEFAULT_COST)
+        self._dummy: bytes | None = None
         self._key = os.urandom(32)
         self._verified: dict[str, bytes] = {}
         self._failed: OrderedDict[bytes, None] = OrderedDict()
@@ -233,7 +234,8 @@ class BasicAuth:
                     state.refused += 1
                 return Verdict.BUSY, None, 1.0
             try:
-                ok = await self._checkpw(password, hashed if hashed is not None else self._dummy)
+                against = hashed if hashed is not None else await self._unknown_user_hash()
+                ok = await self._checkpw(password, against)
             finally:
                 self._release()
         finally:
@@ -313,12 +315,28 @@ class BasicAuth:
                 return
         self._running -= 1
 
-    async def _checkpw(self, password: bytes, hashed: bytes) -> bool:
+    def _executor(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="bcrypt")
+        return self._pool
+
+    async def _checkpw(self, password: bytes, hashed: bytes) -> bool:
         self.bcrypt_checks += 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, bcrypt.checkpw, password, hashed)
+        return await loop.run_in_executor(self._executor(), bcrypt.checkpw, password, hashed)
+
+    async def _unknown_user_hash(self) -> bytes:
+        """The dummy hash an unknown user name is checked against, so that response times do
+        not tell which users exist. Made once, in the pool, inside the caller's check slot: a
+        high cost costs the first unknown-user login, never the start-up or the loop."""
+        if self._dummy is None:
+            salt = bcrypt.gensalt(self._dummy_cost)
+            loop = asyncio.get_running_loop()
+            dummy = await loop.run_in_executor(
+                self._executor(), bcrypt.hashpw, secrets.token_bytes(16), salt
+            )
+            self._dummy = self._dummy or dummy
+        return self._dummy
 
 
 _STATUS: Final = {Verdict.DENIED: 401, Verdict.BACKOFF: 429, Verdict.BUSY: 503}
