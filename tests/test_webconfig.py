@@ -455,7 +455,7 @@ async def test_the_unknown_user_dummy_hash_is_made_on_first_use_not_at_start(
         return real_hashpw(password, salt.replace(b"$16$", b"$04$", 1))  # keep the test fast
 
     monkeypatch.setattr("twilio_wireless_exporter.web.security.bcrypt.hashpw", hashpw)
-    auth = BasicAuth({"alice": "$2b$16$" + "a" * 53})
+    auth = BasicAuth({"alice": b"$2b$16$" + b"a" * 53})
     assert made == []
     assert await auth.check(basic("mallory", "pw")) is None
     assert await auth.check(basic("eve", "pw")) is None
