@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import SecretStr, TypeAdapter, ValidationError
@@ -25,6 +26,7 @@ from twilio_wireless_exporter.config import (
     OAuth2Credentials,
     config_from_mapping,
     load_config,
+    loading,
 )
 from twilio_wireless_exporter.config.errors import dotted
 from twilio_wireless_exporter.config.models import (
@@ -961,6 +963,37 @@ def load_problems(path: Path, environ: Mapping[str, str] = ENV) -> list[str]:
     with pytest.raises(ConfigError) as info:
         load_config(path, environ)
     return info.value.problems
+
+
+PARITY_TEXTS = [
+    "poll:\n  interval: 30s\n  interval: 60s\n",  # duplicate key
+    "twilio:\n  account_sid: AC\n    bad: indent: here\n",  # mapping values not allowed
+    "sims: [\n",  # cut short
+    "sims: " + "[" * 2000 + "]" * 2000 + "\n",  # nested too deeply
+    "poll: 'unterminated\n",  # a quoted string never closed
+    "poll: *nowhere\n",  # an undefined alias
+    "poll: !!python/object:os.system ls\n",  # no Python tags
+]
+
+
+@pytest.mark.parametrize("text", PARITY_TEXTS)
+def test_yaml_errors_read_the_same_with_and_without_libyaml(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    """Files are parsed by libyaml where PyYAML has it (much faster for a large fleet), and a
+    refused file again by the pure-Python loader, so every message is the same either way."""
+    path = write_config(tmp_path, text)
+    fast = load_problems(path)
+    monkeypatch.setattr(loading, "_FastLoader", loading._UniqueKeyLoader)
+    assert load_problems(path) == fast
+    assert fast[0].startswith(f"{path}: ")
+
+
+@pytest.mark.skipif(not yaml.__with_libyaml__, reason="PyYAML was built without libyaml")
+def test_libyaml_parses_good_files() -> None:
+    assert loading._FastLoader is not loading._UniqueKeyLoader
+    text = "poll: {interval: 30s}\nsims:\n  - {sid: DE" + "0" * 32 + ", labels: {a: b}}\n"
+    assert yaml.load(text, Loader=loading._FastLoader) == yaml.safe_load(text)
 
 
 def test_yaml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
