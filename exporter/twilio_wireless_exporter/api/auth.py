@@ -367,13 +367,7 @@ class OAuth2Authenticator:
         self._observer: TokenObserver = observer or NullTokenObserver()
         self._transport = Transport(
             session,
-            TransportSettings(
-                timeout=settings.timeout,
-                max_response_bytes=settings.max_response_bytes,
-                max_retries=settings.max_retries,
-                backoff_initial=settings.backoff_initial,
-                backoff_max=settings.backoff_max,
-            ),
+            TransportSettings.of(settings),
             observer=_RetriedAreErrors(self._observer),
             redact=self._redact,
             sleep=sleep,

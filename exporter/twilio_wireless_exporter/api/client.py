@@ -261,14 +261,7 @@ class TwilioClient:
         self._limits = RequestLimits(settings.concurrency, settings.requests_per_second)
         self._transport = Transport(
             session,
-            TransportSettings(
-                timeout=settings.timeout,
-                max_response_bytes=settings.max_response_bytes,
-                max_retries=settings.max_retries,
-                backoff_initial=settings.backoff_initial,
-                backoff_max=settings.backoff_max,
-                cap_setting="poll.max_response_bytes",
-            ),
+            TransportSettings.of(settings, cap_setting="poll.max_response_bytes"),
             observer=observer,
             gate=self._limits,
             auth=auth,

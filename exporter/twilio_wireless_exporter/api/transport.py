@@ -330,6 +330,33 @@ class TransportSettings:
     cap_setting: str | None = None
     """The option that sets the size cap, named in the error (``None``: a fixed cap)."""
 
+    @classmethod
+    def of(cls, settings: RetryOptions, cap_setting: str | None = None) -> TransportSettings:
+        """The transport part of a client's or authenticator's settings."""
+        return cls(
+            timeout=settings.timeout,
+            max_response_bytes=settings.max_response_bytes,
+            max_retries=settings.max_retries,
+            backoff_initial=settings.backoff_initial,
+            backoff_max=settings.backoff_max,
+            cap_setting=cap_setting,
+        )
+
+
+class RetryOptions(Protocol):
+    """What a client's settings say about each request and its retries."""
+
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def max_response_bytes(self) -> int: ...
+    @property
+    def max_retries(self) -> int: ...
+    @property
+    def backoff_initial(self) -> float: ...
+    @property
+    def backoff_max(self) -> float: ...
+
 
 class Transport:
     """Sends requests of any :class:`Route` with one timeout, cap, error mapping and retry."""
