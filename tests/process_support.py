@@ -16,6 +16,7 @@ import selectors
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 # The exporter: "listening on http://127.0.0.1:PORT/"; the simulator: "... listening on
 # http://127.0.0.1:PORT". The URL ends at a slash, a space or a JSON string's quote.
@@ -111,3 +112,14 @@ def wait_for_log_line(
                 f"no line matching {pattern.pattern!r} in {path.name} (exit {proc.poll()}):\n{text}"
             )
         time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL after a grace period; reaps the child either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    proc.wait()

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.process_support import wait_for_log_line
+from tests.process_support import stop_process, wait_for_log_line
 
 REPO = Path(__file__).resolve().parent.parent
 GRAFANA = REPO / "grafana"
@@ -711,13 +711,8 @@ class Prometheus:
         return True
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def api(self, path: str, **params: str) -> Any:
         url = f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}"

@@ -41,7 +41,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.process_support import LISTENING, wait_for_log_line
+from tests.process_support import LISTENING, stop_process, wait_for_log_line
 from twilio_wireless_simulator import RunningSimulator, SimulatorConfig, SimulatorStats
 
 log = logging.getLogger("scaleout_simulator")
@@ -216,17 +216,6 @@ def scaleout_simulator(
         yield ScaleoutSimulator(proc, url, log_path)
     finally:
         stop_process(proc)
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL after a grace period; reaps the child either way."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    proc.wait()
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.process_support import LISTENING, wait_for_log_line
+from tests.process_support import LISTENING, stop_process, wait_for_log_line
 from tests.prom_support import (
     FIXTURE,
     Json,
@@ -145,13 +145,7 @@ def process(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Ite
     try:
         yield wait_for_log_line(log, LISTENING, proc, within=20)["url"]
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 def _basic(user: str, password: str) -> dict[str, str]:

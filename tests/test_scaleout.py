@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from tests.metrics_support import SampleKey, parse_samples
-from tests.process_support import LISTENING, wait_for_log_line
+from tests.process_support import LISTENING, stop_process, wait_for_log_line
 from tests.prom_support import (
     ALERTS_DIR,
     RULE_FILES,
@@ -49,7 +49,7 @@ from tests.prom_support import (
     wait_for,
     write_file_sd,
 )
-from tests.scaleout_support import ScaleoutSimulator, scaleout_simulator, stop_process
+from tests.scaleout_support import ScaleoutSimulator, scaleout_simulator
 from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.sharding import shard_of
 from twilio_wireless_simulator import DEMO_ACCOUNT_SID
