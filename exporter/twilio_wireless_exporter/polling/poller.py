@@ -17,7 +17,7 @@ import hashlib
 import heapq
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -169,14 +169,20 @@ class Poller:
 
     async def poll_all(self) -> None:
         """Poll every known SIM once, concurrently, and wait for all of them."""
-        pending = iter(list(self._state.sims))
+        await self._for_each(list(self._state.sims), self.poll_sim)
+
+    async def _for_each(
+        self, sids: Sequence[str], action: Callable[[str], Awaitable[object]]
+    ) -> None:
+        """``action`` for every SID, at most as many at once as polls: a few workers drain the
+        list, so a large fleet never becomes one task per SIM."""
+        pending = iter(sids)
 
         async def worker() -> None:
             for sid in pending:
-                await self.poll_sim(sid)
+                await action(sid)
 
-        workers = min(self._max_tasks, len(self._state.sims))
-        await asyncio.gather(*(worker() for _ in range(workers)))
+        await asyncio.gather(*(worker() for _ in range(min(self._max_tasks, len(sids)))))
 
     async def refresh_sims(self) -> bool:
         """Discover SIMs and/or refresh what ``/v1/Sims`` says about them. True on success.
@@ -231,24 +237,22 @@ class Poller:
         return discovered
 
     async def _read_identities(self, sids: Sequence[str]) -> set[str]:
-        """``GET /v1/Sims/{sid}`` for each SID, at most as many at once as polls (no task per
-        SIM); returns the SIDs whose read failed."""
+        """``GET /v1/Sims/{sid}`` for each SID (see :meth:`_for_each`); returns the SIDs whose
+        read failed."""
         failed: set[str] = set()
-        pending = iter(sids)
 
-        async def worker() -> None:
-            for sid in pending:
-                try:
-                    sim = await self._client.fetch_sim(sid)
-                except ApiError as exc:
-                    failed.add(sid)
-                    self._count(exc)
-                    self._report(exc, f"cannot read SIM {sid}")
-                    continue
-                self._learn_account([sim.account_sid])
-                self._set_identity(sim)
+        async def read(sid: str) -> None:
+            try:
+                sim = await self._client.fetch_sim(sid)
+            except ApiError as exc:
+                failed.add(sid)
+                self._count(exc)
+                self._report(exc, f"cannot read SIM {sid}")
+                return
+            self._learn_account([sim.account_sid])
+            self._set_identity(sim)
 
-        await asyncio.gather(*(worker() for _ in range(min(self._max_tasks, len(sids)))))
+        await self._for_each(sids, read)
         return failed
 
     # ------------------------------------------------------------------ the long-running loop
