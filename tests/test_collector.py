@@ -140,12 +140,9 @@ def test_every_family_has_help_saying_values_are_cached(render: Render) -> None:
     text = render(polled_state())
     helps = [line for line in text.splitlines() if line.startswith("# HELP twilio_wireless_sim_")]
     assert helps
-    cached = [
-        h
-        for h in helps
-        if "sim_up " not in h and "last_poll_success" not in h and "sim_info" not in h
-    ]
-    assert all("Cached from the exporter's latest poll" in h for h in cached)
+    own = ("sim_up ", "last_poll_success", "sim_info", "usage_last_success", "period_start")
+    cached = [h for h in helps if not any(name in h for name in own)]
+    assert all("Cached from the exporter's latest" in h for h in cached)
 
 
 def test_hostile_label_values_are_escaped(render: Render) -> None:
@@ -185,7 +182,7 @@ def fully_populated() -> tuple[FleetState, CollectorRegistry]:
     registry, api = build_registry(state, poll_interval=60.0, shard=Shard(0, 1))
     api.request_done("/v1/Sims/{sid}/DataSessions", "200", 0.2)
     api.retry("/v1/Sims/{sid}/DataSessions", RetryReason.THROTTLED)
-    api.poll_error(ErrorKind.TIMEOUT)
+    api.poll_error("data_sessions", ErrorKind.TIMEOUT)
     api.token_request(TokenResult.SUCCESS)
     api.watch_token(lambda: (T0 + 3600.0, 3600.0))
     StateStore(Path("unused.db"), state_identity(minimal_config()), registry=registry)

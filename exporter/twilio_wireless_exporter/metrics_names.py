@@ -177,6 +177,71 @@ LAST_SUCCESS = _family(
     *SIM,
 )
 
+USAGE = (
+    " Cached from the exporter's latest read of the usage records, which lag the traffic by"
+    " 24 to 48 hours."
+)
+
+SIM_DATA_BYTES = _family(
+    "sim_data_bytes",
+    "counter",
+    "Bytes the API reported for the SIM after its first successful usage read, by direction"
+    " (upload, download); late revisions of a past day count when they arrive." + USAGE,
+    *SIM,
+    "direction",
+)
+SIM_DATA_PERIOD_BYTES = _family(
+    "sim_data_period_bytes",
+    "gauge",
+    "Bytes the SIM used in its current metering period, as the API reports them now, by"
+    " direction (upload, download, total); with usage.roaming_split also by network (home,"
+    " national_roaming, international_roaming)." + USAGE,
+    *SIM,
+    "direction",
+)
+SIM_DATA_PERIOD_START = _family(
+    "sim_data_period_start_timestamp_seconds",
+    "gauge",
+    "Unix time at which the SIM's current metering period began (usage.period_start_day).",
+    *SIM,
+)
+SIM_DATA_PERIOD_BILLED = _family(
+    "sim_data_period_billed",
+    "gauge",
+    "Amount billed for the SIM's data in its current metering period, in billing_units"
+    " (usage.billed)." + USAGE,
+    *SIM,
+    "billing_units",
+)
+SIM_COMMANDS = _family(
+    "sim_commands",
+    "counter",
+    "SMS and IP commands the API reported for the SIM after its first successful usage read,"
+    " by direction (from_sim, to_sim)." + USAGE,
+    *SIM,
+    "direction",
+)
+SIM_USAGE_LAST_SUCCESS = _family(
+    "sim_usage_last_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the latest successful read of the SIM's usage records.",
+    *SIM,
+)
+SIM_STATUS_CHANGES = _family(
+    "sim_status_changes",
+    "counter",
+    "Changes of the SIM's status seen in /v1/Sims since the exporter started monitoring it."
+    + CACHED,
+    *SIM,
+)
+SIM_RESETTING = _family(
+    "sim_connectivity_reset_in_progress",
+    "gauge",
+    "1 while a connectivity reset of the SIM is in progress (reset_status is resetting), else"
+    " 0." + CACHED,
+    *SIM,
+)
+
 PER_SIM: tuple[Family, ...] = (
     SIM_INFO,
     SESSIONS_OPEN,
@@ -192,6 +257,14 @@ PER_SIM: tuple[Family, ...] = (
     IMEI_CHANGES,
     SIM_UP,
     LAST_SUCCESS,
+    SIM_STATUS_CHANGES,
+    SIM_RESETTING,
+    SIM_DATA_BYTES,
+    SIM_DATA_PERIOD_BYTES,
+    SIM_DATA_PERIOD_START,
+    SIM_DATA_PERIOD_BILLED,
+    SIM_COMMANDS,
+    SIM_USAGE_LAST_SUCCESS,
 )
 """The per-SIM families, in the order they are exposed."""
 
@@ -251,8 +324,10 @@ API_RETRIES = _family(
 POLL_ERRORS = _family(
     "poll_errors",
     "counter",
-    "Failed polls by kind of failure (http, auth, timeout, connection, decode,"
-    " too_large, too_many_pages, bad_next_page).",
+    "Failed reads of the API by endpoint (data_sessions, sims, sim, usage_records,"
+    " account_usage_records, rate_plans) and kind of failure (http, auth, timeout,"
+    " connection, decode, too_large, too_many_pages, bad_next_page, internal).",
+    "endpoint",
     "kind",
 )
 RECORDS_REJECTED = _family(
@@ -345,12 +420,65 @@ HTTP_CONNECTIONS_MAX = _family(
     "Most client connections the exporter's HTTP server keeps open (--web.max-connections).",
 )
 
+ACCOUNT_DATA_BYTES = _family(
+    "account_data_bytes",
+    "counter",
+    "Bytes the API reported for the whole account (/v1/UsageRecords) after the exporter's first"
+    " successful account usage read, by direction (upload, download)." + USAGE,
+    "direction",
+)
+ACCOUNT_COMMANDS = _family(
+    "account_commands",
+    "counter",
+    "Commands the API reported for the whole account after the exporter's first successful"
+    " account usage read, by direction (from_sim, to_sim)." + USAGE,
+    "direction",
+)
+ACCOUNT_USAGE_LAST_SUCCESS = _family(
+    "account_usage_last_success_timestamp_seconds",
+    "gauge",
+    "Unix time of the latest successful read of the account's usage records.",
+)
+RATE_PLAN_INFO = _family(
+    "rate_plan_info",
+    "gauge",
+    "Identity of a rate plan of the account (value is always 1), from /v1/RatePlans.",
+    "rate_plan_sid",
+    "unique_name",
+    "friendly_name",
+    "data_metering",
+    "data_enabled",
+    "national_roaming_enabled",
+)
+RATE_PLAN_DATA_LIMIT = _family(
+    "rate_plan_data_limit_bytes",
+    "gauge",
+    "Data limit of a rate plan per metering period (a month), by network (home,"
+    " national_roaming, international_roaming), converted from the API's megabytes at"
+    " 1 MB = 1,048,576 bytes; absent when the plan sets no limit.",
+    "rate_plan_sid",
+    "network",
+)
+SIMS_BY_STATUS = _family(
+    "sims",
+    "gauge",
+    "Monitored SIMs by status and rate plan, from the latest /v1/Sims listing or read.",
+    "status",
+    "rate_plan_sid",
+)
+
 FLEET: tuple[Family, ...] = (
     SESSION_DURATION,
     SIMS_MONITORED,
     POLL_INTERVAL,
     SHARDS,
     BUILD_INFO,
+    SIMS_BY_STATUS,
+    RATE_PLAN_INFO,
+    RATE_PLAN_DATA_LIMIT,
+    ACCOUNT_DATA_BYTES,
+    ACCOUNT_COMMANDS,
+    ACCOUNT_USAGE_LAST_SUCCESS,
 )
 """Fleet-wide families of the exporter's private registry."""
 

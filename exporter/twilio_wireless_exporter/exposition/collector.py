@@ -120,8 +120,8 @@ class ApiMetrics:
     def retry(self, endpoint: str, reason: RetryReason) -> None:
         self.retries.labels(endpoint, reason).inc()
 
-    def poll_error(self, kind: ErrorKind) -> None:
-        self.poll_errors.labels(kind).inc()
+    def poll_error(self, endpoint: str, kind: ErrorKind) -> None:
+        self.poll_errors.labels(endpoint, kind).inc()
 
     def record_rejected(self, endpoint: str, reason: RejectReason) -> None:
         self.records_rejected.labels(endpoint, reason).inc()

@@ -24,6 +24,7 @@ from typing import Protocol
 from twilio_wireless_exporter.api.auth import ENDPOINT_TOKEN
 from twilio_wireless_exporter.api.client import (
     ENDPOINT_DATA_SESSIONS,
+    ENDPOINT_SIM,
     ENDPOINT_SIMS,
     Rejection,
     TwilioClient,
@@ -72,7 +73,8 @@ class PollerSettings:
 
 
 class PollObserver(Protocol):
-    def poll_error(self, kind: ErrorKind) -> None: ...
+    def poll_error(self, endpoint: str, kind: ErrorKind) -> None:
+        """A failed read of ``endpoint`` (the operation's, not the token's when a token failed)."""
 
     def record_rejected(self, endpoint: str, reason: RejectReason) -> None: ...
 
@@ -212,7 +214,7 @@ class Poller:
                 self._settings.discovery_statuses, DISCOVERY_PAGE_SIZE
             )
         except ApiError as exc:
-            self._count(exc)
+            self._count(ENDPOINT_SIMS, exc)
             self._report(exc, "SIM discovery failed")
             return None
         if sims.rejected:
@@ -246,7 +248,7 @@ class Poller:
                 sim = await self._client.fetch_sim(sid)
             except ApiError as exc:
                 failed.add(sid)
-                self._count(exc)
+                self._count(ENDPOINT_SIM, exc)
                 self._report(exc, f"cannot read SIM {sid}")
                 return
             self._learn_account([sim.account_sid])
@@ -364,7 +366,7 @@ class Poller:
             log.exception("unexpected error while polling SIM %s", sid)
             self._state.record_failure(sid, "internal error", self._clock.time())
             if self._observer is not None:
-                self._observer.poll_error(ErrorKind.INTERNAL)
+                self._observer.poll_error(ENDPOINT_DATA_SESSIONS, ErrorKind.INTERNAL)
         finally:
             self._inflight.pop(sid, None)
             if sid in self._state.sims:
@@ -412,8 +414,7 @@ class Poller:
         record = self._state.sims.get(sid)
         was_up = record is not None and record.up is not False
         self._state.record_failure(sid, str(exc), self._clock.time())
-        if self._observer is not None:
-            self._observer.poll_error(exc.kind)
+        self._count(ENDPOINT_DATA_SESSIONS, exc)
         if exc.kind is ErrorKind.AUTH:
             self._report(exc, f"polling SIM {sid} failed")
         elif was_up:
@@ -441,9 +442,9 @@ class Poller:
                 rejection.detail,
             )
 
-    def _count(self, exc: ApiError) -> None:
+    def _count(self, endpoint: str, exc: ApiError) -> None:
         if self._observer is not None:
-            self._observer.poll_error(exc.kind)
+            self._observer.poll_error(endpoint, exc.kind)
 
     def _report(self, exc: ApiError, what: str) -> None:
         if exc.kind is ErrorKind.AUTH:
