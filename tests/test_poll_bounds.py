@@ -7,6 +7,8 @@ import asyncio
 import pytest
 
 from tests.harness_support import MakeHarness, eventually
+from twilio_wireless_exporter.clock import Clock, sleep_or_wake
+from twilio_wireless_exporter.polling import poller as poller_module
 from twilio_wireless_simulator import RunningSimulator
 
 
@@ -19,14 +21,13 @@ async def test_the_first_cycle_runs_a_bounded_number_of_polls_at_once(
     poller = h.exporter.poller
     monkeypatch.setattr(poller, "_max_tasks", 5)
     wakeups = 0
-    sleep_or_wake = poller._sleep_or_wake
 
-    async def counting(delay: float | None) -> None:
+    async def counting(clock: Clock, wake: asyncio.Event, delay: float | None) -> None:
         nonlocal wakeups
         wakeups += 1
-        await sleep_or_wake(delay)
+        await sleep_or_wake(clock, wake, delay)
 
-    monkeypatch.setattr(poller, "_sleep_or_wake", counting)
+    monkeypatch.setattr(poller_module, "sleep_or_wake", counting)
     peak = 0
 
     async def watch() -> None:

@@ -6,6 +6,7 @@ Tests use :class:`ManualClock` and advance it explicitly; nothing waits for wall
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import time
@@ -74,3 +75,19 @@ class ManualClock:
             for _ in range(3):
                 await asyncio.sleep(0)
         self._now = target
+
+
+async def sleep_or_wake(clock: Clock, wake: asyncio.Event, delay: float | None) -> None:
+    """Sleep ``delay`` seconds on ``clock`` (forever when ``None``), or less if ``wake`` is set."""
+    waiter = asyncio.create_task(wake.wait())
+    tasks: set[asyncio.Task[object]] = {waiter}
+    if delay is not None:
+        tasks.add(asyncio.create_task(clock.sleep(delay)))
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

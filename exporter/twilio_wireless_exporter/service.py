@@ -28,6 +28,7 @@ from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.persist import StateLock, StateStore, state_identity
 from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.polling.poller import Poller, PollerSettings, SimTarget
+from twilio_wireless_exporter.polling.usage import UsagePoller, UsageSettings
 from twilio_wireless_exporter.web.app import WebContext, make_app
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,23 @@ def poller_settings(config: Config) -> PollerSettings:
         discovery_statuses=tuple(config.discovery.status),
         discovery_interval=config.discovery.refresh_interval,
         shard=config.shard.shard,
+    )
+
+
+def usage_settings(config: Config) -> UsageSettings:
+    usage = config.usage
+    return UsageSettings(
+        interval=usage.interval,
+        period_start_day=usage.period_start_day,
+        period_start_days={
+            sim.sid: sim.usage_period_start_day
+            for sim in config.sims
+            if sim.usage_period_start_day is not None
+        },
+        revision_days=usage.revision_days,
+        account=usage.account,
+        rate_plans=usage.rate_plans,
+        rate_plans_interval=config.discovery.refresh_interval,
     )
 
 
@@ -129,12 +147,15 @@ class Exporter:
         self.sims = SimFamilies(
             self.state,
             imei_label=config.metrics.imei_label,
+            roaming_split=config.usage.roaming_split,
+            billed=config.usage.billed,
             on_error=self.api_metrics.exposition_error,
         )
         self.exposition = Exposition(self.sims, self.registry)
         self._session: aiohttp.ClientSession | None = None
         self._client: TwilioClient | None = None
         self._poller: Poller | None = None
+        self._usage: UsagePoller | None = None
         self._store: StateStore | None = None
         self._state_lock: StateLock | None = None
         self._loops = Loops(on_failure)
@@ -210,6 +231,14 @@ class Exporter:
             clock=self.clock,
             observer=self.api_metrics,
         )
+        if self.config.usage.enabled:
+            self._usage = UsagePoller(
+                self._client,
+                self.state,
+                usage_settings(self.config),
+                clock=self.clock,
+                observer=self.api_metrics,
+            )
         if path is not None and self._store is None:
             self._store = StateStore(path, state_identity(self.config), registry=self.registry)
             shard = self.config.shard.shard
@@ -224,6 +253,8 @@ class Exporter:
         if self._poller is None:
             await self.open()
         loops: dict[str, Loop] = {"poller": self.poller.run}
+        if self._usage is not None:
+            loops["usage poller"] = self._usage.run
         store = self._store
         if store is not None:
             interval = self.config.state.save_interval

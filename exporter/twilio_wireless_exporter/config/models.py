@@ -210,12 +210,17 @@ class PollSettings(Settings):
         return self
 
 
+PeriodStartDay = Annotated[StrictInt, Field(ge=1, le=28)]
+
+
 class SimSettings(Settings):
-    """One entry of ``sims``: a SIM to poll, with an optional display name and constant labels."""
+    """One entry of ``sims``: a SIM to poll, with an optional display name and constant labels;
+    ``usage_period_start_day`` overrides ``usage.period_start_day`` for this SIM."""
 
     sid: SimSid
     name: Text | None = None
     labels: dict[LabelName, LabelValue] = Field(default_factory=dict)
+    usage_period_start_day: PeriodStartDay | None = None
 
 
 def _one_or_many(value: object) -> object:
@@ -223,8 +228,14 @@ def _one_or_many(value: object) -> object:
 
 
 def _some_statuses(statuses: tuple[str, ...]) -> tuple[str, ...]:
+    """The statuses to list, without repeats; ``all`` becomes ``()``: no Status filter, one
+    listing of every SIM (so a SIM that leaves ``active`` is seen leaving)."""
     if not statuses:
-        raise Problem("status", f"must list at least one of {', '.join(SIM_STATUSES)}")
+        raise Problem("status", f"must list at least one of all, {', '.join(SIM_STATUSES)}")
+    if "all" in statuses:
+        if len(set(statuses)) > 1:
+            raise Problem("status", "all already lists every status; give it alone")
+        return ()
     return tuple(dict.fromkeys(statuses))
 
 
@@ -233,7 +244,9 @@ class DiscoverySettings(Settings):
 
     enabled: StrictBool = False
     status: Annotated[
-        tuple[SimStatus, ...], BeforeValidator(_one_or_many), AfterValidator(_some_statuses)
+        tuple[SimStatus | Literal["all"], ...],
+        BeforeValidator(_one_or_many),
+        AfterValidator(_some_statuses),
     ] = ("active",)
     refresh_interval: Annotated[Duration, Field(ge=10)] = 600.0
 
@@ -242,6 +255,19 @@ class MetricsSettings(Settings):
     """``metrics``: optional parts of the exposition."""
 
     imei_label: StrictBool = False
+
+
+class UsageSettings(Settings):
+    """``usage``: data and command usage from the usage records, and the rate plans."""
+
+    enabled: StrictBool = True
+    interval: Annotated[Duration, Field(ge=1)] = 3600.0
+    period_start_day: PeriodStartDay = 1
+    revision_days: Annotated[StrictInt, Field(ge=0, le=7)] = 2
+    account: StrictBool = True
+    rate_plans: StrictBool = True
+    roaming_split: StrictBool = False
+    billed: StrictBool = False
 
 
 class StateSettings(Settings):
@@ -278,6 +304,7 @@ class Config(Settings):
     sims: tuple[SimSettings, ...] = Field(default_factory=tuple)
     discovery: DiscoverySettings = Field(default_factory=DiscoverySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
     state: StateSettings = Field(default_factory=StateSettings)
     shard: ShardSettings = Field(default_factory=ShardSettings)
 

@@ -63,6 +63,7 @@ class FleetCollector(Collector):
         yield duration
 
         yield _single(names.SIMS_MONITORED, float(len(self._state.sims)))
+        yield from self._lifecycle()
         if self._poll_interval is not None:
             yield _single(names.POLL_INTERVAL, float(self._poll_interval))
         if self._shard is not None:
@@ -72,6 +73,61 @@ class FleetCollector(Collector):
             1.0,
             {"version": __version__, "python_version": platform.python_version()},
         )
+
+    def _lifecycle(self) -> Iterable[Metric]:
+        """SIMs by status, the rate plans and the account's usage."""
+        state = self._state
+        family = names.SIMS_BY_STATUS
+        sims = Metric(family.name, family.help, family.kind)
+        for (status, plan_sid), count in sorted(state.sims_by_status().items()):
+            sims.add_sample(
+                family.name, {"status": status, "rate_plan_sid": plan_sid}, float(count)
+            )
+        yield sims
+        family = names.RATE_PLAN_INFO
+        info = Metric(family.name, family.help, family.kind)
+        family = names.RATE_PLAN_DATA_LIMIT
+        limits = Metric(family.name, family.help, family.kind)
+        for sid, plan in sorted(state.rate_plans.items()):
+            labels = {
+                "rate_plan_sid": sid,
+                "unique_name": plan.unique_name,
+                "friendly_name": plan.friendly_name,
+                "data_metering": plan.data_metering,
+                "data_enabled": _flag(plan.data_enabled),
+                "national_roaming_enabled": _flag(plan.national_roaming_enabled),
+            }
+            info.add_sample(names.RATE_PLAN_INFO.name, labels, 1.0)
+            for network, limit in plan.limits:
+                labels = {"rate_plan_sid": sid, "network": network}
+                limits.add_sample(family.name, labels, float(limit))
+        yield info
+        yield limits
+        usage = state.account_usage
+        ledger = usage.ledger
+        if not ledger.baselined:
+            return
+        family = names.ACCOUNT_DATA_BYTES
+        data = Metric(family.name, family.help, family.kind)
+        data.add_sample(family.sample, {"direction": "upload"}, float(ledger.upload_total))
+        data.add_sample(family.sample, {"direction": "download"}, float(ledger.download_total))
+        yield data
+        family = names.ACCOUNT_COMMANDS
+        commands = Metric(family.name, family.help, family.kind)
+        commands.add_sample(
+            family.sample, {"direction": "from_sim"}, float(ledger.commands_from_sim_total)
+        )
+        commands.add_sample(
+            family.sample, {"direction": "to_sim"}, float(ledger.commands_to_sim_total)
+        )
+        yield commands
+        if usage.last_success is not None:
+            yield _single(names.ACCOUNT_USAGE_LAST_SUCCESS, usage.last_success)
+
+
+def _flag(value: bool | None) -> str:
+    """A boolean as a label value: ``true``, ``false``, or ``""`` when the API left it null."""
+    return "" if value is None else "true" if value else "false"
 
 
 def _single(family: names.Family, value: float, labels: dict[str, str] | None = None) -> Metric:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from twilio_wireless_exporter.fleet.state import FleetState, SimRecord
+from twilio_wireless_exporter.fleet.state import FleetState, SimRecord, SimUsage
 from twilio_wireless_exporter.metrics_names import (
     IMEI_CHANGES,
     LAST_START,
@@ -30,8 +30,16 @@ from twilio_wireless_exporter.metrics_names import (
     SESSIONS_ENDED,
     SESSIONS_OPEN,
     SESSIONS_STARTED,
+    SIM_COMMANDS,
+    SIM_DATA_BYTES,
+    SIM_DATA_PERIOD_BILLED,
+    SIM_DATA_PERIOD_BYTES,
+    SIM_DATA_PERIOD_START,
     SIM_INFO,
+    SIM_RESETTING,
+    SIM_STATUS_CHANGES,
     SIM_UP,
+    SIM_USAGE_LAST_SUCCESS,
     Family,
 )
 
@@ -55,12 +63,22 @@ _LATITUDE = LATITUDE.name
 _LONGITUDE = LONGITUDE.name
 _LAST_START = LAST_START.name
 _LAST_UPDATED = LAST_UPDATED.name
+_STATUS_CHANGES = SIM_STATUS_CHANGES.sample
+_RESETTING = SIM_RESETTING.name
+_DATA_BYTES = SIM_DATA_BYTES.sample
+_PERIOD_BYTES = SIM_DATA_PERIOD_BYTES.name
+_PERIOD_START = SIM_DATA_PERIOD_START.name
+_PERIOD_BILLED = SIM_DATA_PERIOD_BILLED.name
+_COMMANDS = SIM_COMMANDS.sample
+_USAGE_LAST_SUCCESS = SIM_USAGE_LAST_SUCCESS.name
 
 
 class SimFamilies(Collector):
     """The per-SIM families of a :class:`FleetState` (``metrics_names.PER_SIM``, in that order).
 
-    ``imei_label`` adds the device's IMEI to ``sim_session_info`` (``metrics.imei_label``).
+    ``imei_label`` adds the device's IMEI to ``sim_session_info`` (``metrics.imei_label``);
+    ``roaming_split`` splits the period's total by network (``usage.roaming_split``);
+    ``billed`` adds the billed amount (``usage.billed``).
     ``on_error`` is called for each SIM whose samples cannot be rendered (see :meth:`failed`).
     """
 
@@ -71,10 +89,14 @@ class SimFamilies(Collector):
         state: FleetState,
         *,
         imei_label: bool = False,
+        roaming_split: bool = False,
+        billed: bool = False,
         on_error: Callable[[], None] | None = None,
     ) -> None:
         self.state = state
         self.imei_label = imei_label
+        self.roaming_split = roaming_split
+        self.billed = billed
         self.on_error = on_error
         self._failed_logged: set[str] = set()
 
@@ -127,6 +149,43 @@ class SimFamilies(Collector):
             yield SIM_UP, _UP, base, 1.0 if record.up else 0.0
         if record.last_success is not None:
             yield LAST_SUCCESS, _LAST_SUCCESS, base, record.last_success
+        if ident.status:
+            yield SIM_STATUS_CHANGES, _STATUS_CHANGES, base, float(record.status_changes)
+            yield SIM_RESETTING, _RESETTING, base, 1.0 if ident.resetting else 0.0
+        if record.usage is not None:
+            yield from self._usage_samples(record.usage, base)
+        yield from self._session_samples(record, base)
+
+    def _usage_samples(self, usage: SimUsage, base: dict[str, str]) -> Iterator[Sample]:
+        ledger = usage.ledger
+        yield SIM_DATA_BYTES, _DATA_BYTES, {**base, "direction": "upload"}, ledger.upload_total
+        yield SIM_DATA_BYTES, _DATA_BYTES, {**base, "direction": "download"}, ledger.download_total
+        period = usage.period
+        if period is not None:
+            bytes_ = SIM_DATA_PERIOD_BYTES
+            yield bytes_, _PERIOD_BYTES, {**base, "direction": "upload"}, period.upload
+            yield bytes_, _PERIOD_BYTES, {**base, "direction": "download"}, period.download
+            if self.roaming_split:
+                for network, value in (
+                    ("home", period.home),
+                    ("national_roaming", period.national_roaming),
+                    ("international_roaming", period.international_roaming),
+                ):
+                    labels = {**base, "direction": "total", "network": network}
+                    yield bytes_, _PERIOD_BYTES, labels, value or 0
+            else:
+                yield bytes_, _PERIOD_BYTES, {**base, "direction": "total"}, period.total
+            yield SIM_DATA_PERIOD_START, _PERIOD_START, base, period.start
+            if self.billed and period.billed is not None:
+                labels = {**base, "billing_units": period.billing_units}
+                yield SIM_DATA_PERIOD_BILLED, _PERIOD_BILLED, labels, period.billed
+        commands = SIM_COMMANDS
+        yield commands, _COMMANDS, {**base, "direction": "from_sim"}, ledger.commands_from_sim_total
+        yield commands, _COMMANDS, {**base, "direction": "to_sim"}, ledger.commands_to_sim_total
+        if usage.last_success is not None:
+            yield SIM_USAGE_LAST_SUCCESS, _USAGE_LAST_SUCCESS, base, usage.last_success
+
+    def _session_samples(self, record: SimRecord, base: dict[str, str]) -> Iterator[Sample]:
         acct = record.account
         if not acct.baselined:
             return

@@ -71,6 +71,17 @@ from twilio_wireless_exporter.fleet.state import (
     Histogram,
     is_account_sid,
 )
+from twilio_wireless_exporter.fleet.usage_rows import (
+    SCHEMA as USAGE_SCHEMA,
+)
+from twilio_wireless_exporter.fleet.usage_rows import (
+    LoadedUsage,
+    UsageRows,
+    read_usage,
+    restore_usage,
+    snapshot_usage,
+    write_usage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +186,7 @@ class Snapshot:
     durations: list[tuple[str, str, str, float, int]] = field(default_factory=list)
     account_sid: str | None = None
     """The account the API answered for, when learned from its answers."""
+    usage: UsageRows = field(default_factory=UsageRows)
 
 
 @dataclass(slots=True)
@@ -199,6 +211,7 @@ class LoadedState:
     unverified_account: str | None = None
     """The file's account SID when the configuration names none: checked against the first
     API answer (:meth:`FleetState.learn_account`)."""
+    usage: LoadedUsage = field(default_factory=LoadedUsage)
 
 
 # ----------------------------------------------------------------------------------- snapshot
@@ -260,6 +273,7 @@ def snapshot(state: FleetState) -> Snapshot:
             (radio_link, json.dumps(hist.bounds), json.dumps(hist.counts), hist.total, hist.count)
         )
     snap.account_sid = state.account_sid
+    snap.usage = snapshot_usage(state)
     return snap
 
 
@@ -300,7 +314,7 @@ def write_state(path: Path, snap: Snapshot, identity: StateIdentity, saved_at: f
         try:
             conn.execute("PRAGMA journal_mode=OFF")
             conn.execute("PRAGMA synchronous=OFF")
-            conn.executescript(_SCHEMA)
+            conn.executescript(_SCHEMA + USAGE_SCHEMA)
             conn.execute("BEGIN")
             meta = [
                 ("application", APPLICATION),
@@ -314,6 +328,8 @@ def write_state(path: Path, snap: Snapshot, identity: StateIdentity, saved_at: f
                 meta.append(("account_sid", account_sid))
             conn.executemany("INSERT INTO meta VALUES (?, ?)", meta)
             written = _insert_rows(conn, snap, path)
+            for sid in write_usage(conn, snap.usage):
+                written.unsaved.setdefault(sid, "usage or status text that is not valid Unicode")
             conn.executemany("INSERT INTO durations VALUES (?, ?, ?, ?, ?)", snap.durations)
             conn.execute("COMMIT")
         finally:
@@ -690,8 +706,10 @@ def _read(
             continue
         if hist is not None:
             durations[row.radio_link] = hist
+    usage = read_usage(conn, keep)
+    rejected.extend(usage.rejected)
     return LoadedState(
-        accounts, last_success, durations, saved_at, written_by, rejected, unverified
+        accounts, last_success, durations, saved_at, written_by, rejected, unverified, usage
     )
 
 
@@ -799,6 +817,7 @@ class StateStore:
             if record is not None and record.last_success is None:
                 record.last_success = success
         state.restore(loaded.accounts, loaded.durations)
+        restore_usage(state, loaded.usage)
         state.unverified_account = loaded.unverified_account
         self._report_rejected(loaded.rejected)
         sessions = sum(len(a.sessions) for a in loaded.accounts.values())

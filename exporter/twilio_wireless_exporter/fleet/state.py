@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
+from twilio_wireless_exporter.api.records import INT64_MAX
+from twilio_wireless_exporter.api.usage import Usage
 from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SimAccount
+from twilio_wireless_exporter.fleet.usage import (
+    PeriodUsage,
+    UsageLedger,
+    UsageOutcome,
+    apply_usage,
+    period_usage,
+)
 
 _ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
 
@@ -47,11 +56,34 @@ class SimIdentity(msgspec.Struct, gc=False):
     friendly_name: str = ""
     status: str = ""
     rate_plan_sid: str = ""
+    resetting: bool = False
+    """Whether ``reset_status`` said a connectivity reset is in progress."""
 
     @property
     def display_name(self) -> str:
         """The configured name, else the friendly name, else the unique name ("" if none)."""
         return self.name or self.friendly_name or self.unique_name
+
+
+class SimUsage(msgspec.Struct, gc=False):
+    """What the usage records told of one SIM (or, without ``period``, of the account)."""
+
+    ledger: UsageLedger = msgspec.field(default_factory=UsageLedger)
+    period: PeriodUsage | None = None
+    last_success: float | None = None
+
+
+class PlanInfo(msgspec.Struct, frozen=True, gc=False):
+    """A rate plan of the account, as ``/v1/RatePlans`` lists it (limits in bytes)."""
+
+    sid: str
+    unique_name: str = ""
+    friendly_name: str = ""
+    data_metering: str = ""
+    data_enabled: bool | None = None
+    national_roaming_enabled: bool | None = None
+    limits: tuple[tuple[str, int], ...] = ()
+    """``(network, bytes per metering period)`` for the networks the plan limits."""
 
 
 class SimRecord(msgspec.Struct, gc=False):
@@ -67,6 +99,9 @@ class SimRecord(msgspec.Struct, gc=False):
     last_success: float | None = None
     last_attempt: float | None = None
     last_error: str | None = None
+    usage: SimUsage | None = None
+    """``None`` until the SIM's first successful usage read."""
+    status_changes: int = 0
     version: int = 0
 
 
@@ -113,6 +148,15 @@ class FleetState:
         """The account the API answers for, from the first answer that names it."""
         self.unverified_account: str | None = None
         """The account SID of a restored state file not yet checked against the API."""
+        self.restored_usage: dict[str, UsageLedger] = {}
+        """Usage ledgers from the state file, each held until its SIM's next usage read."""
+        self.restored_status: dict[str, tuple[str, int]] = {}
+        """``(status, status changes)`` from the state file, held until the SIM's identity is
+        next read (a change while the exporter was down is counted then)."""
+        self.account_usage = SimUsage()
+        self.restored_account_usage: UsageLedger | None = None
+        self.rate_plans: dict[str, PlanInfo] = {}
+        self._by_status: dict[tuple[str, str], int] | None = None  # see sims_by_status
 
     # ------------------------------------------------------------------ membership
 
@@ -124,6 +168,7 @@ class FleetState:
         if record is None:
             record = SimRecord(sid=sid)
             self.sims[sid] = record
+            self._by_status = None
             self._touch(record)
         new_labels = tuple(sorted((labels or {}).items()))
         if new_labels != record.labels or name != record.identity.name:
@@ -153,9 +198,11 @@ class FleetState:
         for sid in dropped:
             del self.sims[sid]
         if dropped:
+            self._by_status = None
             self.version += 1
-        for sid in [sid for sid in self.restored if sid not in keep]:
-            del self.restored[sid]
+        for held in (self.restored, self.restored_usage, self.restored_status):
+            for sid in [sid for sid in held if sid not in keep]:
+                del held[sid]
         self._polled(*(sid for sid in list(self._awaiting_poll) if sid not in keep))
         return dropped
 
@@ -186,6 +233,9 @@ class FleetState:
         if expected is None or expected == account_sid:
             return False
         self.restored = {}
+        self.restored_usage = {}
+        self.restored_status = {}
+        self.restored_account_usage = None
         if self._held_durations is not None:
             self._held_durations = None
             self._awaiting_poll = set()
@@ -222,15 +272,85 @@ class FleetState:
         friendly_name: str | None,
         status: str | None,
         rate_plan_sid: str | None,
+        reset_status: str | None = None,
     ) -> None:
+        """What ``/v1/Sims`` says of a SIM. A status other than the one known before counts
+        as a change (the status restored from the state file included)."""
         record = self.sims.get(sid)
         if record is None:
             return
         ident = record.identity
-        new = (unique_name or "", friendly_name or "", status or "", rate_plan_sid or "")
-        if new != (ident.unique_name, ident.friendly_name, ident.status, ident.rate_plan_sid):
-            ident.unique_name, ident.friendly_name, ident.status, ident.rate_plan_sid = new
+        previous = ident.status
+        if not previous:
+            restored = self.restored_status.pop(sid, None)
+            if restored is not None:
+                previous, record.status_changes = restored
+        status = status or ""
+        if previous and status and status != previous:
+            record.status_changes = min(record.status_changes + 1, INT64_MAX)
             self._touch(record)
+        new = (unique_name or "", friendly_name or "", status, rate_plan_sid or "")
+        resetting = reset_status == "resetting"
+        if (
+            new != (ident.unique_name, ident.friendly_name, ident.status, ident.rate_plan_sid)
+            or resetting != ident.resetting
+        ):
+            if (status, new[3]) != (ident.status, ident.rate_plan_sid):
+                self._by_status = None
+            ident.unique_name, ident.friendly_name, ident.status, ident.rate_plan_sid = new
+            ident.resetting = resetting
+            self._touch(record)
+
+    def record_usage(
+        self, sid: str, records: Sequence[Usage], *, window_start: int, period: float, now: float
+    ) -> UsageOutcome | None:
+        """Fold a successful read of a SIM's usage records into its ledger (the restored one
+        first, if still held); ``period`` is the start of its metering period."""
+        record = self.sims.get(sid)
+        if record is None:
+            return None
+        usage = record.usage
+        if usage is None:
+            held = self.restored_usage.pop(sid, None)
+            usage = record.usage = SimUsage(UsageLedger() if held is None else held)
+        outcome = apply_usage(usage.ledger, records, window_start)
+        usage.period = period_usage(records, period)
+        usage.last_success = now
+        self._touch(record)
+        return outcome
+
+    def record_account_usage(
+        self, records: Sequence[Usage], *, window_start: int, now: float
+    ) -> UsageOutcome:
+        """Fold a successful read of the account's usage records into its ledger."""
+        usage = self.account_usage
+        held, self.restored_account_usage = self.restored_account_usage, None
+        if held is not None and not usage.ledger.baselined:
+            usage.ledger = held
+        outcome = apply_usage(usage.ledger, records, window_start)
+        usage.last_success = now
+        self.version += 1
+        return outcome
+
+    def set_rate_plans(self, plans: Iterable[PlanInfo]) -> None:
+        """The account's rate plans, as listed now (replacing the previous listing)."""
+        fresh = {plan.sid: plan for plan in plans}
+        if fresh != self.rate_plans:
+            self.rate_plans = fresh
+            self.version += 1
+
+    def sims_by_status(self) -> dict[tuple[str, str], int]:
+        """Monitored SIMs by ``(status, rate_plan_sid)`` (``""`` where unknown); counted again
+        only after a SIM came, went or changed status or plan, not on every scrape."""
+        counts = self._by_status
+        if counts is None:
+            counts = {}
+            for record in self.sims.values():
+                ident = record.identity
+                key = (ident.status, ident.rate_plan_sid)
+                counts[key] = counts.get(key, 0) + 1
+            self._by_status = counts
+        return counts
 
     def record_success(self, sid: str, outcome: ListingOutcome, now: float) -> None:
         record = self.sims.get(sid)

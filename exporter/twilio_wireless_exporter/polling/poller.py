@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import heapq
 import logging
@@ -31,7 +30,7 @@ from twilio_wireless_exporter.api.client import (
 )
 from twilio_wireless_exporter.api.records import RejectReason, Sim
 from twilio_wireless_exporter.api.transport import ApiError, ErrorKind
-from twilio_wireless_exporter.clock import Clock, SystemClock
+from twilio_wireless_exporter.clock import Clock, SystemClock, sleep_or_wake
 from twilio_wireless_exporter.fleet.accounting import DEFAULT_FORGET_AFTER, apply_listing
 from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.sharding import Shard
@@ -357,7 +356,7 @@ class Poller:
                 delay = None  # capped: a finishing poll wakes the loop
             else:
                 delay = self._heap[0][0] - now if self._heap else None
-            await self._sleep_or_wake(delay)
+            await sleep_or_wake(self._clock, self._wake, delay)
 
     async def _poll_task(self, sid: str) -> None:
         try:
@@ -372,20 +371,6 @@ class Poller:
             if sid in self._state.sims:
                 heapq.heappush(self._heap, (self.next_slot(sid, self._clock.monotonic()), sid))
                 self._wake.set()
-
-    async def _sleep_or_wake(self, delay: float | None) -> None:
-        waiter = asyncio.create_task(self._wake.wait())
-        tasks: set[asyncio.Task[object]] = {waiter}
-        if delay is not None:
-            tasks.add(asyncio.create_task(self._clock.sleep(delay)))
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
 
     # ------------------------------------------------------------------ helpers
 
