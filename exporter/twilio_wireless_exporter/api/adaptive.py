@@ -17,6 +17,10 @@ operation drew when it began. When requests queue, a listing's next page or retr
 ahead of the first pages of listings that began after it, instead of queueing behind the whole
 fleet's requests again for every page and every retry: a listing of ten pages would otherwise
 wait out the queue ten times.
+
+Background operations (usage records, rate plans) draw their order :data:`BACKGROUND` higher:
+behind every foreground operation (session polls, discovery) ever drawn, oldest first among
+themselves, so a queued usage request never goes ahead of a session poll, however much older.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import heapq
 import itertools
 
 THROTTLED = 429
+BACKGROUND = 2**62
+"""Added to a background operation's order: more than any count of orders ever drawn."""
 
 
 class Slot:
@@ -68,11 +74,13 @@ class AdaptiveLimit:
         """Requests allowed in flight now (those admitted before a cut finish undisturbed)."""
         return max(1, int(self._target))
 
-    def new_order(self) -> int:
-        """An order number for an operation that begins now (later operations get higher ones).
+    def new_order(self, background: bool = False) -> int:
+        """An order number for an operation that begins now (later operations get higher ones;
+        a ``background`` one, one higher than every foreground operation's).
 
         Pass it to :meth:`slot` for every request of the operation."""
-        return next(self._orders)
+        order = next(self._orders)
+        return order + BACKGROUND if background else order
 
     def slot(self, order: int | None = None) -> Slot:
         """``async with limit.slot(order) as slot``: wait for a free slot; waiting requests are

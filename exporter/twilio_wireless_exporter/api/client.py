@@ -10,6 +10,11 @@ through one :class:`~twilio_wireless_exporter.api.transport.Transport`, admitted
 :class:`~twilio_wireless_exporter.api.limits.RequestLimits`. Every failure surfaces as one
 :class:`~twilio_wireless_exporter.api.transport.ApiError`.
 
+Usage records are normalised into bytes as they arrive (usage.py); a record that cannot be is a
+:class:`Rejection` like any other. Usage and rate-plan listings run at background priority
+(:meth:`~twilio_wireless_exporter.api.limits.RequestLimits.new_order`): when requests queue,
+every session poll goes first, as a usage figure that lags a day by nature can wait seconds more.
+
 It knows nothing of Prometheus: counts and latencies go to an ``ApiObserver``.
 """
 
@@ -17,9 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final, Generic, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -29,18 +36,29 @@ import msgspec
 from twilio_wireless_exporter.api.limits import RequestLimits
 from twilio_wireless_exporter.api.records import (
     MAX_SESSION_DURATION,
+    SIM_SID_PATTERN,
     DataSession,
     DataSessionPage,
+    RatePlan,
+    RatePlanPage,
+    RawRatePlanPage,
     RawSessionPage,
     RawSimPage,
+    RawUsagePage,
     RejectReason,
     SidOnly,
     Sim,
     SimPage,
+    UsagePage,
+    UsageRecord,
     Window,
     reason_of,
     session_problem,
+    usage_reason_of,
 )
+
+# Rejection moved to records.py (usage.py returns it too); callers still import it from here.
+from twilio_wireless_exporter.api.records import Rejection as Rejection
 from twilio_wireless_exporter.api.transport import (
     ApiError,
     ApiObserver,
@@ -51,25 +69,23 @@ from twilio_wireless_exporter.api.transport import (
     Transport,
     TransportSettings,
 )
+from twilio_wireless_exporter.api.usage import Usage, normalise
 
 # Endpoint templates used as metric label values.
 ENDPOINT_SIMS: Final = "sims"
 ENDPOINT_SIM: Final = "sim"
 ENDPOINT_DATA_SESSIONS: Final = "data_sessions"
+ENDPOINT_USAGE_RECORDS: Final = "usage_records"
+ENDPOINT_ACCOUNT_USAGE: Final = "account_usage_records"
+ENDPOINT_RATE_PLANS: Final = "rate_plans"
 
-_R = TypeVar("_R", DataSession, Sim)
+#: The ``Granularity`` values of both UsageRecords resources.
+GRANULARITIES: Final = frozenset({"hourly", "daily", "all"})
+
+_R = TypeVar("_R", DataSession, Sim, UsageRecord, RatePlan)
 _T = TypeVar("_T")
 
 _DETAIL_CHARS: Final = 200
-
-
-@dataclass(frozen=True, slots=True)
-class Rejection:
-    """One record left out of a listing: why, its ``sid`` when readable, and what was wrong."""
-
-    reason: RejectReason
-    sid: str | None
-    detail: str
 
 
 class Listing(list[_T]):
@@ -98,22 +114,33 @@ _SIM_PAGE: Final = msgspec.json.Decoder(SimPage)
 _RAW_SIM_PAGE: Final = msgspec.json.Decoder(RawSimPage)
 _SIM_RECORD: Final = msgspec.json.Decoder(Sim)
 _SID_ONLY: Final = msgspec.json.Decoder(SidOnly)
+_USAGE_PAGE: Final = msgspec.json.Decoder(UsagePage)
+_RAW_USAGE_PAGE: Final = msgspec.json.Decoder(RawUsagePage)
+_USAGE_RECORD: Final = msgspec.json.Decoder(UsageRecord)
+_RATE_PLAN_PAGE: Final = msgspec.json.Decoder(RatePlanPage)
+_RAW_RATE_PLAN_PAGE: Final = msgspec.json.Decoder(RawRatePlanPage)
+_RATE_PLAN: Final = msgspec.json.Decoder(RatePlan)
+_SIM_SID: Final = re.compile(SIM_SID_PATTERN)
 
 
 def _too_deep() -> MalformedBodyError:
     return MalformedBodyError("malformed response: JSON nested too deeply")
 
 
-def _rejection(raw: msgspec.Raw, error: msgspec.ValidationError) -> Rejection:
+Reasons = Callable[[msgspec.ValidationError], RejectReason]
+"""Maps msgspec's complaint about a record to the reason it is rejected for."""
+
+
+def _rejection(raw: msgspec.Raw, error: msgspec.ValidationError, reasons: Reasons) -> Rejection:
     try:
         sid = _SID_ONLY.decode(raw).sid
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         sid = None
-    return Rejection(reason_of(error), sid, str(error)[:_DETAIL_CHARS])
+    return Rejection(reasons(error), sid, str(error)[:_DETAIL_CHARS])
 
 
 def _one_by_one(
-    raws: list[msgspec.Raw], decoder: msgspec.json.Decoder[_R]
+    raws: list[msgspec.Raw], decoder: msgspec.json.Decoder[_R], reasons: Reasons
 ) -> tuple[list[_R], list[Rejection]]:
     records: list[_R] = []
     rejected: list[Rejection] = []
@@ -121,7 +148,7 @@ def _one_by_one(
         try:
             records.append(decoder.decode(raw))
         except msgspec.ValidationError as exc:
-            rejected.append(_rejection(raw, exc))
+            rejected.append(_rejection(raw, exc, reasons))
         except RecursionError:
             raise _too_deep() from None
     return records, rejected
@@ -132,13 +159,14 @@ def _decode_page(
     strict: msgspec.json.Decoder[Any],
     loose: msgspec.json.Decoder[Any],
     record: msgspec.json.Decoder[_R],
+    reasons: Reasons = reason_of,
 ) -> Page[_R]:
     """A page (``strict``: its Struct), records msgspec rejects returned as rejections.
 
     One strict decode first: when every record passes, that is all it costs. Otherwise the page
-    is read with its records undecoded (``loose``) and each record decoded alone. A body that
-    is not such a page raises msgspec's errors or :class:`MalformedBodyError` (a ``decode``
-    ApiError).
+    is read with its records undecoded (``loose``) and each record decoded alone, ``reasons``
+    naming why one fails. A body that is not such a page raises msgspec's errors or
+    :class:`MalformedBodyError` (a ``decode`` ApiError).
     """
     try:
         page = strict.decode(body)
@@ -153,7 +181,7 @@ def _decode_page(
         raise whole from None  # the page itself is of the wrong shape
     except RecursionError:
         raise _too_deep() from None
-    records, rejected = _one_by_one(raw.records, record)
+    records, rejected = _one_by_one(raw.records, record, reasons)
     return Page(records, rejected, raw.meta.next_page_url)
 
 
@@ -165,6 +193,46 @@ def decode_session_page(body: bytes) -> Page[DataSession]:
 def decode_sim_page(body: bytes) -> Page[Sim]:
     """A ``/v1/Sims`` page (see :func:`_decode_page`)."""
     return _decode_page(body, _SIM_PAGE, _RAW_SIM_PAGE, _SIM_RECORD)
+
+
+def decode_usage_page(body: bytes) -> Page[UsageRecord]:
+    """A page of either UsageRecords resource, as wire records (normalised by usage.py)."""
+    return _decode_page(body, _USAGE_PAGE, _RAW_USAGE_PAGE, _USAGE_RECORD, usage_reason_of)
+
+
+def decode_rate_plan_page(body: bytes) -> Page[RatePlan]:
+    """A ``/v1/RatePlans`` page (see :func:`_decode_page`)."""
+    return _decode_page(body, _RATE_PLAN_PAGE, _RAW_RATE_PLAN_PAGE, _RATE_PLAN)
+
+
+def check_usage(
+    records: Iterable[UsageRecord], sim_sid: str | None, window: Window, into: Listing[Usage]
+) -> None:
+    """Append to ``into`` each record normalised into bytes (usage.py); the others go to
+    ``into.rejected``. ``sim_sid``: the SIM whose listing they came from (a record of another
+    SIM is rejected, as for sessions), ``None`` for the account's listing."""
+    accept = into.append
+    reject = into.rejected.append
+    for record in records:
+        owner = record.sim_sid
+        if sim_sid is not None and owner is not None and owner.lower() != sim_sid.lower():
+            foreign = _SIM_SID.match(owner) is not None
+            reason = RejectReason.FOREIGN_SIM if foreign else RejectReason.SID
+            reject(Rejection(reason, None, f"a usage record of SIM {owner[:40]}"))
+            continue
+        usage = normalise(record, window)
+        if isinstance(usage, Rejection):
+            reject(usage)
+        else:
+            accept(usage)
+
+
+def usage_time(moment: datetime) -> str:
+    """``Start``/``End`` of a UsageRecords request: ISO 8601 in UTC, whole seconds, as the
+    API's own examples write them. ``moment`` must carry its zone: a naive one is ambiguous."""
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise ValueError(f"usage period bound without a time zone: {moment!r}")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def decode_sim(body: bytes) -> Sim:
@@ -223,6 +291,9 @@ def _describe(problem: RejectReason, session: DataSession) -> str:
 _SIMS: Final = Route(ENDPOINT_SIMS, decode_sim_page)
 _SIM: Final = Route(ENDPOINT_SIM, decode_sim)
 _DATA_SESSIONS: Final = Route(ENDPOINT_DATA_SESSIONS, decode_session_page)
+_USAGE_RECORDS: Final = Route(ENDPOINT_USAGE_RECORDS, decode_usage_page)
+_ACCOUNT_USAGE: Final = Route(ENDPOINT_ACCOUNT_USAGE, decode_usage_page)
+_RATE_PLANS: Final = Route(ENDPOINT_RATE_PLANS, decode_rate_plan_page)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,6 +381,70 @@ class TwilioClient:
     async def fetch_sim(self, sim_sid: str) -> Sim:
         url = f"{self._base}/v1/Sims/{quote(sim_sid, safe='')}"
         return await self._transport.send(_SIM, url, order=self._limits.new_order())
+
+    async def list_sim_usage(
+        self,
+        sim_sid: str,
+        start: datetime,
+        end: datetime | None = None,
+        granularity: str = "daily",
+        page_size: int = 1000,
+    ) -> Listing[Usage]:
+        """The SIM's usage records from ``start`` (to ``end``, else now), in bytes, following
+        ``next_page_url``; at background priority. Records that cannot be used (units, counts,
+        period, another SIM's) are in ``.rejected``."""
+        path = f"/v1/Sims/{quote(sim_sid, safe='')}/UsageRecords"
+        return await self._usage(path, _USAGE_RECORDS, sim_sid, start, end, granularity, page_size)
+
+    async def list_account_usage(
+        self,
+        start: datetime,
+        end: datetime | None = None,
+        granularity: str = "hourly",
+        page_size: int = 1000,
+    ) -> Listing[Usage]:
+        """The account's usage records (all SIMs together), as :meth:`list_sim_usage`."""
+        return await self._usage(
+            "/v1/UsageRecords", _ACCOUNT_USAGE, None, start, end, granularity, page_size
+        )
+
+    async def list_rate_plans(self, page_size: int = 1000) -> Listing[RatePlan]:
+        """Every rate plan of the account, at background priority; records that are not plans
+        (a ``sid`` that is not a plan SID, a limit out of range, ...) are in ``.rejected``."""
+        plans: dict[str, RatePlan] = {}
+        rejected: list[Rejection] = []
+        url = f"{self._base}/v1/RatePlans?" + urlencode({"PageSize": int(page_size)})
+        order = self._limits.new_order(background=True)
+        async for page in self._pages(url, _RATE_PLANS, order):
+            rejected.extend(page.rejected)
+            for plan in page.records:
+                plans[plan.sid] = plan  # pages may overlap: the latest listing of a plan wins
+        return Listing(plans.values(), rejected)
+
+    async def _usage(
+        self,
+        path: str,
+        route: Route[Page[UsageRecord]],
+        sim_sid: str | None,
+        start: datetime,
+        end: datetime | None,
+        granularity: str,
+        page_size: int,
+    ) -> Listing[Usage]:
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {sorted(GRANULARITIES)}")
+        query = {"Granularity": granularity, "Start": usage_time(start)}
+        if end is not None:
+            query["End"] = usage_time(end)
+        query["PageSize"] = str(int(page_size))
+        url = f"{self._base}{path}?" + urlencode(query)
+        usage: Listing[Usage] = Listing()
+        window = Window.around(self._wall())
+        order = self._limits.new_order(background=True)
+        async for page in self._pages(url, route, order):
+            usage.rejected.extend(page.rejected)
+            check_usage(page.records, sim_sid, window, usage)
+        return usage
 
     async def _pages(self, url: str, route: Route[Page[_R]], order: int) -> AsyncIterator[Page[_R]]:
         """Pages of one listing, following ``next_page_url``, at most ``max_pages`` of them.

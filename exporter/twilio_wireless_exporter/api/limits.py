@@ -72,9 +72,10 @@ class RequestLimits:
         self._unpaused = asyncio.Event()
         self._unpaused.set()
 
-    def new_order(self) -> int:
-        """The queueing order of an operation that begins now (see adaptive.py)."""
-        return self.slots.new_order()
+    def new_order(self, background: bool = False) -> int:
+        """The queueing order of an operation that begins now; a ``background`` one queues
+        behind every foreground operation (see adaptive.py)."""
+        return self.slots.new_order(background)
 
     def admit(self, order: int) -> Admission:
         return Admission(self, order)

@@ -1,7 +1,10 @@
 """Typed records of the Twilio Wireless v1 API, decoded and checked once, where they enter.
 
 The shapes follow Twilio's OpenAPI description (``wireless.v1.sim.data_session`` and
-``wireless.v1.sim``): every DataSession field is nullable and unknown fields are ignored.
+``wireless.v1.sim``): every DataSession field is nullable and unknown fields are ignored. The
+usage records and rate plans follow KORE's typed schemas (``SIMUsageRecord``, ``UsageRecord``,
+``DataUsageDetails``, ``RatePlan``, ...), which type what Twilio's leave untyped; every field is
+optional there too, and what a usage record means in bytes is worked out by ``usage.py``.
 
 Plausibility is part of the types, so msgspec checks it while decoding, in C: packet counts are
 integers in ``[0, 2**63 - 1]`` (the state file's SQLite INTEGER), timestamps carry a zone,
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Final
 
@@ -61,7 +65,18 @@ class RejectReason(enum.StrEnum):
     LOCATION = "location"  # coordinates off the globe
     SID = "sid"  # a SID that is not a SID
     FOREIGN_SIM = "foreign_sim"  # a session of another SIM, in this SIM's listing
+    UNITS = "units"  # a usage record in units other than bytes, kilobytes or megabytes
+    USAGE = "usage"  # a usage count or plan limit negative, not an integer or beyond int64
     MALFORMED = "malformed"  # any other field of the wrong type or size
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """One record left out of a listing: why, its ``sid`` when readable, and what was wrong."""
+
+    reason: RejectReason
+    sid: str | None
+    detail: str
 
 
 class CellLocation(msgspec.Struct, frozen=True):
@@ -109,10 +124,111 @@ class Sim(msgspec.Struct, frozen=True):
     status: Text | None = None
     rate_plan_sid: Text | None = None
     account_sid: Text | None = None
+    reset_status: Text | None = None  # "resetting" while a connectivity reset runs, else null
 
 
 class SimPage(msgspec.Struct, frozen=True):
     records: list[Sim] = msgspec.field(name="sims")
+    meta: PageMeta
+
+
+MEBIBYTE: Final = 1024 * 1024
+"""Bytes in the megabyte of the plans' limits and of usage records in ``megabytes`` (usage.py)."""
+MegabyteLimit = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX // MEBIBYTE)]
+"""A rate plan's data limit in megabytes: at most what fits in int64 once in bytes (the API
+documents limits of up to 2 TB)."""
+Billed = Annotated[float, msgspec.Meta(ge=0.0, le=1e15)]
+"""A billed amount: finite and not negative (JSON's ``1e400`` decodes to no such float)."""
+
+
+class UsageCounts(msgspec.Struct, frozen=True, gc=False):
+    """Data counts of one network (KORE's ``DataUsageCounts`` and, with ``country_code``,
+    ``InternationalDataUsageCounts``), in ``units``."""
+
+    upload: Count | None = None
+    download: Count | None = None
+    total: Count | None = None
+    units: Text | None = None
+
+
+class DataUsage(msgspec.Struct, frozen=True):
+    """``data`` of a usage record (KORE's ``DataUsageDetails``; untyped in Twilio's file)."""
+
+    upload: Count | None = None
+    download: Count | None = None
+    total: Count | None = None
+    units: Text | None = None
+    billed: Billed | None = None
+    billing_units: Text | None = None
+    home: UsageCounts | None = None
+    national_roaming: UsageCounts | None = None
+    international_roaming: list[UsageCounts] | None = None
+
+
+class CommandsUsage(msgspec.Struct, frozen=True, gc=False):
+    """``commands`` of a usage record (KORE's ``CommandsUsageDetails``): counts of commands,
+    which have no units. The per-network split is not read."""
+
+    from_sim: Count | None = None
+    to_sim: Count | None = None
+    total: Count | None = None
+
+
+class TimePeriod(msgspec.Struct, frozen=True, gc=False):
+    """``period``: required by KORE's schema, yet Twilio's own example lists ``{}``; a record
+    without both ends is rejected by usage.py, not by the decoder."""
+
+    start: Instant | None = None
+    end: Instant | None = None
+
+
+class UsageRecord(msgspec.Struct, frozen=True):
+    """One record of ``/v1/Sims/{Sid}/UsageRecords`` (with ``sim_sid``) or ``/v1/UsageRecords``
+    (without). ``account_sid`` is not read."""
+
+    period: TimePeriod | None = None
+    data: DataUsage | None = None
+    commands: CommandsUsage | None = None
+    sim_sid: Text | None = None
+
+
+class UsagePage(msgspec.Struct, frozen=True):
+    records: list[UsageRecord] = msgspec.field(name="usage_records")
+    meta: PageMeta
+
+
+class RawUsagePage(msgspec.Struct, frozen=True):
+    records: list[msgspec.Raw] = msgspec.field(name="usage_records")
+    meta: PageMeta
+
+
+RATE_PLAN_SID_PATTERN: Final = "^WP[0-9a-fA-F]{32}$"
+
+
+class RatePlan(msgspec.Struct, frozen=True):
+    """One rate plan of ``/v1/RatePlans``; its data limits are megabytes per month (see
+    :func:`~.usage.mb_to_bytes`), ``None`` where the plan sets none."""
+
+    sid: Annotated[str, msgspec.Meta(pattern=RATE_PLAN_SID_PATTERN)]
+    unique_name: Text | None = None
+    friendly_name: Text | None = None
+    data_metering: Text | None = None
+    data_enabled: bool | None = None
+    national_roaming_enabled: bool | None = None
+    data_limit: MegabyteLimit | None = None
+    national_roaming_data_limit: MegabyteLimit | None = None
+    international_roaming_data_limit: MegabyteLimit | None = None
+    international_roaming: list[Text] | None = None
+    account_sid: Text | None = None
+
+
+class RatePlanPage(msgspec.Struct, frozen=True):
+    records: list[RatePlan] = msgspec.field(name="rate_plans")
+    meta: PageMeta
+
+
+class RawRatePlanPage(msgspec.Struct, frozen=True):
+    records: list[msgspec.Raw] = msgspec.field(name="rate_plans")
     meta: PageMeta
 
 
@@ -153,6 +269,23 @@ _FIELD_REASONS: Final = {
     "sid": RejectReason.SID,
     "sim_sid": RejectReason.SID,
     "account_sid": RejectReason.SID,
+    "data_limit": RejectReason.USAGE,
+    "national_roaming_data_limit": RejectReason.USAGE,
+    "international_roaming_data_limit": RejectReason.USAGE,
+}
+
+_USAGE_FIELD_REASONS: Final = {
+    "upload": RejectReason.USAGE,
+    "download": RejectReason.USAGE,
+    "total": RejectReason.USAGE,
+    "from_sim": RejectReason.USAGE,
+    "to_sim": RejectReason.USAGE,
+    "billed": RejectReason.USAGE,
+    "units": RejectReason.UNITS,
+    "period": RejectReason.TIMESTAMP,
+    "start": RejectReason.TIMESTAMP,
+    "end": RejectReason.TIMESTAMP,
+    "sim_sid": RejectReason.SID,
 }
 
 
@@ -165,6 +298,17 @@ def reason_of(error: msgspec.ValidationError) -> RejectReason:
         return RejectReason.MALFORMED
     field = text[at + 3 :].rstrip("`").split(".", 1)[0].split("[", 1)[0]
     return _FIELD_REASONS.get(field, RejectReason.MALFORMED)
+
+
+def usage_reason_of(error: msgspec.ValidationError) -> RejectReason:
+    """The reason for a usage record msgspec rejected, from the innermost field its message
+    names: the same names recur at every level (``$.data.home.units``, ``$.period.start``)."""
+    text = str(error)
+    at = text.rfind("`$.")
+    if at < 0:
+        return RejectReason.MALFORMED
+    field = text[at + 3 :].rstrip("`").rsplit(".", 1)[-1].split("[", 1)[0]
+    return _USAGE_FIELD_REASONS.get(field, RejectReason.MALFORMED)
 
 
 class Window(msgspec.Struct, frozen=True, gc=False):
