@@ -11,8 +11,10 @@ from datetime import UTC, datetime
 from hypothesis import strategies as st
 
 from twilio_wireless_exporter.api.records import CellLocation, DataSession
+from twilio_wireless_exporter.api.usage import Usage
 from twilio_wireless_exporter.fleet.accounting import apply_listing
-from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_exporter.fleet.state import FleetState, PlanInfo
+from twilio_wireless_exporter.fleet.usage import DAY
 
 T0 = 1_700_000_000
 
@@ -51,7 +53,37 @@ def session(
     )
 
 
+def usage(start: float, **values: object) -> Usage:
+    """A usage record of one day from unix time ``start``; values not given are 0 or absent."""
+    fields: dict[str, object] = {
+        "upload": 0,
+        "download": 0,
+        "total": 0,
+        "home": None,
+        "national_roaming": None,
+        "international_roaming": None,
+        "billed": None,
+        "billing_units": "",
+        "commands_from_sim": 0,
+        "commands_to_sim": 0,
+    }
+    fields.update(values)
+    return Usage(start, start + DAY, **fields)  # type: ignore[arg-type]
+
+
 # ---------------------------------------------------------------- a polled fleet
+
+#: The metering period of the polled fleet's SIM A, and its rate plan.
+PERIOD = T0 - T0 % DAY - 10 * DAY
+PLAN = PlanInfo(
+    "WP" + "1" * 32,
+    unique_name="iot-10mb",
+    friendly_name="IoT 10 MB",
+    data_metering="payg",
+    data_enabled=True,
+    national_roaming_enabled=False,
+    limits=(("home", 10 * 1024 * 1024),),
+)
 
 SID_A = "DE" + "a" * 32
 SID_B = "DE" + "b" * 32
@@ -81,6 +113,23 @@ def polled_state() -> FleetState:
         ],
     )
     state.record_success(SID_A, out, now=T0 + 5000)
+    # usage: a baseline read, then day 9 revised upward and today's first record
+    first = [usage(PERIOD + 9 * DAY, upload=100, download=300, total=400, commands_to_sim=1)]
+    state.record_usage(SID_A, first, window_start=PERIOD, period=PERIOD, now=T0 + 5000)
+    later = [
+        usage(PERIOD + 9 * DAY, upload=150, download=350, total=500, commands_to_sim=2),
+        usage(
+            PERIOD + 10 * DAY,
+            upload=10,
+            download=20,
+            total=30,
+            home=30,
+            billed=0.25,
+            billing_units="USD",
+            commands_from_sim=3,
+        ),
+    ]
+    state.record_usage(SID_A, later, window_start=PERIOD, period=PERIOD, now=T0 + 5100)
     state.ensure(SID_B)  # never polled
     return state
 

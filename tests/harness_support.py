@@ -29,7 +29,10 @@ async def eventually(condition: Callable[[], bool], within: float = 5.0) -> None
 
 
 def exporter_mapping(base_url: str, sids: list[str], **sections: Any) -> dict[str, Any]:
-    """A config mapping pointing at ``base_url`` with fast, test-friendly limits."""
+    """A config mapping pointing at ``base_url`` with fast, test-friendly limits.
+
+    Usage reads are off unless a test asks for them (``usage={...}``): the session tests count
+    requests and errors that usage reads would add to."""
     poll = {
         "interval": "60s",
         "page_size": 100,
@@ -47,6 +50,7 @@ def exporter_mapping(base_url: str, sids: list[str], **sections: Any) -> dict[st
         "timeout": "2s",
     }
     twilio.update(sections.pop("twilio", {}))
+    sections.setdefault("usage", {"enabled": False})
     return {
         "twilio": twilio,
         "poll": poll,

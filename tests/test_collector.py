@@ -11,7 +11,7 @@ import prometheus_client.metrics
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.fleet_support import SID_A, SID_B, T0, polled_state, session
+from tests.fleet_support import PERIOD, PLAN, SID_A, SID_B, T0, polled_state, session, usage
 from tests.metrics_support import parse_samples as samples
 from tests.metrics_support import sample_value as value
 from twilio_wireless_exporter import metrics_names as names
@@ -179,6 +179,9 @@ def fully_populated() -> tuple[FleetState, CollectorRegistry]:
     """A polled fleet and a registry with every optional family: OAuth2 tokens, the state file,
     the HTTP server's."""
     state = polled_state()
+    state.set_rate_plans([PLAN])
+    account = [usage(PERIOD, upload=5, download=7, commands_from_sim=1)]
+    state.record_account_usage(account, window_start=PERIOD, now=T0)
     registry, api = build_registry(state, poll_interval=60.0, shard=Shard(0, 1))
     api.request_done("/v1/Sims/{sid}/DataSessions", "200", 0.2)
     api.retry("/v1/Sims/{sid}/DataSessions", RetryReason.THROTTLED)
@@ -215,7 +218,8 @@ def test_the_private_registry_holds_no_per_sim_family() -> None:
 @pytest.mark.usefixtures("created_samples_off")
 def test_every_exposed_family_is_declared_in_metrics_names() -> None:
     state, registry = fully_populated()
-    exposed = list(ReferenceExposition(SimFamilies(state, imei_label=True), registry).collect())
+    families = SimFamilies(state, imei_label=True, billed=True)
+    exposed = list(ReferenceExposition(families, registry).collect())
     declared = {family.name: family for family in names.ALL}
     assert sorted(metric.name for metric in exposed) == sorted(declared)
     user_labels = {"site"}

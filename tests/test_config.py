@@ -799,7 +799,7 @@ def test_every_problem_line_has_a_path() -> None:
         "sims[1].labels.job: is a label the exporter sets itself; choose another name",
         "sims[1].labels.n: must be a string, got 1; put it in quotes",
         "discovery.status[0]: must be one of new, ready, active, suspended, deactivated, "
-        "canceled, scheduled, updating, got 'nope'",
+        "canceled, scheduled, updating, all, got 'nope'",
     ]
     assert str(info.value) == "\n".join(problems)
 
@@ -815,7 +815,7 @@ def test_top_level_must_be_a_mapping() -> None:
         config_from_mapping(["sims"], ENV, source="x.yaml")
     assert info.value.problems == [
         "x.yaml: the top level must be a mapping of options "
-        "(twilio, poll, sims, discovery, metrics, state, shard), got a list"
+        "(twilio, poll, sims, discovery, metrics, usage, state, shard), got a list"
     ]
 
 
@@ -1030,7 +1030,7 @@ def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
     problems = load_problems(path)
     # the anchor holder is not an option, but the merge itself worked
     assert problems == [
-        "x-labels: unknown option (valid options: twilio, poll, sims, discovery, metrics, state, shard)"
+        "x-labels: unknown option (valid options: twilio, poll, sims, discovery, metrics, usage, state, shard)"
     ]
 
 
@@ -1048,7 +1048,7 @@ def test_top_level_not_a_mapping(tmp_path: Path, text: str, kind: str) -> None:
     problems = load_problems(path)
     assert problems == [
         f"{path}: the top level must be a mapping of options "
-        f"(twilio, poll, sims, discovery, metrics, state, shard), got {kind}"
+        f"(twilio, poll, sims, discovery, metrics, usage, state, shard), got {kind}"
     ]
 
 

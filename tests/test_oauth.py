@@ -127,6 +127,7 @@ def oauth_mapping(
             "backoff_max": "8s",
             **poll,
         },
+        "usage": {"enabled": False},  # the token tests count API requests
         "sims": [{"sid": sid} for sid in sids],
     }
 

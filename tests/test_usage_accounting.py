@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.fleet_support import usage
 from twilio_wireless_exporter.api.records import INT64_MAX
 from twilio_wireless_exporter.api.usage import Usage
 from twilio_wireless_exporter.fleet.usage import (
@@ -22,10 +23,8 @@ D0 = int(datetime(2026, 11, 1, tzinfo=UTC).timestamp())
 
 
 def day(n: int, up: int = 0, down: int = 0, cmd_from: int = 0, cmd_to: int = 0) -> Usage:
-    start = D0 + n * DAY
-    return Usage(
-        start=start,
-        end=start + DAY,
+    return usage(
+        D0 + n * DAY,
         upload=up,
         download=down,
         total=up + down,
@@ -113,23 +112,23 @@ def test_counters_saturate_at_int64() -> None:
 
 def test_period_usage_sums_the_days_of_the_period() -> None:
     records = [day(0, 1, 2), day(14, 10, 20), day(15, 100, 200)]
-    usage = period_usage(records, D0 + 14 * DAY)
-    assert (usage.upload, usage.download, usage.total) == (110, 220, 330)
-    assert usage.start == D0 + 14 * DAY
-    assert usage.home is None
+    period = period_usage(records, D0 + 14 * DAY)
+    assert (period.upload, period.download, period.total) == (110, 220, 330)
+    assert period.start == D0 + 14 * DAY
+    assert period.home is None
 
 
 def test_period_usage_sums_networks_and_billing_where_given() -> None:
-    a = Usage(start=D0, end=D0 + DAY, total=10, home=7, international_roaming=3, billed=0.5)
-    b = Usage(start=D0 + DAY, end=D0 + 2 * DAY, total=4, home=4, billed=0.25, billing_units="USD")
-    usage = period_usage([a, b], D0)
-    assert (usage.home, usage.national_roaming, usage.international_roaming) == (11, None, 3)
-    assert usage.billed == 0.75
-    assert usage.billing_units == "USD"
+    a = usage(D0, total=10, home=7, international_roaming=3, billed=0.5)
+    b = usage(D0 + DAY, total=4, home=4, billed=0.25, billing_units="USD")
+    period = period_usage([a, b], D0)
+    assert (period.home, period.national_roaming, period.international_roaming) == (11, None, 3)
+    assert period.billed == 0.75
+    assert period.billing_units == "USD"
 
 
-def ts(*args: int) -> float:
-    return datetime(*args, tzinfo=UTC).timestamp()
+def ts(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> float:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC).timestamp()
 
 
 def test_period_start_is_the_latest_configured_day_not_after_now() -> None:

@@ -56,6 +56,18 @@ SimStatus: TypeAlias = Literal[
     "new", "ready", "active", "suspended", "deactivated", "canceled", "scheduled", "updating"
 ]
 SIM_STATUSES: Final[tuple[str, ...]] = get_args(SimStatus)
+DiscoveryStatus: TypeAlias = Literal[
+    "new",
+    "ready",
+    "active",
+    "suspended",
+    "deactivated",
+    "canceled",
+    "scheduled",
+    "updating",
+    "all",
+]
+"""A status discovery lists, or ``all`` for every status (no Status filter)."""
 
 #: Label names the exporter sets itself, or Prometheus reserves, or the shipped dashboards and
 #: alert rules add (``display_name``); constant SIM labels must not reuse them.
@@ -231,7 +243,7 @@ def _some_statuses(statuses: tuple[str, ...]) -> tuple[str, ...]:
     """The statuses to list, without repeats; ``all`` becomes ``()``: no Status filter, one
     listing of every SIM (so a SIM that leaves ``active`` is seen leaving)."""
     if not statuses:
-        raise Problem("status", f"must list at least one of all, {', '.join(SIM_STATUSES)}")
+        raise Problem("status", f"must list at least one of {', '.join(get_args(DiscoveryStatus))}")
     if "all" in statuses:
         if len(set(statuses)) > 1:
             raise Problem("status", "all already lists every status; give it alone")
@@ -244,7 +256,7 @@ class DiscoverySettings(Settings):
 
     enabled: StrictBool = False
     status: Annotated[
-        tuple[SimStatus | Literal["all"], ...],
+        tuple[DiscoveryStatus, ...],
         BeforeValidator(_one_or_many),
         AfterValidator(_some_statuses),
     ] = ("active",)

@@ -393,6 +393,7 @@ class Poller:
             friendly_name=sim.friendly_name,
             status=sim.status,
             rate_plan_sid=sim.rate_plan_sid,
+            reset_status=sim.reset_status,
         )
 
     def _failed(self, sid: str, exc: ApiError) -> None:
