@@ -24,6 +24,7 @@ from twilio_wireless_exporter.config import (
     ConfigError,
     ShardSettings,
     WebConfig,
+    budget,
     config_from_mapping,
     load_config,
     load_web_config,
@@ -529,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" {len(config.sims)} SIMs, discovery {'on' if config.discovery.enabled else 'off'}"
             + (f", shard {shard.index}/{shard.count}" if shard.count > 1 else "")
         )
+        for line in budget.describe(config):
+            print(line)
         if web_config is not None:
             print(f"web configuration {args.web_config} is valid: {web_config.summary()}")
         return 0

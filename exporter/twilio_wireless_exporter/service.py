@@ -78,8 +78,9 @@ def usage_settings(config: Config) -> UsageSettings:
             if sim.usage_period_start_day is not None
         },
         revision_days=usage.revision_days,
-        account=usage.account,
-        rate_plans=usage.rate_plans,
+        # the account's usage and its plans once per fleet, not once per shard
+        account=usage.account and config.shard.index == 0,
+        rate_plans=usage.rate_plans and config.shard.index == 0,
         rate_plans_interval=config.discovery.refresh_interval,
     )
 
