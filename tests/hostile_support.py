@@ -1,7 +1,8 @@
 """A scripted Wireless API for hostile-input tests, and builders of good and bad records.
 
-:class:`ScriptedApi` answers ``/v1/Sims`` and ``/v1/Sims/{sid}/DataSessions`` with whatever body
-a test put there (raw bytes, so any JSON at all), and records the paths it was asked for. The
+:class:`ScriptedApi` answers ``/v1/Sims``, ``/v1/Sims/{sid}/DataSessions``, both UsageRecords
+resources and ``/v1/RatePlans`` with whatever body a test put there (raw bytes, so any JSON at
+all), and records the paths it was asked for. The
 exporter under test is the real one (:func:`start_exporter`), on a manual clock, scraped
 through aiohttp's test client.
 """
@@ -9,18 +10,24 @@ through aiohttp's test client.
 from __future__ import annotations
 
 import json
+import random
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.harness_support import exporter_mapping
+from twilio_wireless_exporter.api.auth import BasicAuthenticator
+from twilio_wireless_exporter.api.client import ClientSettings, TwilioClient
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config import config_from_mapping
+from twilio_wireless_exporter.exposition.collector import ApiMetrics
 from twilio_wireless_exporter.service import Exporter
 from twilio_wireless_exporter.web.app import make_app
 
@@ -78,6 +85,81 @@ def sims_page(sids: list[str], next_page_url: str | None = None, **extra: Any) -
     return json.dumps({"sims": sims, "meta": {"next_page_url": next_page_url}, **extra}).encode()
 
 
+def counts(up: Any = 0, down: Any = 0, units: Any = "bytes", **fields: Any) -> dict[str, Any]:
+    """Per-network data counts with every field KORE's ``DataUsageCounts`` requires."""
+    total = up + down if isinstance(up, int) and isinstance(down, int) else 0
+    record = {"upload": up, "download": down, "total": total, "units": units}
+    return {**record, "billed": 0, "billing_units": "USD", **fields}
+
+
+def usage_record(
+    day: int = 20,
+    *,
+    up: Any = 1000,
+    down: Any = 3000,
+    units: Any = "bytes",
+    sim: str | None = SIM_A,
+    hours: int = 24,
+    **data: Any,
+) -> dict[str, Any]:
+    """A good usage record of ``day`` (as JSON-able data), valid for Twilio's and KORE's
+    schemas: all data at home. ``data`` overrides fields of ``data``; ``sim=None`` makes it an
+    account record."""
+    start = stamp(day)
+    end = T_BASE.format(day=day + hours // 24, hour=hours % 24)
+    total = up + down if isinstance(up, int) and isinstance(down, int) else 0
+    details: dict[str, Any] = {
+        "upload": up,
+        "download": down,
+        "total": total,
+        "units": units,
+        "billed": 0.25,
+        "billing_units": "USD",
+        "home": counts(up, down, units),
+        "national_roaming": counts(units=units),
+        "international_roaming": [],
+        **data,
+    }
+    record: dict[str, Any] = {
+        "account_sid": ACCOUNT,
+        "period": {"start": start, "end": end},
+        "data": details,
+        "commands": {"from_sim": 1, "to_sim": 2, "total": 3, "billed": 0, "billing_units": "USD"},
+    }
+    if sim is not None:
+        record["sim_sid"] = sim
+    return record
+
+
+def usage_page(records: list[dict[str, Any]], next_page_url: str | None = None) -> bytes:
+    return json.dumps({"usage_records": records, "meta": {"next_page_url": next_page_url}}).encode()
+
+
+def rate_plan(n: int = 1, **fields: Any) -> dict[str, Any]:
+    """A good rate plan (as JSON-able data); ``fields`` override any field."""
+    plan: dict[str, Any] = {
+        "sid": f"WP{n:032x}",
+        "unique_name": f"plan-{n}",
+        "account_sid": ACCOUNT,
+        "friendly_name": f"Plan {n}",
+        "data_enabled": True,
+        "data_metering": "payg",
+        "data_limit": 1000,
+        "messaging_enabled": True,
+        "voice_enabled": False,
+        "national_roaming_enabled": True,
+        "national_roaming_data_limit": 500,
+        "international_roaming": ["data", "messaging"],
+        "international_roaming_data_limit": 100,
+        **fields,
+    }
+    return plan
+
+
+def rate_plans_page(plans: list[dict[str, Any]], next_page_url: str | None = None) -> bytes:
+    return json.dumps({"rate_plans": plans, "meta": {"next_page_url": next_page_url}}).encode()
+
+
 def deeply_nested(depth: int = 1000) -> str:
     """JSON nested ``depth`` levels deep."""
     return "[" * depth + "]" * depth
@@ -93,12 +175,19 @@ class ScriptedApi:
     paths: list[str] = field(default_factory=list)
     status: dict[str, int] = field(default_factory=dict)
     """The HTTP status of a SIM's DataSessions answers (200 unless set)."""
+    usage: dict[str, bytes] = field(default_factory=dict)
+    """``/v1/Sims/{sid}/UsageRecords`` bodies per SIM (an empty page unless set)."""
+    account_usage: bytes = field(default_factory=lambda: usage_page([]))
+    rate_plans: bytes = field(default_factory=lambda: rate_plans_page([]))
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/Sims", self._sims)
         app.router.add_get("/v1/Sims/{sid}/DataSessions", self._sessions)
+        app.router.add_get("/v1/Sims/{sid}/UsageRecords", self._usage)
         app.router.add_get("/v1/Sims/{sid}", self._sim)
+        app.router.add_get("/v1/UsageRecords", self._account_usage)
+        app.router.add_get("/v1/RatePlans", self._rate_plans)
         return app
 
     def _answer(self, body: bytes, status: int = 200) -> web.Response:
@@ -112,6 +201,18 @@ class ScriptedApi:
         self.paths.append(request.raw_path)
         sid = request.match_info["sid"]
         return self._answer(self.sessions.get(sid, sessions_page([])), self.status.get(sid, 200))
+
+    async def _usage(self, request: web.Request) -> web.Response:
+        self.paths.append(request.raw_path)
+        return self._answer(self.usage.get(request.match_info["sid"], usage_page([])))
+
+    async def _account_usage(self, request: web.Request) -> web.Response:
+        self.paths.append(request.raw_path)
+        return self._answer(self.account_usage)
+
+    async def _rate_plans(self, request: web.Request) -> web.Response:
+        self.paths.append(request.raw_path)
+        return self._answer(self.rate_plans)
 
     async def _sim(self, request: web.Request) -> web.Response:
         self.paths.append(request.raw_path)
@@ -135,6 +236,44 @@ class Running:
         resp = await self.http.get("/metrics", headers=headers)
         assert resp.status == 200, await resp.text()
         return await resp.text()
+
+
+@dataclass
+class ScriptedClient:
+    """The real API client against a :class:`ScriptedApi`, its metrics in ``registry``."""
+
+    api: ScriptedApi
+    client: TwilioClient
+    metrics: ApiMetrics
+    registry: CollectorRegistry
+    url: str
+
+    def scrape(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+@asynccontextmanager
+async def start_client(api: ScriptedApi, **settings: Any) -> AsyncIterator[ScriptedClient]:
+    """A :class:`TwilioClient` for ``api`` on port 0, retrying without waiting; ``settings``
+    override :class:`ClientSettings` fields."""
+    registry = CollectorRegistry()
+    metrics = ApiMetrics(registry)
+
+    async def no_wait(seconds: float) -> None:
+        return None
+
+    async with TestServer(api.app(), host="127.0.0.1", port=0) as server:
+        url = str(server.make_url("")).rstrip("/")
+        async with aiohttp.ClientSession() as http:
+            client = TwilioClient(
+                http,
+                BasicAuthenticator(ACCOUNT, "token"),
+                ClientSettings(base_url=url, **settings),
+                observer=metrics,
+                sleep=no_wait,
+                rng=random.Random(1),
+            )
+            yield ScriptedClient(api, client, metrics, registry, url)
 
 
 @asynccontextmanager

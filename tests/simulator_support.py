@@ -26,6 +26,7 @@ from twilio_wireless_simulator import (
 )
 
 OPENAPI_PATH = Path(__file__).parent / "openapi" / "twilio_wireless_v1.json"
+KORE_OPENAPI_PATH = Path(__file__).parent / "openapi" / "kore-programmable-wireless-v1.json"
 ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 
 #: Twilio's error body (the OpenAPI file does not describe error responses).
@@ -107,6 +108,22 @@ def response_schema(path: str, status: int = 200) -> dict[str, Any]:
     media = operation["responses"][str(status)]["content"]["application/json"]
     resolved = _inline(copy.deepcopy(media["schema"]), doc["components"]["schemas"])
     return _known_spec_fixes(resolved)
+
+
+@cache
+def kore_openapi() -> dict[str, Any]:
+    """KORE's vendored OpenAPI document (it types the usage records Twilio's leaves open)."""
+    doc: dict[str, Any] = json.loads(KORE_OPENAPI_PATH.read_text())
+    return doc
+
+
+@cache
+def kore_response_schema(path: str, status: int = 200) -> dict[str, Any]:
+    """The resolved JSON schema of a GET response of ``path`` in KORE's OpenAPI file."""
+    doc = kore_openapi()
+    media = doc["paths"][path]["get"]["responses"][str(status)]["content"]["application/json"]
+    resolved: dict[str, Any] = _inline(copy.deepcopy(media["schema"]), doc["components"]["schemas"])
+    return resolved
 
 
 def validate(schema: Mapping[str, Any], body: Any) -> None:
