@@ -40,7 +40,8 @@ async def discovering(api: ScriptedApi) -> AsyncIterator[Running]:
 
 
 async def errors(run: Running, kind: str) -> float | None:
-    return sample_value(await run.scrape(), ERRORS, endpoint="sims", kind=kind)
+    """Failed reads of this kind, of any endpoint."""
+    return find_value(await run.scrape(), ERRORS, kind=kind)
 
 
 def bad_bodies() -> dict[str, tuple[bytes, str, int]]:

@@ -378,6 +378,16 @@ class TwilioClient:
                     sims[sim.sid] = sim
         return Listing(sims.values(), rejected)
 
+    async def sim_pages(self, page_size: int, budget: int) -> AsyncIterator[Page[Sim]]:
+        """The pages of the unfiltered ``/v1/Sims`` listing, at most ``budget`` of them.
+
+        Reaching the budget is not an error (unlike ``max_pages``): the caller asked for at
+        most that many requests, and the last page's ``next_page_url`` says whether the
+        listing went on. One order for all pages (see :meth:`_pages`)."""
+        url = f"{self._base}/v1/Sims?" + urlencode({"PageSize": page_size})
+        async for page in self._pages(url, _SIMS, self._limits.new_order(), budget=budget):
+            yield page
+
     async def fetch_sim(self, sim_sid: str) -> Sim:
         url = f"{self._base}/v1/Sims/{quote(sim_sid, safe='')}"
         return await self._transport.send(_SIM, url, order=self._limits.new_order())
@@ -446,15 +456,20 @@ class TwilioClient:
             check_usage(page.records, sim_sid, window, usage)
         return usage
 
-    async def _pages(self, url: str, route: Route[Page[_R]], order: int) -> AsyncIterator[Page[_R]]:
-        """Pages of one listing, following ``next_page_url``, at most ``max_pages`` of them.
+    async def _pages(
+        self, url: str, route: Route[Page[_R]], order: int, *, budget: int | None = None
+    ) -> AsyncIterator[Page[_R]]:
+        """Pages of one listing, following ``next_page_url``, at most ``max_pages`` of them
+        (a ``TOO_MANY_PAGES`` error beyond), or ``budget`` of them (then it just stops).
 
         Every request of a listing carries the ``order`` the listing drew when it began, so its
         next pages and retries wait behind older listings only (see adaptive.py)."""
         next_url: str | None = url
         count = 0
         while next_url is not None:
-            if count >= self._settings.max_pages:
+            if budget is not None and count >= budget:
+                return
+            if budget is None and count >= self._settings.max_pages:
                 raise ApiError(
                     ErrorKind.TOO_MANY_PAGES,
                     f"listing has more than {self._settings.max_pages} pages (poll.max_pages)",

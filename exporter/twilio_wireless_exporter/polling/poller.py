@@ -33,6 +33,7 @@ from twilio_wireless_exporter.api.transport import ApiError, ErrorKind
 from twilio_wireless_exporter.clock import Clock, SystemClock, sleep_or_wake
 from twilio_wireless_exporter.fleet.accounting import DEFAULT_FORGET_AFTER, apply_listing
 from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_exporter.polling.identity import ListingCensus
 from twilio_wireless_exporter.sharding import Shard
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,11 @@ class Poller:
         self._unread: set[str] | None = set()  # see refresh_sims
         """Discovered SIMs missing from the latest successful discoveries, and how often."""
         self._rejects_logged: set[tuple[str, RejectReason]] = set()
+        self._census = ListingCensus(DISCOVERY_PAGE_SIZE)
+        # While run() starts: SIMs whose first poll has not been dispatched yet, and the event
+        # set once none is left (identity work waits for it, see refresh_sims).
+        self._first_pending: set[str] = set()
+        self._first_polls: asyncio.Event | None = None
         for target in targets:
             state.ensure(target.sid, target.labels, target.name)
         state.arrange(sim_offset)
@@ -188,11 +194,19 @@ class Poller:
     async def refresh_sims(self) -> bool:
         """Discover SIMs and/or refresh what ``/v1/Sims`` says about them. True on success.
 
-        Afterwards :attr:`_unread` holds the configured SIMs whose own read failed, or ``None``
-        when the discovery listing itself failed (then everything is tried again).
+        Configured SIMs that discovery does not cover get their identity from the unfiltered
+        listing when that takes fewer requests than reading each of them, else (and for the
+        ones the listing did not hold) from their own ``/v1/Sims/{sid}``; see identity.py.
+        While :meth:`run` dispatches the first polls, this identity work waits for them: the
+        polls go first, identity fills in (the discovery listing does not wait: it brings SIMs
+        to poll).
+
+        Afterwards :attr:`_unread` holds the configured SIMs whose identity could not be read,
+        or ``None`` when the discovery listing itself failed (then everything is tried again).
         """
         discovered: dict[str, Sim] = {}
-        if self._settings.discovery:
+        settings = self._settings
+        if settings.discovery:
             listed = await self._discover()
             if listed is None:
                 self._unread = None
@@ -200,10 +214,12 @@ class Poller:
             discovered = listed
         for sim in discovered.values():
             self._set_identity(sim)
-        # Configured SIMs that discovery does not cover: their own /v1/Sims/{sid}.
-        self._unread = await self._read_identities(
-            [sid for sid in self._targets if sid not in discovered]
-        )
+        uncovered = [sid for sid in self._targets if sid not in discovered]
+        if uncovered and self._first_polls is not None:
+            await self._first_polls.wait()
+        # An unfiltered discovery listing held every SIM of the account: no second listing.
+        listing = not (settings.discovery and not settings.discovery_statuses)
+        self._unread = await self._refresh_identities(uncovered, listing=listing)
         return not self._unread
 
     async def _discover(self) -> dict[str, Sim] | None:
@@ -219,6 +235,7 @@ class Poller:
         if sims.rejected:
             self._rejected("", ENDPOINT_SIMS, sims.rejected)
         self._learn_account(sim.account_sid for sim in sims)
+        self._census.counted(len(sims) + len(sims.rejected))
         discovered = {sim.sid: sim for sim in sims if self._settings.shard.owns(sim.sid)}
         wanted = set(self._targets) | set(discovered) | self._still_listed(discovered)
         for sid in discovered:
@@ -236,6 +253,53 @@ class Poller:
         self._schedule_new()
         self._discovered_once = True
         return discovered
+
+    async def _refresh_identities(self, sids: Sequence[str], *, listing: bool = True) -> set[str]:
+        """The identity of configured SIMs: from the listing when it is cheaper (and
+        ``listing``), else and for the SIMs it did not hold, each SIM's own read. Returns the
+        SIDs whose identity could not be read."""
+        budget = self._census.budget(len(sids)) if listing else 0
+        if budget:
+            sids = await self._identities_from_listing(sids, budget)
+        return await self._read_identities(sids)
+
+    async def _identities_from_listing(self, sids: Sequence[str], budget: int) -> list[str]:
+        """Identity of ``sids`` from at most ``budget`` pages of the unfiltered listing.
+
+        Returns the SIDs still to read alone: the ones the listing did not hold (a SIM of
+        another account, one created since, pages beyond the budget), or all the ones not seen
+        yet when the listing failed (logged and counted; reading each SIM costs what it did
+        before the listing existed). A SIM whose record the listing held but rejected is
+        counted, keeps its previous identity, and is not read again: its own read would
+        answer the same record."""
+        wanted = set(sids)
+        pages = 0
+        complete = False
+        try:
+            async for page in self._client.sim_pages(DISCOVERY_PAGE_SIZE, budget):
+                pages += 1
+                complete = page.next_page_url is None
+                if page.rejected:
+                    self._rejected("", ENDPOINT_SIMS, page.rejected)
+                    wanted.difference_update(r.sid for r in page.rejected if r.sid)
+                self._learn_account(sim.account_sid for sim in page.records)
+                for sim in page.records:
+                    if sim.sid in wanted:
+                        wanted.discard(sim.sid)
+                        self._set_identity(sim)
+        except ApiError as exc:
+            self._count(ENDPOINT_SIMS, exc)
+            self._report(exc, f"SIM identity listing failed; reading {len(wanted)} SIMs alone")
+        else:
+            self._census.listed(pages, complete)
+            if not complete:
+                log.info(
+                    "the /v1/Sims listing has more than %d pages: %d SIMs it did not reach are"
+                    " read alone",
+                    pages,
+                    len(wanted),
+                )
+        return [sid for sid in sids if sid in wanted]
 
     async def _read_identities(self, sids: Sequence[str]) -> set[str]:
         """``GET /v1/Sims/{sid}`` for each SID (see :meth:`_for_each`); returns the SIDs whose
@@ -266,6 +330,10 @@ class Poller:
         ends ``run`` with that error instead of dying unseen.
         """
         self._anchor = self._clock.monotonic()
+        self._first_pending = set(self._state.sims)
+        self._first_polls = first = asyncio.Event()
+        if not self._first_pending:
+            first.set()
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._refresh_loop(), name="sim-refresh")
@@ -275,6 +343,8 @@ class Poller:
                 await self._schedule_loop(group)
         finally:
             self._inflight.clear()
+            self._first_pending.clear()
+            self._first_polls = None
 
     def _still_listed(self, discovered: Mapping[str, Sim]) -> set[str]:
         """Known SIMs missing from this discovery that stay, as they have not been missing from
@@ -316,7 +386,7 @@ class Poller:
                 await self._clock.sleep(min(left, _DISCOVERY_RETRY))
                 if self._unread is None:
                     break  # the listing failed: the next full refresh starts now
-                self._unread = await self._read_identities(sorted(self._unread))
+                self._unread = await self._refresh_identities(sorted(self._unread))
                 ok = not self._unread
             if ok:
                 await self._clock.sleep(max(0.0, next_full - self._clock.monotonic()))
@@ -346,6 +416,8 @@ class Poller:
             # Due SIMs beyond the task cap stay on the heap: a finishing poll wakes the loop.
             while self._heap and self._heap[0][0] <= now and len(self._inflight) < self._max_tasks:
                 _, sid = heapq.heappop(self._heap)
+                if self._first_pending:
+                    self._dispatched_first(sid)
                 if sid not in self._state.sims:
                     continue  # no longer monitored
                 if sid not in self._inflight:
@@ -357,6 +429,16 @@ class Poller:
             else:
                 delay = self._heap[0][0] - now if self._heap else None
             await sleep_or_wake(self._clock, self._wake, delay)
+
+    def _dispatched_first(self, sid: str) -> None:
+        """``sid`` leaves the heap for the first time since :meth:`run` began; once every SIM
+        known then did, identity work may start. Its requests draw their order after the
+        first polls' (a created task runs before a task the event wakes), so they queue
+        behind them at the client's limit."""
+        pending = self._first_pending
+        pending.discard(sid)
+        if not pending and self._first_polls is not None:
+            self._first_polls.set()
 
     async def _poll_task(self, sid: str) -> None:
         try:
@@ -422,7 +504,7 @@ class Poller:
             log.warning(
                 "%s: rejected a record (%s, sid %s): %s; such records are counted in"
                 " twilio_wireless_api_records_rejected_total and not logged again",
-                f"SIM {sid}" if sid else "discovery",
+                f"SIM {sid}" if sid else "SIM listing",
                 rejection.reason,
                 rejection.sid or "unknown",
                 rejection.detail,
