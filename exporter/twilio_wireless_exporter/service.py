@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.api.auth import (
     BasicAuthenticator,
     OAuth2Authenticator,
@@ -64,6 +65,12 @@ def poller_settings(config: Config) -> PollerSettings:
         discovery_interval=config.discovery.refresh_interval,
         shard=config.shard.shard,
     )
+
+
+def kept_families(config: Config) -> frozenset[str] | None:
+    """The names of the families to expose; ``None`` when that is every family."""
+    kept = config.metrics.families
+    return None if kept >= {family.name for family in names.ALL} else kept
 
 
 def sim_targets(config: Config) -> list[SimTarget]:
@@ -130,6 +137,7 @@ class Exporter:
             self.state,
             imei_label=config.metrics.imei_label,
             on_error=self.api_metrics.exposition_error,
+            keep=kept_families(config),
         )
         self.exposition = Exposition(self.sims, self.registry)
         self._session: aiohttp.ClientSession | None = None

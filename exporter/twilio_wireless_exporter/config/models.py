@@ -33,6 +33,7 @@ from pydantic_core import PydanticCustomError as Problem
 
 from twilio_wireless_exporter.config.credentials import Credentials, resolve_credentials
 from twilio_wireless_exporter.config.errors import also_report, fail, problem, shaped
+from twilio_wireless_exporter.config.metrics import FamilyPattern, PerSimMode, selected_families
 from twilio_wireless_exporter.config.types import (
     AccountSid,
     ApiKey,
@@ -239,9 +240,18 @@ class DiscoverySettings(Settings):
 
 
 class MetricsSettings(Settings):
-    """``metrics``: optional parts of the exposition."""
+    """``metrics``: optional parts of the exposition and the controls of its cardinality
+    (``config/metrics.py`` holds their types and checks)."""
 
     imei_label: StrictBool = False
+    include: tuple[FamilyPattern, ...] = ()
+    exclude: tuple[FamilyPattern, ...] = ()
+    per_sim: PerSimMode = "full"
+
+    @property
+    def families(self) -> frozenset[str]:
+        """The names of the families to expose (include, exclude and per_sim applied)."""
+        return selected_families(self.include, self.exclude, self.per_sim)
 
 
 class StateSettings(Settings):

@@ -62,9 +62,10 @@ class SimFamilies(Collector):
 
     ``imei_label`` adds the device's IMEI to ``sim_session_info`` (``metrics.imei_label``).
     ``on_error`` is called for each SIM whose samples cannot be rendered (see :meth:`failed`).
+    ``keep`` holds the names of the families the exposition keeps (``metrics.include``,
+    ``exclude`` and ``per_sim``; ``None``: all): the per-SIM ones are this collector's
+    :attr:`families`, and the renderers apply the same set to the private registry's.
     """
-
-    families = PER_SIM
 
     def __init__(
         self,
@@ -72,10 +73,18 @@ class SimFamilies(Collector):
         *,
         imei_label: bool = False,
         on_error: Callable[[], None] | None = None,
+        keep: Iterable[str] | None = None,
     ) -> None:
         self.state = state
         self.imei_label = imei_label
         self.on_error = on_error
+        self.keep = None if keep is None else frozenset(keep)
+        self.families: tuple[Family, ...] = tuple(
+            family for family in PER_SIM if self.keep is None or family.name in self.keep
+        )
+        """The per-SIM families exposed, in ``PER_SIM``'s order."""
+        dropped = len(self.families) < len(PER_SIM)
+        self._kept = frozenset(f.name for f in self.families) if dropped else None
         self._failed_logged: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
@@ -107,11 +116,19 @@ class SimFamilies(Collector):
             log.exception("cannot render the samples of SIM %s; it is left out", record.sid)
 
     def samples(self, record: SimRecord) -> Iterator[Sample]:
-        """Every sample of one SIM (grouped into families by the caller).
+        """Every sample of one SIM in the families kept (grouped into families by the caller).
 
         Absent data yields no sample: a SIM never polled has only its info (no ``sim_up``),
         a SIM without a located session has no coordinates.
         """
+        kept = self._kept
+        if kept is None:
+            return self._every_sample(record)
+        if not kept:
+            return iter(())
+        return (sample for sample in self._every_sample(record) if sample[0].name in kept)
+
+    def _every_sample(self, record: SimRecord) -> Iterator[Sample]:
         base = {"sim_sid": record.sid, **dict(record.labels)}
         ident = record.identity
         info = {

@@ -1,0 +1,171 @@
+"""Cardinality controls: ``metrics.include``/``exclude``, ``per_sim``, ``sim_labels``, the
+scrape-time selection of sections and the series count.
+
+Every test renders the same fleet through the incremental exposition and the reference (over
+one private registry, so both read the same counters) and checks exactly which series are
+there and which are not.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import zlib
+from typing import Any
+
+import prometheus_client.metrics
+import pytest
+
+from tests.fleet_support import SID_A, SID_B, polled_state
+from tests.metrics_support import parse_samples
+from twilio_wireless_exporter import metrics_names as names
+from twilio_wireless_exporter.api.transport import ErrorKind
+from twilio_wireless_exporter.cli import drop_created_samples
+from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
+from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.exposition.families import SimFamilies
+from twilio_wireless_exporter.exposition.formats import OPENMETRICS
+from twilio_wireless_exporter.exposition.reference import ReferenceExposition
+from twilio_wireless_exporter.exposition.renderer import Exposition
+from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_exporter.service import kept_families
+
+ENV = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "x"}
+
+
+def config(**metrics: Any) -> Config:
+    sims = [{"sid": SID_A, "labels": {"site": "berlin", "team": "ops"}}, {"sid": SID_B}]
+    return config_from_mapping({"sims": sims, "metrics": metrics}, environ=ENV)
+
+
+def problems(**metrics: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config(**metrics)
+    return info.value.problems
+
+
+def render(cfg: Config, state: FleetState | None = None) -> tuple[Exposition, ReferenceExposition]:
+    """The incremental exposition and its reference for ``cfg``'s metrics settings."""
+    state = state or polled_state()
+    registry, api = build_registry(state, poll_interval=60.0)
+    api.poll_error("data_sessions", ErrorKind.TIMEOUT)
+    sims = SimFamilies(state, keep=kept_families(cfg))
+    return Exposition(sims, registry, block_size=1), ReferenceExposition(sims, registry)
+
+
+def families_of(text: bytes) -> set[str]:
+    """The families of the series in an exposition."""
+    found = set()
+    for name, _ in parse_samples(text.decode()):
+        family = names.family_of(name)
+        assert family is not None, name
+        found.add(family.name)
+    return found
+
+
+def exposed(cfg: Config) -> set[str]:
+    """The families ``cfg`` exposes, checked to be the same by both paths and both formats."""
+    fast, reference = render(cfg)
+    text = fast.text()
+    assert text == reference.text()
+    assert fast.text(OPENMETRICS) == reference.text(OPENMETRICS)
+    assert gzip.decompress(fast.gzip()) == text
+    return families_of(text)
+
+
+PER_SIM = {family.name for family in names.PER_SIM}
+
+
+@pytest.fixture(autouse=True)
+def created_samples_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``*_created`` samples off, as the command runs (restored after the test)."""
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", True)
+    drop_created_samples()
+
+
+@pytest.fixture(name="everything")
+def everything_exposed() -> set[str]:
+    return exposed(config())
+
+
+def test_by_default_every_family_with_data_is_exposed(everything: set[str]) -> None:
+    assert {names.SIM_UP.name, names.SIMS_MONITORED.name, names.POLL_ERRORS.name} <= everything
+    assert kept_families(config()) is None
+
+
+# ---------------------------------------------------------------- include / exclude
+
+
+def test_exclude_by_name_removes_exactly_that_family(everything: set[str]) -> None:
+    assert exposed(config(exclude=["twilio_wireless_sim_cell_latitude_degrees"])) == (
+        everything - {names.LATITUDE.name}
+    )
+
+
+def test_exclude_by_series_name_and_by_pattern(everything: set[str]) -> None:
+    cfg = config(
+        exclude=["twilio_wireless_sim_data_sessions_started_total", "twilio_wireless_sim_cell_.*"]
+    )
+    assert exposed(cfg) == everything - {
+        names.SESSIONS_STARTED.name,
+        names.LATITUDE.name,
+        names.LONGITUDE.name,
+    }
+
+
+def test_include_applies_to_per_sim_fleet_and_self_families() -> None:
+    cfg = config(
+        include=["twilio_wireless_sim_up", "twilio_wireless_sims_monitored", ".*_poll_errors"]
+    )
+    assert exposed(cfg) == {names.SIM_UP.name, names.SIMS_MONITORED.name, names.POLL_ERRORS.name}
+
+
+def test_exclude_wins_over_include(everything: set[str]) -> None:
+    cfg = config(include=["twilio_wireless_sim_.*"], exclude=["twilio_wireless_sim_info"])
+    assert exposed(cfg) == (everything & PER_SIM) - {names.SIM_INFO.name}
+
+
+def test_excluding_every_family_leaves_an_empty_body() -> None:
+    fast, reference = render(config(exclude=[".*"]))
+    assert fast.text() == reference.text() == b""
+    assert fast.text(OPENMETRICS) == b"# EOF\n"
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert inflater.decompress(fast.gzip()) + inflater.flush() == b""
+    assert inflater.eof
+
+
+@pytest.mark.parametrize("field", ["include", "exclude"])
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ("twilio_wireless_sim_upp", "matches no metric family"),
+        ("sim_up", "matches no metric family"),
+        ("twilio_wireless_(", "neither a metric family of the exporter nor a regular expression"),
+        ("twilio_wireless_sim_up_total", "matches no metric family"),
+    ],
+)
+def test_a_name_or_pattern_that_matches_nothing_is_an_error(
+    field: str, entry: str, fragment: str
+) -> None:
+    found = problems(**{field: ["twilio_wireless_sim_up", entry]})
+    assert len(found) == 1
+    assert found[0].startswith(f"metrics.{field}[1]: "), found
+    assert fragment in found[0]
+
+
+def test_a_non_string_entry_is_an_error() -> None:
+    assert problems(include=[3]) == [
+        "metrics.include[0]: must be a string, got 3; put it in quotes"
+    ]
+
+
+def test_patterns_match_whole_names(everything: set[str]) -> None:
+    # "sim_up" is in many names, but matched whole it is none of them
+    assert "matches no metric family" in problems(exclude=["twilio_wireless_sim"])[0]
+    assert exposed(config(exclude=["twilio_wireless_sim_u."])) == everything - {names.SIM_UP.name}
+
+
+def test_every_declared_family_can_be_named() -> None:
+    for family in names.ALL:
+        cfg = config(include=[re.escape(family.name)])
+        assert kept_families(cfg) == frozenset({family.name})
