@@ -18,6 +18,7 @@ import pytest
 
 from tests.fleet_support import SID_A, SID_B, polled_state
 from tests.metrics_support import parse_samples
+from tests.prom_support import load_dashboards, load_rules, panels_of, scan
 from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.api.transport import ErrorKind
 from twilio_wireless_exporter.cli import drop_created_samples
@@ -169,3 +170,66 @@ def test_every_declared_family_can_be_named() -> None:
     for family in names.ALL:
         cfg = config(include=[re.escape(family.name)])
         assert kept_families(cfg) == frozenset({family.name})
+
+
+# ---------------------------------------------------------------- per_sim
+
+
+def test_per_sim_essential_keeps_exactly_the_essential_per_sim_families(
+    everything: set[str],
+) -> None:
+    essential = {family.name for family in names.ESSENTIAL}
+    assert exposed(config(per_sim="essential")) == (everything - PER_SIM) | essential
+    assert exposed(config(per_sim="essential", exclude=["twilio_wireless_sim_up"])) == (
+        everything - PER_SIM
+    ) | (essential - {names.SIM_UP.name})
+
+
+def test_per_sim_none_keeps_fleet_and_self_families_only(everything: set[str]) -> None:
+    assert exposed(config(per_sim="none")) == everything - PER_SIM
+    fast, _ = render(config(per_sim="none"))
+    assert fast.refresh().rendered == 0  # no SIM is rendered at all
+
+
+def test_per_sim_full_is_the_default(everything: set[str]) -> None:
+    assert exposed(config(per_sim="full")) == everything
+
+
+def test_an_unknown_per_sim_mode_is_an_error() -> None:
+    assert problems(per_sim="some") == [
+        "metrics.per_sim: must be one of full, essential, none, got 'some'"
+    ]
+
+
+def test_essential_is_a_subset_of_the_per_sim_families() -> None:
+    assert set(names.ESSENTIAL) <= set(names.PER_SIM)
+    assert len(set(names.ESSENTIAL)) == len(names.ESSENTIAL)
+
+
+def test_every_per_sim_family_the_rules_read_is_essential() -> None:
+    read = {
+        names.family_of(sel.name)
+        for _, rule in load_rules()
+        for sel in scan(rule["expr"]).selectors
+    }
+    assert names.SIM_UP in read  # the scan sees the rules
+    assert {f for f in read if f in names.PER_SIM} - set(names.ESSENTIAL) == set()
+
+
+def test_every_panel_says_which_per_sim_mode_empties_it() -> None:
+    essential = set(names.ESSENTIAL)
+    checked = 0
+    for dashboard in load_dashboards().values():
+        for panel in panels_of(dashboard):
+            exprs = [t.get("expr", "") for t in panel.get("targets", [])]
+            read = {names.family_of(sel.name) for expr in exprs for sel in scan(expr).selectors}
+            per_sim = {f for f in read if f in names.PER_SIM}
+            description = panel.get("description", "")
+            if per_sim - essential:
+                assert "Needs `metrics.per_sim: full`" in description, panel["title"]
+            elif per_sim:
+                assert "Empty with `metrics.per_sim: none`" in description, panel["title"]
+            else:
+                assert "metrics.per_sim" not in description, panel["title"]
+            checked += 1
+    assert checked > 20
