@@ -24,12 +24,11 @@ from twilio_wireless_exporter.api.transport import ErrorKind
 from twilio_wireless_exporter.cli import drop_created_samples
 from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
 from twilio_wireless_exporter.exposition.collector import build_registry
-from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.formats import OPENMETRICS
 from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.state import FleetState
-from twilio_wireless_exporter.service import kept_families
+from twilio_wireless_exporter.service import kept_families, sim_families
 
 ENV = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "x"}
 
@@ -50,7 +49,7 @@ def render(cfg: Config, state: FleetState | None = None) -> tuple[Exposition, Re
     state = state or polled_state()
     registry, api = build_registry(state, poll_interval=60.0)
     api.poll_error("data_sessions", ErrorKind.TIMEOUT)
-    sims = SimFamilies(state, keep=kept_families(cfg))
+    sims = sim_families(cfg, state)
     return Exposition(sims, registry, block_size=1), ReferenceExposition(sims, registry)
 
 
@@ -233,3 +232,55 @@ def test_every_panel_says_which_per_sim_mode_empties_it() -> None:
                 assert "metrics.per_sim" not in description, panel["title"]
             checked += 1
     assert checked > 20
+
+
+# ---------------------------------------------------------------- sim_labels
+
+
+def labelled(cfg: Config) -> dict[str, dict[str, str]]:
+    """The labels of SIM A's series, by series name."""
+    state = polled_state()
+    state.ensure(SID_A, {"site": "berlin", "team": "ops"}, "pump-17")
+    fast, reference = render(cfg, state)
+    text = fast.text()
+    assert text == reference.text()
+    return {
+        name: dict(labels)
+        for name, labels in parse_samples(text.decode())
+        if dict(labels).get("sim_sid") == SID_A
+    }
+
+
+def test_by_default_every_configured_label_is_on_every_per_sim_series() -> None:
+    series = labelled(config())
+    assert series[names.SIM_UP.sample] == {"sim_sid": SID_A, "site": "berlin", "team": "ops"}
+    assert all(labels["site"] == "berlin" for labels in series.values())
+
+
+def test_sim_labels_chooses_the_labels_of_per_sim_series_and_info_keeps_all() -> None:
+    series = labelled(config(sim_labels=["team"]))
+    assert series[names.SIM_UP.sample] == {"sim_sid": SID_A, "team": "ops"}
+    assert series[names.SESSIONS_STARTED.sample] == {"sim_sid": SID_A, "team": "ops"}
+    session_info = series[names.SESSION_INFO.sample]
+    assert "site" not in session_info
+    assert session_info["team"] == "ops"
+    info = series[names.SIM_INFO.sample]
+    assert (info["site"], info["team"], info["sim_name"]) == ("berlin", "ops", "pump-17")
+
+
+def test_empty_sim_labels_leaves_only_the_sid_on_per_sim_series() -> None:
+    series = labelled(config(sim_labels=[]))
+    assert series[names.SIM_UP.sample] == {"sim_sid": SID_A}
+    assert series[names.SIM_INFO.sample]["site"] == "berlin"
+
+
+def test_a_sim_label_no_sim_has_is_an_error() -> None:
+    assert problems(sim_labels=["team", "sight"]) == [
+        "metrics.sim_labels[1]: is not a label of any SIM under sims (labels: site, team)"
+    ]
+
+
+def test_a_sim_label_must_be_a_label_name() -> None:
+    found = problems(sim_labels=["9x"])
+    assert len(found) == 1
+    assert found[0].startswith("metrics.sim_labels[0]: invalid label name")

@@ -73,6 +73,20 @@ def kept_families(config: Config) -> frozenset[str] | None:
     return None if kept >= {family.name for family in names.ALL} else kept
 
 
+def sim_families(
+    config: Config, state: FleetState, *, on_error: Callable[[], None] | None = None
+) -> SimFamilies:
+    """The per-SIM families of ``state`` as ``config.metrics`` shapes them."""
+    metrics = config.metrics
+    return SimFamilies(
+        state,
+        imei_label=metrics.imei_label,
+        on_error=on_error,
+        keep=kept_families(config),
+        sim_labels=metrics.sim_labels,
+    )
+
+
 def sim_targets(config: Config) -> list[SimTarget]:
     return [SimTarget(sid=s.sid, name=s.name or "", labels=dict(s.labels)) for s in config.sims]
 
@@ -133,12 +147,7 @@ class Exporter:
             poll_interval=config.poll.interval,
             shard=config.shard.shard,
         )
-        self.sims = SimFamilies(
-            self.state,
-            imei_label=config.metrics.imei_label,
-            on_error=self.api_metrics.exposition_error,
-            keep=kept_families(config),
-        )
+        self.sims = sim_families(config, self.state, on_error=self.api_metrics.exposition_error)
         self.exposition = Exposition(self.sims, self.registry)
         self._session: aiohttp.ClientSession | None = None
         self._client: TwilioClient | None = None

@@ -65,6 +65,8 @@ class SimFamilies(Collector):
     ``keep`` holds the names of the families the exposition keeps (``metrics.include``,
     ``exclude`` and ``per_sim``; ``None``: all): the per-SIM ones are this collector's
     :attr:`families`, and the renderers apply the same set to the private registry's.
+    ``sim_labels`` names the configured labels every per-SIM sample carries
+    (``metrics.sim_labels``; ``None``: all); ``sim_info`` carries them all.
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class SimFamilies(Collector):
         imei_label: bool = False,
         on_error: Callable[[], None] | None = None,
         keep: Iterable[str] | None = None,
+        sim_labels: Iterable[str] | None = None,
     ) -> None:
         self.state = state
         self.imei_label = imei_label
@@ -85,6 +88,9 @@ class SimFamilies(Collector):
         """The per-SIM families exposed, in ``PER_SIM``'s order."""
         dropped = len(self.families) < len(PER_SIM)
         self._kept = frozenset(f.name for f in self.families) if dropped else None
+        self.sim_labels = None if sim_labels is None else frozenset(sim_labels)
+        """The configured labels copied onto every per-SIM sample (``None``: all of them);
+        ``sim_info`` always carries all of them."""
         self._failed_logged: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
@@ -129,10 +135,16 @@ class SimFamilies(Collector):
         return (sample for sample in self._every_sample(record) if sample[0].name in kept)
 
     def _every_sample(self, record: SimRecord) -> Iterator[Sample]:
-        base = {"sim_sid": record.sid, **dict(record.labels)}
+        copied = self.sim_labels
+        if copied is None:
+            base = {"sim_sid": record.sid, **dict(record.labels)}
+            identified = base
+        else:
+            base = {"sim_sid": record.sid, **{k: v for k, v in record.labels if k in copied}}
+            identified = {"sim_sid": record.sid, **dict(record.labels)}
         ident = record.identity
         info = {
-            **base,
+            **identified,
             "sim_name": ident.display_name,
             "unique_name": ident.unique_name,
             "friendly_name": ident.friendly_name,
