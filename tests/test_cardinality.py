@@ -9,12 +9,15 @@ there and which are not.
 from __future__ import annotations
 
 import gzip
+import itertools
 import re
 import zlib
 from typing import Any
 
 import prometheus_client.metrics
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
 
 from tests.fleet_support import SID_A, SID_B, polled_state
 from tests.metrics_support import parse_samples
@@ -23,12 +26,15 @@ from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.api.transport import ErrorKind
 from twilio_wireless_exporter.cli import drop_created_samples
 from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
-from twilio_wireless_exporter.exposition.collector import build_registry
-from twilio_wireless_exporter.exposition.formats import OPENMETRICS
+from twilio_wireless_exporter.exposition.collector import HttpMetrics, build_registry
+from twilio_wireless_exporter.exposition.formats import OPENMETRICS, TEXT
 from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.exposition.renderer import Exposition
+from twilio_wireless_exporter.exposition.selection import Section
+from twilio_wireless_exporter.fleet.accounting import ListingOutcome
 from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.service import kept_families, sim_families
+from twilio_wireless_exporter.web.app import WebContext, make_app
 
 ENV = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "x"}
 
@@ -284,3 +290,106 @@ def test_a_sim_label_must_be_a_label_name() -> None:
     found = problems(sim_labels=["9x"])
     assert len(found) == 1
     assert found[0].startswith("metrics.sim_labels[0]: invalid label name")
+
+
+# ---------------------------------------------------------------- collect[]
+
+SECTION_FAMILIES = {
+    Section.SIMS: {family.name for family in names.PER_SIM},
+    Section.FLEET: {family.name for family in names.FLEET},
+    Section.EXPORTER: {family.name for family in names.SELF},
+}
+SELECTIONS = [
+    frozenset(chosen) for n in range(1, 4) for chosen in itertools.combinations(sorted(Section), n)
+]
+
+
+@pytest.mark.parametrize("chosen", SELECTIONS, ids=lambda s: "+".join(sorted(s)))
+def test_each_selection_holds_exactly_its_sections_families(
+    chosen: frozenset[Section], everything: set[str]
+) -> None:
+    fast, reference = render(config())
+    wanted = set().union(*(SECTION_FAMILIES[s] for s in chosen)) & everything
+    for encoding in (TEXT, OPENMETRICS):
+        text = fast.text(encoding, chosen)
+        assert text == reference.text(encoding, chosen)
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        assert inflater.decompress(fast.gzip(encoding, chosen)) + inflater.flush() == text
+        assert inflater.eof
+        assert not inflater.unused_data
+    assert families_of(fast.text(TEXT, chosen)) == wanted
+
+
+def test_the_sections_put_together_are_the_whole_body() -> None:
+    fast, _ = render(config())
+    whole = fast.text()
+    sims = fast.text(TEXT, frozenset({Section.SIMS}))
+    fleet = fast.text(TEXT, frozenset({Section.FLEET}))
+    own = fast.text(TEXT, frozenset({Section.EXPORTER}))
+    assert whole == sims + fleet + own
+    assert fast.text(OPENMETRICS).endswith(b"# EOF\n")
+    assert fast.text(OPENMETRICS, frozenset({Section.SIMS})).count(b"# EOF\n") == 1
+
+
+def test_selections_share_the_cache_through_changes() -> None:
+    state = polled_state()
+    fast, reference = render(config(exclude=["twilio_wireless_sim_cell_.*"]), state)
+    sims_only = frozenset({Section.SIMS})
+    fleet_only = frozenset({Section.FLEET})
+    assert fast.refresh().rendered == 2
+    for n in range(3):
+        state.record_success(SID_A, ListingOutcome(), now=100.0 + n)
+        state.ensure(SID_B, {"round": str(n)})
+        for chosen in (sims_only, fleet_only, frozenset(Section)):
+            body = fast.gzip(TEXT, chosen)
+            assert gzip.decompress(body) == reference.text(TEXT, chosen)
+        assert fast.refresh().rendered == 0  # the three bodies came from one render
+
+
+async def test_metrics_serves_the_collect_sections_and_refuses_unknown_ones() -> None:
+    state = polled_state()
+    cfg = config()
+    registry, api = build_registry(state, poll_interval=60.0)
+    api.poll_error("data_sessions", ErrorKind.TIMEOUT)
+    http = HttpMetrics(registry)
+    sims = sim_families(cfg, state)
+    exposition = Exposition(sims, registry)
+    reference = ReferenceExposition(sims, registry)
+    context = WebContext(state, lambda: True, "http://api", exposition, rejections=http)
+    client: TestClient[Any, Any] = TestClient(TestServer(make_app(context)))
+    await client.start_server()
+    try:
+        for query, chosen in [
+            ("", frozenset(Section)),
+            ("?collect[]=fleet", frozenset({Section.FLEET})),
+            ("?collect[]=sims&collect[]=exporter", frozenset({Section.SIMS, Section.EXPORTER})),
+            ("?collect[]=fleet&collect[]=fleet", frozenset({Section.FLEET})),
+            ("?collect[]=fleet&collect[]=sims&collect[]=exporter", frozenset(Section)),
+        ]:
+            for accept_encoding in ("identity", "gzip"):
+                resp = await client.get(
+                    "/metrics" + query, headers={"Accept-Encoding": accept_encoding}
+                )
+                assert resp.status == 200, query
+                assert await resp.read() == reference.text(TEXT, chosen), query
+        rejected_before = sample(registry, names.HTTP_REJECTED.sample, reason="bad_request")
+        for query, shown in [
+            ("?collect[]=flet", "'flet'"),
+            ("?collect[]=fleet&collect[]=", "''"),
+            ("?collect[]=SIMS", "'SIMS'"),
+        ]:
+            resp = await client.get("/metrics" + query)
+            assert resp.status == 400, query
+            assert await resp.text() == (
+                f"unknown collect[] value {shown}: use one of fleet, sims, exporter\n"
+            )
+        after = sample(registry, names.HTTP_REJECTED.sample, reason="bad_request")
+        assert after == rejected_before + 3
+    finally:
+        await client.close()
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    assert value is not None, (name, labels)
+    return value

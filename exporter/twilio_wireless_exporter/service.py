@@ -30,6 +30,7 @@ from twilio_wireless_exporter.fleet.persist import StateLock, StateStore, state_
 from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.polling.poller import Poller, PollerSettings, SimTarget
 from twilio_wireless_exporter.web.app import WebContext, make_app
+from twilio_wireless_exporter.web.connections import Rejections
 
 log = logging.getLogger(__name__)
 
@@ -287,17 +288,21 @@ class Exporter:
             await self._session.close()
             self._session = None
 
-    def web_context(self) -> WebContext:
+    def web_context(self, rejections: Rejections | None = None) -> WebContext:
         return WebContext(
             state=self.state,
             is_ready=self.is_ready,
             api_base_url=self.config.twilio.base_url,
             exposition=self.exposition,
+            rejections=rejections,
         )
 
-    def web_app(self, *, middlewares: Sequence[Middleware] = ()) -> web.Application:
-        """The aiohttp app; polling starts and stops with it."""
-        app = make_app(self.web_context(), middlewares=middlewares)
+    def web_app(
+        self, *, middlewares: Sequence[Middleware] = (), rejections: Rejections | None = None
+    ) -> web.Application:
+        """The aiohttp app; polling starts and stops with it. ``rejections`` counts the
+        requests it refuses."""
+        app = make_app(self.web_context(rejections), middlewares=middlewares)
 
         async def lifecycle(_: web.Application) -> AsyncIterator[None]:
             await self.start()
