@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -144,6 +145,21 @@ def thresholds(*steps: tuple[float | None, str]) -> Json:
 GREEN = thresholds((None, "green"))
 
 
+_SERIES = re.compile(r"\btwilio_wireless_[a-z0-9_]+")
+
+
+def per_sim_note(tgts: list[Json]) -> str:
+    """What a ``metrics.per_sim`` mode takes from the panel, said in its description, so that
+    a mode leaving out what it reads shows why the panel is empty instead of a silent gap."""
+    read = {names.family_of(m) for t in tgts for m in _SERIES.findall(t.get("expr", ""))}
+    per_sim = {family for family in read if family in names.PER_SIM}
+    if not per_sim:
+        return ""
+    if per_sim - set(names.ESSENTIAL):
+        return " Needs `metrics.per_sim: full` (empty with `essential` or `none`)."
+    return " Empty with `metrics.per_sim: none`."
+
+
 def panel(
     kind: str,
     title: str,
@@ -173,7 +189,7 @@ def panel(
     result: Json = {
         "type": kind,
         "title": title,
-        "description": description,
+        "description": description + per_sim_note(tgts),
         "datasource": DS,
         "fieldConfig": {"defaults": field_defaults, "overrides": overrides or []},
         "options": options or {},

@@ -401,7 +401,7 @@ async def serve(
         middlewares = (
             security_middlewares(web_config, http_metrics) if web_config is not None else []
         )
-        app = exporter.web_app(middlewares=middlewares)
+        app = exporter.web_app(middlewares=middlewares, rejections=http_metrics)
         runner = web.AppRunner(
             app,
             handle_signals=False,

@@ -268,6 +268,21 @@ PER_SIM: tuple[Family, ...] = (
 )
 """The per-SIM families, in the order they are exposed."""
 
+ESSENTIAL: tuple[Family, ...] = (
+    SIM_INFO,
+    SIM_UP,
+    LAST_SUCCESS,
+    SESSIONS_OPEN,
+    SESSIONS_STARTED,
+    SESSIONS_ENDED,
+    IMEI_CHANGES,
+    LAST_START,
+)
+"""The per-SIM families ``metrics.per_sim: essential`` keeps: what the shipped alert rules and
+recording rules query per SIM (a test checks that every per-SIM family they read is here), the
+SIM's identity for naming it, and whether its polls succeed. A per-SIM family added for a new
+rule is added here too, or that test names it."""
+
 # -------------------------------------------------------------------------- fleet-wide
 
 SESSION_DURATION = _family(

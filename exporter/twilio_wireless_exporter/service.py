@@ -12,6 +12,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.api.auth import (
     BasicAuthenticator,
     OAuth2Authenticator,
@@ -30,6 +31,7 @@ from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.polling.poller import Poller, PollerSettings, SimTarget
 from twilio_wireless_exporter.polling.usage import UsagePoller, UsageSettings
 from twilio_wireless_exporter.web.app import WebContext, make_app
+from twilio_wireless_exporter.web.connections import Rejections
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,28 @@ def usage_settings(config: Config) -> UsageSettings:
         account=usage.account and config.shard.index == 0,
         rate_plans=usage.rate_plans and config.shard.index == 0,
         rate_plans_interval=config.discovery.refresh_interval,
+    )
+
+
+def kept_families(config: Config) -> frozenset[str] | None:
+    """The names of the families to expose; ``None`` when that is every family."""
+    kept = config.metrics.families
+    return None if kept >= {family.name for family in names.ALL} else kept
+
+
+def sim_families(
+    config: Config, state: FleetState, *, on_error: Callable[[], None] | None = None
+) -> SimFamilies:
+    """The per-SIM families of ``state`` as ``config.metrics`` shapes them."""
+    metrics = config.metrics
+    return SimFamilies(
+        state,
+        imei_label=metrics.imei_label,
+        roaming_split=config.usage.roaming_split,
+        billed=config.usage.billed,
+        on_error=on_error,
+        keep=kept_families(config),
+        sim_labels=metrics.sim_labels,
     )
 
 
@@ -145,13 +169,7 @@ class Exporter:
             poll_interval=config.poll.interval,
             shard=config.shard.shard,
         )
-        self.sims = SimFamilies(
-            self.state,
-            imei_label=config.metrics.imei_label,
-            roaming_split=config.usage.roaming_split,
-            billed=config.usage.billed,
-            on_error=self.api_metrics.exposition_error,
-        )
+        self.sims = sim_families(config, self.state, on_error=self.api_metrics.exposition_error)
         self.exposition = Exposition(self.sims, self.registry)
         self._session: aiohttp.ClientSession | None = None
         self._client: TwilioClient | None = None
@@ -302,17 +320,21 @@ class Exporter:
             await self._session.close()
             self._session = None
 
-    def web_context(self) -> WebContext:
+    def web_context(self, rejections: Rejections | None = None) -> WebContext:
         return WebContext(
             state=self.state,
             is_ready=self.is_ready,
             api_base_url=self.config.twilio.base_url,
             exposition=self.exposition,
+            rejections=rejections,
         )
 
-    def web_app(self, *, middlewares: Sequence[Middleware] = ()) -> web.Application:
-        """The aiohttp app; polling starts and stops with it."""
-        app = make_app(self.web_context(), middlewares=middlewares)
+    def web_app(
+        self, *, middlewares: Sequence[Middleware] = (), rejections: Rejections | None = None
+    ) -> web.Application:
+        """The aiohttp app; polling starts and stops with it. ``rejections`` counts the
+        requests it refuses."""
+        app = make_app(self.web_context(rejections), middlewares=middlewares)
 
         async def lifecycle(_: web.Application) -> AsyncIterator[None]:
             await self.start()

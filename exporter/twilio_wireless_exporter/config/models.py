@@ -33,6 +33,12 @@ from pydantic_core import PydanticCustomError as Problem
 
 from twilio_wireless_exporter.config.credentials import Credentials, resolve_credentials
 from twilio_wireless_exporter.config.errors import also_report, fail, problem, shaped
+from twilio_wireless_exporter.config.metrics import (
+    FamilyPattern,
+    PerSimMode,
+    label_problems,
+    selected_families,
+)
 from twilio_wireless_exporter.config.types import (
     AccountSid,
     ApiKey,
@@ -264,9 +270,19 @@ class DiscoverySettings(Settings):
 
 
 class MetricsSettings(Settings):
-    """``metrics``: optional parts of the exposition."""
+    """``metrics``: optional parts of the exposition and the controls of its cardinality
+    (``config/metrics.py`` holds their types and checks)."""
 
     imei_label: StrictBool = False
+    include: tuple[FamilyPattern, ...] = ()
+    exclude: tuple[FamilyPattern, ...] = ()
+    per_sim: PerSimMode = "full"
+    sim_labels: tuple[LabelName, ...] | None = None
+
+    @property
+    def families(self) -> frozenset[str]:
+        """The names of the families to expose (include, exclude and per_sim applied)."""
+        return selected_families(self.include, self.exclude, self.per_sim)
 
 
 class UsageSettings(Settings):
@@ -344,6 +360,14 @@ class Config(Settings):
         config: Self = also_report(handler, data, extra)
         config._warnings = tuple(warnings_of(info))
         return config
+
+    @model_validator(mode="after")
+    def _metrics_name_configured_labels(self) -> Self:
+        configured = {name for sim in self.sims for name in sim.labels}
+        problems = label_problems(configured, self.metrics.sim_labels, ())
+        if problems:
+            raise fail(problems)
+        return self
 
     @field_validator("sims", mode="before")
     @classmethod

@@ -80,9 +80,12 @@ class SimFamilies(Collector):
     ``roaming_split`` splits the period's total by network (``usage.roaming_split``);
     ``billed`` adds the billed amount (``usage.billed``).
     ``on_error`` is called for each SIM whose samples cannot be rendered (see :meth:`failed`).
+    ``keep`` holds the names of the families the exposition keeps (``metrics.include``,
+    ``exclude`` and ``per_sim``; ``None``: all): the per-SIM ones are this collector's
+    :attr:`families`, and the renderers apply the same set to the private registry's.
+    ``sim_labels`` names the configured labels every per-SIM sample carries
+    (``metrics.sim_labels``; ``None``: all); ``sim_info`` carries them all.
     """
-
-    families = PER_SIM
 
     def __init__(
         self,
@@ -92,12 +95,24 @@ class SimFamilies(Collector):
         roaming_split: bool = False,
         billed: bool = False,
         on_error: Callable[[], None] | None = None,
+        keep: Iterable[str] | None = None,
+        sim_labels: Iterable[str] | None = None,
     ) -> None:
         self.state = state
         self.imei_label = imei_label
         self.roaming_split = roaming_split
         self.billed = billed
         self.on_error = on_error
+        self.keep = None if keep is None else frozenset(keep)
+        self.families: tuple[Family, ...] = tuple(
+            family for family in PER_SIM if self.keep is None or family.name in self.keep
+        )
+        """The per-SIM families exposed, in ``PER_SIM``'s order."""
+        dropped = len(self.families) < len(PER_SIM)
+        self._kept = frozenset(f.name for f in self.families) if dropped else None
+        self.sim_labels = None if sim_labels is None else frozenset(sim_labels)
+        """The configured labels copied onto every per-SIM sample (``None``: all of them);
+        ``sim_info`` always carries all of them."""
         self._failed_logged: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
@@ -129,15 +144,29 @@ class SimFamilies(Collector):
             log.exception("cannot render the samples of SIM %s; it is left out", record.sid)
 
     def samples(self, record: SimRecord) -> Iterator[Sample]:
-        """Every sample of one SIM (grouped into families by the caller).
+        """Every sample of one SIM in the families kept (grouped into families by the caller).
 
         Absent data yields no sample: a SIM never polled has only its info (no ``sim_up``),
         a SIM without a located session has no coordinates.
         """
-        base = {"sim_sid": record.sid, **dict(record.labels)}
+        kept = self._kept
+        if kept is None:
+            return self._every_sample(record)
+        if not kept:
+            return iter(())
+        return (sample for sample in self._every_sample(record) if sample[0].name in kept)
+
+    def _every_sample(self, record: SimRecord) -> Iterator[Sample]:
+        copied = self.sim_labels
+        if copied is None:
+            base = {"sim_sid": record.sid, **dict(record.labels)}
+            identified = base
+        else:
+            base = {"sim_sid": record.sid, **{k: v for k, v in record.labels if k in copied}}
+            identified = {"sim_sid": record.sid, **dict(record.labels)}
         ident = record.identity
         info = {
-            **base,
+            **identified,
             "sim_name": ident.display_name,
             "unique_name": ident.unique_name,
             "friendly_name": ident.friendly_name,

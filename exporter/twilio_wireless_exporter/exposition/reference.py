@@ -18,10 +18,12 @@ from prometheus_client.registry import Collector
 
 from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.formats import TEXT, Encoding, generate
+from twilio_wireless_exporter.exposition.selection import EVERY_SECTION, Section, Sections, Tail
 
 
 class ReferenceExposition(Collector):
-    """The whole exposition of ``sims`` and ``registry`` as one collector."""
+    """The whole exposition of ``sims`` and ``registry`` as one collector (the families
+    ``sims.keep`` holds); :meth:`text` and :meth:`gzip` also write some sections only."""
 
     def __init__(self, sims: SimFamilies, registry: CollectorRegistry, *, gzip_level: int = 1):
         self._sims = sims
@@ -29,15 +31,31 @@ class ReferenceExposition(Collector):
         self._gzip_level = gzip_level
 
     def collect(self) -> Iterable[Metric]:
-        yield from self._sims.collect()
-        yield from self._registry.collect()
+        return self._of(EVERY_SECTION).collect()
 
-    def text(self, encoding: Encoding = TEXT) -> bytes:
-        return generate(encoding, self)
+    def _of(self, sections: Sections) -> Collector:
+        return _Sections(self._sims, Tail(self._registry, self._sims.keep, sections), sections)
 
-    def gzip(self, encoding: Encoding = TEXT) -> bytes:
-        return gzip.compress(self.text(encoding), compresslevel=self._gzip_level)
+    def text(self, encoding: Encoding = TEXT, sections: Sections = EVERY_SECTION) -> bytes:
+        return generate(encoding, self._of(sections))
 
-    async def render(self, encoding: Encoding, *, compress: bool) -> list[bytes]:
+    def gzip(self, encoding: Encoding = TEXT, sections: Sections = EVERY_SECTION) -> bytes:
+        return gzip.compress(self.text(encoding, sections), compresslevel=self._gzip_level)
+
+    async def render(
+        self, encoding: Encoding, *, compress: bool, sections: Sections = EVERY_SECTION
+    ) -> list[bytes]:
         """The response body as parts (one here), like the incremental renderer's."""
-        return [self.gzip(encoding) if compress else self.text(encoding)]
+        return [self.gzip(encoding, sections) if compress else self.text(encoding, sections)]
+
+
+class _Sections(Collector):
+    def __init__(self, sims: SimFamilies, tail: Tail, sections: Sections) -> None:
+        self._sims = sims
+        self._tail = tail
+        self._sections = sections
+
+    def collect(self) -> Iterable[Metric]:
+        if Section.SIMS in self._sections:
+            yield from self._sims.collect()
+        yield from self._tail.collect()

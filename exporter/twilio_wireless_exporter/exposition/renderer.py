@@ -57,6 +57,7 @@ from prometheus_client.registry import Collector
 from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.formats import TEXT, Encoding, Escaping, Format, generate
 from twilio_wireless_exporter.exposition.reference import ReferenceExposition
+from twilio_wireless_exporter.exposition.selection import EVERY_SECTION, Section, Sections, Tail
 from twilio_wireless_exporter.fleet.state import SimRecord
 from twilio_wireless_exporter.metrics_names import Family
 
@@ -131,6 +132,8 @@ class _Headers(Collector):
 def _headers(encoding: Encoding, families: tuple[Family, ...]) -> list[bytes]:
     """``# HELP``/``# TYPE`` lines of each per-SIM family, byte for byte as the stock output."""
     count = len(families)
+    if not count:
+        return []
     text = generate(encoding, _Headers(families)).decode()
     if encoding.format is Format.OPENMETRICS:
         text = text.removesuffix("# EOF\n")
@@ -284,13 +287,16 @@ class Exposition:
         self._crc: dict[Format, tuple[int, int, int]] = {}  # fmt -> (generation, crc, size)
         self._lock = asyncio.Lock()
         self._scraped = False
-        self._queued: dict[tuple[Encoding, bool], asyncio.Future[list[bytes]]] = {}
+        self._queued: dict[_Key, asyncio.Future[list[bytes]]] = {}
 
     # ------------------------------------------------------------------ public API
 
-    async def render(self, encoding: Encoding, *, compress: bool) -> list[bytes]:
+    async def render(
+        self, encoding: Encoding, *, compress: bool, sections: Sections = EVERY_SECTION
+    ) -> list[bytes]:
         """The response body in ``encoding``, gzipped if asked, as parts to send one after the
-        other (their concatenation is the body).
+        other (their concatenation is the body). ``sections`` are the parts of the exposition
+        the scrape asked for (``collect[]``), each served from the same cache.
 
         The parts are the cached blocks themselves, not a copy: blocks are immutable ``bytes``
         replaced on change, so the list is a consistent snapshot however long sending takes,
@@ -302,7 +308,7 @@ class Exposition:
         (not yet started) waits for that one, so every response still reflects the state at or
         after its request's arrival, and many scrapers at once cost about one render.
         """
-        key = (encoding, compress)
+        key = (encoding, compress, sections)
         queued = self._queued.get(key)
         if queued is None:
             queued = asyncio.ensure_future(self._render_next(key))
@@ -311,31 +317,31 @@ class Exposition:
         # shielded: a scraper that goes away does not cancel the render others wait for
         return await asyncio.shield(queued)
 
-    async def _render_next(self, key: tuple[Encoding, bool]) -> list[bytes]:
-        encoding, compress = key
+    async def _render_next(self, key: _Key) -> list[bytes]:
+        encoding, compress, sections = key
         async with self._lock:
             # Started: requests arriving from now on queue the next render.
             self._queued.pop(key, None)
             self._scraped = True
             await self._refresh_locked()
             if not self._reproducible(encoding):
-                return await self._reference.render(encoding, compress=compress)
+                return await self._reference.render(encoding, compress=compress, sections=sections)
             if not _identical_escaping(encoding):
                 await self._escape_stale(encoding)
-                parts = self._escaped_parts(encoding)
+                parts = self._escaped_parts(encoding, sections)
                 if not compress:
                     return parts
                 # rare encodings: no cached pieces, the whole body is compressed off the loop
                 return [await asyncio.to_thread(_gzip_whole, parts, self._gzip_level)]
             if not compress:
-                return self._text_parts(encoding)
+                return self._text_parts(encoding, sections)
             fmt = encoding.format
             cached = self._crc.get(fmt)
             middle = None if cached and cached[0] == self._generation else self._middle(fmt)
             crc = await self._deflate_stale(middle)
             if crc is not None:
                 self._crc[fmt] = (self._generation, *crc)
-            return self._gzip_parts(encoding)
+            return self._gzip_parts(encoding, sections)
 
     async def keep_fresh(
         self, interval: float, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
@@ -381,25 +387,26 @@ class Exposition:
             pass
         return stats
 
-    def text(self, encoding: Encoding = TEXT) -> bytes:
-        """The whole body, synchronously (tests and benchmarks)."""
+    def text(self, encoding: Encoding = TEXT, sections: Sections = EVERY_SECTION) -> bytes:
+        """The whole body (or ``sections`` of it), synchronously (tests and benchmarks)."""
         self.refresh()
         if not self._reproducible(encoding):
-            return self._reference.text(encoding)
+            return self._reference.text(encoding, sections)
         if not _identical_escaping(encoding):
             for _ in self._escape_steps(encoding):
                 pass
-            return b"".join(self._escaped_parts(encoding))
-        return b"".join(self._text_parts(encoding))
+            return b"".join(self._escaped_parts(encoding, sections))
+        return b"".join(self._text_parts(encoding, sections))
 
-    def gzip(self, encoding: Encoding = TEXT) -> bytes:
-        """The whole body gzipped, synchronously (tests and benchmarks)."""
+    def gzip(self, encoding: Encoding = TEXT, sections: Sections = EVERY_SECTION) -> bytes:
+        """The whole body (or ``sections`` of it) gzipped, synchronously (tests and
+        benchmarks)."""
         self.refresh()
         if not self._reproducible(encoding):
-            return self._reference.gzip(encoding)
+            return self._reference.gzip(encoding, sections)
         if not _identical_escaping(encoding):
-            return _gzip_whole([self.text(encoding)], self._gzip_level)
-        return b"".join(self._gzip_parts(encoding))
+            return _gzip_whole([self.text(encoding, sections)], self._gzip_level)
+        return b"".join(self._gzip_parts(encoding, sections))
 
     def _reproducible(self, encoding: Encoding) -> bool:
         """Label names outside the legacy charset are written differently per escaping scheme
@@ -425,15 +432,16 @@ class Exposition:
                     variants[encoding] = escape_block(block.data, encoding)
                     yield  # a block at a time: the loop never waits for more than one
 
-    def _escaped_parts(self, encoding: Encoding) -> list[bytes]:
-        headers = self._escaped_headers.get(encoding)
-        if headers is None:
-            headers = self._escaped_headers[encoding] = _headers(encoding, self._families)
+    def _escaped_parts(self, encoding: Encoding, sections: Sections) -> list[bytes]:
         parts: list[bytes] = []
-        for header, family_blocks in zip(headers, self._blocks, strict=True):
-            parts.append(header)
-            parts.extend((block.variants or {})[encoding] for block in family_blocks)
-        parts.append(self._tail(encoding))
+        if Section.SIMS in sections:
+            headers = self._escaped_headers.get(encoding)
+            if headers is None:
+                headers = self._escaped_headers[encoding] = _headers(encoding, self._families)
+            for header, family_blocks in zip(headers, self._blocks, strict=True):
+                parts.append(header)
+                parts.extend((block.variants or {})[encoding] for block in family_blocks)
+        parts.append(self._tail(encoding, sections))
         return parts
 
     # ------------------------------------------------------------------ rendering
@@ -472,6 +480,8 @@ class Exposition:
 
     def _refresh_steps(self, stats: RefreshStats) -> Generator[None, None, None]:
         """Re-render changed SIMs; yields now and then so the caller can let the loop run."""
+        if not self._families:
+            return  # metrics.per_sim: none (or every per-SIM family excluded): nothing to render
         sims = self._state.sims
         order = list(sims)
         records = list(sims.values())
@@ -542,9 +552,10 @@ class Exposition:
 
     # ------------------------------------------------------------------ assembly
 
-    def _tail(self, encoding: Encoding) -> bytes:
-        """Everything but the per-SIM families: the private registry's stock output."""
-        return generate(encoding, self._registry)
+    def _tail(self, encoding: Encoding, sections: Sections) -> bytes:
+        """Everything but the per-SIM families: the private registry's stock output (its
+        families of ``sections`` that are kept)."""
+        return generate(encoding, Tail(self._registry, self._sims.keep, sections))
 
     def _middle(self, fmt: Format) -> list[bytes]:
         parts: list[bytes] = []
@@ -553,9 +564,9 @@ class Exposition:
             parts.extend(block.data for block in family_blocks)
         return parts
 
-    def _text_parts(self, encoding: Encoding) -> list[bytes]:
-        parts = self._middle(encoding.format)
-        parts.append(self._tail(encoding))
+    def _text_parts(self, encoding: Encoding, sections: Sections) -> list[bytes]:
+        parts = self._middle(encoding.format) if Section.SIMS in sections else []
+        parts.append(self._tail(encoding, sections))
         return parts
 
     def _stale_blocks(self) -> list[_Block]:
@@ -567,9 +578,17 @@ class Exposition:
         pieces = [_deflate_piece(data, self._gzip_level) for data in datas]
         return pieces, None if middle is None else _crc_and_size(middle)
 
-    def _gzip_parts(self, encoding: Encoding) -> list[bytes]:
+    def _gzip_parts(self, encoding: Encoding, sections: Sections) -> list[bytes]:
         fmt = encoding.format
         level = self._gzip_level
+        tail = self._tail(encoding, sections)
+        if Section.SIMS not in sections:
+            crc = zlib.crc32(tail)
+            return [
+                _GZIP_HEADER,
+                _deflate_last(tail, level),
+                struct.pack("<II", crc & 0xFFFFFFFF, len(tail) & 0xFFFFFFFF),
+            ]
         for block in self._stale_blocks():
             block.gz = _deflate_piece(block.data, level)
         header_gz = self._header_gz.get(fmt)
@@ -581,7 +600,6 @@ class Exposition:
         if cached is None or cached[0] != self._generation:
             cached = self._crc[fmt] = (self._generation, *_crc_and_size(self._middle(fmt)))
         _, crc, size = cached
-        tail = self._tail(encoding)
         crc = zlib.crc32(tail, crc)
         size += len(tail)
         parts = [_GZIP_HEADER]
@@ -591,6 +609,10 @@ class Exposition:
         parts.append(_deflate_last(tail, level))
         parts.append(struct.pack("<II", crc & 0xFFFFFFFF, size & 0xFFFFFFFF))
         return parts
+
+
+_Key = tuple[Encoding, bool, Sections]
+"""What a render is asked for: encoding, gzip or not, the sections."""
 
 
 def _gzip_whole(parts: list[bytes], level: int) -> bytes:

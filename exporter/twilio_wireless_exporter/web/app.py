@@ -18,8 +18,15 @@ from aiohttp.typedefs import Middleware
 
 from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter.exposition.formats import Encoding
+from twilio_wireless_exporter.exposition.selection import EVERY_SECTION, Sections
 from twilio_wireless_exporter.fleet.state import FleetState
-from twilio_wireless_exporter.web.negotiation import negotiate
+from twilio_wireless_exporter.web.connections import Rejections
+from twilio_wireless_exporter.web.negotiation import (
+    COLLECT_PARAM,
+    UnknownSectionError,
+    negotiate,
+    sections,
+)
 
 
 class MetricsRenderer(Protocol):
@@ -27,7 +34,9 @@ class MetricsRenderer(Protocol):
     incremental :class:`~twilio_wireless_exporter.exposition.renderer.Exposition`, or the
     :class:`~twilio_wireless_exporter.exposition.reference.ReferenceExposition`."""
 
-    async def render(self, encoding: Encoding, *, compress: bool) -> list[bytes]: ...
+    async def render(
+        self, encoding: Encoding, *, compress: bool, sections: Sections = EVERY_SECTION
+    ) -> list[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,20 +46,32 @@ class WebContext:
     api_base_url: str
     exposition: MetricsRenderer
     """Renderer of ``/metrics``."""
+    rejections: Rejections | None = None
+    """Counts refused requests (a bad ``collect[]`` is a ``bad_request``)."""
 
 
 CONTEXT_KEY: web.AppKey[WebContext] = web.AppKey("context", WebContext)
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """The exposition, or the ``collect[]`` sections of it (``fleet``, ``sims``,
+    ``exporter``); an unknown section is a 400 saying which exist."""
     ctx = request.app[CONTEXT_KEY]
+    try:
+        chosen_sections = sections(request.query.getall(COLLECT_PARAM, []))
+    except UnknownSectionError as exc:
+        if ctx.rejections is not None:
+            ctx.rejections.reject("bad_request")
+        return web.Response(status=400, text=f"{exc}\n", headers={"Cache-Control": "no-store"})
     chosen = negotiate(
         request.headers.get("Accept", ""), request.headers.get("Accept-Encoding", "")
     )
     headers = {"Content-Type": chosen.content_type, "Cache-Control": "no-store"}
     if chosen.gzip:
         headers["Content-Encoding"] = "gzip"
-    parts = await ctx.exposition.render(chosen.encoding, compress=chosen.gzip)
+    parts = await ctx.exposition.render(
+        chosen.encoding, compress=chosen.gzip, sections=chosen_sections
+    )
     return web.Response(body=PartsPayload(parts, chosen.content_type), headers=headers)
 
 

@@ -21,10 +21,13 @@ from prometheus_client.openmetrics import exposition as om_format
 from prometheus_client.utils import parse_version
 
 from twilio_wireless_exporter.exposition.formats import Encoding, Escaping, Format
+from twilio_wireless_exporter.exposition.selection import EVERY_SECTION, Section, Sections
 
 OPENMETRICS_TYPE = "application/openmetrics-text"
 TEXT_TYPE = "text/plain"
 _ESCAPINGS = {scheme.value: scheme for scheme in Escaping}
+_SECTIONS = {section.value: section for section in Section}
+COLLECT_PARAM = "collect[]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +108,25 @@ def accepts_gzip(accept_encoding: str) -> bool:
                     weight = 0.0
         return weight > 0
     return False
+
+
+class UnknownSectionError(ValueError):
+    """A ``collect[]`` value that names no section; the message says which ones exist."""
+
+
+def sections(collect: list[str]) -> Sections:
+    """The sections ``/metrics?collect[]=…`` asks for, as node_exporter reads its
+    ``collect[]``: none given means every section, repeated values count once. An unknown (or
+    empty) value raises :class:`UnknownSectionError`, so that a typo is a 400, not a body that
+    silently lacks what was meant."""
+    if not collect:
+        return EVERY_SECTION
+    chosen = set()
+    for value in collect:
+        section = _SECTIONS.get(value)
+        if section is None:
+            shown = repr(value) if len(value) <= 40 else repr(value[:37] + "...")
+            known = ", ".join(s.value for s in Section)
+            raise UnknownSectionError(f"unknown {COLLECT_PARAM} value {shown}: use one of {known}")
+        chosen.add(section)
+    return frozenset(chosen)

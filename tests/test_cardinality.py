@@ -1,0 +1,395 @@
+"""Cardinality controls: ``metrics.include``/``exclude``, ``per_sim``, ``sim_labels``, the
+scrape-time selection of sections and the series count.
+
+Every test renders the same fleet through the incremental exposition and the reference (over
+one private registry, so both read the same counters) and checks exactly which series are
+there and which are not.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import re
+import zlib
+from typing import Any
+
+import prometheus_client.metrics
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import CollectorRegistry
+
+from tests.fleet_support import SID_A, SID_B, polled_state
+from tests.metrics_support import parse_samples
+from tests.prom_support import load_dashboards, load_rules, panels_of, scan
+from twilio_wireless_exporter import metrics_names as names
+from twilio_wireless_exporter.api.transport import ErrorKind
+from twilio_wireless_exporter.cli import drop_created_samples
+from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
+from twilio_wireless_exporter.exposition.collector import HttpMetrics, build_registry
+from twilio_wireless_exporter.exposition.formats import OPENMETRICS, TEXT
+from twilio_wireless_exporter.exposition.reference import ReferenceExposition
+from twilio_wireless_exporter.exposition.renderer import Exposition
+from twilio_wireless_exporter.exposition.selection import Section
+from twilio_wireless_exporter.fleet.accounting import ListingOutcome
+from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_exporter.service import kept_families, sim_families
+from twilio_wireless_exporter.web.app import WebContext, make_app
+
+ENV = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "x"}
+
+
+def config(**metrics: Any) -> Config:
+    sims = [{"sid": SID_A, "labels": {"site": "berlin", "team": "ops"}}, {"sid": SID_B}]
+    return config_from_mapping({"sims": sims, "metrics": metrics}, environ=ENV)
+
+
+def problems(**metrics: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config(**metrics)
+    return info.value.problems
+
+
+def render(cfg: Config, state: FleetState | None = None) -> tuple[Exposition, ReferenceExposition]:
+    """The incremental exposition and its reference for ``cfg``'s metrics settings."""
+    state = state or polled_state()
+    registry, api = build_registry(state, poll_interval=60.0)
+    api.poll_error("data_sessions", ErrorKind.TIMEOUT)
+    sims = sim_families(cfg, state)
+    return Exposition(sims, registry, block_size=1), ReferenceExposition(sims, registry)
+
+
+def families_of(text: bytes) -> set[str]:
+    """The families of the series in an exposition."""
+    found = set()
+    for name, _ in parse_samples(text.decode()):
+        family = names.family_of(name)
+        assert family is not None, name
+        found.add(family.name)
+    return found
+
+
+def exposed(cfg: Config) -> set[str]:
+    """The families ``cfg`` exposes, checked to be the same by both paths and both formats."""
+    fast, reference = render(cfg)
+    text = fast.text()
+    assert text == reference.text()
+    assert fast.text(OPENMETRICS) == reference.text(OPENMETRICS)
+    assert gzip.decompress(fast.gzip()) == text
+    return families_of(text)
+
+
+PER_SIM = {family.name for family in names.PER_SIM}
+
+
+@pytest.fixture(autouse=True)
+def created_samples_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``*_created`` samples off, as the command runs (restored after the test)."""
+    monkeypatch.setattr(prometheus_client.metrics, "_use_created", True)
+    drop_created_samples()
+
+
+@pytest.fixture(name="everything")
+def everything_exposed() -> set[str]:
+    return exposed(config())
+
+
+def test_by_default_every_family_with_data_is_exposed(everything: set[str]) -> None:
+    assert {names.SIM_UP.name, names.SIMS_MONITORED.name, names.POLL_ERRORS.name} <= everything
+    assert kept_families(config()) is None
+
+
+# ---------------------------------------------------------------- include / exclude
+
+
+def test_exclude_by_name_removes_exactly_that_family(everything: set[str]) -> None:
+    assert exposed(config(exclude=["twilio_wireless_sim_cell_latitude_degrees"])) == (
+        everything - {names.LATITUDE.name}
+    )
+
+
+def test_exclude_by_series_name_and_by_pattern(everything: set[str]) -> None:
+    cfg = config(
+        exclude=["twilio_wireless_sim_data_sessions_started_total", "twilio_wireless_sim_cell_.*"]
+    )
+    assert exposed(cfg) == everything - {
+        names.SESSIONS_STARTED.name,
+        names.LATITUDE.name,
+        names.LONGITUDE.name,
+    }
+
+
+def test_include_applies_to_per_sim_fleet_and_self_families() -> None:
+    cfg = config(
+        include=["twilio_wireless_sim_up", "twilio_wireless_sims_monitored", ".*_poll_errors"]
+    )
+    assert exposed(cfg) == {names.SIM_UP.name, names.SIMS_MONITORED.name, names.POLL_ERRORS.name}
+
+
+def test_exclude_wins_over_include(everything: set[str]) -> None:
+    cfg = config(include=["twilio_wireless_sim_.*"], exclude=["twilio_wireless_sim_info"])
+    assert exposed(cfg) == (everything & PER_SIM) - {names.SIM_INFO.name}
+
+
+def test_excluding_every_family_leaves_an_empty_body() -> None:
+    fast, reference = render(config(exclude=[".*"]))
+    assert fast.text() == reference.text() == b""
+    assert fast.text(OPENMETRICS) == b"# EOF\n"
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    assert inflater.decompress(fast.gzip()) + inflater.flush() == b""
+    assert inflater.eof
+
+
+@pytest.mark.parametrize("field", ["include", "exclude"])
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ("twilio_wireless_sim_upp", "matches no metric family"),
+        ("sim_up", "matches no metric family"),
+        ("twilio_wireless_(", "neither a metric family of the exporter nor a regular expression"),
+        ("twilio_wireless_sim_up_total", "matches no metric family"),
+    ],
+)
+def test_a_name_or_pattern_that_matches_nothing_is_an_error(
+    field: str, entry: str, fragment: str
+) -> None:
+    found = problems(**{field: ["twilio_wireless_sim_up", entry]})
+    assert len(found) == 1
+    assert found[0].startswith(f"metrics.{field}[1]: "), found
+    assert fragment in found[0]
+
+
+def test_a_non_string_entry_is_an_error() -> None:
+    assert problems(include=[3]) == [
+        "metrics.include[0]: must be a string, got 3; put it in quotes"
+    ]
+
+
+def test_patterns_match_whole_names(everything: set[str]) -> None:
+    # "sim_up" is in many names, but matched whole it is none of them
+    assert "matches no metric family" in problems(exclude=["twilio_wireless_sim"])[0]
+    assert exposed(config(exclude=["twilio_wireless_sim_u."])) == everything - {names.SIM_UP.name}
+
+
+def test_every_declared_family_can_be_named() -> None:
+    for family in names.ALL:
+        cfg = config(include=[re.escape(family.name)])
+        assert kept_families(cfg) == frozenset({family.name})
+
+
+# ---------------------------------------------------------------- per_sim
+
+
+def test_per_sim_essential_keeps_exactly_the_essential_per_sim_families(
+    everything: set[str],
+) -> None:
+    essential = {family.name for family in names.ESSENTIAL}
+    assert exposed(config(per_sim="essential")) == (everything - PER_SIM) | essential
+    assert exposed(config(per_sim="essential", exclude=["twilio_wireless_sim_up"])) == (
+        everything - PER_SIM
+    ) | (essential - {names.SIM_UP.name})
+
+
+def test_per_sim_none_keeps_fleet_and_self_families_only(everything: set[str]) -> None:
+    assert exposed(config(per_sim="none")) == everything - PER_SIM
+    fast, _ = render(config(per_sim="none"))
+    assert fast.refresh().rendered == 0  # no SIM is rendered at all
+
+
+def test_per_sim_full_is_the_default(everything: set[str]) -> None:
+    assert exposed(config(per_sim="full")) == everything
+
+
+def test_an_unknown_per_sim_mode_is_an_error() -> None:
+    assert problems(per_sim="some") == [
+        "metrics.per_sim: must be one of full, essential, none, got 'some'"
+    ]
+
+
+def test_essential_is_a_subset_of_the_per_sim_families() -> None:
+    assert set(names.ESSENTIAL) <= set(names.PER_SIM)
+    assert len(set(names.ESSENTIAL)) == len(names.ESSENTIAL)
+
+
+def test_every_per_sim_family_the_rules_read_is_essential() -> None:
+    read = {
+        names.family_of(sel.name)
+        for _, rule in load_rules()
+        for sel in scan(rule["expr"]).selectors
+    }
+    assert names.SIM_UP in read  # the scan sees the rules
+    assert {f for f in read if f in names.PER_SIM} - set(names.ESSENTIAL) == set()
+
+
+def test_every_panel_says_which_per_sim_mode_empties_it() -> None:
+    essential = set(names.ESSENTIAL)
+    checked = 0
+    for dashboard in load_dashboards().values():
+        for panel in panels_of(dashboard):
+            exprs = [t.get("expr", "") for t in panel.get("targets", [])]
+            read = {names.family_of(sel.name) for expr in exprs for sel in scan(expr).selectors}
+            per_sim = {f for f in read if f in names.PER_SIM}
+            description = panel.get("description", "")
+            if per_sim - essential:
+                assert "Needs `metrics.per_sim: full`" in description, panel["title"]
+            elif per_sim:
+                assert "Empty with `metrics.per_sim: none`" in description, panel["title"]
+            else:
+                assert "metrics.per_sim" not in description, panel["title"]
+            checked += 1
+    assert checked > 20
+
+
+# ---------------------------------------------------------------- sim_labels
+
+
+def labelled(cfg: Config) -> dict[str, dict[str, str]]:
+    """The labels of SIM A's series, by series name."""
+    state = polled_state()
+    state.ensure(SID_A, {"site": "berlin", "team": "ops"}, "pump-17")
+    fast, reference = render(cfg, state)
+    text = fast.text()
+    assert text == reference.text()
+    return {
+        name: dict(labels)
+        for name, labels in parse_samples(text.decode())
+        if dict(labels).get("sim_sid") == SID_A
+    }
+
+
+def test_by_default_every_configured_label_is_on_every_per_sim_series() -> None:
+    series = labelled(config())
+    assert series[names.SIM_UP.sample] == {"sim_sid": SID_A, "site": "berlin", "team": "ops"}
+    assert all(labels["site"] == "berlin" for labels in series.values())
+
+
+def test_sim_labels_chooses_the_labels_of_per_sim_series_and_info_keeps_all() -> None:
+    series = labelled(config(sim_labels=["team"]))
+    assert series[names.SIM_UP.sample] == {"sim_sid": SID_A, "team": "ops"}
+    assert series[names.SESSIONS_STARTED.sample] == {"sim_sid": SID_A, "team": "ops"}
+    session_info = series[names.SESSION_INFO.sample]
+    assert "site" not in session_info
+    assert session_info["team"] == "ops"
+    info = series[names.SIM_INFO.sample]
+    assert (info["site"], info["team"], info["sim_name"]) == ("berlin", "ops", "pump-17")
+
+
+def test_empty_sim_labels_leaves_only_the_sid_on_per_sim_series() -> None:
+    series = labelled(config(sim_labels=[]))
+    assert series[names.SIM_UP.sample] == {"sim_sid": SID_A}
+    assert series[names.SIM_INFO.sample]["site"] == "berlin"
+
+
+def test_a_sim_label_no_sim_has_is_an_error() -> None:
+    assert problems(sim_labels=["team", "sight"]) == [
+        "metrics.sim_labels[1]: is not a label of any SIM under sims (labels: site, team)"
+    ]
+
+
+def test_a_sim_label_must_be_a_label_name() -> None:
+    found = problems(sim_labels=["9x"])
+    assert len(found) == 1
+    assert found[0].startswith("metrics.sim_labels[0]: invalid label name")
+
+
+# ---------------------------------------------------------------- collect[]
+
+SECTION_FAMILIES = {
+    Section.SIMS: {family.name for family in names.PER_SIM},
+    Section.FLEET: {family.name for family in names.FLEET},
+    Section.EXPORTER: {family.name for family in names.SELF},
+}
+SELECTIONS = [
+    frozenset(chosen) for n in range(1, 4) for chosen in itertools.combinations(sorted(Section), n)
+]
+
+
+@pytest.mark.parametrize("chosen", SELECTIONS, ids=lambda s: "+".join(sorted(s)))
+def test_each_selection_holds_exactly_its_sections_families(
+    chosen: frozenset[Section], everything: set[str]
+) -> None:
+    fast, reference = render(config())
+    wanted = set().union(*(SECTION_FAMILIES[s] for s in chosen)) & everything
+    for encoding in (TEXT, OPENMETRICS):
+        text = fast.text(encoding, chosen)
+        assert text == reference.text(encoding, chosen)
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        assert inflater.decompress(fast.gzip(encoding, chosen)) + inflater.flush() == text
+        assert inflater.eof
+        assert not inflater.unused_data
+    assert families_of(fast.text(TEXT, chosen)) == wanted
+
+
+def test_the_sections_put_together_are_the_whole_body() -> None:
+    fast, _ = render(config())
+    whole = fast.text()
+    sims = fast.text(TEXT, frozenset({Section.SIMS}))
+    fleet = fast.text(TEXT, frozenset({Section.FLEET}))
+    own = fast.text(TEXT, frozenset({Section.EXPORTER}))
+    assert whole == sims + fleet + own
+    assert fast.text(OPENMETRICS).endswith(b"# EOF\n")
+    assert fast.text(OPENMETRICS, frozenset({Section.SIMS})).count(b"# EOF\n") == 1
+
+
+def test_selections_share_the_cache_through_changes() -> None:
+    state = polled_state()
+    fast, reference = render(config(exclude=["twilio_wireless_sim_cell_.*"]), state)
+    sims_only = frozenset({Section.SIMS})
+    fleet_only = frozenset({Section.FLEET})
+    assert fast.refresh().rendered == 2
+    for n in range(3):
+        state.record_success(SID_A, ListingOutcome(), now=100.0 + n)
+        state.ensure(SID_B, {"round": str(n)})
+        for chosen in (sims_only, fleet_only, frozenset(Section)):
+            body = fast.gzip(TEXT, chosen)
+            assert gzip.decompress(body) == reference.text(TEXT, chosen)
+        assert fast.refresh().rendered == 0  # the three bodies came from one render
+
+
+async def test_metrics_serves_the_collect_sections_and_refuses_unknown_ones() -> None:
+    state = polled_state()
+    cfg = config()
+    registry, api = build_registry(state, poll_interval=60.0)
+    api.poll_error("data_sessions", ErrorKind.TIMEOUT)
+    http = HttpMetrics(registry)
+    sims = sim_families(cfg, state)
+    exposition = Exposition(sims, registry)
+    reference = ReferenceExposition(sims, registry)
+    context = WebContext(state, lambda: True, "http://api", exposition, rejections=http)
+    client: TestClient[Any, Any] = TestClient(TestServer(make_app(context)))
+    await client.start_server()
+    try:
+        for query, chosen in [
+            ("", frozenset(Section)),
+            ("?collect[]=fleet", frozenset({Section.FLEET})),
+            ("?collect[]=sims&collect[]=exporter", frozenset({Section.SIMS, Section.EXPORTER})),
+            ("?collect[]=fleet&collect[]=fleet", frozenset({Section.FLEET})),
+            ("?collect[]=fleet&collect[]=sims&collect[]=exporter", frozenset(Section)),
+        ]:
+            for accept_encoding in ("identity", "gzip"):
+                resp = await client.get(
+                    "/metrics" + query, headers={"Accept-Encoding": accept_encoding}
+                )
+                assert resp.status == 200, query
+                assert await resp.read() == reference.text(TEXT, chosen), query
+        rejected_before = sample(registry, names.HTTP_REJECTED.sample, reason="bad_request")
+        for query, shown in [
+            ("?collect[]=flet", "'flet'"),
+            ("?collect[]=fleet&collect[]=", "''"),
+            ("?collect[]=SIMS", "'SIMS'"),
+        ]:
+            resp = await client.get("/metrics" + query)
+            assert resp.status == 400, query
+            assert await resp.text() == (
+                f"unknown collect[] value {shown}: use one of fleet, sims, exporter\n"
+            )
+        after = sample(registry, names.HTTP_REJECTED.sample, reason="bad_request")
+        assert after == rejected_before + 3
+    finally:
+        await client.close()
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    assert value is not None, (name, labels)
+    return value
