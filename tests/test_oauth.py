@@ -775,7 +775,8 @@ def test_check_config_output_has_no_secret(
     )
     assert main(["--config", str(config), "--check-config"]) == 0
     good = capsys.readouterr()
-    assert good.out == f"configuration {config} is valid: 1 SIMs, discovery off\n"
+    assert good.out.startswith(f"configuration {config} is valid: 1 SIMs, discovery off\n")
+    assert SECRET not in good.out + good.err
     # invalid: a secret in two places, and a basic-auth option next to OAuth2
     config.write_text(
         "twilio:\n"

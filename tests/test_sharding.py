@@ -143,9 +143,13 @@ def test_shard_flag_overrides_the_config(
         "discovery: {enabled: true}\nshard: {index: 0, count: 2}\n"
     )
     assert main(["--config", str(path), "--check-config"]) == 0
-    assert capsys.readouterr().out.endswith("discovery on, shard 0/2\n")
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("discovery on, shard 0/2")
+    assert "projected API requests per second of shard 0/2" in out
     assert main(["--config", str(path), "--check-config", "--shard", "2/3"]) == 0
-    assert capsys.readouterr().out.endswith("discovery on, shard 2/3\n")
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].endswith("discovery on, shard 2/3")
+    assert "projected API requests per second of shard 2/3" in out
     with pytest.raises(SystemExit) as info:
         main(["--config", str(path), "--check-config", "--shard", "3/3"])
     assert info.value.code == 2

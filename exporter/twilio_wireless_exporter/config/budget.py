@@ -40,13 +40,10 @@ class Budget:
         return usage / rest if rest > 0 else 0.0
 
 
-def budgets(config: Config) -> list[Budget]:
-    """One :class:`Budget` per shard of ``config.shard.count``."""
-    count = config.shard.count
-    return [_budget(config, Shard(index, count)) for index in range(count)]
-
-
-def _budget(config: Config, shard: Shard) -> Budget:
+def budget(config: Config, shard: Shard | None = None) -> Budget:
+    """The budget of ``shard`` (by default the configured one: each replica's check shows its
+    own share; ``--shard i/N`` shows another's)."""
+    shard = config.shard.shard if shard is None else shard
     sims = sum(1 for sim in config.sims if shard.owns(sim.sid))
     refresh = config.discovery.refresh_interval
     rates: dict[str, float] = {"data_sessions": sims / config.poll.interval}
@@ -66,21 +63,20 @@ def _budget(config: Config, shard: Shard) -> Budget:
 
 
 def describe(config: Config) -> list[str]:
-    """The lines ``--check-config`` prints."""
-    lines: list[str] = []
+    """The lines ``--check-config`` prints: the configured shard's budget."""
+    share = budget(config)
     limit = config.poll.requests_per_second
-    for budget in budgets(config):
-        head = "projected API requests per second"
-        if budget.shard.count > 1:
-            head += f" of shard {budget.shard.index}/{budget.shard.count}"
-        lines.append(f"{head} ({budget.sims} configured SIMs):")
-        for endpoint, rate in budget.rates.items():
-            lines.append(f"  {endpoint:<24}{rate:>12.4f}")
-        share = f", usage adds {budget.usage_share:.1%}" if config.usage.enabled else ""
-        lines.append(f"  {'total':<24}{budget.total:>12.4f}{share}")
-        if budget.total > limit:
-            lines.append(
-                f"  warning: more than poll.requests_per_second ({limit:g}): polls will fall"
-                " behind their interval; raise the limit, lengthen poll.interval or add shards"
-            )
+    head = "projected API requests per second"
+    if share.shard.count > 1:
+        head += f" of shard {share.shard.index}/{share.shard.count}"
+    lines = [f"{head} ({share.sims} configured SIMs):"]
+    for endpoint, rate in share.rates.items():
+        lines.append(f"  {endpoint:<24}{rate:>12.4f}")
+    usage = f", usage adds {share.usage_share:.1%}" if config.usage.enabled else ""
+    lines.append(f"  {'total':<24}{share.total:>12.4f}{usage}")
+    if share.total > limit:
+        lines.append(
+            f"  warning: more than poll.requests_per_second ({limit:g}): polls will fall"
+            " behind their interval; raise the limit, lengthen poll.interval or add shards"
+        )
     return lines
