@@ -278,14 +278,21 @@ async def start_client(api: ScriptedApi, **settings: Any) -> AsyncIterator[Scrip
 
 @asynccontextmanager
 async def start_exporter(
-    api: ScriptedApi, sids: list[str], **sections: Any
+    api: ScriptedApi,
+    sids: list[str],
+    *,
+    clock_start: float | None = None,
+    port: int = 0,
+    **sections: Any,
 ) -> AsyncIterator[Running]:
-    """The real exporter against ``api``: retries without waiting, a manual clock."""
-    server = TestServer(api.app())
+    """The real exporter against ``api``: retries without waiting, a manual clock (from
+    ``clock_start``, unix time, if given); ``port``: the API's (a restart against the same API
+    URL passes the port of the first run)."""
+    server = TestServer(api.app(), port=port)
     await server.start_server()
     url = str(server.make_url("")).rstrip("/")
     config = config_from_mapping(exporter_mapping(url, sids, **sections), environ={})
-    clock = ManualClock()
+    clock = ManualClock() if clock_start is None else ManualClock(clock_start)
 
     async def no_wait(seconds: float) -> None:
         return None

@@ -186,6 +186,12 @@ class Exporter:
         return self._poller
 
     @property
+    def usage_poller(self) -> UsagePoller:
+        if self._usage is None:
+            raise RuntimeError("exporter not started, or usage.enabled is false")
+        return self._usage
+
+    @property
     def client(self) -> TwilioClient:
         if self._client is None:
             raise RuntimeError("exporter not started")
