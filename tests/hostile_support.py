@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -238,11 +238,16 @@ class Running:
         return await resp.text()
 
 
+class ServesApi(Protocol):
+    """A fake API: :class:`ScriptedApi`, or a test's own with a special behaviour."""
+
+    def app(self) -> web.Application: ...
+
+
 @dataclass
 class ScriptedClient:
-    """The real API client against a :class:`ScriptedApi`, its metrics in ``registry``."""
+    """The real API client against a fake API, its metrics in ``registry``."""
 
-    api: ScriptedApi
     client: TwilioClient
     metrics: ApiMetrics
     registry: CollectorRegistry
@@ -253,9 +258,9 @@ class ScriptedClient:
 
 
 @asynccontextmanager
-async def start_client(api: ScriptedApi, **settings: Any) -> AsyncIterator[ScriptedClient]:
-    """A :class:`TwilioClient` for ``api`` on port 0, retrying without waiting; ``settings``
-    override :class:`ClientSettings` fields."""
+async def start_client(api: ServesApi, **settings: Any) -> AsyncIterator[ScriptedClient]:
+    """A :class:`TwilioClient` for ``api`` served on port 0, retrying without waiting;
+    ``settings`` override :class:`ClientSettings` fields."""
     registry = CollectorRegistry()
     metrics = ApiMetrics(registry)
 
@@ -273,7 +278,7 @@ async def start_client(api: ScriptedApi, **settings: Any) -> AsyncIterator[Scrip
                 sleep=no_wait,
                 rng=random.Random(1),
             )
-            yield ScriptedClient(api, client, metrics, registry, url)
+            yield ScriptedClient(client, metrics, registry, url)
 
 
 @asynccontextmanager

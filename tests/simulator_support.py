@@ -84,11 +84,13 @@ def _inline(node: Any, components: Mapping[str, Any]) -> Any:
 
 
 def _known_spec_fixes(schema: dict[str, Any]) -> dict[str, Any]:
-    """Adjust the one known defect of the published description, explicitly.
+    """Adjust the one known defect of the published descriptions, explicitly.
 
     ``reset_status`` references ``sim_enum_reset_status`` (``enum: [resetting]``) without
     ``nullable``, yet the description itself says the value "Can be: null or resetting" and its
-    own ``fetch`` example has ``"reset_status": null``; the live API returns null.
+    own ``fetch`` example has ``"reset_status": null``; the live API returns null. KORE's
+    ``SimResourceResetStatus`` says ``nullable`` but leaves null out of its ``enum``, which
+    OpenAPI 3.0 validators read as "never null": the same fix serves both.
     """
     props = schema.get("properties", {})
     if "reset_status" in props:
@@ -122,8 +124,8 @@ def kore_response_schema(path: str, status: int = 200) -> dict[str, Any]:
     """The resolved JSON schema of a GET response of ``path`` in KORE's OpenAPI file."""
     doc = kore_openapi()
     media = doc["paths"][path]["get"]["responses"][str(status)]["content"]["application/json"]
-    resolved: dict[str, Any] = _inline(copy.deepcopy(media["schema"]), doc["components"]["schemas"])
-    return resolved
+    resolved = _inline(copy.deepcopy(media["schema"]), doc["components"]["schemas"])
+    return _known_spec_fixes(resolved)
 
 
 def validate(schema: Mapping[str, Any], body: Any) -> None:

@@ -191,6 +191,44 @@ async def test_waiters_are_admitted_oldest_operation_first() -> None:
     assert limit.in_flight == 0
 
 
+async def test_background_operations_queue_behind_every_foreground_one() -> None:
+    """A usage listing that began long before still waits for session polls begun after it;
+    background operations keep their own oldest-first order."""
+    limit = AdaptiveLimit(1)
+    early_usage, late_usage = limit.new_order(background=True), limit.new_order(background=True)
+    for _ in range(1000):  # many operations since: the offset still outranks them all
+        limit.new_order()
+    poll = limit.new_order()
+    assert early_usage < late_usage
+    assert poll < early_usage
+    admitted: list[str] = []
+
+    async def request(name: str, order: int | None) -> None:
+        async with limit.slot(order) as slot:
+            admitted.append(name)
+            slot.status = 200
+
+    held = limit.slot()
+    await held.__aenter__()
+    tasks = [
+        asyncio.create_task(request("late usage", late_usage)),
+        asyncio.create_task(request("early usage", early_usage)),
+        asyncio.create_task(request("poll", poll)),
+        asyncio.create_task(request("no order", None)),  # a foreground operation begun now
+    ]
+    await asyncio.sleep(0)  # all four queue behind the held slot
+    await held.__aexit__(None, None, None)
+    await asyncio.gather(*tasks)
+    assert admitted == ["poll", "no order", "early usage", "late usage"]
+
+
+def test_request_limits_hand_out_background_orders() -> None:
+    limits = RequestLimits(1, 10.0)
+    usage = limits.new_order(background=True)
+    assert limits.new_order() < usage
+    assert limits.new_order(background=True) > usage
+
+
 async def test_a_cancelled_waiter_leaves_the_queue_in_order() -> None:
     limit = AdaptiveLimit(1)
     admitted: list[int] = []

@@ -350,7 +350,7 @@ RECORDS_REJECTED = _family(
     "counter",
     "Records of an API listing left out because a value failed the exporter's plausibility"
     " checks, by endpoint and reason (packets, timestamp, duration, location, sid,"
-    " foreign_sim, malformed); the rest of the listing is used.",
+    " foreign_sim, units, usage, malformed); the rest of the listing is used.",
     "endpoint",
     "reason",
 )

@@ -64,7 +64,7 @@ class RejectReason(enum.StrEnum):
     DURATION = "duration"  # a session that ends before it starts, or lasts over a year
     LOCATION = "location"  # coordinates off the globe
     SID = "sid"  # a SID that is not a SID
-    FOREIGN_SIM = "foreign_sim"  # a session of another SIM, in this SIM's listing
+    FOREIGN_SIM = "foreign_sim"  # a session or usage record of another SIM, in this SIM's listing
     UNITS = "units"  # a usage record in units other than bytes, kilobytes or megabytes
     USAGE = "usage"  # a usage count or plan limit negative, not an integer or beyond int64
     MALFORMED = "malformed"  # any other field of the wrong type or size
