@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import logging
 import re
 import zlib
 from typing import Any
@@ -26,7 +27,11 @@ from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.api.transport import ErrorKind
 from twilio_wireless_exporter.cli import drop_created_samples
 from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
-from twilio_wireless_exporter.exposition.collector import HttpMetrics, build_registry
+from twilio_wireless_exporter.exposition.collector import (
+    HttpMetrics,
+    SeriesCollector,
+    build_registry,
+)
 from twilio_wireless_exporter.exposition.formats import OPENMETRICS, TEXT
 from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.exposition.renderer import Exposition
@@ -393,3 +398,99 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     value = registry.get_sample_value(name, labels)
     assert value is not None, (name, labels)
     return value
+
+
+# ---------------------------------------------------------------- series count
+
+
+def counted(text: bytes) -> dict[str, int]:
+    """Series per family, counted from a parsed body."""
+    out: dict[str, int] = {}
+    for name, _ in parse_samples(text.decode()):
+        family = names.family_of(name)
+        assert family is not None
+        out[family.name] = out.get(family.name, 0) + 1
+    return out
+
+
+def nonzero(series: dict[str, int]) -> dict[str, int]:
+    return {name: n for name, n in series.items() if n}
+
+
+@pytest.mark.parametrize("per_sim", ["full", "essential", "none"])
+def test_the_series_count_is_that_of_the_latest_whole_body(per_sim: str) -> None:
+    state = polled_state()
+    fast, _ = render(config(per_sim=per_sim), state)
+    text = fast.text()
+    assert nonzero(fast.series) == counted(text)
+    for n in range(5):  # more SIMs, some with changes: blocks spliced and rebuilt
+        state.ensure(f"DE{n:032x}", {"site": "x"})
+    state.retain([SID_A, *(f"DE{n:032x}" for n in range(3))])
+    state.record_success(SID_A, ListingOutcome(), now=5.0)
+    gz = fast.gzip(OPENMETRICS)
+    assert nonzero(fast.series) == counted(fast.text())
+    assert gzip.decompress(gz).endswith(b"# EOF\n")
+    if per_sim != "none":
+        assert fast.series[names.SIM_INFO.name] == 4
+
+
+def test_a_selection_leaves_the_count_of_the_whole_body() -> None:
+    state = polled_state()
+    fast, _ = render(config(), state)
+    whole = dict(nonzero(fast.series)) if fast.text() else {}
+    state.ensure(f"DE{7:032x}")
+    fast.text(TEXT, frozenset({Section.FLEET}))
+    assert nonzero(fast.series) == whole
+
+
+def test_the_series_gauge_exposes_the_counts() -> None:
+    state = polled_state()
+    registry, _ = build_registry(state, poll_interval=60.0)
+    fast = Exposition(sim_families(config(), state), registry)
+    registry.register(SeriesCollector(lambda: fast.series))
+    first = fast.text()
+    assert names.EXPOSITION_SERIES.sample.encode() + b"{" not in first  # nothing counted yet
+    after_first = dict(fast.series)
+    assert nonzero(after_first) == counted(first) | {names.EXPOSITION_SERIES.name: len(after_first)}
+    second = fast.text()
+    gauge = names.EXPOSITION_SERIES.sample
+    shown = {
+        dict(labels)["family"]: int(value)
+        for (name, labels), value in parse_samples(second.decode()).items()
+        if name == gauge
+    }
+    assert shown == after_first
+    assert nonzero(fast.series) == counted(second)  # the second body holds what it says
+    assert fast.text() == second  # and an unchanged fleet gives the same body again
+
+
+def test_too_many_series_warns_once_per_crossing(caplog: pytest.LogCaptureFixture) -> None:
+    state = polled_state()
+    registry, _ = build_registry(state)
+    two_sims = sum(counted(Exposition(sim_families(config(), state), registry).text()).values())
+    # three SIMs more add three sim_info series
+    fast = Exposition(sim_families(config(), state), registry, max_series=two_sims + 2)
+    caplog.set_level(logging.INFO, logger="twilio_wireless_exporter.exposition.renderer")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    fast.text()
+    assert warnings() == []
+    for n in range(3):
+        state.ensure(f"DE{n:032x}")
+    fast.text()
+    fast.gzip()
+    assert len(warnings()) == 1
+    assert "more than metrics.max_series" in warnings()[0]
+    state.retain([SID_A, SID_B])
+    fast.text()
+    assert any("within metrics.max_series" in r.getMessage() for r in caplog.records)
+    for n in range(3):
+        state.ensure(f"DE{n:032x}")
+    fast.text()
+    assert len(warnings()) == 2
+
+
+def test_max_series_must_be_positive() -> None:
+    assert problems(max_series=0) == ["metrics.max_series: must be at least 1, got 0"]

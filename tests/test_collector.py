@@ -19,7 +19,11 @@ from twilio_wireless_exporter.api.auth import TokenResult
 from twilio_wireless_exporter.api.transport import ErrorKind, RetryReason
 from twilio_wireless_exporter.cli import drop_created_samples
 from twilio_wireless_exporter.config import Config, config_from_mapping
-from twilio_wireless_exporter.exposition.collector import HttpMetrics, build_registry
+from twilio_wireless_exporter.exposition.collector import (
+    HttpMetrics,
+    SeriesCollector,
+    build_registry,
+)
 from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.exposition.renderer import Exposition
@@ -192,6 +196,7 @@ def fully_populated() -> tuple[FleetState, CollectorRegistry]:
     http = HttpMetrics(registry)
     http.reject("header_timeout")
     http.watch_connections(lambda: (3, 512))
+    registry.register(SeriesCollector(lambda: {names.SIM_UP.name: 2}))
     return state, registry
 
 

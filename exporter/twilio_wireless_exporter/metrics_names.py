@@ -354,6 +354,13 @@ RECORDS_REJECTED = _family(
     "endpoint",
     "reason",
 )
+EXPOSITION_SERIES = _family(
+    "exposition_series",
+    "gauge",
+    "Series (sample lines) per family in the latest whole /metrics body; their sum is what one"
+    " scrape of every section stores (metrics.max_series warns above a total).",
+    "family",
+)
 EXPOSITION_ERRORS = _family(
     "exposition_errors",
     "counter",
@@ -504,6 +511,7 @@ SELF: tuple[Family, ...] = (
     POLL_ERRORS,
     RECORDS_REJECTED,
     EXPOSITION_ERRORS,
+    EXPOSITION_SERIES,
     TOKEN_REQUESTS,
     TOKEN_EXPIRY,
     TOKEN_REMAINING,

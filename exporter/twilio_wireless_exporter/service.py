@@ -23,7 +23,7 @@ from twilio_wireless_exporter.api.client import ClientSettings, TwilioClient
 from twilio_wireless_exporter.api.transport import Authenticator
 from twilio_wireless_exporter.clock import Clock, SystemClock
 from twilio_wireless_exporter.config import BasicCredentials, Config
-from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.exposition.collector import SeriesCollector, build_registry
 from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.persist import StateLock, StateStore, state_identity
@@ -170,7 +170,8 @@ class Exporter:
             shard=config.shard.shard,
         )
         self.sims = sim_families(config, self.state, on_error=self.api_metrics.exposition_error)
-        self.exposition = Exposition(self.sims, self.registry)
+        self.exposition = Exposition(self.sims, self.registry, max_series=config.metrics.max_series)
+        self.registry.register(SeriesCollector(lambda: self.exposition.series))
         self._session: aiohttp.ClientSession | None = None
         self._client: TwilioClient | None = None
         self._poller: Poller | None = None

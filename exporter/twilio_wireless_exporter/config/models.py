@@ -278,6 +278,7 @@ class MetricsSettings(Settings):
     exclude: tuple[FamilyPattern, ...] = ()
     per_sim: PerSimMode = "full"
     sim_labels: tuple[LabelName, ...] | None = None
+    max_series: Annotated[StrictInt, Field(ge=1)] = 2_000_000
 
     @property
     def families(self) -> frozenset[str]:

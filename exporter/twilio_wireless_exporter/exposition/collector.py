@@ -15,7 +15,7 @@ Names and help texts come from :mod:`twilio_wireless_exporter.metrics_names`.
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import Metric
@@ -244,6 +244,21 @@ class ConnectionsCollector(Collector):
         connections, limit = self.status()
         yield _single(names.HTTP_CONNECTIONS, float(connections))
         yield _single(names.HTTP_CONNECTIONS_MAX, float(limit))
+
+
+class SeriesCollector(Collector):
+    """``twilio_wireless_exposition_series{family}``: ``series()`` (family name to series in
+    the latest whole body, as the renderer counted them), asked for at scrape time."""
+
+    def __init__(self, series: Callable[[], Mapping[str, int]]) -> None:
+        self.series = series
+
+    def collect(self) -> Iterable[Metric]:
+        family = names.EXPOSITION_SERIES
+        metric = Metric(family.name, family.help, family.kind)
+        for name, count in sorted(self.series().items()):
+            metric.add_sample(family.name, {"family": name}, float(count))
+        yield metric
 
 
 def _counter(family: names.Family, registry: CollectorRegistry) -> Counter:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import struct
 import zlib
@@ -59,7 +60,11 @@ from twilio_wireless_exporter.exposition.formats import TEXT, Encoding, Escaping
 from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.exposition.selection import EVERY_SECTION, Section, Sections, Tail
 from twilio_wireless_exporter.fleet.state import SimRecord
-from twilio_wireless_exporter.metrics_names import Family
+from twilio_wireless_exporter.metrics_names import EXPOSITION_SERIES, Family
+
+log = logging.getLogger(__name__)
+
+_SERIES_GAUGE = EXPOSITION_SERIES.name
 
 _INF = float("inf")
 _EMPTY = b""
@@ -195,11 +200,13 @@ def _deflate_last(data: bytes, level: int) -> bytes:
 class _Block:
     """The text of one family for up to ``block_size`` consecutive SIMs."""
 
-    __slots__ = ("data", "ends", "gz", "variants")
+    __slots__ = ("data", "ends", "gz", "lines", "variants")
 
     def __init__(self, fragments: list[bytes]) -> None:
         self.data = b"".join(fragments)
         self.ends = array("I", accumulate(len(f) for f in fragments))
+        self.lines = self.data.count(b"\n")
+        """Sample lines (series) in the block, counted once per change."""
         self.gz: bytes | None = None
         self.variants: dict[Encoding, bytes] | None = None
         """``data`` in other escaping schemes, made when asked for."""
@@ -236,6 +243,7 @@ class _Block:
             new_ends.append(ends[k] + shift)
         self.data = b"".join(pieces)
         self.ends = new_ends
+        self.lines = self.data.count(b"\n")
         self.gz = None
         self.variants = None
 
@@ -264,6 +272,7 @@ class Exposition:
         *,
         block_size: int = 128,
         gzip_level: int = 1,
+        max_series: int | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
@@ -288,6 +297,12 @@ class Exposition:
         self._lock = asyncio.Lock()
         self._scraped = False
         self._queued: dict[_Key, asyncio.Future[list[bytes]]] = {}
+        self._max_series = max_series
+        self._over_max = False
+        self._sim_series: tuple[int, list[int]] = (-1, [])  # (generation, per family)
+        self.series: dict[str, int] = {}
+        """Series per family in the latest whole body (every section), counted as it was
+        made: the lines of the cached blocks and the samples of the registry's families."""
 
     # ------------------------------------------------------------------ public API
 
@@ -554,8 +569,44 @@ class Exposition:
 
     def _tail(self, encoding: Encoding, sections: Sections) -> bytes:
         """Everything but the per-SIM families: the private registry's stock output (its
-        families of ``sections`` that are kept)."""
-        return generate(encoding, Tail(self._registry, self._sims.keep, sections))
+        families of ``sections`` that are kept). A whole body also counts its series."""
+        if sections != EVERY_SECTION:
+            return generate(encoding, Tail(self._registry, self._sims.keep, sections))
+        counts: dict[str, int] = {}
+        tail = generate(encoding, Tail(self._registry, self._sims.keep, sections, counts))
+        self._count_series(counts)
+        return tail
+
+    def _count_series(self, tail: dict[str, int]) -> None:
+        """Take the series of a whole body: the per-SIM families' (summed over their blocks
+        once per change of the blocks) and ``tail``'s; warn once when the total crosses
+        ``max_series``."""
+        generation, per_family = self._sim_series
+        if generation != self._generation:
+            per_family = [sum(block.lines for block in blocks) for blocks in self._blocks]
+            self._sim_series = (self._generation, per_family)
+        series = {family.name: n for family, n in zip(self._families, per_family, strict=True)}
+        series.update(tail)
+        if _SERIES_GAUGE in series:
+            # the gauge has one series per family of the body: itself counted as the next
+            # body will show it, so that an unchanged fleet gives the same body every time
+            series[_SERIES_GAUGE] = len(series)
+        self.series = series
+        limit = self._max_series
+        if limit is None:
+            return
+        total = sum(series.values())
+        if total > limit and not self._over_max:
+            log.warning(
+                "/metrics holds %d series, more than metrics.max_series (%d); see"
+                " twilio_wireless_exposition_series for the families, and metrics.per_sim,"
+                " metrics.exclude or collect[] to hold fewer",
+                total,
+                limit,
+            )
+        elif total <= limit and self._over_max:
+            log.info("/metrics holds %d series, within metrics.max_series (%d)", total, limit)
+        self._over_max = total > limit
 
     def _middle(self, fmt: Format) -> list[bytes]:
         parts: list[bytes] = []
