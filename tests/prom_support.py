@@ -84,6 +84,40 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "twilio_wireless_poll_interval_seconds": ("gauge", frozenset()),
     "twilio_wireless_exporter_build_info": ("gauge", frozenset({"version", "python_version"})),
     "twilio_wireless_exporter_shards": ("gauge", frozenset({"index"})),
+    # issue 11: data usage, rate plans, SIM lifecycle
+    "twilio_wireless_sim_data_bytes_total": ("counter", frozenset({"sim_sid", "direction"})),
+    "twilio_wireless_sim_data_period_bytes": ("gauge", frozenset({"sim_sid", "direction"})),
+    "twilio_wireless_sim_data_period_start_timestamp_seconds": ("gauge", frozenset({"sim_sid"})),
+    "twilio_wireless_sim_commands_total": ("counter", frozenset({"sim_sid", "direction"})),
+    "twilio_wireless_sim_usage_last_success_timestamp_seconds": ("gauge", frozenset({"sim_sid"})),
+    "twilio_wireless_sim_status_changes_total": ("counter", frozenset({"sim_sid"})),
+    "twilio_wireless_sim_connectivity_reset_in_progress": ("gauge", frozenset({"sim_sid"})),
+    "twilio_wireless_account_data_bytes_total": ("counter", frozenset({"direction"})),
+    "twilio_wireless_account_commands_total": ("counter", frozenset({"direction"})),
+    "twilio_wireless_account_usage_last_success_timestamp_seconds": ("gauge", frozenset()),
+    "twilio_wireless_rate_plan_info": (
+        "gauge",
+        frozenset(
+            {
+                "rate_plan_sid",
+                "unique_name",
+                "friendly_name",
+                "data_metering",
+                "data_enabled",
+                "national_roaming_enabled",
+            }
+        ),
+    ),
+    "twilio_wireless_rate_plan_data_limit_bytes": (
+        "gauge",
+        frozenset({"rate_plan_sid", "network"}),
+    ),
+    "twilio_wireless_sims": ("gauge", frozenset({"status", "rate_plan_sid"})),
+}
+# Labels a contract metric carries only in some configurations: the period gauge's network
+# with usage.roaming_split.
+OPTIONAL_LABELS: dict[str, frozenset[str]] = {
+    "twilio_wireless_sim_data_period_bytes": frozenset({"network"}),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 COUNTER_SUFFIXES = ("_total", *HISTOGRAM_SUFFIXES)
@@ -413,10 +447,11 @@ def _ds_ok(ds: Any) -> bool:
 
 
 # Labels a query may group by, match on or show: the contract's, Prometheus' target labels,
-# histogram buckets and the display name the dashboards add.
+# histogram buckets and the display names the dashboards add (of SIMs and of rate plans).
 KNOWN_LABELS = frozenset(
     {label for _, labels in CONTRACT.values() for label in labels}
-    | {"job", "instance", "le", "display_name"}
+    | {label for labels in OPTIONAL_LABELS.values() for label in labels}
+    | {"job", "instance", "le", "display_name", "rate_plan_name"}
 )
 _LABEL_LIST = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
 _LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")

@@ -80,6 +80,12 @@ def test_alerts_follow_conventions() -> None:
         "TwilioWirelessPollStale",
         "TwilioWirelessSimImeiChanged",
         "TwilioWirelessShardMissing",
+        "TwilioWirelessSimDataLimitNear",
+        "TwilioWirelessSimDataLimitReached",
+        "TwilioWirelessSimRoamingNotEnabled",
+        "TwilioWirelessSimDataUsageSpike",
+        "TwilioWirelessSimDataStopped",
+        "TwilioWirelessSimLeftActive",
     } <= set(names)
     problems = [p for rule in alerts for p in alert_problems(rule)]
     assert problems == []
@@ -247,36 +253,114 @@ def test_promtool_unit_tests_pass() -> None:
     assert code == 0, output
 
 
+ALERTS_FILE = "twilio-wireless-alerts.yaml"
+RECORDING_FILE = "twilio-wireless-recording.yaml"
+
+
+def affected_alerts(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> set[str]:
+    """The alerts a change of the rules (``before`` -> ``after``) can alter: those whose rule
+    changed, and those that read a changed recorded series (through other recorded series)."""
+    old = {rule.get("alert") or rule["record"]: rule for rule in before}
+    changed = {
+        rule.get("alert") or rule["record"]
+        for rule in after
+        if old.get(rule.get("alert") or rule["record"]) != rule
+    }
+    grew = True
+    while grew:
+        readers = {
+            rule.get("alert") or rule["record"]
+            for rule in after
+            if any(sel.name in changed for sel in scan(rule["expr"]).selectors)
+        }
+        grew = not readers <= changed
+        changed |= readers
+    return {rule["alert"] for rule in after if "alert" in rule and rule["alert"] in changed}
+
+
+def _rules_in(path: Path) -> list[dict[str, Any]]:
+    doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize(
-    ("old", "new"),
+    ("file", "old", "new"),
     [
-        ("started_total[1h]) > 12", "started_total[1h]) > 120"),  # churn threshold raised
-        ("> 21600", "> 86400"),  # offline after a day instead of 6 hours
-        ("(twilio_wireless_sim_up == 0)", "(twilio_wireless_sim_up == 2)"),  # never down
-        ('code=~"401|403"', 'code=~"401"'),  # 403 no longer counts
+        (ALERTS_FILE, "started_total[1h]) > 12", "started_total[1h]) > 120"),  # churn threshold
+        (ALERTS_FILE, "> 21600", "> 86400"),  # offline after a day instead of 6 hours
+        (ALERTS_FILE, "(twilio_wireless_sim_up == 0)", "(twilio_wireless_sim_up == 2)"),  # never
+        (ALERTS_FILE, 'code=~"401|403"', 'code=~"401"'),  # 403 no longer counts
         # stale after one poll interval instead of three
-        ("3 * twilio_wireless_poll_interval_seconds", "1 * twilio_wireless_poll_interval_seconds"),
-        ("poll_interval_seconds, 900)", "poll_interval_seconds, 300)"),  # no 15-minute floor
-        ("or on (job, instance)", "or"),  # the fallback duplicates a target's threshold
+        (
+            ALERTS_FILE,
+            "3 * twilio_wireless_poll_interval_seconds",
+            "1 * twilio_wireless_poll_interval_seconds",
+        ),
+        (ALERTS_FILE, "poll_interval_seconds, 900)", "poll_interval_seconds, 300)"),  # no floor
+        (ALERTS_FILE, "or on (job, instance)", "or"),  # the fallback duplicates a threshold
         # replicas of one shard counted as shards: an HA fleet missing a shard stays silent
         (
+            ALERTS_FILE,
             "count by (job) (count by (job, index) (twilio_wireless_exporter_shards))",
             "count by (job) (twilio_wireless_exporter_shards)",
         ),
-        ("          > 0\n        for: 10m", "          >= 0\n        for: 10m"),  # fires always
-        ("        for: 10m", "        for: 1m"),  # a missing shard pages before 10 minutes
+        (ALERTS_FILE, "          > 0\n        for: 10m", "          >= 0\n        for: 10m"),
+        (ALERTS_FILE, "        for: 10m", "        for: 1m"),  # a missing shard pages at once
+        (ALERTS_FILE, "ratio >= 0.8 < 1", "ratio >= 0.9 < 1"),  # 85 % no longer near
+        (ALERTS_FILE, "ratio >= 1\n", "ratio > 1.2\n"),  # 110 % not yet reached
+        # roaming bytes counted against the home limit: 85 % + 30 % is reached, not near
+        (RECORDING_FILE, 'network=~"home|"', 'network=~".*"'),
+        # national roaming is held against plans that allow it
+        (
+            ALERTS_FILE,
+            'national_roaming_enabled="false"',
+            'national_roaming_enabled=~"true|false"',
+        ),
+        (ALERTS_FILE, '!~"active|"', '!~""'),  # a reactivated SIM "left active"
+        (ALERTS_FILE, "status_changes_total[1h]) > 0", "status_changes_total[1d]) > 0"),
+        (ALERTS_FILE, ">= 5 * sim:", ">= 3 * sim:"),  # a 3x day is a spike
+        # without the history guard a SIM younger than the baseline week spikes
+        (ALERTS_FILE, "increase1d offset 8d", "increase1d offset 1d"),
+        # one quiet day (which the usage lag explains) counts as stopped
+        (ALERTS_FILE, "increase1d[1d]) == 0", "increase1d[1h]) == 0"),
+        # a week with a gap counts as daily
+        (ALERTS_FILE, "(min_over_time(sim:", "(avg_over_time(sim:"),
     ],
 )
-def test_unit_tests_catch_a_broken_rule(tmp_path: Path, old: str, new: str) -> None:
-    """The promtool unit tests fail when a rule is changed (they can fail)."""
+def test_unit_tests_catch_a_broken_rule(tmp_path: Path, file: str, old: str, new: str) -> None:
+    """The promtool unit tests fail when a rule is changed (they can fail). Only the test files
+    that test an alert the change can alter run (the others would pass)."""
     promtool = require_tool("promtool")
     shutil.copytree(ALERTS_DIR, tmp_path / "alerts")
-    alerts = tmp_path / "alerts" / "twilio-wireless-alerts.yaml"
-    text = alerts.read_text(encoding="utf-8")
-    assert old in text
-    alerts.write_text(text.replace(old, new), encoding="utf-8")
-    tests = sorted((tmp_path / "alerts" / "tests").glob("*.yaml"))
+    target = tmp_path / "alerts" / file
+    text = target.read_text(encoding="utf-8")
+    assert text.count(old) == 1, old
+    before = _rules_in(target)
+    target.write_text(text.replace(old, new), encoding="utf-8")
+    alerts = affected_alerts(before, _rules_in(target))
+    assert alerts, f"{old!r} changes no alert"
+    tests = [
+        path
+        for path in sorted((tmp_path / "alerts" / "tests").glob("*.yaml"))
+        if any(f"alertname: {alert}\n" in path.read_text(encoding="utf-8") for alert in alerts)
+    ]
+    assert tests, f"no unit test tests {sorted(alerts)}"
     code, output = run([promtool, "test", "rules", *map(str, tests)])
     assert code != 0, output
     assert "FAILED" in output
+
+
+def test_affected_alerts_follow_recorded_series() -> None:
+    rules = [rule for _, rule in load_rules()]
+    changed = [
+        {**rule, "expr": rule["expr"] + " * 2"}
+        if rule.get("record") == "sim:twilio_wireless_sim_data_bytes:increase1d"
+        else rule
+        for rule in rules
+    ]
+    assert affected_alerts(rules, changed) == {
+        "TwilioWirelessSimDataUsageSpike",
+        "TwilioWirelessSimDataStopped",
+    }
+    assert affected_alerts(rules, rules) == set()
