@@ -309,7 +309,8 @@ def demo_oauth2_twilio(base_url: str, token_url: str, token_lifetime: float) -> 
 
 
 def demo_mapping(base_url: str, account_sid: str, auth_token: str) -> dict[str, Any]:
-    """The built-in configuration used by ``--demo`` (discovers every active simulated SIM)."""
+    """The built-in configuration used by ``--demo``: discovers every simulated SIM whatever its
+    status, and reads usage often enough to show it within a minute."""
     return {
         "twilio": {
             "base_url": base_url,
@@ -323,7 +324,8 @@ def demo_mapping(base_url: str, account_sid: str, auth_token: str) -> dict[str, 
             "concurrency": 8,
             "requests_per_second": 50,
         },
-        "discovery": {"enabled": True, "status": ["active", "suspended"], "refresh_interval": "1m"},
+        "discovery": {"enabled": True, "status": "all", "refresh_interval": "1m"},
+        "usage": {"interval": "20s"},
     }
 
 
