@@ -14,6 +14,7 @@ from twilio_wireless_exporter.fleet.usage import (
     DAY,
     UsageLedger,
     apply_usage,
+    counting_start,
     period_start,
     period_usage,
     window_start,
@@ -144,6 +145,8 @@ def test_the_window_reaches_back_over_the_days_still_revised() -> None:
     assert window_start(now, ts(2026, 12, 1), 2) == ts(2026, 11, 29)
     assert window_start(now, ts(2026, 11, 15), 2) == ts(2026, 11, 15)
     assert window_start(now, ts(2026, 12, 1), 0) == ts(2026, 12, 1)
+    assert counting_start(now, 2) == ts(2026, 11, 29)
+    assert counting_start(now, 0) == ts(2026, 12, 1)
 
 
 # The API's model: each day's value only grows over time (revisions), and each read shows some

@@ -8,10 +8,10 @@ of a window of buckets into counters that never count anything twice and never g
 * Afterwards a bucket seen for the first time counts whole; a known bucket counts by how much it
   grew since it was last seen (its remembered value is the largest seen). A bucket reported
   lower than before (an upstream glitch) contributes nothing and is not counted again later.
-* Buckets that fall out of the read window are forgotten, and the ledger's :attr:`floor` (the
-  start of the oldest bucket it still answers for) only moves forward: a bucket older than the
-  floor is ignored, so a window that moves back (a changed ``period_start_day``) cannot count a
-  forgotten day twice. Memory per SIM is bounded by the window (about 33 days).
+* The counters follow the buckets the API still revises (today and ``revision_days`` days
+  before, :func:`counting_start`). Older buckets are forgotten, and the ledger's :attr:`floor`
+  (the start of the oldest bucket it answers for) only moves forward: a bucket older than the
+  floor is ignored, so it is never counted twice. Memory per SIM is a few buckets.
 * Counters saturate at ``2**63 - 1`` (the state file's integers).
 
 The metering period (:func:`period_start`) starts at 00:00 UTC on the configured day of the
@@ -192,8 +192,15 @@ def period_start(now: float, day: int) -> float:
     return datetime(year, month, day, tzinfo=UTC).timestamp()
 
 
-def window_start(now: float, period: float, revision_days: int) -> int:
-    """Start of the buckets to read: the period's start, or earlier so that the last
-    ``revision_days`` whole days before today are read again for late revisions."""
+def counting_start(now: float, revision_days: int) -> int:
+    """Start of the buckets the counters follow: today and the ``revision_days`` whole days
+    before it, the ones the API still revises. Older days are final: the ledger forgets them,
+    which keeps a SIM's ledger to a few buckets."""
     today = int(now) - int(now) % DAY
-    return int(min(period, today - revision_days * DAY))
+    return today - revision_days * DAY
+
+
+def window_start(now: float, period: float, revision_days: int) -> int:
+    """Start of the buckets to read: the period's start (for the period's usage), or earlier
+    so that the days the counters follow are read too (see :func:`counting_start`)."""
+    return int(min(period, counting_start(now, revision_days)))

@@ -36,7 +36,11 @@ from twilio_wireless_exporter.api.transport import ApiError
 from twilio_wireless_exporter.api.usage import mb_to_bytes
 from twilio_wireless_exporter.clock import Clock, SystemClock, sleep_or_wake
 from twilio_wireless_exporter.fleet.state import FleetState, PlanInfo
-from twilio_wireless_exporter.fleet.usage import DAY, period_start, window_start
+from twilio_wireless_exporter.fleet.usage import (
+    counting_start,
+    period_start,
+    window_start,
+)
 from twilio_wireless_exporter.polling.poller import PollObserver, sim_offset
 
 log = logging.getLogger(__name__)
@@ -119,6 +123,7 @@ class UsagePoller:
         day = settings.period_start_days.get(sid, settings.period_start_day)
         period = period_start(now, day)
         start = window_start(now, period, settings.revision_days)
+        counted_from = counting_start(now, settings.revision_days)
         try:
             records = await self._client.list_sim_usage(sid, _instant(start))
         except ApiError as exc:
@@ -128,15 +133,13 @@ class UsagePoller:
         if records.rejected:
             self._rejected(sid, ENDPOINT_USAGE_RECORDS, records.rejected)
         self._state.record_usage(
-            sid, records, window_start=start, period=period, now=self._clock.time()
+            sid, records, window_start=counted_from, period=period, now=self._clock.time()
         )
         return True
 
     async def read_account(self) -> bool:
         """Read the account's hourly usage records of the days still revised and today."""
-        now = self._clock.time()
-        today = now - now % DAY
-        start = int(today - self._settings.revision_days * DAY)
+        start = counting_start(self._clock.time(), self._settings.revision_days)
         try:
             records = await self._client.list_account_usage(_instant(start))
         except ApiError as exc:
