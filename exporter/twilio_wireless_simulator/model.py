@@ -933,6 +933,18 @@ class Fleet:
             return math.floor(self.clock.wall_time(t))
         return int(t)
 
+    def simulated_time(self, reported: int) -> int:
+        """The simulated unix second that the API reports as ``reported`` (the inverse of
+        :meth:`reported_time`, rounded down): how the usage resources read ``Start``/``End``."""
+        if self.wall_timestamps:
+            clock = self.clock
+            wall_start = clock.wall_start_time
+            speed = clock.speed
+            assert wall_start is not None
+            assert speed is not None
+            return math.floor(clock.start_time + (reported - wall_start) * speed)
+        return reported
+
     def _format_wall_time(self, t: int) -> str:
         # format_time stays cached on the reported second: the mapping is this fleet's own.
         return format_time(self.reported_time(t))
