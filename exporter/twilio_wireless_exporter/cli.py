@@ -334,6 +334,8 @@ async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Con
     from twilio_wireless_simulator import (
         DEMO_ACCOUNT_SID,
         DEMO_AUTH_TOKEN,
+        DEMO_USAGE_FINAL_AFTER,
+        DEMO_USAGE_LAG,
         FaultConfig,
         SimulatorConfig,
         start_simulator,
@@ -351,6 +353,8 @@ async def _demo_config(args: argparse.Namespace, host: str) -> AsyncIterator[Con
         auth_mode="bearer" if oauth2 else "basic",
         token_lifetime=args.demo_token_lifetime,
         keep_history=False,  # ground truth is for tests; a long demo must not grow
+        usage_lag=DEMO_USAGE_LAG,  # usage and its revisions show within a minute
+        usage_final_after=DEMO_USAGE_FINAL_AFTER,
         # A little upstream trouble, so the retry and 429 panels have something to show.
         faults=FaultConfig(
             seed=args.demo_seed,

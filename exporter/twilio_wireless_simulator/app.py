@@ -5,8 +5,13 @@ Routes:
 * ``GET /v1/Sims`` (``Status``, ``Iccid``, ``RatePlan`` filters), ``GET /v1/Sims/{Sid}`` (SID or
   unique name), ``GET /v1/Sims/{SimSid}/DataSessions``: Twilio paging with ``PageSize``, ``Page``,
   ``PageToken`` and absolute ``meta`` URLs.
+* ``GET /v1/Sims/{SimSid}/UsageRecords`` and ``GET /v1/UsageRecords`` (``Granularity``,
+  ``Start``, ``End``), ``GET /v1/RatePlans``, ``GET /v1/RatePlans/{Sid}`` (SID or unique name).
 * ``POST /api-services/v1/auth/token``: OAuth2 client credentials (``auth_mode="bearer"`` only).
 * ``GET /health``: always 200, never faulted; ``GET /``: a short description.
+
+Every API answer carries ``Twilio-Concurrent-Requests`` (API requests in flight, this one
+included) and ``Twilio-Request-Duration`` (seconds), the headers Twilio tells clients to watch.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ import base64
 import binascii
 import bisect
 import contextlib
+import datetime as dt
 import hmac
 import json
 import logging
+import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, Final, NamedTuple
@@ -30,8 +38,9 @@ from aiohttp import BasicAuth, web
 
 from .config import SimulatorConfig
 from .faults import API_KINDS, LIST_KINDS, FaultConfig, FaultResponse
-from .model import SIM_STATUSES, Fleet, SimClock
+from .model import SIM_STATUSES, Fleet, SimClock, format_time
 from .stats import SimulatorStats
+from .usage import GRANULARITIES, month_before
 
 __all__ = [
     "STATE_KEY",
@@ -174,6 +183,32 @@ def _parse_paging(query: Mapping[str, str], scope: str) -> _Paging | _Reply:
     return _Paging(page_size, page, token, raw_token)
 
 
+#: ISO 8601 as the usage resources take it: a date, or a date and time with an optional
+#: fraction and zone (``Z`` or ``±HH:MM``); without a zone it is UTC (Twilio's times are GMT).
+_ISO_TIME: Final = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
+)
+
+
+def _parse_time(text: str) -> int | None:
+    """Unix seconds (rounded down) of an ISO 8601 ``Start``/``End``, or ``None`` if it is not
+    one."""
+    if not _ISO_TIME.fullmatch(text):
+        return None
+    fixed = text[:-1] + "+00:00" if text.endswith("Z") else text
+    head, dot, tail = fixed.partition(".")
+    if dot:  # Python takes at most six fraction digits
+        digits = len(tail) - len(tail.lstrip("0123456789"))
+        fixed = head + "." + tail[: min(digits, 6)] + tail[digits:]
+    try:
+        moment = dt.datetime.fromisoformat(fixed)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return int(moment.timestamp() // 1)
+
+
 def _select(keys: list[int], paging: _Paging, rewind: int) -> tuple[int, int]:
     """[lo, hi) of the page in ``keys``; ``rewind`` > 0 repeats items of the previous page."""
     token = paging.token
@@ -219,6 +254,11 @@ class SimulatorState:
                 keep_history=config.keep_history,
                 backfill=config.backfill,
                 wall_timestamps=config.wall_timestamps,
+                usage_lag=config.usage_lag,
+                usage_final_after=config.usage_final_after,
+                usage_retention=config.usage_retention,
+                usage_unit=config.usage_unit,
+                status_changes=config.status_changes,
             )
         )
         self.faults: FaultConfig = config.faults
@@ -390,7 +430,7 @@ class SimulatorState:
                 doc[key] = None
             else:
                 doc = [doc]
-        elif kind == "sim":
+        elif kind in ("sim", "rate_plan"):
             doc = [doc] if self.faults.choice(2) == 0 else {"sid": 42, "status": ["active"]}
         else:
             doc.pop("access_token", None)
@@ -520,6 +560,116 @@ class SimulatorState:
             200, b'{"data_sessions":[' + b",".join(items) + b'],"meta":' + _encode(meta) + b"}"
         )
 
+    def _usage_query(self, request: web.Request) -> tuple[str, int, int] | _Reply:
+        """(granularity, Start, End) of a usage request, in reported unix seconds."""
+        query = request.query
+        granularity = query.get("Granularity", "all")
+        if granularity not in GRANULARITIES:
+            return _twilio_error(
+                400,
+                20001,
+                f"Invalid Granularity {granularity!r}: must be one of hourly, daily, all",
+            )
+        fleet = self.fleet
+        bounds: dict[str, int] = {}
+        for name in ("Start", "End"):
+            raw = query.get(name)
+            if raw is None:
+                continue
+            value = _parse_time(raw)
+            if value is None:
+                return _twilio_error(
+                    400, 20001, f"Invalid {name} {raw!r}: must be an ISO 8601 date and time"
+                )
+            bounds[name] = value
+        end = bounds.get("End", fleet.reported_time(self.clock.now()))
+        start = bounds.get("Start", month_before(end))
+        if start > end:
+            return _twilio_error(400, 20001, "Start must not be after End")
+        return granularity, start, end
+
+    async def _usage(
+        self, request: web.Request, fault: FaultResponse | None, sim_sid: str | None
+    ) -> _Reply:
+        fleet = self.fleet
+        path = "/v1/UsageRecords" if sim_sid is None else f"/v1/Sims/{sim_sid}/UsageRecords"
+        if sim_sid is not None and sim_sid not in fleet:
+            return _twilio_error(404, 20404, f"The requested resource {path} was not found")
+        parsed = self._usage_query(request)
+        if isinstance(parsed, _Reply):
+            return parsed
+        granularity, start, end = parsed
+        sim_start, sim_end = fleet.simulated_time(start), fleet.simulated_time(end)
+        scope = f"usage:{sim_sid or 'account'}:{granularity}:{start}:{end}"
+        paging = _parse_paging(request.query, scope)
+        if isinstance(paging, _Reply):
+            return paging
+        if sim_sid is None:
+            # The first account request sums every SIM: let other requests in between.
+            for _ in fleet.account_usage_steps():
+                await asyncio.sleep(0)
+        keys, records = fleet.usage_listing(
+            sim_sid, granularity=granularity, start=sim_start, end=sim_end
+        )
+        lo, hi, next_token, previous_token, shuffle = self._page(keys, paging, fault, scope)
+        start_text, end_text = format_time(start), format_time(end)
+        time_format = fleet.time_format
+
+        def period_format(t: int) -> str:
+            # The requested bounds read back exactly as given, also on a wall-time fleet.
+            if t == sim_start:
+                return start_text
+            if t == sim_end:
+                return end_text
+            return time_format(t)
+
+        items = [_encode(record.to_api(period_format)) for record in records[lo:hi]]
+        if shuffle:
+            self.faults.shuffle(items)
+        filters = [("Start", start_text), ("End", end_text), ("Granularity", granularity)]
+        meta = self._page_meta(
+            request, path, "usage_records", filters, paging, next_token, previous_token
+        )
+        return _Reply(
+            200, b'{"usage_records":[' + b",".join(items) + b'],"meta":' + _encode(meta) + b"}"
+        )
+
+    async def sim_usage_records(self, request: web.Request, fault: FaultResponse | None) -> _Reply:
+        return await self._usage(request, fault, request.match_info["sim_sid"])
+
+    async def account_usage_records(
+        self, request: web.Request, fault: FaultResponse | None
+    ) -> _Reply:
+        return await self._usage(request, fault, None)
+
+    async def rate_plans_list(self, request: web.Request, fault: FaultResponse | None) -> _Reply:
+        paging = _parse_paging(request.query, "rate_plans")
+        if isinstance(paging, _Reply):
+            return paging
+        plans = self.fleet.rate_plans()
+        keys = list(range(len(plans)))
+        lo, hi, next_token, previous_token, shuffle = self._page(keys, paging, fault, "rate_plans")
+        base = self.base_url(request)
+        time_format = self.fleet.time_format
+        items = [_encode(plan.to_api(base, time_format)) for plan in plans[lo:hi]]
+        if shuffle:
+            self.faults.shuffle(items)
+        meta = self._page_meta(
+            request, "/v1/RatePlans", "rate_plans", [], paging, next_token, previous_token
+        )
+        return _Reply(
+            200, b'{"rate_plans":[' + b",".join(items) + b'],"meta":' + _encode(meta) + b"}"
+        )
+
+    async def rate_plan_fetch(self, request: web.Request, fault: FaultResponse | None) -> _Reply:
+        sid = request.match_info["sid"]
+        plan = self.fleet.rate_plan(sid)
+        if plan is None:
+            return _twilio_error(
+                404, 20404, f"The requested resource /v1/RatePlans/{sid} was not found"
+            )
+        return _Reply(200, _encode(plan.to_api(self.base_url(request), self.fleet.time_format)))
+
     async def token(self, request: web.Request, fault: FaultResponse | None) -> _Reply:
         form = (
             await request.post()
@@ -584,6 +734,7 @@ def _make_middleware(state: SimulatorState) -> Any:
         name = request.match_info.route.name
         kind = name if name in _KINDS else "other"
         state.stats.started(kind)
+        arrived = time.monotonic()
         status = 499
         try:
             try:
@@ -604,6 +755,9 @@ def _make_middleware(state: SimulatorState) -> Any:
                 log.exception("simulator handler failed for %s", request.path)
                 response = state._respond(_twilio_error(500, 20500, "Internal Server Error"))
             status = response.status
+            if kind in API_KINDS:
+                response.headers["Twilio-Concurrent-Requests"] = str(state.stats.in_flight)
+                response.headers["Twilio-Request-Duration"] = f"{time.monotonic() - arrived:.3f}"
             return response
         finally:
             state.stats.finished(kind, status)
@@ -626,6 +780,10 @@ async def _index(request: web.Request) -> web.Response:
         f"  GET  {base}/v1/Sims\n"
         f"  GET  {base}/v1/Sims/{{Sid}}\n"
         f"  GET  {base}/v1/Sims/{{SimSid}}/DataSessions\n"
+        f"  GET  {base}/v1/Sims/{{SimSid}}/UsageRecords\n"
+        f"  GET  {base}/v1/UsageRecords\n"
+        f"  GET  {base}/v1/RatePlans\n"
+        f"  GET  {base}/v1/RatePlans/{{Sid}}\n"
         + (f"  POST {base}{TOKEN_PATH}\n" if state.config.auth_mode == "bearer" else "")
         + f"  GET  {base}/health\n"
     )
@@ -650,6 +808,26 @@ def build_app(
         "/v1/Sims/{sim_sid}/DataSessions",
         _route_handler(state, "data_sessions", state.data_sessions),
         name="data_sessions",
+    )
+    app.router.add_get(
+        "/v1/Sims/{sim_sid}/UsageRecords",
+        _route_handler(state, "usage_records", state.sim_usage_records),
+        name="usage_records",
+    )
+    app.router.add_get(
+        "/v1/UsageRecords",
+        _route_handler(state, "account_usage_records", state.account_usage_records),
+        name="account_usage_records",
+    )
+    app.router.add_get(
+        "/v1/RatePlans",
+        _route_handler(state, "rate_plans", state.rate_plans_list),
+        name="rate_plans",
+    )
+    app.router.add_get(
+        "/v1/RatePlans/{sid}",
+        _route_handler(state, "rate_plan", state.rate_plan_fetch),
+        name="rate_plan",
     )
     if state.config.auth_mode == "bearer":
         app.router.add_post(TOKEN_PATH, _route_handler(state, "token", state.token), name="token")

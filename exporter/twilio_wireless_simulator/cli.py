@@ -123,6 +123,37 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--history", action="store_true", help="keep every session in memory (ground truth)"
     )
+    usage = p.add_argument_group("usage records and SIM lifecycle")
+    usage.add_argument(
+        "--usage-lag",
+        type=parse_duration,
+        default=86400.0,
+        help="simulated time after an hour ends before its usage is first reported (default 24h)",
+    )
+    usage.add_argument(
+        "--usage-final-after",
+        type=parse_duration,
+        default=2 * 86400.0,
+        help="simulated time after an hour ends from which its usage is complete (default 48h)",
+    )
+    usage.add_argument(
+        "--usage-retention",
+        type=parse_duration,
+        default=62 * 86400.0,
+        help="how far back usage records go (default 62d)",
+    )
+    usage.add_argument(
+        "--usage-unit",
+        choices=("bytes", "kilobytes", "megabytes"),
+        default="bytes",
+        help="units of every SIM's usage records (default bytes)",
+    )
+    usage.add_argument(
+        "--no-status-changes",
+        dest="status_changes",
+        action="store_false",
+        help="no seeded suspensions, connectivity resets or plan changes",
+    )
     auth = p.add_argument_group("auth")
     auth.add_argument("--auth-mode", choices=("basic", "bearer"), default="basic")
     auth.add_argument("--account-sid", default=DEMO_ACCOUNT_SID)
@@ -193,6 +224,11 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         public_url=args.public_url,
         keep_history=args.history,
         wall_timestamps=args.wall_timestamps,
+        usage_lag=args.usage_lag,
+        usage_final_after=args.usage_final_after,
+        usage_retention=args.usage_retention,
+        usage_unit=args.usage_unit,
+        status_changes=args.status_changes,
     )
 
 

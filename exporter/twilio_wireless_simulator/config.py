@@ -17,12 +17,15 @@ from pydantic.dataclasses import dataclass
 
 from .faults import FaultConfig
 from .rules import NonNegative, Positive
+from .usage import Unit
 
 __all__ = [
     "DEMO_ACCOUNT_SID",
     "DEMO_AUTH_TOKEN",
     "DEMO_CLIENT_ID",
     "DEMO_CLIENT_SECRET",
+    "DEMO_USAGE_FINAL_AFTER",
+    "DEMO_USAGE_LAG",
     "AuthMode",
     "SimulatorConfig",
     "TokenStyle",
@@ -34,6 +37,11 @@ DEMO_ACCOUNT_SID: Final = "AC" + "de300000000000000000000000000001"
 DEMO_AUTH_TOKEN: Final = "demo-auth-token"  # noqa: S105 (a published demo value)
 DEMO_CLIENT_ID: Final = "demo-client-id"
 DEMO_CLIENT_SECRET: Final = "demo-client-secret"  # noqa: S105 (a published demo value)
+
+#: Usage lag of the exporter's ``--demo``, in simulated seconds: a closed hour shows at once,
+#: is revised half a simulated hour later, so usage and its revisions show within a minute.
+DEMO_USAGE_LAG: Final = 10.0
+DEMO_USAGE_FINAL_AFTER: Final = 1800.0
 
 AuthMode = Literal["basic", "bearer"]
 #: ``opaque``: random bearer tokens, a bad one gets 401 ``invalid_token``. ``kore``: as KORE
@@ -74,6 +82,12 @@ class SimulatorConfig:
     * ``faults``: the live fault settings (the same object becomes ``sim.faults``).
     * ``public_url``: base of the absolute URLs in responses (default: from the request's Host).
     * ``keep_history``: keep every session for ``fleet.history`` (turn off for long runs).
+    * Usage records: an hour's usage is reported ``usage_lag`` simulated seconds after the hour
+      ends, first in part, revised upward half-way to ``usage_final_after`` and complete from
+      then on; records go back ``usage_retention``; every SIM's records are in ``usage_unit``
+      unless a test sets another (``fleet.set_sim_unit``).
+    * ``status_changes``: generated ``active`` SIMs are suspended and reactivated, reset and
+      moved to another plan now and then (seeded); off: statuses change only when a test says.
     """
 
     sims: Annotated[int, Field(ge=0)] = 20
@@ -101,11 +115,18 @@ class SimulatorConfig:
     public_url: PublicUrl | None = None
     keep_history: bool = True
     wall_timestamps: bool = False
+    usage_lag: NonNegative = 86400.0
+    usage_final_after: NonNegative = 2 * 86400.0
+    usage_retention: Positive = 62 * 86400.0
+    usage_unit: Unit = "bytes"
+    status_changes: bool = True
 
     @model_validator(mode="after")
-    def _wall_time_needs_speed(self) -> SimulatorConfig:
+    def _consistent(self) -> SimulatorConfig:
         if self.wall_timestamps and self.speed is None:
             raise ValueError("wall_timestamps needs speed (a manual clock has no wall time)")
+        if self.usage_final_after < self.usage_lag:
+            raise ValueError("usage_final_after must be at least usage_lag")
         return self
 
 

@@ -5,7 +5,8 @@ simulator (``sim.faults``): change its rates at any time, or queue exact respons
 :meth:`FaultConfig.script`.
 
 Scripted responses are consumed in order by the next matching requests before any random fault is
-drawn. Faults apply to the API endpoints (``sims``, ``sim``, ``data_sessions``) and, when
+drawn. Faults apply to the API endpoints (``sims``, ``sim``, ``data_sessions``,
+``usage_records``, ``account_usage_records``, ``rate_plans``, ``rate_plan``) and, when
 ``apply_to_token`` is set (or when a script names ``path_kind="token"``), to the OAuth token
 endpoint. ``/health`` is never affected.
 """
@@ -31,12 +32,23 @@ __all__ = [
     "PathKind",
 ]
 
-PathKind = Literal["sims", "sim", "data_sessions", "token"]
+PathKind = Literal[
+    "sims",
+    "sim",
+    "data_sessions",
+    "usage_records",
+    "account_usage_records",
+    "rate_plans",
+    "rate_plan",
+    "token",
+]
 
-#: Request kinds that are Twilio API calls.
-API_KINDS: Final = frozenset({"sims", "sim", "data_sessions"})
 #: Request kinds that return a paged list.
-LIST_KINDS: Final = frozenset({"sims", "data_sessions"})
+LIST_KINDS: Final = frozenset(
+    {"sims", "data_sessions", "usage_records", "account_usage_records", "rate_plans"}
+)
+#: Request kinds that are Twilio API calls.
+API_KINDS: Final = frozenset({*LIST_KINDS, "sim", "rate_plan"})
 _ALL_KINDS: Final = frozenset({*API_KINDS, "token"})
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import heapq
 import math
 import random
 import time
@@ -24,6 +25,25 @@ from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
 import msgspec
+
+from .lifecycle import Lifecycle
+from .plans import PLAN_TEMPLATES, RatePlanView
+from .usage import (
+    DAY,
+    FROM_SIM,
+    GRANULARITIES,
+    HOUR,
+    TO_SIM,
+    UNIT_FACTORS,
+    Revision,
+    Series,
+    UsageTotals,
+    UsageView,
+    build_records,
+    floor_hour,
+    month_before,
+    totals_of,
+)
 
 __all__ = [
     "COUNTRIES",
@@ -38,9 +58,12 @@ __all__ = [
     "Fleet",
     "Operator",
     "OperatorLike",
+    "RatePlanView",
     "SessionView",
     "SimClock",
     "SimView",
+    "UsageTotals",
+    "UsageView",
     "format_time",
     "luhn_check_digit",
 ]
@@ -380,6 +403,8 @@ class SimView:
     date_created: int
     date_updated: int
     scripted: bool
+    #: ``"resetting"`` while a connectivity reset runs, else ``None``.
+    reset_status: str | None = None
 
     def to_api(
         self, base_url: str, time_format: Callable[[int], str] = format_time
@@ -396,7 +421,7 @@ class SimView:
             "iccid": self.iccid,
             "e_id": None,
             "status": self.status,
-            "reset_status": None,
+            "reset_status": self.reset_status,
             "commands_callback_url": None,
             "commands_callback_method": "POST",
             "sms_fallback_method": "POST",
@@ -444,6 +469,7 @@ class _Session:
         "imei",
         "last_updated",
         "location",
+        "marks",
         "operator",
         "order_key",
         "radio_link",
@@ -488,6 +514,43 @@ class _Session:
         self.order_key = _order_key(sid)
         self.frag_key: tuple[int | None, int, int, int, int] | None = None
         self.frag = b""
+        #: Checkpoints ``(time, packets up, packets down)`` of a fixed session, in time order:
+        #: its packets moved evenly between two checkpoints (see :meth:`usage_segments`).
+        #: ``None`` for a generated one (no list per session on the hot path).
+        self.marks: list[tuple[int, int, int]] | None = None
+
+    def mark(self, t: int, up: int, down: int) -> None:
+        """A checkpoint of a fixed session: ``up``/``down`` packets by ``t``. A time before the
+        previous checkpoint counts as that checkpoint's time (bytes are never moved back)."""
+        marks = self.marks
+        if marks is None:
+            marks = self.marks = [(self.start, 0, 0)]
+        marks.append((max(t, marks[-1][0]), up, down))
+
+    def restart(self, start: int) -> None:
+        """A fixed session's start moved: its packets so far move evenly from the new start."""
+        self.start = start
+        self.marks = [(start, 0, 0)]
+        self.mark(self.last_updated, self.up, self.down)
+
+    def usage_segments(self) -> list[tuple[int, int, int, int]]:
+        """``(from, to, packets up, packets down)`` moved evenly over ``[from, to)`` (a jump at
+        ``from`` when ``to == from``). A generated session: one segment over its whole life (its
+        end is drawn with it). A fixed one: between its checkpoints; counts that drop count as
+        no traffic, and the traffic resumes only above the highest count seen."""
+        if not self.fixed:
+            end = self.end if self.end is not None else self.start
+            elapsed = end - self.start
+            return [(self.start, end, int(self.up_rate * elapsed), int(self.down_rate * elapsed))]
+        out: list[tuple[int, int, int, int]] = []
+        marks = self.marks or [(self.start, 0, 0)]
+        t0, u0, d0 = marks[0]
+        for t1, u1, d1 in marks[1:]:
+            du, dd = max(0, u1 - u0), max(0, d1 - d0)
+            if du or dd:
+                out.append((t0, t1, du, dd))
+            t0, u0, d0 = t1, max(u0, u1), max(d0, d1)
+        return out
 
     def state(self, now: int, granularity: float) -> tuple[int | None, int, int, int]:
         """(visible end or None, last_updated, packets_uploaded, packets_downloaded) at ``now``."""
@@ -645,23 +708,34 @@ class _Listing:
 class _Sim:
     __slots__ = (
         "account_sid",
+        "acct_cmd_day",
+        "acct_n",
+        "archive",
         "base_status",
+        "bpp",
         "cache",
         "cache_key",
+        "cmd_rates",
         "date_created",
         "date_updated",
         "friendly_name",
         "gen",
         "gen_made",
         "history",
+        "home_country",
         "iccid",
         "index",
+        "life",
         "rate_plan_sid",
+        "reset_status",
+        "script_cmds",
         "scripted",
         "sessions",
         "sid",
         "status",
+        "touched",
         "unique_name",
+        "unit",
         "version",
     )
 
@@ -700,6 +774,25 @@ class _Sim:
         self.version = 0
         self.cache_key: tuple[int, int] | None = None
         self.cache: _Listing | None = None
+        self.reset_status: str | None = None
+        #: Seeded status, reset and plan changes (generated ``active`` SIMs), made on first use.
+        self.life: Lifecycle | None = None
+        # Usage (made on first use by Fleet._usage_params, except what scripts set).
+        self.home_country: str | None = None
+        self.bpp = 0
+        self.unit = "bytes"
+        #: Commands per day (from the SIM, to it).
+        self.cmd_rates: tuple[float, float] | None = None
+        #: Usage of sessions that aged out of the listing: ``(network, segments in bytes)``.
+        self.archive: list[tuple[str | None, tuple[tuple[int, int, int, int], ...]]] = []
+        #: Commands recorded by a script.
+        self.script_cmds: Series | None = None
+        #: Account ledger bookkeeping (Fleet._account_sim): entries of archive + sessions and
+        #: days of commands already in it; ``touched``: a script changed this generated SIM, it
+        #: is left out of the ledger and summed afresh like a scripted one.
+        self.acct_n = 0
+        self.acct_cmd_day: int | None = None
+        self.touched = False
 
     def view(self) -> SimView:
         return SimView(
@@ -713,6 +806,7 @@ class _Sim:
             date_created=self.date_created,
             date_updated=self.date_updated,
             scripted=self.scripted,
+            reset_status=self.reset_status,
         )
 
 
@@ -766,9 +860,15 @@ class Fleet:
     60 a session of one simulated hour shows as lasting one minute. Only what is serialised
     changes; the model, the views and :meth:`history` stay in simulated time.
 
+    Usage (``GET .../UsageRecords``, :mod:`.usage`): an hour is reported ``usage_lag`` after it
+    ends, first in part and in full from ``usage_final_after`` on; ``usage_retention`` is how
+    far back records go; ``usage_unit`` the unit of every SIM's records unless a script sets
+    one (:meth:`set_sim_unit`). ``status_changes``: generated ``active`` SIMs get seeded
+    suspensions, connectivity resets and plan changes over time (:mod:`.lifecycle`).
+
     The arguments are trusted: they come from a :class:`~.config.SimulatorConfig`, which
     checked them (``sims >= 0``, ``retention`` and ``update_granularity`` above zero,
-    ``wall_timestamps`` only with ``speed``).
+    ``wall_timestamps`` only with ``speed``, ``usage_final_after >= usage_lag``).
     """
 
     def __init__(
@@ -783,7 +883,14 @@ class Fleet:
         keep_history: bool = True,
         backfill: float | None = None,
         wall_timestamps: bool = False,
+        usage_lag: float = 86400.0,
+        usage_final_after: float = 2 * 86400.0,
+        usage_retention: float = 62 * 86400.0,
+        usage_unit: str = "bytes",
+        status_changes: bool = True,
     ) -> None:
+        if usage_unit not in UNIT_FACTORS:
+            raise ValueError(f"usage_unit must be one of {tuple(UNIT_FACTORS)}, got {usage_unit!r}")
         self.clock = clock
         self.seed = seed
         self.account_sid = account_sid
@@ -806,6 +913,15 @@ class Fleet:
         self._sims_version = 0
         self._sims_cache: dict[tuple[str | None, str | None, str | None, int], _SimsListing] = {}
         self._rate_plans = tuple("WP" + _hex("plan", seed, k) for k in range(_RATE_PLANS))
+        self._plans = self._make_plans()
+        self.usage_revision = Revision(seed, usage_lag, usage_final_after)
+        self.usage_retention = float(usage_retention)
+        self.usage_unit = usage_unit
+        self.status_changes = status_changes
+        #: Fleet-wide usage of the generated SIMs, fed incrementally (:meth:`_account_sim`).
+        self._ledger = Series()
+        #: (time, SIM index, transition index) of each SIM's next lifecycle change.
+        self._events: list[tuple[int, int, int]] | None = None
         for index in range(sims):
             self._register(self._generated_sim(index))
 
@@ -816,6 +932,18 @@ class Fleet:
         if self.wall_timestamps:
             return math.floor(self.clock.wall_time(t))
         return int(t)
+
+    def simulated_time(self, reported: int) -> int:
+        """The simulated unix second that the API reports as ``reported`` (the inverse of
+        :meth:`reported_time`, rounded down): how the usage resources read ``Start``/``End``."""
+        if self.wall_timestamps:
+            clock = self.clock
+            wall_start = clock.wall_start_time
+            speed = clock.speed
+            assert wall_start is not None
+            assert speed is not None
+            return math.floor(clock.start_time + (reported - wall_start) * speed)
+        return reported
 
     def _format_wall_time(self, t: int) -> str:
         # format_time stays cached on the reported second: the mapping is this fleet's own.
@@ -920,6 +1048,8 @@ class Fleet:
         # Start the timeline in the middle of a cycle before the origin, so the state at the
         # origin looks like a steady state rather than every device connecting at once.
         first = self._origin - int(rng.uniform(0.0, duration[1] + gap[1]))
+        sim.home_country = country.iso3
+        self._life(sim)
         return _Generator(rng, profile, first, country, home, _imei(rng))
 
     # -- generation ------------------------------------------------------------------------
@@ -937,8 +1067,15 @@ class Fleet:
             if gen is None:
                 return
         stop_at = gen.profile.stop_at
+        life = sim.life
         added = False
         while gen.next_start <= now and (stop_at is None or gen.next_start < stop_at):
+            if life is not None:
+                # No session starts while the SIM is suspended (lifecycle).
+                resumed = life.resume(gen.next_start)
+                if resumed != gen.next_start:
+                    gen.next_start = resumed
+                    continue
             session = self._draw(sim, gen)
             sim.sessions.append(session)
             if sim.history is not None:
@@ -959,6 +1096,9 @@ class Fleet:
         end = start + duration
         if p.stop_at is not None and end > p.stop_at:
             end = max(start + 60, p.stop_at)
+        life = sim.life
+        if life is not None:
+            end = life.cut(start, end)
         gen.next_start = end + gap
 
         # Device: occasionally swapped to a new one.
@@ -1042,6 +1182,7 @@ class Fleet:
         for s in sim.sessions:
             if s.end is not None and s.end < horizon:
                 self._sessions.pop(s.sid, None)
+                self._archive(sim, s, now)
             else:
                 keep.append(s)
         if len(keep) != len(sim.sessions):
@@ -1105,6 +1246,7 @@ class Fleet:
         return len(self._sims)
 
     def __iter__(self) -> Iterator[SimView]:
+        self._apply_events()
         return (sim.view() for sim in self._sims)
 
     def __contains__(self, sid: object) -> bool:
@@ -1112,12 +1254,14 @@ class Fleet:
 
     def sim_sids(self, status: str | None = None) -> list[str]:
         """SIDs of the SIMs (with ``status``, if given), in API order."""
+        self._apply_events()
         return [s.sid for s in self._sims if status is None or s.status == status]
 
     def sims(
         self, status: str | None = None, iccid: str | None = None, rate_plan: str | None = None
     ) -> list[SimView]:
         """The SIMs as ``GET /v1/Sims`` lists them, with its filters."""
+        self._apply_events()
         return [sim.view() for sim in self._filtered_sims(status, iccid, rate_plan)]
 
     def _filtered_sims(
@@ -1135,6 +1279,7 @@ class Fleet:
         self, status: str | None = None, iccid: str | None = None, rate_plan: str | None = None
     ) -> _SimsListing:
         """The SIMs ``GET /v1/Sims`` lists with these filters (cached until a SIM changes)."""
+        self._apply_events()
         key = (status, iccid, rate_plan, self._sims_version)
         cached = self._sims_cache.get(key)
         if cached is None:
@@ -1146,6 +1291,7 @@ class Fleet:
 
     def sim(self, sid_or_unique_name: str) -> SimView | None:
         """One SIM by SID or unique name, or ``None``."""
+        self._apply_events()
         sim = self._by_sid.get(sid_or_unique_name) or self._by_name.get(sid_or_unique_name)
         return None if sim is None else sim.view()
 
@@ -1164,10 +1310,23 @@ class Fleet:
         status: str = "active",
         iccid: str | None = None,
         rate_plan_sid: str | None = None,
+        home_country: str | None = None,
+        unit: str | None = None,
+        bytes_per_packet: int | None = None,
     ) -> str:
-        """Add a scripted SIM (no random sessions); returns its SID."""
+        """Add a scripted SIM (no random sessions); returns its SID.
+
+        Usage: sessions on an operator of ``home_country`` (default: that of
+        :data:`DEFAULT_OPERATOR`) are home traffic, others international roaming; records are in
+        ``unit`` (default the fleet's ``usage_unit``); ``bytes_per_packet`` defaults to a seeded
+        value (:meth:`bytes_per_packet` tells it).
+        """
         if status not in SIM_STATUSES:
             raise ValueError(f"status must be one of {SIM_STATUSES}, got {status!r}")
+        if unit is not None and unit not in UNIT_FACTORS:
+            raise ValueError(f"unit must be one of {tuple(UNIT_FACTORS)}, got {unit!r}")
+        if bytes_per_packet is not None and bytes_per_packet < 1:
+            raise ValueError(f"bytes_per_packet must be at least 1, got {bytes_per_packet}")
         if sid is None:
             sid = "DE" + self._next_scripted("sim")
         if len(sid) != 34 or not sid.startswith("DE"):
@@ -1181,22 +1340,27 @@ class Fleet:
             body = "8901260" + str(int(_hex("iccid", sid, size=8), 16))[:11].rjust(11, "0")
             iccid = body + luhn_check_digit(body)
         now = self._now()
-        self._register(
-            _Sim(
-                index=index,
-                sid=sid,
-                account_sid=self.account_sid,
-                unique_name=unique_name,
-                friendly_name=friendly_name,
-                status=status,
-                rate_plan_sid=rate_plan_sid if rate_plan_sid is not None else self._rate_plans[0],
-                iccid=iccid,
-                date_created=now,
-                date_updated=now,
-                scripted=True,
-                keep_history=self.keep_history,
-            )
+        sim = _Sim(
+            index=index,
+            sid=sid,
+            account_sid=self.account_sid,
+            unique_name=unique_name,
+            friendly_name=friendly_name,
+            status=status,
+            rate_plan_sid=rate_plan_sid if rate_plan_sid is not None else self._rate_plans[0],
+            iccid=iccid,
+            date_created=now,
+            date_updated=now,
+            scripted=True,
+            keep_history=self.keep_history,
         )
+        self._usage_params(sim)
+        sim.home_country = DEFAULT_OPERATOR.country if home_country is None else home_country
+        if unit is not None:
+            sim.unit = unit
+        if bytes_per_packet is not None:
+            sim.bpp = bytes_per_packet
+        self._register(sim)
         return sid
 
     def set_sim_status(self, sim_sid: str, status: str) -> None:
@@ -1253,10 +1417,12 @@ class Fleet:
             location=None if cell_location is None else MappingProxyType(dict(cell_location)),
             imei=self._default_imei(sim) if imei is DEFAULT else imei,
         )
+        self._untrack(sim)
         session.fixed = True
         session.up = packets_uploaded
         session.down = packets_downloaded
         session.last_updated = start_i if last_updated is None else int(last_updated)
+        session.mark(session.last_updated, packets_uploaded, packets_downloaded)
         sim.sessions.append(session)
         if sim.history is not None:
             sim.history.append(session)
@@ -1268,12 +1434,14 @@ class Fleet:
         session = self._sessions.get(session_sid)
         if session is None:
             raise KeyError(f"no live session {session_sid}")
+        self._untrack(session.sim)
         if not session.fixed:
             # Freeze a generated session at its current state so a script can take over.
             end, lu, up, down = session.state(self._now(), self.granularity)
             session.fixed = True
             session.end = end
             session.last_updated, session.up, session.down = lu, up, down
+            session.mark(lu, up, down)
         return session
 
     def update_session(
@@ -1314,7 +1482,9 @@ class Fleet:
                 None if cell_location is None else MappingProxyType(dict(cell_location))
             )
         if start is not None:
-            session.start = int(start)
+            session.restart(int(start))
+        else:
+            session.mark(session.last_updated, session.up, session.down)
         self._touch(session)
 
     def close_session(
@@ -1334,17 +1504,377 @@ class Fleet:
             session.up = packets_uploaded
         if packets_downloaded is not None:
             session.down = packets_downloaded
+        session.mark(end_i, session.up, session.down)
         self._touch(session)
 
     def remove_session(self, session_sid: str) -> None:
-        """Drop a session from the listing now (as if it aged out); history keeps it."""
-        session = self._sessions.pop(session_sid, None)
+        """Drop a session from the listing now (as if it aged out); history and the usage
+        records keep it."""
+        session = self._sessions.get(session_sid)
         if session is None:
             raise KeyError(f"no live session {session_sid}")
         sim = session.sim
+        self._untrack(sim)
+        del self._sessions[session_sid]
+        self._archive(sim, session, self._now())
         sim.sessions = [s for s in sim.sessions if s is not session]
         sim.version += 1
 
     def _touch(self, session: _Session) -> None:
         session.rev += 1
         session.sim.version += 1
+
+    # -- rate plans ------------------------------------------------------------------------
+
+    def _make_plans(self) -> list[RatePlanView]:
+        created = self._origin - 400 * 86400
+        plans = []
+        for k, sid in enumerate(self._rate_plans):
+            name, friendly, limit, national, national_limit, abroad, abroad_limit, metering, how = (
+                PLAN_TEMPLATES[k % len(PLAN_TEMPLATES)]
+            )
+            plans.append(
+                RatePlanView(
+                    sid=sid,
+                    account_sid=self.account_sid,
+                    unique_name=name if k < len(PLAN_TEMPLATES) else f"{name}-{k}",
+                    friendly_name=friendly,
+                    data_enabled=True,
+                    data_metering=metering,
+                    data_limit=limit,
+                    national_roaming_enabled=national,
+                    national_roaming_data_limit=national_limit,
+                    international_roaming=abroad,
+                    international_roaming_data_limit=abroad_limit,
+                    messaging_enabled=True,
+                    data_limit_strategy=how,
+                    date_created=created + k * 86400,
+                    date_updated=created + k * 86400,
+                )
+            )
+        return plans
+
+    def rate_plans(self) -> list[RatePlanView]:
+        """The account's rate plans, in API order."""
+        return list(self._plans)
+
+    def rate_plan(self, sid_or_unique_name: str) -> RatePlanView | None:
+        """One rate plan by SID or unique name, or ``None``."""
+        for plan in self._plans:
+            if sid_or_unique_name in (plan.sid, plan.unique_name):
+                return plan
+        return None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def _life(self, sim: _Sim) -> Lifecycle | None:
+        """The seeded lifecycle of a generated ``active`` SIM (made on first use)."""
+        eligible = self.status_changes and not sim.scripted and sim.base_status == "active"
+        if sim.life is None and eligible:
+            plan = (
+                self._rate_plans.index(sim.rate_plan_sid)
+                if sim.rate_plan_sid in self._rate_plans
+                else 0
+            )
+            sim.life = Lifecycle(
+                self.seed, sim.index, int(self.clock.start_time), plan, len(self._rate_plans)
+            )
+        return sim.life
+
+    def _apply_events(self) -> None:
+        """Apply every seeded status, reset and plan change due by now."""
+        if not self.status_changes:
+            return
+        events = self._events
+        if events is None:
+            events = self._events = []
+            for sim in self._sims:
+                life = self._life(sim)
+                if life is not None:
+                    first = life.next_transition(0)
+                    events.append((first.at, sim.index, 0))
+            heapq.heapify(events)
+        now = self._now()
+        if not events or events[0][0] > now:
+            return
+        while events and events[0][0] <= now:
+            at, index, k = heapq.heappop(events)
+            sim = self._sims[index]
+            life = sim.life
+            assert life is not None
+            change = life.transitions[k]
+            if change.what == "status":
+                if sim.status in ("active", "suspended") and change.value != sim.status:
+                    sim.status = str(change.value)
+            elif change.what == "reset":
+                sim.reset_status = None if change.value is None else str(change.value)
+            else:
+                assert isinstance(change.value, int)
+                sim.rate_plan_sid = self._rate_plans[change.value]
+            sim.date_updated = max(sim.date_updated, at)
+            following = life.next_transition(k + 1)
+            heapq.heappush(events, (following.at, index, k + 1))
+        self._sims_version += 1
+
+    def set_sim_rate_plan(self, sim_sid: str, rate_plan: str) -> None:
+        """Move a SIM to another plan (SID or unique name of one of :meth:`rate_plans`)."""
+        plan = self.rate_plan(rate_plan)
+        if plan is None:
+            raise ValueError(f"no rate plan {rate_plan!r}")
+        sim = self._sim(sim_sid)
+        sim.rate_plan_sid = plan.sid
+        sim.date_updated = self._now()
+        self._sims_version += 1
+
+    def set_sim_reset_status(self, sim_sid: str, reset_status: str | None) -> None:
+        """Start (``"resetting"``) or end (``None``) a connectivity reset of a SIM."""
+        if reset_status not in (None, "resetting"):
+            raise ValueError(f"reset_status must be 'resetting' or None, got {reset_status!r}")
+        sim = self._sim(sim_sid)
+        sim.reset_status = reset_status
+        sim.date_updated = self._now()
+        self._sims_version += 1
+
+    # -- usage -----------------------------------------------------------------------------
+
+    def _usage_params(self, sim: _Sim) -> _Sim:
+        """The SIM's seeded usage parameters, drawn on first use (from their own hash, so the
+        session timelines stay what they were)."""
+        if sim.cmd_rates is None:
+            rng = random.Random(f"{self.seed}:usage:{sim.sid}")
+            sim.bpp = int(_log_uniform(rng, 40.0, 400.0))
+            sim.unit = self.usage_unit
+            if sim.scripted or sim.base_status != "active" or rng.random() < 0.5:
+                sim.cmd_rates = (0.0, 0.0)
+            else:
+                sim.cmd_rates = (_log_uniform(rng, 0.2, 8.0), _log_uniform(rng, 0.2, 8.0))
+        return sim
+
+    def bytes_per_packet(self, sim_sid: str) -> int:
+        """How many bytes one packet of this SIM's sessions carries in its usage records."""
+        return self._usage_params(self._sim(sim_sid)).bpp
+
+    def sim_unit(self, sim_sid: str) -> str:
+        """The ``units`` of the SIM's usage records."""
+        return self._usage_params(self._sim(sim_sid)).unit
+
+    def set_sim_unit(self, sim_sid: str, unit: str) -> None:
+        """Serve the SIM's usage records in ``unit`` (``bytes``, ``kilobytes``, ``megabytes``)
+        from now on; the usage itself does not change, only how it is written (rounded down)."""
+        if unit not in UNIT_FACTORS:
+            raise ValueError(f"unit must be one of {tuple(UNIT_FACTORS)}, got {unit!r}")
+        self._usage_params(self._sim(sim_sid)).unit = unit
+
+    def record_commands(
+        self, sim_sid: str, *, from_sim: int = 0, to_sim: int = 0, at: float | None = None
+    ) -> None:
+        """Add commands the SIM sent (``from_sim``) and received (``to_sim``) at ``at``
+        (default now) to its usage."""
+        if from_sim < 0 or to_sim < 0:
+            raise ValueError("command counts are not negative")
+        sim = self._sim(sim_sid)
+        self._untrack(sim)
+        t = self._now() if at is None else int(at)
+        if sim.script_cmds is None:
+            sim.script_cmds = Series()
+        sim.script_cmds.add(FROM_SIM, t, t, from_sim)
+        sim.script_cmds.add(TO_SIM, t, t, to_sim)
+
+    def _network(self, sim: _Sim, session: _Session) -> str | None:
+        """``None`` (home) or the roaming country of a session."""
+        country = session.operator.country
+        return None if not country or country == sim.home_country else country
+
+    def _archive(self, sim: _Sim, session: _Session, now: int) -> None:
+        """Keep the usage of a session leaving the listing (the usage records outlive it)."""
+        bpp = self._usage_params(sim).bpp
+        segments = tuple(
+            (ta, tb, up * bpp, down * bpp) for ta, tb, up, down in session.usage_segments()
+        )
+        archive = sim.archive
+        archive.append((self._network(sim, session), segments))
+        horizon = now - self.usage_retention
+        old = 0
+        while old < len(archive) - 1 and all(tb < horizon for _, tb, _, _ in archive[old][1]):
+            old += 1
+        if old:
+            del archive[:old]
+            sim.acct_n = max(0, sim.acct_n - old)
+
+    def _commands(self, sim: _Sim, day: int, series: Series, sign: int = 1) -> None:
+        """The seeded commands of one UTC day (a day before the fleet's origin has none)."""
+        rates = self._usage_params(sim).cmd_rates
+        if not rates or rates == (0.0, 0.0) or day < self._origin - DAY:
+            return
+        rng = random.Random(f"{self.seed}:commands:{sim.sid}:{day}")
+        for key, rate in ((FROM_SIM, rates[0]), (TO_SIM, rates[1])):
+            for _ in range(int(rng.uniform(0.0, 2.0 * rate))):
+                t = day + rng.randrange(24) * HOUR
+                series.add(key, t, t, 1, sign)
+
+    def _sim_series(self, sim: _Sim, lo: int, hi: int) -> Series:
+        """The SIM's final usage by hour, for hours in ``[lo, hi)`` (and possibly others)."""
+        self._extend(sim, self._now())
+        self._usage_params(sim)
+        series = Series()
+        bpp = sim.bpp
+        for network, segments in sim.archive:
+            for ta, tb, up, down in segments:
+                if tb >= lo and ta < hi:
+                    series.add_data(network, ta, tb, up, down)
+        for session in sim.sessions:
+            network = self._network(sim, session)
+            for ta, tb, up, down in session.usage_segments():
+                if tb >= lo and ta < hi:
+                    series.add_data(network, ta, tb, up * bpp, down * bpp)
+        day = max(lo - lo % DAY, self._origin - self._origin % DAY)
+        while day < hi:
+            self._commands(sim, day, series)
+            day += DAY
+        if sim.script_cmds is not None:
+            series.merge(sim.script_cmds)
+        return series
+
+    def _account_sim(self, sim: _Sim, now: int, sign: int = 1) -> None:
+        """Bring a generated SIM's part of the ledger up to ``now`` (``sign=-1``: take out all
+        it put in). Its archive and sessions are one sequence in time order, of which the first
+        ``acct_n`` are in the ledger; sessions only ever leave from the front, into the archive."""
+        self._usage_params(sim)
+        ledger = self._ledger
+        bpp = sim.bpp
+        archive = sim.archive
+        stop = sim.acct_n if sign < 0 else len(archive) + len(sim.sessions)
+        first = 0 if sign < 0 else sim.acct_n
+        for i in range(first, stop):
+            if i < len(archive):
+                network, segments = archive[i]
+                for ta, tb, up, down in segments:
+                    ledger.add_data(network, ta, tb, up, down, sign)
+            else:
+                session = sim.sessions[i - len(archive)]
+                network = self._network(sim, session)
+                for ta, tb, up, down in session.usage_segments():
+                    ledger.add_data(network, ta, tb, up * bpp, down * bpp, sign)
+        sim.acct_n = 0 if sign < 0 else stop
+        origin_day = self._origin - self._origin % DAY
+        done = origin_day if sim.acct_cmd_day is None else sim.acct_cmd_day
+        if sign < 0:
+            for day in range(origin_day, done, DAY):
+                self._commands(sim, day, ledger, -1)
+            sim.acct_cmd_day = None
+            return
+        today = now - now % DAY
+        for day in range(done, today + DAY, DAY):
+            self._commands(sim, day, ledger)
+        sim.acct_cmd_day = today + DAY
+
+    def _untrack(self, sim: _Sim) -> None:
+        """A script is about to change this SIM: from now on its usage is summed afresh."""
+        if sim.scripted or sim.touched:
+            sim.touched = True
+            return
+        if sim.acct_n or sim.acct_cmd_day is not None:
+            self._account_sim(sim, self._now(), -1)
+        sim.touched = True
+
+    def account_usage_steps(self) -> Iterator[None]:
+        """Bring the account ledger up to now, yielding now and then so a server can answer
+        other requests in between (the first time, every generated SIM is summed)."""
+        now = self._now()
+        for k, sim in enumerate(self._sims):
+            if sim.scripted or sim.touched:
+                continue
+            self._extend(sim, now)
+            self._account_sim(sim, now)
+            if k % 200 == 199:
+                yield
+        self._ledger.drop_before(floor_hour(now - int(self.usage_retention)) - DAY)
+
+    def _account_series(self, lo: int, hi: int) -> Series:
+        for _ in self.account_usage_steps():
+            pass
+        series = Series()
+        series.merge(self._ledger)
+        for sim in self._sims:
+            if sim.scripted or sim.touched:
+                series.merge(self._sim_series(sim, lo, hi))
+        return series
+
+    def usage_listing(
+        self,
+        sim_sid: str | None = None,
+        *,
+        granularity: str = "all",
+        start: int | None = None,
+        end: int | None = None,
+        final: bool = False,
+    ) -> tuple[list[int], list[UsageView]]:
+        """(paging keys, records) of ``GET /v1/Sims/{sim_sid}/UsageRecords`` (``sim_sid``
+        ``None``: ``GET /v1/UsageRecords``) now, for ``[start, end]`` in simulated unix seconds
+        (defaults: ``end`` now, ``start`` one calendar month before ``end``).
+
+        Hours that touch the range are listed (up to now, not older than ``usage_retention``);
+        periods are clipped to it. ``final``: every hour in full, as it will be once revised.
+        The account's records sum the SIMs' bytes per hour before the lag's rounding, so they can
+        be up to a byte per SIM and hour above the sum of the SIMs' records.
+        """
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        now = self._now()
+        qe = now if end is None else int(end)
+        qs = month_before(qe) if start is None else int(start)
+        lo = floor_hour(max(qs, now - int(self.usage_retention)))
+        hi = max(lo, min(qe, now))
+        if sim_sid is None:
+            series = self._account_series(lo, hi)
+            sid, units = None, "bytes"
+        else:
+            sim = self._sim(sim_sid)
+            series = self._sim_series(sim, lo, hi)
+            sid, units = sim.sid, sim.unit
+        revision = self.usage_revision
+        return build_records(
+            series,
+            sim_sid=sid,
+            account_sid=self.account_sid,
+            units=units,
+            granularity=granularity,
+            start=qs,
+            end=qe,
+            lo=lo,
+            hi=hi,
+            fraction=None if final else (lambda hour: revision.fraction(hour, now)),
+        )
+
+    def usage_records(
+        self,
+        sim_sid: str | None = None,
+        *,
+        granularity: str = "all",
+        start: float | None = None,
+        end: float | None = None,
+        final: bool = False,
+    ) -> list[UsageView]:
+        """The usage records the API serves now (``final``: once fully revised); see
+        :meth:`usage_listing`. ``sim_sid=None``: the account's."""
+        return self.usage_listing(
+            sim_sid,
+            granularity=granularity,
+            start=None if start is None else int(start),
+            end=None if end is None else int(end),
+            final=final,
+        )[1]
+
+    def usage_totals(
+        self,
+        sim_sid: str | None = None,
+        *,
+        start: float | None = None,
+        end: float | None = None,
+        final: bool = False,
+    ) -> UsageTotals:
+        """Bytes and commands over ``[start, end]`` as reported now (``final``: once fully
+        revised), before any unit's rounding."""
+        return totals_of(
+            self.usage_records(sim_sid, granularity="hourly", start=start, end=end, final=final)
+        )

@@ -22,12 +22,13 @@ class SimulatorStats:
     """Counters of the requests the simulator served.
 
     * ``requests``: ``Counter`` of ``(path_kind, status)``; path kinds are ``sims``, ``sim``,
-      ``data_sessions``, ``token``, ``health`` and ``other``; a request the client abandoned before
+      ``data_sessions``, ``usage_records``, ``account_usage_records``, ``rate_plans``,
+      ``rate_plan``, ``token``, ``health`` and ``other``; a request the client abandoned before
       the answer (e.g. during an injected timeout) counts with status 499.
     * ``total``: all requests; ``token_requests``: requests to the token endpoint.
-    * ``in_flight`` / ``max_in_flight``: concurrent API requests (``sims``, ``sim``,
-      ``data_sessions``), counted from arrival (including ones rejected by ``max_concurrent``)
-      until the answer.
+    * ``in_flight`` / ``max_in_flight``: concurrent API requests (every kind of
+      :data:`~.faults.API_KINDS`), counted from arrival (including ones rejected by
+      ``max_concurrent``) until the answer.
     * ``log``: ``RequestLogEntry(at, path_kind)`` per request, the newest ``log_size`` kept.
     """
 
