@@ -217,9 +217,7 @@ class Poller:
         uncovered = [sid for sid in self._targets if sid not in discovered]
         if uncovered and self._first_polls is not None:
             await self._first_polls.wait()
-        # An unfiltered discovery listing held every SIM of the account: no second listing.
-        listing = not (settings.discovery and not settings.discovery_statuses)
-        self._unread = await self._refresh_identities(uncovered, listing=listing)
+        self._unread = await self._refresh_identities(uncovered)
         return not self._unread
 
     async def _discover(self) -> dict[str, Sim] | None:
@@ -254,11 +252,11 @@ class Poller:
         self._discovered_once = True
         return discovered
 
-    async def _refresh_identities(self, sids: Sequence[str], *, listing: bool = True) -> set[str]:
-        """The identity of configured SIMs: from the listing when it is cheaper (and
-        ``listing``), else and for the SIMs it did not hold, each SIM's own read. Returns the
-        SIDs whose identity could not be read."""
-        budget = self._census.budget(len(sids)) if listing else 0
+    async def _refresh_identities(self, sids: Sequence[str]) -> set[str]:
+        """The identity of configured SIMs: from the listing when it is cheaper, else and for
+        the SIMs it did not hold, each SIM's own read. Returns the SIDs whose identity could
+        not be read."""
+        budget = self._census.budget(len(sids))
         if budget:
             sids = await self._identities_from_listing(sids, budget)
         return await self._read_identities(sids)
@@ -416,9 +414,9 @@ class Poller:
             # Due SIMs beyond the task cap stay on the heap: a finishing poll wakes the loop.
             while self._heap and self._heap[0][0] <= now and len(self._inflight) < self._max_tasks:
                 _, sid = heapq.heappop(self._heap)
-                if self._first_pending:
-                    self._dispatched_first(sid)
                 if sid not in self._state.sims:
+                    if self._first_pending:
+                        self._first_started(sid)
                     continue  # no longer monitored
                 if sid not in self._inflight:
                     self._inflight[sid] = group.create_task(self._poll_task(sid), name=sid)
@@ -430,17 +428,19 @@ class Poller:
                 delay = self._heap[0][0] - now if self._heap else None
             await sleep_or_wake(self._clock, self._wake, delay)
 
-    def _dispatched_first(self, sid: str) -> None:
-        """``sid`` leaves the heap for the first time since :meth:`run` began; once every SIM
-        known then did, identity work may start. Its requests draw their order after the
-        first polls' (a created task runs before a task the event wakes), so they queue
-        behind them at the client's limit."""
+    def _first_started(self, sid: str) -> None:
+        """The first poll of ``sid`` since :meth:`run` began starts now (or it left); once
+        every SIM known then did, identity work may start. The poll draws its order before
+        the waiting refresh runs again (the event only wakes it), so identity requests queue
+        behind every first poll at the client's limit."""
         pending = self._first_pending
         pending.discard(sid)
         if not pending and self._first_polls is not None:
             self._first_polls.set()
 
     async def _poll_task(self, sid: str) -> None:
+        if self._first_pending:
+            self._first_started(sid)
         try:
             await self.poll_sim(sid)
         except Exception:  # a bug must not kill the scheduler; it is logged and counted
