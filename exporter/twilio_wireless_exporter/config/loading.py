@@ -2,10 +2,20 @@
 
 Errors name only the problem and its position; no exception that could carry file contents or
 the raw input (secrets included) is chained onto a :class:`ConfigError`.
+
+A large fleet's file (100,000 ``sims`` entries) must load in a fraction of a second, so the
+common case takes a lean path: libyaml composes the nodes, :func:`_construct_plain` turns the
+plain ones (strings, mappings, lists) into Python values without PyYAML's per-node machinery,
+and the cyclic garbage collector waits until the file is read and checked (it would otherwise
+walk every node built so far, again and again, as the tree grows). Whatever the lean path does
+not handle (aliases, merge keys, tags, any error) is done again by PyYAML's own constructor, so
+results and messages are the same either way.
 """
 
+import contextlib
+import gc
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -66,13 +76,101 @@ if yaml.__with_libyaml__:
     _FastLoader = _UniqueKeyCLoader
 
 
+_STR_TAG: Final = "tag:yaml.org,2002:str"
+_MAP_TAG: Final = "tag:yaml.org,2002:map"
+_SEQ_TAG: Final = "tag:yaml.org,2002:seq"
+
+
+class _NotPlainError(Exception):
+    """The document holds something :func:`_construct_plain` leaves to PyYAML's constructor."""
+
+
+def _construct_plain(
+    loader: yaml.constructor.SafeConstructor, root: yaml.Node, aliases: bool = True
+) -> object:
+    """The value of a composed document built as the safe constructor would build it, for
+    documents of plain nodes: strings, mappings and lists, with other scalars (numbers,
+    booleans, null, dates) from the constructor's own functions. Raises :class:`_NotPlainError`
+    on a node seen twice (an alias; not looked for when ``aliases`` is false), a key that is
+    not a scalar, a duplicate key and any other tag: those go the constructor's way."""
+    seen: set[int] = set()
+    constructors = loader.yaml_constructors
+    scalar, mapping_node, sequence_node = yaml.ScalarNode, yaml.MappingNode, yaml.SequenceNode
+
+    def build(node: yaml.Node) -> object:
+        if aliases:
+            if id(node) in seen:
+                raise _NotPlainError
+            seen.add(id(node))
+        kind, tag = type(node), node.tag
+        if kind is scalar:
+            if tag == _STR_TAG:
+                return node.value
+            if tag not in constructors:  # merge keys, "=", unknown tags
+                raise _NotPlainError
+            return loader.construct_object(node, deep=True)
+        if kind is mapping_node and tag == _MAP_TAG:
+            built: dict[object, object] = {}
+            for key_node, value_node in node.value:
+                if type(key_node) is not scalar:
+                    raise _NotPlainError
+                key = build(key_node)
+                try:
+                    duplicate = key in built
+                except TypeError:  # unhashable
+                    raise _NotPlainError from None
+                if duplicate:
+                    raise _NotPlainError
+                # the common value, a string, without a call of its own
+                if not aliases and type(value_node) is scalar and value_node.tag == _STR_TAG:
+                    built[key] = value_node.value
+                else:
+                    built[key] = build(value_node)
+            return built
+        if kind is sequence_node and tag == _SEQ_TAG:
+            return [build(item) for item in node.value]
+        raise _NotPlainError
+
+    return build(root)
+
+
+def _load_plain(text: str) -> object:
+    """:func:`_construct_plain` on libyaml's nodes; any failure is :class:`_NotPlainError`."""
+    loader = _FastLoader(text)
+    try:
+        root = loader.get_single_node()
+        # an alias is written "*name": without a "*" the document has none
+        return None if root is None else _construct_plain(loader, root, aliases="*" in text)
+    except Exception:  # the full constructor gives the real result or error
+        raise _NotPlainError from None
+    finally:
+        loader.dispose()
+
+
 def _parse_yaml(text: str) -> object:
+    if _FastLoader is not _UniqueKeyLoader:
+        with contextlib.suppress(_NotPlainError):
+            return _load_plain(text)
     try:
         return yaml.load(text, Loader=_FastLoader)  # noqa: S506 - a safe loader, safe constructor
     except (yaml.YAMLError, RecursionError):
         if _FastLoader is _UniqueKeyLoader:
             raise
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside: reading a large file builds millions of objects
+    that all stay alive, which the collector would walk on every pass (reference counting
+    still frees what is dropped). The previous setting is restored."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def read_yaml_file(path: Path, what: str = "config file") -> object:
@@ -101,6 +199,8 @@ def read_yaml_file(path: Path, what: str = "config file") -> object:
             problem = f"invalid YAML: {type(exc).__name__}"
         except RecursionError:  # PyYAML builds nested collections recursively
             problem = "invalid YAML: nested too deeply"
+        except ValueError as exc:  # a date that does not exist: 2026-02-30, month 13, ...
+            problem = f"invalid YAML: {exc}"
     raise ConfigError([f"{path}: {problem}"], str(path))
 
 
@@ -145,7 +245,8 @@ def config_from_mapping(
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read, parse and validate a YAML configuration file. Raises :class:`ConfigError`."""
     path = Path(path)
-    data = read_yaml_file(path)
-    if data is None:
-        raise ConfigError([f"{path}: the configuration file is empty"], str(path))
-    return config_from_mapping(data, environ, str(path), base_dir=path.absolute().parent)
+    with _cyclic_gc_paused():
+        data = read_yaml_file(path)
+        if data is None:
+            raise ConfigError([f"{path}: the configuration file is empty"], str(path))
+        return config_from_mapping(data, environ, str(path), base_dir=path.absolute().parent)

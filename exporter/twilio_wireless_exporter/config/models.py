@@ -120,10 +120,14 @@ LabelValue = Annotated[StrictStr, Field(min_length=1)]
 StatePath = Annotated[ConfigPath, AfterValidator(_state_file)]
 
 
-class Settings(BaseModel):
+class Options(BaseModel):
     """Frozen, no unknown options; hide_input_in_errors keeps secrets out of pydantic's text."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+
+class Settings(Options):
+    """A section of options."""
 
     @model_validator(mode="before")
     @classmethod
@@ -231,14 +235,31 @@ class PollSettings(Settings):
 PeriodStartDay = Annotated[StrictInt, Field(ge=1, le=28)]
 
 
-class SimSettings(Settings):
+class SimSettings(Options):
     """One entry of ``sims``: a SIM to poll, with an optional display name and constant labels;
-    ``usage_period_start_day`` overrides ``usage.period_start_day`` for this SIM."""
+    ``usage_period_start_day`` overrides ``usage.period_start_day`` for this SIM.
+
+    Not a :class:`Settings`: a fleet's file has 100,000 entries, so ``labels: null`` (no labels)
+    is handled once for the whole list, by :func:`_sim_entry`, instead of by a validator that
+    pydantic would call for every entry.
+    """
 
     sid: SimSid
     name: Text | None = None
     labels: dict[LabelName, LabelValue] = Field(default_factory=dict)
     usage_period_start_day: PeriodStartDay | None = None
+
+
+def _sim_entry(item: object) -> object:
+    """One entry of ``sims`` as :class:`SimSettings` reads it: ``- DE…`` is short for
+    ``- sid: DE…``, and ``labels: null`` means no labels, as if absent."""
+    if isinstance(item, str):
+        return {"sid": item}
+    if type(item) is dict and item.get("labels", ()) is not None:
+        return item  # the common case, unchanged
+    if isinstance(item, Mapping):
+        return {k: v for k, v in item.items() if v is not None or k != "labels"}
+    return item
 
 
 def _one_or_many(value: object) -> object:
@@ -373,9 +394,8 @@ class Config(Settings):
     @field_validator("sims", mode="before")
     @classmethod
     def _sid_shorthand(cls, value: object) -> object:
-        # "- DE…" is accepted as a short form of "- sid: DE…".
         if isinstance(value, list | tuple):
-            return [{"sid": item} if isinstance(item, str) else item for item in value]
+            return [_sim_entry(item) for item in value]
         return value
 
     @field_validator("sims", mode="after")

@@ -146,11 +146,12 @@ Secret = Annotated[SecretStr, AfterValidator(_not_blank)]
 
 def _sid(prefix: str) -> PlainValidator:
     shape = f"{prefix} followed by 32 hex digits"
+    matches = re.compile(rf"{prefix}[0-9a-fA-F]{{32}}").fullmatch  # once per entry of sims
 
     def check(value: object) -> str:
         if not isinstance(value, str):
             raise Problem("sid_type", f"must be a string like {shape}, got {{got}}")
-        if not re.fullmatch(rf"{prefix}[0-9a-fA-F]{{32}}", value):
+        if not matches(value):
             raise Problem("sid_shape", f"must look like {shape}, got {{got}}")
         return value
 
