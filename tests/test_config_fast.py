@@ -29,6 +29,7 @@ from twilio_wireless_exporter.config.errors import dotted, explain
 from twilio_wireless_exporter.config.models import (
     LabelName,
     LabelValue,
+    PeriodStartDay,
     Settings,
     SimSettings,
 )
@@ -194,6 +195,7 @@ class PerEntrySim(Settings):
     sid: SimSid
     name: Text | None = None
     labels: dict[LabelName, LabelValue] = Field(default_factory=dict)
+    usage_period_start_day: PeriodStartDay | None = None
 
 
 def test_the_reference_has_the_fields_of_sim_settings() -> None:

@@ -277,6 +277,9 @@ ESSENTIAL: tuple[Family, ...] = (
     SESSIONS_ENDED,
     IMEI_CHANGES,
     LAST_START,
+    SIM_STATUS_CHANGES,
+    SIM_DATA_BYTES,
+    SIM_DATA_PERIOD_BYTES,
 )
 """The per-SIM families ``metrics.per_sim: essential`` keeps: what the shipped alert rules and
 recording rules query per SIM (a test checks that every per-SIM family they read is here), the
