@@ -119,13 +119,30 @@ def kore_openapi() -> dict[str, Any]:
     return doc
 
 
+def _kore_known_spec_fixes(schema: dict[str, Any]) -> dict[str, Any]:
+    """Adjust the one known defect of KORE's description that the simulator meets, explicitly.
+
+    ``ListMeta`` (the ``meta`` of both usage lists) requires ``list_key`` and ``direct_token``,
+    names that are not among its own properties, and types ``next_page_url`` and
+    ``previous_page_url`` as non-null strings, while every other list of the same description
+    (DataSessions, Sims, RatePlans, Commands) declares the Twilio meta with ``key`` and nullable
+    page URLs, and a last page has no next one. The usage lists are checked against that meta.
+    """
+    meta = schema.get("properties", {}).get("meta")
+    if meta is not None and "required" in meta:
+        meta["required"] = [name for name in meta["required"] if name in meta["properties"]]
+        for name in ("next_page_url", "previous_page_url"):
+            meta["properties"][name] = {**meta["properties"][name], "nullable": True}
+    return schema
+
+
 @cache
 def kore_response_schema(path: str, status: int = 200) -> dict[str, Any]:
-    """The resolved JSON schema of a GET response of ``path`` in KORE's OpenAPI file."""
+    """The resolved JSON schema of a GET response of ``path`` in KORE's description."""
     doc = kore_openapi()
     media = doc["paths"][path]["get"]["responses"][str(status)]["content"]["application/json"]
     resolved = _inline(copy.deepcopy(media["schema"]), doc["components"]["schemas"])
-    return _known_spec_fixes(resolved)
+    return _kore_known_spec_fixes(_known_spec_fixes(resolved))
 
 
 def validate(schema: Mapping[str, Any], body: Any) -> None:

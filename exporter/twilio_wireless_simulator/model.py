@@ -26,7 +26,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from .lifecycle import Lifecycle
+from .lifecycle import Episode, Lifecycle
 from .plans import PLAN_TEMPLATES, RatePlanView
 from .usage import (
     DAY,
@@ -55,6 +55,7 @@ __all__ = [
     "SIM_STATUSES",
     "UNKNOWN_OPERATOR",
     "Country",
+    "Episode",
     "Fleet",
     "Operator",
     "OperatorLike",
@@ -1616,6 +1617,17 @@ class Fleet:
             heapq.heappush(events, (following.at, index, k + 1))
         self._sims_version += 1
 
+    def status_episodes(self, sim_sid: str) -> list[Episode]:
+        """The SIM's seeded lifecycle episodes that started by now (ground truth; empty for a
+        scripted SIM, one not ``active`` at first, or with ``status_changes`` off)."""
+        sim = self._sim(sim_sid)
+        life = self._life(sim)
+        if life is None:
+            return []
+        now = self._now()
+        life.until(now)
+        return [episode for episode in life.episodes if episode.start <= now]
+
     def set_sim_rate_plan(self, sim_sid: str, rate_plan: str) -> None:
         """Move a SIM to another plan (SID or unique name of one of :meth:`rate_plans`)."""
         plan = self.rate_plan(rate_plan)
@@ -1814,7 +1826,8 @@ class Fleet:
         (defaults: ``end`` now, ``start`` one calendar month before ``end``).
 
         Hours that touch the range are listed (up to now, not older than ``usage_retention``);
-        periods are clipped to it. ``final``: every hour in full, as it will be once revised.
+        periods are clipped to it. ``final``: every hour that has ended in full, as it will be
+        once revised.
         The account's records sum the SIMs' bytes per hour before the lag's rounding, so they can
         be up to a byte per SIM and hour above the sum of the SIMs' records.
         """
@@ -1843,7 +1856,11 @@ class Fleet:
             end=qe,
             lo=lo,
             hi=hi,
-            fraction=None if final else (lambda hour: revision.fraction(hour, now)),
+            fraction=(
+                (lambda hour: 1.0 if hour + HOUR <= now else 0.0)
+                if final
+                else (lambda hour: revision.fraction(hour, now))
+            ),
         )
 
     def usage_records(
