@@ -77,6 +77,44 @@ POLL_INTERVAL = names.POLL_INTERVAL.sample
 REQUESTS = names.API_REQUESTS.sample
 RETRIES = names.API_RETRIES.sample
 REQUEST_DURATION_BUCKET = names.API_REQUEST_DURATION.bucket
+DATA_BYTES = names.SIM_DATA_BYTES.sample
+PERIOD_BYTES = names.SIM_DATA_PERIOD_BYTES.sample
+PERIOD_START = names.SIM_DATA_PERIOD_START.sample
+COMMANDS = names.SIM_COMMANDS.sample
+USAGE_LAST = names.SIM_USAGE_LAST_SUCCESS.sample
+STATUS_CHANGES = names.SIM_STATUS_CHANGES.sample
+RESETTING = names.SIM_RESETTING.sample
+ACCOUNT_BYTES = names.ACCOUNT_DATA_BYTES.sample
+ACCOUNT_COMMANDS = names.ACCOUNT_COMMANDS.sample
+ACCOUNT_USAGE_LAST = names.ACCOUNT_USAGE_LAST_SUCCESS.sample
+PLAN_INFO = names.RATE_PLAN_INFO.sample
+PLAN_LIMIT = names.RATE_PLAN_DATA_LIMIT.sample
+SIMS_BY_STATUS = names.SIMS_BY_STATUS.sample
+
+# How rate plan series are joined to each other and to the SIMs on them.
+PLAN_ON = "on (job, instance, rate_plan_sid)"
+# A rate plan's display name after the join: unique_name, else friendly_name, else the SID.
+PLAN_NAME_LABEL = "rate_plan_name"
+PLAN_NAME_SOURCES = ("rate_plan_sid", "friendly_name", "unique_name")
+# The period gauge's series of all directions together. With usage.roaming_split they are
+# also split by network; every query sums the network label away or selects on it, so each
+# works with and without the split.
+TOTAL = 'direction="total"'
+# The bytes that count against a plan's data_limit, which is the home network's: the home
+# network's with the split, the total without it (network="" matches a series without the
+# label). The recording rule sim:twilio_wireless_sim_data_period_bytes_per_home_limit:ratio
+# reads the same series.
+COUNTED = TOTAL + ', network=~"home|"'
+ROAMING = TOTAL + ', network=~"national_roaming|international_roaming"'
+SPLIT = TOTAL + ', network!=""'  # only with usage.roaming_split
+NOT_ACTIVE = 'status!="active"'
+# Usage moves once per usage.interval (1h by default) and a day or two behind the traffic:
+# the per-day panels show two weeks in daily steps, whatever the dashboard's time range.
+DAILY: Json = {"interval": "1d", "timeFrom": "14d"}
+LAG = (
+    " Usage records lag the traffic by 24 to 48 hours, and the exporter reads them once per "
+    "usage.interval."
+)
 
 
 def m(metric: str, sel: str = SEL, extra: str = "") -> str:
@@ -100,6 +138,36 @@ def sim_names(sel: str = SEL) -> str:
 def named(expr: str, sel: str = SEL) -> str:
     """Join per-SIM series to their names (the info metric's value is 1)."""
     return f"({expr})\n* {JOIN_ON} group_left ({NAME_LABEL})\n  {sim_names(sel)}"
+
+
+def period_total(sel: str = SEL) -> str:
+    """Bytes of each SIM's current metering period, all networks."""
+    return f"sum without (network, direction) ({m(PERIOD_BYTES, sel, TOTAL)})"
+
+
+def with_plan(expr: str, sel: str = SEL) -> str:
+    """Per-SIM series with the SIM's ``rate_plan_sid`` added (from twilio_wireless_sim_info)."""
+    return f"({expr})\n* {JOIN_ON} group_left (rate_plan_sid)\n  {m(SIM_INFO, sel)}"
+
+
+def home_limit() -> str:
+    """The rate plans' home-network data limits (plans without one have no series)."""
+    return m(PLAN_LIMIT, SEL, 'network="home"')
+
+
+def limit_share(sel: str = SEL) -> str:
+    """Share of its plan's home data limit each SIM used this period (1 = the limit), with
+    the SIM's ``rate_plan_sid``."""
+    counted = f"sum without (network, direction) ({m(PERIOD_BYTES, sel, COUNTED)})"
+    return f"{with_plan(counted, sel)}\n/ {PLAN_ON} group_left ()\n  {home_limit()}"
+
+
+def plan_named(expr: str) -> str:
+    """Join series that carry ``rate_plan_sid`` to the plan's display name."""
+    names_expr = m(PLAN_INFO)
+    for source in PLAN_NAME_SOURCES:
+        names_expr = f'label_replace({names_expr}, "{PLAN_NAME_LABEL}", "$1", "{source}", "(.+)")'
+    return f"({expr})\n* {PLAN_ON} group_left ({PLAN_NAME_LABEL})\n  {names_expr}"
 
 
 def hq(q: float, bucket_metric: str, by: str = "le", sel: str = SEL) -> str:
@@ -175,6 +243,7 @@ def panel(
     overrides: list[Json] | None = None,
     transformations: list[Json] | None = None,
     links: list[Json] | None = None,
+    extra: Json | None = None,
 ) -> Json:
     field_defaults: Json = {"unit": unit, "thresholds": GREEN, "mappings": []}
     if kind in ("timeseries", "stat", "bargauge", "piechart", "table", "state-timeline"):
@@ -198,6 +267,7 @@ def panel(
     }
     if transformations:
         result["transformations"] = transformations
+    result.update(extra or {})
     return result
 
 
@@ -214,7 +284,10 @@ def timeseries(
     links: list[Json] | None = None,
     overrides: list[Json] | None = None,
     defaults: Json | None = None,
+    extra: Json | None = None,
+    threshold_lines: Json | None = None,
 ) -> Json:
+    """A time series panel; ``threshold_lines`` (thresholds()) are drawn as dashed lines."""
     custom: Json = {
         "drawStyle": "bars" if bars else "line",
         "lineWidth": 1,
@@ -225,6 +298,9 @@ def timeseries(
         "stacking": {"mode": "normal" if stack else "none", "group": "A"},
         "axisSoftMin": 0,
     }
+    if threshold_lines is not None:
+        custom["thresholdsStyle"] = {"mode": "dashed"}
+        defaults = {"thresholds": threshold_lines, **(defaults or {})}
     options: Json = {
         "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
         "tooltip": {"mode": "multi", "sort": "desc"},
@@ -242,6 +318,7 @@ def timeseries(
         links=links,
         overrides=overrides,
         defaults=defaults,
+        extra=extra,
     )
 
 
@@ -643,6 +720,224 @@ def open_by(labels: str, sel: str = SEL) -> str:
     )
 
 
+def top_bars(title: str, description: str, unit: str, expr: str, *, w: int = 12) -> Json:
+    """Horizontal bars of per-SIM values (an instant query), one per SIM, named."""
+    return panel(
+        "bargauge",
+        title,
+        description,
+        unit,
+        [target(named(expr), f"{{{{{NAME_LABEL}}}}}", instant=True)],
+        w=w,
+        h=8,
+        options={
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "orientation": "horizontal",
+            "displayMode": "basic",
+            "showUnfilled": True,
+            "valueMode": "color",
+            "namePlacement": "auto",
+            "sizing": "auto",
+            "minVizHeight": 16,
+            "minVizWidth": 8,
+            "maxVizHeight": 300,
+        },
+        links=SERIES_SIM_LINK,
+    )
+
+
+# Colours of a share of a data limit: orange from 80 % (TwilioWirelessSimDataLimitNear), red
+# from 100 % (TwilioWirelessSimDataLimitReached).
+LIMIT_STEPS = thresholds((None, "green"), (0.8, "orange"), (1, "red"))
+SHARE_ROWS = 50
+
+
+def limit_table() -> Json:
+    """The SIMs closest to (or over) their plan's home data limit, most used share first."""
+    top = f"topk({SHARE_ROWS}, {limit_share()})"
+
+    def of_top(expr: str) -> str:
+        return f"{expr}\n  and {JOIN_ON} {top}"
+
+    used = with_plan(f"sum without (network, direction) ({m(PERIOD_BYTES, extra=COUNTED)})")
+    limit = f"0 * {used}\n+ {PLAN_ON} group_left ()\n  {home_limit()}"
+    tgts = [
+        target(named(plan_named(expr)), ref=ref, instant=True, fmt="table")
+        for ref, expr in (("A", top), ("B", of_top(f"({used})")), ("C", of_top(f"({limit})")))
+    ]
+    return table(
+        f"SIMs by share of their plan's data limit (top {SHARE_ROWS})",
+        "Each SIM's data this metering period against the home-network data limit of its rate "
+        "plan (the plans' data_limit, converted at 1 MB = 1,048,576 bytes), highest share first. "
+        "With usage.roaming_split only home-network bytes count; without it the total does, "
+        "roaming included. SIMs on a plan without a limit are not listed. From 80 % "
+        "TwilioWirelessSimDataLimitNear fires, from 100 % TwilioWirelessSimDataLimitReached." + LAG,
+        "bytes",
+        tgts,
+        w=12,
+        h=8,
+        merge=True,
+        hide=("Time", "__name__", "job", "rate_plan_sid"),
+        rename={
+            NAME_LABEL: "SIM",
+            "sim_sid": "SID",
+            PLAN_NAME_LABEL: "Rate plan",
+            "Value #A": "Share of limit",
+            "Value #B": "Used this period",
+            "Value #C": "Home limit",
+        },
+        order=[NAME_LABEL, "Value #A", "Value #B", "Value #C", PLAN_NAME_LABEL, "sim_sid"],
+        sort_by="Share of limit",
+        links=ROW_SIM_LINK,
+        overrides=[
+            {
+                "matcher": {"id": "byName", "options": "Share of limit"},
+                "properties": [
+                    {"id": "unit", "value": "percentunit"},
+                    {"id": "thresholds", "value": LIMIT_STEPS},
+                    {"id": "custom.cellOptions", "value": {"type": "color-background"}},
+                ],
+            }
+        ],
+    )
+
+
+def per_day(title: str, description: str, expr: str, legend: str = "{{direction}}") -> Json:
+    """Bytes reported per day as bars (panel interval 1d, last 14 days)."""
+    return timeseries(
+        title,
+        description,
+        "bytes",
+        targets((expr, legend)),
+        bars=True,
+        stack=True,
+        extra=DAILY,
+    )
+
+
+def usage_panels() -> list[Json]:
+    """The fleet overview's data usage, rate plan and SIM lifecycle rows."""
+    amber_from_1 = thresholds((None, "green"), (1, "orange"))
+    red_from_1 = thresholds((None, "green"), (1, "red"))
+    return [
+        row("Data usage"),
+        stat(
+            "Data used this period",
+            "Bytes all selected SIMs used in their current metering periods (all networks), as "
+            "the API reports them now." + LAG,
+            "bytes",
+            f"sum({m(PERIOD_BYTES, extra=TOTAL)})",
+        ),
+        stat(
+            "SIMs at 80 % of their limit",
+            "SIMs that used at least 80 % (and less than 100 %) of their rate plan's home data "
+            "limit this period (alert TwilioWirelessSimDataLimitNear).",
+            "none",
+            f"count(\n  {limit_share()}\n  >= 0.8 < 1\n) or vector(0)",
+            steps=amber_from_1,
+        ),
+        stat(
+            "SIMs at their limit",
+            "SIMs that used all of their rate plan's home data limit this period: the network "
+            "stops their data until the next period (alert TwilioWirelessSimDataLimitReached).",
+            "none",
+            f"count(\n  {limit_share()}\n  >= 1\n) or vector(0)",
+            steps=red_from_1,
+        ),
+        stat(
+            "SIMs not active",
+            f"Monitored SIMs whose status is not active ({SIMS_BY_STATUS}): suspended, "
+            "deactivated, ... Only statuses that discovery.status lists (or configured SIMs) are "
+            "seen.",
+            "none",
+            f"sum({m(SIMS_BY_STATUS, extra=NOT_ACTIVE)}) or vector(0)",
+            steps=amber_from_1,
+        ),
+        stat(
+            "SIMs resetting connectivity",
+            "SIMs with a connectivity reset in progress (reset_status resetting).",
+            "none",
+            f"sum({m(RESETTING)})",
+        ),
+        stat(
+            "Oldest usage read",
+            "Age of the oldest successful read of a SIM's usage records. It should stay below "
+            "usage.interval plus the time a read takes; the data it read is older still (24 to "
+            "48 hours).",
+            "s",
+            f"max(time() - {m(USAGE_LAST)})",
+        ),
+        per_day(
+            "Data reported per day, monitored SIMs",
+            "Bytes the API added to the usage records of the selected SIMs, per day, upload and "
+            "download (growth of twilio_wireless_sim_data_bytes_total, last 14 days). The API "
+            "reports a day's usage over the next one or two days, so the latest days fill up "
+            "later and each bar holds some of the days before.",
+            f"sum by (direction) ({rate(DATA_BYTES, fn='increase')})",
+        ),
+        per_day(
+            "Data reported per day, whole account",
+            "Bytes the API reported for the whole account (/v1/UsageRecords), per day, upload "
+            "and download, including SIMs this exporter does not monitor (usage.account). "
+            "Exporters reading the same account report it once each; the panel takes the "
+            "largest per job." + LAG,
+            "sum by (direction) (\n  max by (job, direction) ("
+            f"{rate(ACCOUNT_BYTES, fn='increase')})\n)",
+        ),
+        top_bars(
+            "Top 10 SIMs by data this period",
+            "The SIMs that used the most data in their current metering period (all networks). "
+            "Click a bar for its SIM detail dashboard." + LAG,
+            "bytes",
+            f"topk(10, {period_total()})",
+        ),
+        limit_table(),
+        row("Roaming and SIM lifecycle"),
+        timeseries(
+            "Data this period by network",
+            "Bytes of the current metering periods of all selected SIMs by network: home, "
+            "national roaming (other networks in the home country) and international roaming. "
+            "Needs usage.roaming_split (without it the usage has no network label and this "
+            "panel is empty)." + LAG,
+            "bytes",
+            targets((f"sum by (network) ({m(PERIOD_BYTES, extra=SPLIT)})", "{{network}}")),
+            stack=True,
+        ),
+        top_bars(
+            "Top 10 SIMs by roaming data this period",
+            "The SIMs with the most national and international roaming data in their current "
+            "metering period (usage.roaming_split). National roaming on a plan without it fires "
+            "TwilioWirelessSimRoamingNotEnabled." + LAG,
+            "bytes",
+            f"topk(10, sum without (network, direction) ({m(PERIOD_BYTES, extra=ROAMING)}))",
+        ),
+        timeseries(
+            "SIMs by status",
+            f"Monitored SIMs by status over time ({SIMS_BY_STATUS}, from the /v1/Sims listing). "
+            "A SIM whose status changes to anything but active fires TwilioWirelessSimLeftActive; "
+            "statuses discovery.status does not list are not seen.",
+            "none",
+            targets((f"sum by (status) ({m(SIMS_BY_STATUS)})", "{{status}}")),
+            stack=True,
+        ),
+        timeseries(
+            "Commands per interval",
+            "SMS and IP commands the API reported, from and to the SIMs, per interval: for the "
+            "selected SIMs and for the whole account (the largest per job, as for the data). "
+            "They come from the usage records and lag like the data.",
+            "short",
+            targets(
+                (f"sum by (direction) ({rate(COMMANDS, fn='increase')})", "SIMs {{direction}}"),
+                (
+                    "sum by (direction) (\n  max by (job, direction) ("
+                    f"{rate(ACCOUNT_COMMANDS, fn='increase')})\n)",
+                    "account {{direction}}",
+                ),
+            ),
+        ),
+    ]
+
+
 def fleet() -> Json:
     red_from_1 = thresholds((None, "green"), (1, "red"))
     panels: list[Json] = [
@@ -685,6 +980,7 @@ def fleet() -> Json:
             "short",
             f"sum({rate(STARTED)}) * 3600",
         ),
+        *usage_panels(),
         row("Data sessions"),
         timeseries(
             "Open data sessions",
@@ -944,6 +1240,19 @@ def fleet() -> Json:
             overrides=DASHED_THRESHOLD,
         ),
         timeseries(
+            "Usage read staleness",
+            "Age of the newest successful read of the usage records: the oldest and the median "
+            "over all SIMs, and the account's (usage.account). It should stay near "
+            "usage.interval; growth means usage reads fail (twilio_wireless_poll_errors_total "
+            "with endpoint usage_records) or queue behind the session polls.",
+            "s",
+            targets(
+                (f"max(time() - {m(USAGE_LAST)})", "oldest SIM"),
+                (f"quantile(0.5, time() - {m(USAGE_LAST)})", "median SIM"),
+                (f"max(time() - {m(ACCOUNT_USAGE_LAST)})", "account"),
+            ),
+        ),
+        timeseries(
             "SIMs up / down",
             "SIMs whose latest poll succeeded (up) or failed (down), over time.",
             "none",
@@ -1001,6 +1310,130 @@ def fleet() -> Json:
 
 # --------------------------------------------------------------------------------------------
 # SIM detail
+
+
+# The limit line of the usage panel is dashed red, so that it does not read as usage.
+DASHED_LIMIT = [
+    {
+        "matcher": {"id": "byName", "options": "home data limit"},
+        "properties": [
+            {"id": "custom.lineStyle", "value": {"fill": "dash", "dash": [10, 10]}},
+            {"id": "custom.fillOpacity", "value": 0},
+            {"id": "color", "value": {"mode": "fixed", "fixedColor": "red"}},
+        ],
+    }
+]
+
+
+def sim_usage_panels(s: str) -> list[Json]:
+    """The SIM detail dashboard's data usage row, for the SIMs of selector ``s``."""
+    limit = f"{home_limit()}\n  and {PLAN_ON} {m(SIM_INFO, s)}"
+    return [
+        row("Data usage"),
+        stat(
+            "Data used this period",
+            "Bytes the SIM used in its current metering period (all networks), as the API "
+            "reports them now." + LAG,
+            "bytes",
+            f"sum({m(PERIOD_BYTES, s, TOTAL)})",
+        ),
+        stat(
+            "Share of the plan's data limit",
+            "Share of its rate plan's home-network data limit the SIM used this period (with "
+            "usage.roaming_split home-network bytes only). 80 % fires "
+            "TwilioWirelessSimDataLimitNear, 100 % TwilioWirelessSimDataLimitReached. Empty when "
+            "the plan sets no limit.",
+            "percentunit",
+            f"max(\n  {limit_share(s)}\n)",
+            steps=LIMIT_STEPS,
+        ),
+        stat(
+            "Home data limit",
+            "The data limit of the SIM's rate plan on the home network per metering period "
+            "(data_limit, 1 MB = 1,048,576 bytes).",
+            "bytes",
+            f"max(\n  {limit}\n)",
+            graph=False,
+        ),
+        stat(
+            "Metering period started",
+            "Start of the SIM's current metering period (usage.period_start_day, or the SIM's "
+            "usage_period_start_day): the day its plan's limit starts again.",
+            "dateTimeAsIso",
+            f"max({m(PERIOD_START, s)}) * 1000",
+            graph=False,
+        ),
+        stat(
+            "Last usage read",
+            "When the exporter last read the SIM's usage records successfully (once per "
+            "usage.interval). The usage itself lags by 24 to 48 hours.",
+            "dateTimeFromNow",
+            f"max({m(USAGE_LAST, s)}) * 1000",
+            graph=False,
+        ),
+        stat(
+            "Connectivity reset",
+            "Whether a connectivity reset of the SIM is in progress (reset_status resetting).",
+            "none",
+            f"max({m(RESETTING, s)})",
+            mappings=value_map(("0", "No", "green"), ("1", "In progress", "orange")),
+            graph=False,
+        ),
+        timeseries(
+            "Data this period against the limit",
+            "Bytes of the SIM's current metering period (all networks, upload and download "
+            "together) and the home data limit of its rate plan (dashed). The usage drops to "
+            "zero when a new period starts." + LAG,
+            "bytes",
+            targets(
+                (named(period_total(s), s), "used this period"),
+                (limit, "home data limit"),
+            ),
+            overrides=DASHED_LIMIT,
+        ),
+        timeseries(
+            "Share of the plan's data limit over time",
+            "Share of its plan's home data limit the SIM used this period; the dashed lines are "
+            "the thresholds of TwilioWirelessSimDataLimitNear (80 %) and "
+            "TwilioWirelessSimDataLimitReached (100 %).",
+            "percentunit",
+            targets((named(limit_share(s), s), "share of the limit")),
+            threshold_lines=LIMIT_STEPS,
+        ),
+        per_day(
+            "Data reported per day",
+            "Bytes the API added to the SIM's usage records per day, upload and download (last "
+            "14 days). The API reports a day's usage over the next one or two days, so each bar "
+            "also holds late revisions of the days before. A day 5 times the average fires "
+            "TwilioWirelessSimDataUsageSpike, two quiet days after daily use "
+            "TwilioWirelessSimDataStopped.",
+            named(rate(DATA_BYTES, s, fn="increase"), s),
+        ),
+        timeseries(
+            "Commands",
+            "SMS and IP commands from and to the SIM per interval, from its usage records (they "
+            "lag like the data). The command text is never exported.",
+            "short",
+            targets((named(rate(COMMANDS, s, fn="increase"), s), "{{direction}}")),
+            bars=True,
+        ),
+        state_timeline(
+            "Status and rate plan over time",
+            "The SIM's status and rate plan from /v1/Sims over time, one line per combination, "
+            "filled while it was current. Leaving active fires TwilioWirelessSimLeftActive.",
+            targets((named(m(SIM_INFO, s), s), "{{status}} · {{rate_plan_sid}}")),
+            w=12,
+            h=8,
+            mappings=value_map(("1", "current", "blue")),
+        ),
+        timeseries(
+            "Status changes",
+            "Changes of the SIM's status the exporter saw, per interval.",
+            "short",
+            targets((named(rate(STATUS_CHANGES, s, fn="increase"), s), "status changes")),
+            bars=True,
+        ),
+    ]
 
 
 def sim_detail() -> Json:
@@ -1102,6 +1535,7 @@ def sim_detail() -> Json:
             f"max({m(LAST_POLL, s)}) * 1000",
             graph=False,
         ),
+        *sim_usage_panels(s),
         row("Sessions and traffic"),
         timeseries(
             "Open data sessions",

@@ -25,6 +25,7 @@ from tests.prom_support import (
     lint_dashboard,
     lint_expr,
     load_dashboards,
+    load_rules,
     panel_exprs,
     panels_of,
     require_tool,
@@ -127,6 +128,8 @@ def test_dashboards_cover_the_issue() -> None:
         "twilio_wireless_sim_last_updated_timestamp_seconds",
         "twilio_wireless_exporter_build_info",
         "twilio_wireless_exporter_shards",
+        "twilio_wireless_sim_data_period_start_timestamp_seconds",
+        "twilio_wireless_sim_status_changes_total",
     }
     assert {
         "twilio_wireless_sim_data_sessions_open",
@@ -140,6 +143,14 @@ def test_dashboards_cover_the_issue() -> None:
         "twilio_wireless_sim_imei_changes_total",
         "twilio_wireless_sim_up",
         "twilio_wireless_sim_last_poll_success_timestamp_seconds",
+        "twilio_wireless_sim_data_bytes_total",
+        "twilio_wireless_sim_data_period_bytes",
+        "twilio_wireless_sim_data_period_start_timestamp_seconds",
+        "twilio_wireless_sim_commands_total",
+        "twilio_wireless_sim_usage_last_success_timestamp_seconds",
+        "twilio_wireless_sim_status_changes_total",
+        "twilio_wireless_sim_connectivity_reset_in_progress",
+        "twilio_wireless_rate_plan_data_limit_bytes",
     } <= metrics(sim)
     for d in (fleet, sim):
         geomaps = [p for p in panels_of(d) if p["type"] == "geomap"]
@@ -154,6 +165,89 @@ def test_dashboards_cover_the_issue() -> None:
         assert set(rename.values()) == {"latitude", "longitude"}
         assert all(t["instant"] and t["format"] == "table" for t in geomaps[0]["targets"])
     assert any(p["type"] == "heatmap" for p in panels_of(fleet))
+
+
+def _panel_titled(d: Json, title: str) -> Json:
+    return next(p for p in panels_of(d) if p.get("title") == title)
+
+
+def _exprs(p: Json) -> list[str]:
+    return [str(t["expr"]) for t in p["targets"]]
+
+
+def test_dashboards_cover_data_usage() -> None:
+    """Issue 11's panels: what each reads, and how it shows it."""
+    fleet = dashboards()["twilio-wireless-fleet.json"]
+    sim = dashboards()["twilio-wireless-sim.json"]
+    for d, title in (
+        (fleet, "Data reported per day, monitored SIMs"),
+        (fleet, "Data reported per day, whole account"),
+        (sim, "Data reported per day"),
+    ):
+        p = _panel_titled(d, title)
+        assert (p["interval"], p["timeFrom"]) == ("1d", "14d"), title
+        assert p["fieldConfig"]["defaults"]["custom"]["drawStyle"] == "bars", title
+        assert p["fieldConfig"]["defaults"]["unit"] == "bytes", title
+        (expr,) = _exprs(p)
+        assert "increase(twilio_wireless_" in expr, title
+        assert "_data_bytes_total{" in expr, title
+        assert p["targets"][0]["legendFormat"] == "{{direction}}", title
+    top = _panel_titled(fleet, "Top 10 SIMs by data this period")
+    assert top["type"] == "bargauge"
+    assert all(t["instant"] for t in top["targets"])
+    assert (
+        "topk(10, sum without (network, direction) (twilio_wireless_sim_data_period_bytes{"
+        in (_exprs(top)[0])
+    )
+    share = _panel_titled(fleet, "SIMs by share of their plan's data limit (top 50)")
+    assert share["type"] == "table"
+    assert share["options"]["sortBy"] == [{"displayName": "Share of limit", "desc": True}]
+    assert all(t["instant"] and t["format"] == "table" for t in share["targets"])
+    for expr in _exprs(share):
+        assert (
+            'twilio_wireless_rate_plan_data_limit_bytes{job=~"$job", instance=~"$instance", '
+            in (expr)
+        )
+        assert 'network="home"}' in expr
+        assert "twilio_wireless_rate_plan_info" in expr  # the plan's name
+    roaming = _panel_titled(fleet, "Data this period by network")
+    assert "sum by (network) (twilio_wireless_sim_data_period_bytes{" in _exprs(roaming)[0]
+    roamers = _panel_titled(fleet, "Top 10 SIMs by roaming data this period")
+    assert 'network=~"national_roaming|international_roaming"' in _exprs(roamers)[0]
+    status = _panel_titled(fleet, "SIMs by status")
+    assert _exprs(status) == [
+        'sum by (status) (twilio_wireless_sims{job=~"$job", instance=~"$instance"})'
+    ]
+    against = _panel_titled(sim, "Data this period against the limit")
+    assert [t["legendFormat"] for t in against["targets"]] == [
+        "used this period",
+        "home data limit",
+    ]
+    assert "twilio_wireless_rate_plan_data_limit_bytes" in _exprs(against)[1]
+    percent = _panel_titled(sim, "Share of the plan's data limit")
+    assert percent["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    steps = percent["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps] == [None, 0.8, 1]
+    commands = _panel_titled(sim, "Commands")
+    assert "increase(twilio_wireless_sim_commands_total{" in _exprs(commands)[0]
+
+
+def test_the_dashboards_share_of_the_limit_is_the_recording_rules() -> None:
+    """The panels compute the share of the plan's limit themselves (they work without the
+    rules); it must be the recorded series the alerts read."""
+    rule = next(
+        r
+        for _, r in load_rules()
+        if r.get("record") == "sim:twilio_wireless_sim_data_period_bytes_per_home_limit:ratio"
+    )
+
+    def canonical(expr: str) -> str:
+        expr = expr.replace('job=~"$job", instance=~"$instance"', "")
+        expr = expr.replace("{, ", "{").replace("{}", "")
+        return re.sub(r"[\s()]", "", expr)
+
+    assert canonical(generator().limit_share()) == canonical(rule["expr"])
+    assert canonical(generator().limit_share()) != canonical(rule["expr"].replace("home|", "home"))
 
 
 def test_sim_variable_shows_the_name_and_keeps_the_sid() -> None:

@@ -62,12 +62,22 @@ DATA_DEADLINE = 60.0  # seconds for every query to return data
 RATE_INTERVAL = "1m"
 
 # Alerts whose underlying series exist only in the situation they alert on, and how to check
-# the rest of their expression instead.
-ALERT_PROBES: dict[str, tuple[str, str, str]] = {
+# the rest of their expression instead: (old, new) replacements (of every occurrence), and why.
+ALERT_PROBES: dict[str, tuple[tuple[tuple[str, str], ...], str]] = {
     # 401/403 series appear only after an authentication failure: probe with the 2xx series.
-    "TwilioWirelessApiAuthFailure": ('code=~"401|403"', 'code=~"2.."', "no 401/403 happened"),
+    "TwilioWirelessApiAuthFailure": ((('code=~"401|403"', 'code=~"2.."'),), "no 401/403 happened"),
     # The baseline is an hour old: probe without the offset.
-    "TwilioWirelessFleetSessionChurnSpike": (" offset 1h", "", "needs 1h of history"),
+    "TwilioWirelessFleetSessionChurnSpike": (((" offset 1h", ""),), "needs 1h of history"),
+    # The baseline week ends a day ago and needs a day's series 8 days ago.
+    "TwilioWirelessSimDataUsageSpike": (
+        ((" offset 1d", ""), (" offset 8d", "")),
+        "needs 8 days of history",
+    ),
+    # The week of daily use ends 2 days ago and needs a day's series 9 days ago.
+    "TwilioWirelessSimDataStopped": (
+        ((" offset 2d", ""), (" offset 9d", "")),
+        "needs 9 days of history",
+    ),
 }
 
 
@@ -204,7 +214,15 @@ def exporter_on_simulator(workdir: Path) -> Iterator[tuple[str, list[Path]]]:
                 {"sid": s["sid"], "name": f"e2e-{i}", "labels": {"site": site}}
                 for i, (s, site) in enumerate(zip(sims, ["berlin", "hamburg"], strict=False))
             ],
-            "discovery": {"enabled": True, "status": ["active"], "refresh_interval": "10s"},
+            # Suspended SIMs too, so that a SIM is seen leaving active.
+            "discovery": {
+                "enabled": True,
+                "status": ["active", "suspended"],
+                "refresh_interval": "10s",
+            },
+            # Usage read every few seconds (the simulator's time runs 600x), split by network
+            # so that the roaming panels and alert have their series.
+            "usage": {"interval": "5s", "roaming_split": True},
         }
         config_file = workdir / "exporter.yaml"
         config_file.write_text(yaml.safe_dump(config), encoding="utf-8")
@@ -304,15 +322,34 @@ def stack(
 
 
 def chosen_sim(stack: Stack) -> str:
-    """A SIM with a location, a session and session data: every SIM panel has data for it."""
+    """A SIM with a location, a session and session data, and with usage on a plan with a
+    data limit: every SIM panel has data for it.
+
+    Without such a SIM within the deadline, a SIM with the session data is chosen: the usage
+    panels then fail with "no data" each, and the other panels are still checked."""
     sel = f'{{job="{JOB}"}}'
-    expr = (
+    sessions = (
         f"twilio_wireless_sim_cell_latitude_degrees{sel}"
         f" and on (sim_sid) twilio_wireless_sim_session_info{sel}"
         f" and on (sim_sid) twilio_wireless_sim_last_updated_timestamp_seconds{sel}"
     )
-    series = wait_for(lambda: stack.query(expr), timeout=DATA_DEADLINE, what="a SIM with data")
-    return str(sorted(s["metric"]["sim_sid"] for s in series)[0])
+    usage = (
+        f"({sessions})"
+        f" and on (sim_sid) twilio_wireless_sim_data_period_bytes{sel}"
+        f" and on (sim_sid) twilio_wireless_sim_commands_total{sel}"
+        f" and on (sim_sid) (twilio_wireless_sim_info{sel}"
+        f' * on (rate_plan_sid) group_left () twilio_wireless_rate_plan_data_limit_bytes{{job="{JOB}", network="home"}})'
+    )
+
+    def first(expr: str) -> str | None:
+        series = stack.query(expr)
+        return str(sorted(s["metric"]["sim_sid"] for s in series)[0]) if series else None
+
+    fallback = wait_for(lambda: first(sessions), timeout=DATA_DEADLINE, what="a SIM with data")
+    try:
+        return str(wait_for(lambda: first(usage), timeout=DATA_DEADLINE, what="usage"))
+    except TimeoutError:
+        return str(fallback)
 
 
 def run_until_all_return_data(
@@ -364,7 +401,11 @@ def test_target_up_and_rules_healthy(stack: Stack) -> None:
         return groups if rules and all(r["health"] != "unknown" for r in rules) else None
 
     groups = wait_for(all_evaluated, timeout=20, what="every rule to be evaluated")
-    assert {g["name"] for g in groups} == {"twilio-wireless.rules", "twilio-wireless-alerts"}
+    assert {g["name"] for g in groups} == {
+        "twilio-wireless.rules",
+        "twilio-wireless-usage.rules",
+        "twilio-wireless-alerts",
+    }
     unhealthy = [
         (r["name"], r["health"], r.get("lastError"))
         for g in groups
@@ -446,12 +487,39 @@ def test_every_rule_expression_returns_data(stack: Stack) -> None:
         # into `bool` ones, which keep every series the alert looks at.
         probe = ALERT_PROBES.get(rule["alert"])
         if probe:
-            old, new, _why = probe
-            assert old in expr, (rule["alert"], old)
+            replacements, _why = probe
             queries[f"alert {rule['alert']} (as written)"] = f"({expr}) or vector(1)"
-            expr = expr.replace(old, new)
+            for old, new in replacements:
+                assert old in expr, (rule["alert"], old)
+                expr = expr.replace(old, new)
         queries[f"alert {rule['alert']}"] = with_bool(expr)
     _results, errors = run_until_all_return_data(stack, queries)
+    _fail_with(stack, errors)
+
+
+# What the demo (and the exporter on the simulator) must show within a minute of start:
+# non-zero usage, plan limits and statuses (issue 11). The fixture serves them too.
+USAGE_SHOWN = {
+    "usage this period": 'sum(twilio_wireless_sim_data_period_bytes{direction="total"}) > 0',
+    "usage reported since start": "sum(twilio_wireless_sim_data_bytes_total) > 0",
+    "usage read": "count(twilio_wireless_sim_usage_last_success_timestamp_seconds) > 0",
+    "commands": "count(twilio_wireless_sim_commands_total) > 0",
+    "account usage": "count(twilio_wireless_account_data_bytes_total) > 0",
+    "rate plans": "count(twilio_wireless_rate_plan_info) > 0",
+    "a home data limit": 'count(twilio_wireless_rate_plan_data_limit_bytes{network="home"}) > 0',
+    "SIMs by status": "sum(twilio_wireless_sims) > 0",
+    "a SIM on a plan with a limit": (
+        "count(sim:twilio_wireless_sim_data_period_bytes_per_home_limit:ratio > 0) > 0"
+    ),
+    "roaming split": (
+        'count(twilio_wireless_sim_data_period_bytes{network=~"home|national_roaming|'
+        'international_roaming"}) > 0'
+    ),
+}
+
+
+def test_usage_plans_and_statuses_show_within_a_minute(stack: Stack) -> None:
+    _results, errors = run_until_all_return_data(stack, dict(USAGE_SHOWN))
     _fail_with(stack, errors)
 
 

@@ -82,7 +82,7 @@ def test_alerts_follow_conventions() -> None:
         "TwilioWirelessShardMissing",
         "TwilioWirelessSimDataLimitNear",
         "TwilioWirelessSimDataLimitReached",
-        "TwilioWirelessSimRoamingNotEnabled",
+        "TwilioWirelessSimRoamingNotAllowed",
         "TwilioWirelessSimDataUsageSpike",
         "TwilioWirelessSimDataStopped",
         "TwilioWirelessSimLeftActive",
@@ -311,6 +311,8 @@ def _rules_in(path: Path) -> list[dict[str, Any]]:
         (ALERTS_FILE, "ratio >= 1\n", "ratio > 1.2\n"),  # 110 % not yet reached
         # roaming bytes counted against the home limit: 85 % + 30 % is reached, not near
         (RECORDING_FILE, 'network=~"home|"', 'network=~".*"'),
+        # roaming is held against plans whose roaming limit is not 0
+        (ALERTS_FILE, 'international_roaming"} == 0', 'international_roaming"} >= 0'),
         # national roaming is held against plans that allow it
         (
             ALERTS_FILE,
