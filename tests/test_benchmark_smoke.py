@@ -86,3 +86,65 @@ def test_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     assert "127.0.0.1" not in text
     assert str(Path.home()) not in text
     assert "Poll cycle" in proc.stdout
+
+
+PROCESS_SCRIPT = SCRIPT.parent / "process.py"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_process_benchmark_runs_end_to_end(tmp_path: Path) -> None:
+    """benchmarks/process.py: the real command against the simulator's process, every figure
+    computed; a per_sim mode the config refuses is skipped with the reason, not a failure."""
+    out, table = tmp_path / "results.json", tmp_path / "table.md"
+    proc = subprocess.run(
+        [
+            *(sys.executable, str(PROCESS_SCRIPT), "--sims", "200", "--quick"),
+            *("--modes", "default,none", "--out", str(out), "--markdown", str(table)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+
+    (size,) = results["sizes"]
+    assert size["sims"] == 200
+    (run,) = size["runs"]
+    bare, cycle = run["bare"], run["cycle"]
+    for figure in ("first_cycle_s", "steady_cycle_s"):
+        assert positive(bare[figure]), figure
+        assert positive(cycle[figure]), figure
+    assert positive(cycle["start_to_first_request_s"])
+    assert cycle["errors"] == 0
+    # every SIM listed once in the first round; its identity read somewhere in the two rounds
+    assert cycle["requests_per_sim_first_cycle"]["data_sessions"] == 1.0
+    assert cycle["identity_requests"] >= 1
+
+    default, *others = run["modes"]
+    assert default["mode"] == "default"
+    assert positive(default["rss_bytes"])
+    assert default["series"] > 200  # at least one series per SIM
+    assert default["gzip_body_bytes"] < default["body_bytes"]
+    assert {(s["scrapers"], s["gzip"]) for s in default["scrapes"]} == {
+        (1, False),
+        (1, True),
+        (10, False),
+        (10, True),
+    }
+    for scrape in default["scrapes"]:
+        assert positive(scrape["p50_ms"])
+        assert scrape["p99_ms"] >= scrape["p50_ms"]
+    for mode in others:  # measured once metrics.per_sim exists, skipped with a reason before
+        assert "skipped" in mode or positive(mode["series"]), mode
+
+    summary = size["summary"]
+    for name in ("first_cycle_vs_bare", "steady_cycle_vs_bare", "default.rss_per_sim_kb"):
+        assert math.isfinite(summary[name]["median"]), name
+    assert set(size["goals_met"]) >= {"first_cycle_vs_bare", "identity_requests", "rss_per_sim"}
+    assert "first full cycle, exporter / bare loop" in table.read_text()
+    text = out.read_text()
+    assert "127.0.0.1" not in text
+    assert str(Path.home()) not in text
