@@ -7,6 +7,10 @@ Routes:
   ``PageToken`` and absolute ``meta`` URLs.
 * ``POST /api-services/v1/auth/token``: OAuth2 client credentials (``auth_mode="bearer"`` only).
 * ``GET /health``: always 200, never faulted; ``GET /``: a short description.
+
+Every API answer (429s included) carries ``Twilio-Concurrent-Requests`` (API requests in flight
+when it arrived, itself included) and
+``Twilio-Request-Duration`` (seconds it took), as Twilio's do, unless ``load_headers`` is off.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import hmac
 import json
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, Final, NamedTuple
@@ -576,6 +581,26 @@ def _route_handler(
     return handler
 
 
+def _make_load_middleware(state: SimulatorState) -> Any:
+    """Twilio's load headers on every API answer (inside the stats middleware, which counts
+    the request in flight before this one reads the count)."""
+
+    @web.middleware
+    async def load_headers(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.match_info.route.name not in API_KINDS:
+            return await handler(request)
+        concurrent = state.stats.in_flight
+        started = time.perf_counter()
+        response = await handler(request)
+        response.headers["Twilio-Concurrent-Requests"] = str(concurrent)
+        response.headers["Twilio-Request-Duration"] = f"{time.perf_counter() - started:.3f}"
+        return response
+
+    return load_headers
+
+
 def _make_middleware(state: SimulatorState) -> Any:
     @web.middleware
     async def middleware(
@@ -642,7 +667,10 @@ def build_app(
     state = SimulatorState(
         config if config is not None else SimulatorConfig(), clock=clock, fleet=fleet
     )
-    app = web.Application(middlewares=[_make_middleware(state)])
+    middlewares = [_make_middleware(state)]
+    if state.config.load_headers:
+        middlewares.append(_make_load_middleware(state))
+    app = web.Application(middlewares=middlewares)
     app[STATE_KEY] = state
     app.router.add_get("/v1/Sims", _route_handler(state, "sims", state.sims_list), name="sims")
     app.router.add_get("/v1/Sims/{sid}", _route_handler(state, "sim", state.sim_fetch), name="sim")
