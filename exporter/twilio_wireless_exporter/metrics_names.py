@@ -339,6 +339,31 @@ API_RETRIES = _family(
     "endpoint",
     "reason",
 )
+API_CONCURRENT_REQUESTS = _family(
+    "api_concurrent_requests",
+    "gauge",
+    "The account's requests in flight as the latest Twilio answer reported them"
+    " (Twilio-Concurrent-Requests; absent until an answer carries it).",
+)
+API_CONCURRENT_REQUESTS_MAX = _family(
+    "api_concurrent_requests_max",
+    "gauge",
+    "The most requests in flight any Twilio answer reported since the exporter started"
+    " (Twilio-Concurrent-Requests; absent until an answer carries it).",
+)
+API_REPORTED_DURATION = _family(
+    "api_reported_request_duration_seconds",
+    "gauge",
+    "Seconds Twilio reported spending on the latest answered request"
+    " (Twilio-Request-Duration; absent until an answer carries it).",
+)
+API_HEADERS_REJECTED = _family(
+    "api_headers_rejected",
+    "counter",
+    "Twilio-Concurrent-Requests or Twilio-Request-Duration response headers whose value was no"
+    " plausible number, by header; the value was ignored, the answer used.",
+    "header",
+)
 POLL_ERRORS = _family(
     "poll_errors",
     "counter",
@@ -511,6 +536,10 @@ SELF: tuple[Family, ...] = (
     API_REQUESTS,
     API_REQUEST_DURATION,
     API_RETRIES,
+    API_CONCURRENT_REQUESTS,
+    API_CONCURRENT_REQUESTS_MAX,
+    API_REPORTED_DURATION,
+    API_HEADERS_REJECTED,
     POLL_ERRORS,
     RECORDS_REJECTED,
     EXPOSITION_ERRORS,

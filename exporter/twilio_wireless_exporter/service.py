@@ -247,6 +247,7 @@ class Exporter:
             auth,
             settings,
             observer=self.api_metrics,
+            load=self.api_metrics,
             sleep=self._retry_sleep,
         )
         self._poller = Poller(

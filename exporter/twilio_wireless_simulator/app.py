@@ -10,8 +10,9 @@ Routes:
 * ``POST /api-services/v1/auth/token``: OAuth2 client credentials (``auth_mode="bearer"`` only).
 * ``GET /health``: always 200, never faulted; ``GET /``: a short description.
 
-Every API answer carries ``Twilio-Concurrent-Requests`` (API requests in flight, this one
-included) and ``Twilio-Request-Duration`` (seconds), the headers Twilio tells clients to watch.
+Every API answer (429s included) carries ``Twilio-Concurrent-Requests`` (API requests in flight
+when it arrived, itself included) and
+``Twilio-Request-Duration`` (seconds it took), as Twilio's do, unless ``load_headers`` is off.
 """
 
 from __future__ import annotations
@@ -726,6 +727,26 @@ def _route_handler(
     return handler
 
 
+def _make_load_middleware(state: SimulatorState) -> Any:
+    """Twilio's load headers on every API answer (inside the stats middleware, which counts
+    the request in flight before this one reads the count)."""
+
+    @web.middleware
+    async def load_headers(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.match_info.route.name not in API_KINDS:
+            return await handler(request)
+        concurrent = state.stats.in_flight
+        started = time.perf_counter()
+        response = await handler(request)
+        response.headers["Twilio-Concurrent-Requests"] = str(concurrent)
+        response.headers["Twilio-Request-Duration"] = f"{time.perf_counter() - started:.3f}"
+        return response
+
+    return load_headers
+
+
 def _make_middleware(state: SimulatorState) -> Any:
     @web.middleware
     async def middleware(
@@ -734,7 +755,6 @@ def _make_middleware(state: SimulatorState) -> Any:
         name = request.match_info.route.name
         kind = name if name in _KINDS else "other"
         state.stats.started(kind)
-        arrived = time.monotonic()
         status = 499
         try:
             try:
@@ -755,9 +775,6 @@ def _make_middleware(state: SimulatorState) -> Any:
                 log.exception("simulator handler failed for %s", request.path)
                 response = state._respond(_twilio_error(500, 20500, "Internal Server Error"))
             status = response.status
-            if kind in API_KINDS:
-                response.headers["Twilio-Concurrent-Requests"] = str(state.stats.in_flight)
-                response.headers["Twilio-Request-Duration"] = f"{time.monotonic() - arrived:.3f}"
             return response
         finally:
             state.stats.finished(kind, status)
@@ -800,7 +817,10 @@ def build_app(
     state = SimulatorState(
         config if config is not None else SimulatorConfig(), clock=clock, fleet=fleet
     )
-    app = web.Application(middlewares=[_make_middleware(state)])
+    middlewares = [_make_middleware(state)]
+    if state.config.load_headers:
+        middlewares.append(_make_load_middleware(state))
+    app = web.Application(middlewares=middlewares)
     app[STATE_KEY] = state
     app.router.add_get("/v1/Sims", _route_handler(state, "sims", state.sims_list), name="sims")
     app.router.add_get("/v1/Sims/{sid}", _route_handler(state, "sim", state.sim_fetch), name="sim")

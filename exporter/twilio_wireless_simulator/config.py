@@ -79,6 +79,8 @@ class SimulatorConfig:
       simulated past before the start time (default: ``retention``).
     * ``max_concurrent``: API requests beyond this many in flight get 429 (code 20429) with
       ``Retry-After: concurrency_retry_after``.
+    * ``load_headers``: API answers carry ``Twilio-Concurrent-Requests`` and
+      ``Twilio-Request-Duration`` (turn off to answer as an API without them, like KORE's).
     * ``faults``: the live fault settings (the same object becomes ``sim.faults``).
     * ``public_url``: base of the absolute URLs in responses (default: from the request's Host).
     * ``keep_history``: keep every session for ``fleet.history`` (turn off for long runs).
@@ -110,6 +112,7 @@ class SimulatorConfig:
     update_granularity: Positive = 60.0
     max_concurrent: Annotated[int, Field(ge=1)] | None = None
     concurrency_retry_after: NonNegative = 1.0
+    load_headers: bool = True
     # InstanceOf: the caller's own object (it becomes the live ``sim.faults``), not a copy.
     faults: InstanceOf[FaultConfig] = field(default_factory=FaultConfig)
     public_url: PublicUrl | None = None

@@ -11,6 +11,15 @@ never sends 429, so the limit stays at the configured concurrency.
 A lower limit never touches requests already in flight: new ones wait until enough have
 finished.
 
+Twilio reports the account's requests in flight in every answer (``Twilio-Concurrent-Requests``,
+set on the slot as ``concurrency`` by the transport). The lowest value reported by the 429s of a
+round is where the account's 429s began: :attr:`AdaptiveLimit.ceiling`. The limit then stops
+growing while answers report a concurrency within :data:`HEADROOM` of it, so it settles just
+below the account's cap instead of growing into it and being halved again every time: 429s are
+avoided rather than reacted to. The concurrency counts the whole account (other clients too), so
+the limit also stops growing while others take the room. A later round of 429s replaces the
+ceiling; an API that reports no concurrency (KORE) leaves the limit to plain AIMD.
+
 Waiting requests are admitted oldest operation first, not first come, first served: every
 request of one operation (all pages and retries of one listing) carries the order number the
 operation drew when it began. When requests queue, a listing's next page or retry therefore goes
@@ -32,19 +41,24 @@ import itertools
 THROTTLED = 429
 BACKGROUND = 2**62
 """Added to a background operation's order: more than any count of orders ever drawn."""
+#: The limit stops growing once the reported concurrency is within this fraction of the
+#: ceiling (at least one request below it).
+HEADROOM = 0.1
 
 
 class Slot:
     """One admitted request (an async context manager). Set ``status`` to the HTTP status of
     its response, if there is one, before leaving the ``async with`` block."""
 
-    __slots__ = ("_limit", "_order", "status", "ticket")
+    __slots__ = ("_limit", "_order", "concurrency", "status", "ticket")
 
     def __init__(self, limit: AdaptiveLimit, order: int) -> None:
         self._limit = limit
         self._order = order
         self.ticket = 0
         self.status: int | None = None
+        self.concurrency: int | None = None
+        """The account's requests in flight, as its answer reported them (None: not said)."""
 
     async def __aenter__(self) -> Slot:
         self.ticket = await self._limit._acquire(self._order)
@@ -68,6 +82,9 @@ class AdaptiveLimit:
         self._cut_at = 0  # admission count at the latest decrease
         self.in_flight = 0
         self.decreases = 0
+        self.ceiling: int | None = None
+        """The reported concurrency at which the latest round of 429s began (None: unknown)."""
+        self._stop_at: float = float("inf")  # grow only while reported below this
 
     @property
     def limit(self) -> int:
@@ -114,13 +131,27 @@ class AdaptiveLimit:
     def _release(self, slot: Slot) -> None:
         self.in_flight -= 1
         if slot.status == THROTTLED:
+            reported = slot.concurrency
             if slot.ticket > self._cut_at:  # a fresh signal, not an echo of the old limit
                 self._cut_at = self._admitted
                 self.decreases += 1
                 self._target = max(1.0, self._target / 2)
-        elif slot.status is not None and slot.status < 500 and self._target < self.maximum:
+                if reported is not None:
+                    self._learn_ceiling(reported)
+            elif reported is not None and (self.ceiling is None or reported < self.ceiling):
+                self._learn_ceiling(reported)  # an echo: the round's 429s began lower
+        elif (
+            slot.status is not None
+            and slot.status < 500
+            and self._target < self.maximum
+            and (slot.concurrency is None or slot.concurrency < self._stop_at)
+        ):
             self._target = min(float(self.maximum), self._target + 1 / self._target)
         self._wake()
+
+    def _learn_ceiling(self, reported: int) -> None:
+        self.ceiling = reported
+        self._stop_at = reported - max(1, int(reported * HEADROOM))
 
     def _wake(self) -> None:
         while self._waiters and self.in_flight < self.limit:

@@ -64,6 +64,7 @@ from twilio_wireless_exporter.api.transport import (
     ApiObserver,
     Authenticator,
     ErrorKind,
+    LoadObserver,
     MalformedBodyError,
     Route,
     Transport,
@@ -319,11 +320,13 @@ class TwilioClient:
         settings: ClientSettings,
         *,
         observer: ApiObserver | None = None,
+        load: LoadObserver | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
         wall: Callable[[], float] = time.time,
     ) -> None:
-        """``wall`` is the unix time that bounds the timestamps a record may carry."""
+        """``wall`` is the unix time that bounds the timestamps a record may carry; ``load``
+        receives the load the API's answers report (see transport.py)."""
         self._settings = settings
         self._wall = wall
         self._base = settings.base_url.rstrip("/")
@@ -334,6 +337,7 @@ class TwilioClient:
             session,
             TransportSettings.of(settings, cap_setting="poll.max_response_bytes"),
             observer=observer,
+            load=load,
             gate=self._limits,
             auth=auth,
             sleep=sleep,

@@ -11,6 +11,12 @@ retry policy. What differs between endpoints is passed in, not re-implemented:
 * an optional :class:`Authenticator` supplies the ``Authorization`` header and may renew it after
   a 401, which earns the request one more try within the same attempt.
 
+Every answer's ``Twilio-Concurrent-Requests`` (the account's requests in flight as Twilio
+counted them) and ``Twilio-Request-Duration`` (seconds Twilio spent on the request) go to a
+:class:`LoadObserver`, and the concurrency to the gate's ticket (adaptive.py stops growing its
+limit near the level at which 429s began). A value that is no plausible number is ignored and
+counted (:meth:`LoadObserver.header_rejected`); it never fails the request.
+
 Retries: 429, 5xx, timeouts, connection errors and garbled or cut-short 200 bodies are retried,
 at most ``max_retries`` times, after a jittered exponential backoff that never waits less than
 the answer's ``Retry-After``. The first attempt runs without any retry machinery: nearly every
@@ -44,8 +50,15 @@ USER_AGENT: Final = f"twilio-wireless-exporter/{__version__} (+aiohttp/{aiohttp.
 #: The ``code`` label of requests that got no HTTP status (timeouts, connection failures).
 CODE_TRANSPORT_ERROR: Final = "error"
 
+#: Response headers with the account's load, as Twilio sees it.
+CONCURRENT_REQUESTS_HEADER: Final = "Twilio-Concurrent-Requests"
+REQUEST_DURATION_HEADER: Final = "Twilio-Request-Duration"
+
 _ERROR_SNIPPET_CHARS: Final = 200
 _MAX_RETRY_AFTER: Final = 600.0
+# Beyond these a value is no account's load but garbage (or a hostile answer).
+_MAX_CONCURRENT_REQUESTS: Final = 1_000_000
+_MAX_REQUEST_DURATION: Final = 3600.0
 
 
 class ErrorKind(enum.StrEnum):
@@ -225,6 +238,24 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return min(max(0.0, seconds), _MAX_RETRY_AFTER)
 
 
+def parse_concurrent_requests(value: str) -> int | None:
+    """``Twilio-Concurrent-Requests``: a count of requests; ``None`` for anything else."""
+    value = value.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 7:
+        return None
+    count = int(value)
+    return count if count <= _MAX_CONCURRENT_REQUESTS else None
+
+
+def parse_request_duration(value: str) -> float | None:
+    """``Twilio-Request-Duration``: seconds (a decimal number); ``None`` for anything else."""
+    value = value.strip()
+    if not value.isascii() or len(value) > 32 or not value.replace(".", "", 1).isdigit():
+        return None  # no sign, exponent, inf or nan: only plain decimals are plausible
+    seconds = float(value)
+    return seconds if seconds <= _MAX_REQUEST_DURATION else None
+
+
 _T = TypeVar("_T")
 
 
@@ -257,6 +288,24 @@ class NullObserver:
         return None
 
 
+class LoadObserver(Protocol):
+    """Receives what the API's answers say about the account's load (metrics live elsewhere)."""
+
+    def api_load(self, concurrent: int | None, duration: float | None) -> None:
+        """One answer's plausible load headers (at least one of them is not ``None``)."""
+
+    def header_rejected(self, header: str) -> None:
+        """An answer carried ``header`` with a value that is no plausible number."""
+
+
+class NullLoadObserver:
+    def api_load(self, concurrent: int | None, duration: float | None) -> None:
+        return None
+
+    def header_rejected(self, header: str) -> None:
+        return None
+
+
 class Authenticator(Protocol):
     """Supplies the ``Authorization`` header; may renew credentials after a 401."""
 
@@ -274,9 +323,11 @@ class Authenticator(Protocol):
 
 
 class Ticket(Protocol):
-    """One admitted attempt; the transport sets the HTTP status once it has one."""
+    """One admitted attempt; the transport sets the HTTP status once it has one, and the
+    account's concurrency when the answer reported a plausible one."""
 
     status: int | None
+    concurrency: int | None
 
 
 class Gate(Protocol):
@@ -292,10 +343,11 @@ class Gate(Protocol):
 
 
 class _Admitted:
-    __slots__ = ("status",)
+    __slots__ = ("concurrency", "status")
 
     def __init__(self) -> None:
         self.status: int | None = None
+        self.concurrency: int | None = None
 
     async def __aenter__(self) -> _Admitted:
         return self
@@ -367,6 +419,7 @@ class Transport:
         settings: TransportSettings,
         *,
         observer: ApiObserver | None = None,
+        load: LoadObserver | None = None,
         gate: Gate | None = None,
         auth: Authenticator | None = None,
         redact: Callable[[str], str] | None = None,
@@ -378,6 +431,7 @@ class Transport:
         self._settings = settings
         self._timeout = aiohttp.ClientTimeout(total=settings.timeout)
         self._observer: ApiObserver = observer or NullObserver()
+        self._load: LoadObserver = load or NullLoadObserver()
         self._gate: Gate = gate or OpenGate()
         self._auth = auth
         self._redact = redact
@@ -506,6 +560,12 @@ class Transport:
                 ) as resp:
                     status = ticket.status = resp.status
                     code_label = str(status)
+                    headers_in = resp.headers
+                    if (
+                        CONCURRENT_REQUESTS_HEADER in headers_in
+                        or REQUEST_DURATION_HEADER in headers_in
+                    ):
+                        ticket.concurrency = self._read_load(headers_in)
                     body = await self._read_body(resp, endpoint)
                     return status, body, parse_retry_after(resp.headers.get("Retry-After")), sent
             except TimeoutError:
@@ -518,6 +578,23 @@ class Transport:
                 raise ApiError(ErrorKind.CONNECTION, message, endpoint=endpoint) from None
             finally:
                 self._observer.request_done(endpoint, code_label, time.perf_counter() - started)
+
+    def _read_load(self, headers: Mapping[str, str]) -> int | None:
+        """Report the answer's load headers; returns its plausible concurrency, if any."""
+        concurrent = duration = None
+        raw = headers.get(CONCURRENT_REQUESTS_HEADER)
+        if raw is not None:
+            concurrent = parse_concurrent_requests(raw)
+            if concurrent is None:
+                self._load.header_rejected(CONCURRENT_REQUESTS_HEADER)
+        raw = headers.get(REQUEST_DURATION_HEADER)
+        if raw is not None:
+            duration = parse_request_duration(raw)
+            if duration is None:
+                self._load.header_rejected(REQUEST_DURATION_HEADER)
+        if concurrent is not None or duration is not None:
+            self._load.api_load(concurrent, duration)
+        return concurrent
 
     async def _read_body(self, resp: aiohttp.ClientResponse, endpoint: str) -> bytes:
         limit = self._settings.max_response_bytes

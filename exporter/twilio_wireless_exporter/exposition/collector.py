@@ -2,10 +2,11 @@
 
 :class:`FleetCollector` renders the fleet-wide aggregates of :class:`FleetState` (session
 durations, SIMs monitored, poll interval, build info); :class:`ApiMetrics` holds the request,
-retry, poll-error and OAuth2 token metrics and is the transport's
-:class:`~twilio_wireless_exporter.api.transport.ApiObserver`. Both live on the ``CollectorRegistry``
-built by :func:`build_registry`, which nothing else shares (the global registry is never
-touched). The per-SIM families are not in it: they come from
+retry, poll-error, API load and OAuth2 token metrics and is the transport's
+:class:`~twilio_wireless_exporter.api.transport.ApiObserver` and
+:class:`~twilio_wireless_exporter.api.transport.LoadObserver`. Both live on the
+``CollectorRegistry`` built by :func:`build_registry`, which nothing else shares (the global
+registry is never touched). The per-SIM families are not in it: they come from
 :class:`~twilio_wireless_exporter.exposition.families.SimFamilies`, and the renderers put the two
 together.
 
@@ -163,6 +164,9 @@ class ApiMetrics:
         self.poll_errors = _counter(names.POLL_ERRORS, registry)
         self.records_rejected = _counter(names.RECORDS_REJECTED, registry)
         self.exposition_errors = _counter(names.EXPOSITION_ERRORS, registry)
+        self.headers_rejected = _counter(names.API_HEADERS_REJECTED, registry)
+        self.load = LoadCollector()
+        registry.register(self.load)
 
     def request_done(self, endpoint: str, code: str, duration: float) -> None:
         # Called for every request: the labelled children are looked up once per label pair.
@@ -175,6 +179,19 @@ class ApiMetrics:
 
     def retry(self, endpoint: str, reason: RetryReason) -> None:
         self.retries.labels(endpoint, reason).inc()
+
+    def api_load(self, concurrent: int | None, duration: float | None) -> None:
+        # Called for every answer that carries the headers: plain stores, rendered at scrape.
+        load = self.load
+        if concurrent is not None:
+            load.concurrent = concurrent
+            if load.concurrent_max is None or concurrent > load.concurrent_max:
+                load.concurrent_max = concurrent
+        if duration is not None:
+            load.duration = duration
+
+    def header_rejected(self, header: str) -> None:
+        self.headers_rejected.labels(header).inc()
 
     def poll_error(self, endpoint: str, kind: ErrorKind) -> None:
         self.poll_errors.labels(endpoint, kind).inc()
@@ -232,6 +249,27 @@ class HttpMetrics:
             self._registry.register(self._connections)
         else:
             self._connections.status = status
+
+
+class LoadCollector(Collector):
+    """The account's load as the API's answers reported it; each gauge is absent until an
+    answer carried its header (KORE sends none)."""
+
+    def __init__(self) -> None:
+        self.concurrent: int | None = None
+        self.concurrent_max: int | None = None
+        self.duration: float | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        for family, value in (
+            (names.API_CONCURRENT_REQUESTS, self.concurrent),
+            (names.API_CONCURRENT_REQUESTS_MAX, self.concurrent_max),
+            (names.API_REPORTED_DURATION, self.duration),
+        ):
+            metric = Metric(family.name, family.help, family.kind)
+            if value is not None:
+                metric.add_sample(family.name, {}, float(value))
+            yield metric
 
 
 class ConnectionsCollector(Collector):
