@@ -27,6 +27,7 @@ from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.api.transport import ErrorKind
 from twilio_wireless_exporter.cli import drop_created_samples
 from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
+from twilio_wireless_exporter.config.metrics import SIM_ATTRIBUTE_LABELS
 from twilio_wireless_exporter.exposition.collector import (
     HttpMetrics,
     SeriesCollector,
@@ -35,8 +36,9 @@ from twilio_wireless_exporter.exposition.collector import (
 from twilio_wireless_exporter.exposition.formats import OPENMETRICS, TEXT
 from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.exposition.renderer import Exposition
-from twilio_wireless_exporter.exposition.selection import Section
+from twilio_wireless_exporter.exposition.selection import Section, section_of
 from twilio_wireless_exporter.fleet.accounting import ListingOutcome
+from twilio_wireless_exporter.fleet.aggregates import FleetAggregates
 from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.service import kept_families, sim_families
 from twilio_wireless_exporter.web.app import WebContext, make_app
@@ -494,3 +496,98 @@ def test_too_many_series_warns_once_per_crossing(caplog: pytest.LogCaptureFixtur
 
 def test_max_series_must_be_positive() -> None:
     assert problems(max_series=0) == ["metrics.max_series: must be at least 1, got 0"]
+
+
+# ---------------------------------------------------------------- aggregate_by
+
+
+def aggregated(cfg: Config, state: FleetState) -> str:
+    """The whole body of ``state`` with ``cfg``'s aggregates (both paths agreeing)."""
+    registry, _ = build_registry(
+        state,
+        aggregates=FleetAggregates(cfg.metrics.aggregate_by, max_groups=cfg.metrics.max_groups),
+    )
+    sims = sim_families(cfg, state)
+    text = Exposition(sims, registry).text()
+    assert text == ReferenceExposition(sims, registry).text()
+    return text.decode()
+
+
+def test_the_aggregates_are_the_sums_of_the_per_sim_series() -> None:
+    state = polled_state()
+    state.ensure(SID_B, {"site": "paris"})
+    cfg = config(aggregate_by=["site", "radio_link"])
+    samples = parse_samples(aggregated(cfg, state))
+    per_sim = [
+        (names.SESSIONS_STARTED, names.FLEET_SESSIONS_STARTED),
+        (names.SESSIONS_ENDED, names.FLEET_SESSIONS_ENDED),
+        (names.PACKETS_UP, names.FLEET_PACKETS_UP),
+        (names.PACKETS_DOWN, names.FLEET_PACKETS_DOWN),
+        (names.SESSIONS_OPEN, names.FLEET_SESSIONS_OPEN),
+    ]
+    radio = {
+        dict(labels)["sim_sid"]: dict(labels)["radio_link"]
+        for (name, labels) in samples
+        if name == names.SESSION_INFO.sample
+    }
+    for sim_family, fleet_family in per_sim:
+        expected: dict[tuple[str, str], float] = {}
+        for (name, labels), value in samples.items():
+            if name == sim_family.sample:
+                found = dict(labels)
+                group = (found.get("site", ""), radio.get(found["sim_sid"], ""))
+                expected[group] = expected.get(group, 0.0) + value
+        shown = {
+            (dict(labels).get("site", ""), dict(labels).get("radio_link", "")): value
+            for (name, labels), value in samples.items()
+            if name == fleet_family.sample
+        }
+        # SID_B was never polled: its group is there, at 0
+        assert {k: v for k, v in shown.items() if k in expected or v} == expected
+        assert shown[("paris", "")] == 0.0
+        assert sum(shown.values()) > 0
+    up = {
+        dict(labels).get("site", ""): value
+        for (name, labels), value in samples.items()
+        if name == names.FLEET_SIMS_UP.sample
+    }
+    assert up == {"berlin": 1.0, "paris": 0.0}
+
+
+def test_the_aggregates_stay_with_per_sim_none() -> None:
+    text = aggregated(config(per_sim="none"), polled_state())
+    found = families_of(text.encode())
+    assert found & PER_SIM == set()
+    assert {family.name for family in names.AGGREGATES} - found == {names.FLEET_DATA_BYTES.name}
+    # one group for the fleet: no labels
+    assert parse_samples(text)[(names.FLEET_SIMS_UP.sample, ())] == 1.0
+    assert parse_samples(text)[(names.FLEET_SESSIONS_STARTED.sample, ())] == 1.0
+
+
+def test_the_aggregates_are_in_the_fleet_section() -> None:
+    assert {section_of(family.name) for family in names.AGGREGATES} == {Section.FLEET}
+
+
+@pytest.mark.parametrize(
+    ("aggregate_by", "problem"),
+    [
+        (["sight"], "metrics.aggregate_by[0]: is neither a label of a SIM under sims"),
+        (["site", "site"], "metrics.aggregate_by: names site twice"),
+        (["9"], "metrics.aggregate_by[0]: invalid label name"),
+        ("site", "metrics.aggregate_by: must be a list"),
+    ],
+)
+def test_a_bad_aggregate_by_is_an_error(aggregate_by: object, problem: str) -> None:
+    found = problems(aggregate_by=aggregate_by)
+    assert len(found) == 1
+    assert found[0].startswith(problem), found
+
+
+def test_aggregate_by_takes_configured_labels_and_sim_attributes() -> None:
+    cfg = config(aggregate_by=["team", *SIM_ATTRIBUTE_LABELS], max_groups=5)
+    assert cfg.metrics.aggregate_by == ("team", *SIM_ATTRIBUTE_LABELS)
+
+
+@pytest.mark.parametrize("max_groups", [0, 100_001, "many"])
+def test_max_groups_is_bounded(max_groups: object) -> None:
+    assert problems(max_groups=max_groups)[0].startswith("metrics.max_groups: ")

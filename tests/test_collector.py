@@ -28,6 +28,7 @@ from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.reference import ReferenceExposition
 from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.accounting import apply_listing
+from twilio_wireless_exporter.fleet.aggregates import FleetAggregates
 from twilio_wireless_exporter.fleet.persist import StateStore, state_identity
 from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.sharding import Shard
@@ -186,7 +187,9 @@ def fully_populated() -> tuple[FleetState, CollectorRegistry]:
     state.set_rate_plans([PLAN])
     account = [usage(PERIOD, upload=5, download=7, commands_from_sim=1)]
     state.record_account_usage(account, window_start=PERIOD, now=T0)
-    registry, api = build_registry(state, poll_interval=60.0, shard=Shard(0, 1))
+    registry, api = build_registry(
+        state, poll_interval=60.0, shard=Shard(0, 1), aggregates=FleetAggregates(("site",))
+    )
     api.request_done("/v1/Sims/{sid}/DataSessions", "200", 0.2)
     api.retry("/v1/Sims/{sid}/DataSessions", RetryReason.THROTTLED)
     api.poll_error("data_sessions", ErrorKind.TIMEOUT)
@@ -231,7 +234,8 @@ def test_every_exposed_family_is_declared_in_metrics_names() -> None:
     for metric in exposed:
         family = declared[metric.name]
         assert (metric.type, metric.documentation) == (family.kind, family.help), metric.name
-        extra = user_labels if family in names.PER_SIM else set()
+        grouped = family in names.PER_SIM or family in names.AGGREGATES  # + the SIMs' labels
+        extra = user_labels if grouped else set()
         if family is names.SESSION_INFO:
             extra |= {names.SESSION_INFO_IMEI}
         for sample in metric.samples:

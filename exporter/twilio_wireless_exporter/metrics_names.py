@@ -432,7 +432,9 @@ STATE_ROWS_REJECTED = _family(
     "state_rows_rejected",
     "counter",
     "Rows of the state file rejected at start by table (sims, sessions: that SIM starts a fresh"
-    " baseline; durations: that histogram starts afresh); see the exporter's log.",
+    " baseline; durations: that histogram starts afresh; aggregate_groups: that group's"
+    " counters start from its SIMs' counts; aggregate_members: that SIM joins its group"
+    " afresh); see the exporter's log.",
     "table",
 )
 STATE_UNSAVED_SIMS = _family(
@@ -517,6 +519,74 @@ SIMS_BY_STATUS = _family(
     "rate_plan_sid",
 )
 
+# -------------------------------------------------------------------------- fleet aggregates
+
+GROUPED = (
+    " Summed over the monitored SIMs of each group of metrics.aggregate_by (the group's labels;"
+    " one group without labels when aggregate_by is empty, other for SIMs beyond"
+    " metrics.max_groups)."
+)
+CARRIED = (
+    " A SIM that leaves the group (moved, or no longer monitored) leaves its count behind, so"
+    " the counter never goes down."
+)
+
+FLEET_SESSIONS_OPEN = _family(
+    "fleet_data_sessions_open",
+    "gauge",
+    "Data sessions open (end is null) in the latest listings." + GROUPED + CACHED,
+)
+FLEET_SESSIONS_STARTED = _family(
+    "fleet_data_sessions_started",
+    "counter",
+    "Data sessions first seen after each SIM's baseline." + GROUPED + CARRIED + CACHED,
+)
+FLEET_SESSIONS_ENDED = _family(
+    "fleet_data_sessions_ended",
+    "counter",
+    "Data sessions seen to end after each SIM's baseline." + GROUPED + CARRIED + CACHED,
+)
+FLEET_PACKETS_UP = _family(
+    "fleet_packets_uploaded",
+    "counter",
+    "Packets uploaded by the SIMs' devices since their baselines." + GROUPED + CARRIED + CACHED,
+)
+FLEET_PACKETS_DOWN = _family(
+    "fleet_packets_downloaded",
+    "counter",
+    "Packets downloaded by the SIMs' devices since their baselines." + GROUPED + CARRIED + CACHED,
+)
+FLEET_DATA_BYTES = _family(
+    "fleet_data_bytes",
+    "counter",
+    "Bytes the API reported for the SIMs after their first usage reads, by direction (upload,"
+    " download)." + GROUPED + CARRIED + USAGE,
+    "direction",
+)
+FLEET_SIMS_UP = _family(
+    "fleet_sims_up",
+    "gauge",
+    "SIMs whose latest poll succeeded." + GROUPED,
+)
+FLEET_SIMS_DOWN = _family(
+    "fleet_sims_down",
+    "gauge",
+    "SIMs whose latest poll failed." + GROUPED,
+)
+
+AGGREGATES: tuple[Family, ...] = (
+    FLEET_SESSIONS_OPEN,
+    FLEET_SESSIONS_STARTED,
+    FLEET_SESSIONS_ENDED,
+    FLEET_PACKETS_UP,
+    FLEET_PACKETS_DOWN,
+    FLEET_DATA_BYTES,
+    FLEET_SIMS_UP,
+    FLEET_SIMS_DOWN,
+)
+"""The fleet aggregates (``metrics.aggregate_by``): fleet-wide families whose samples also
+carry the group's labels, which are not listed in ``labels``."""
+
 FLEET: tuple[Family, ...] = (
     SESSION_DURATION,
     SIMS_MONITORED,
@@ -529,6 +599,7 @@ FLEET: tuple[Family, ...] = (
     ACCOUNT_DATA_BYTES,
     ACCOUNT_COMMANDS,
     ACCOUNT_USAGE_LAST_SUCCESS,
+    *AGGREGATES,
 )
 """Fleet-wide families of the exporter's private registry."""
 

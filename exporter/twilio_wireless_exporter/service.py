@@ -26,6 +26,7 @@ from twilio_wireless_exporter.config import BasicCredentials, Config
 from twilio_wireless_exporter.exposition.collector import SeriesCollector, build_registry
 from twilio_wireless_exporter.exposition.families import SimFamilies
 from twilio_wireless_exporter.exposition.renderer import Exposition
+from twilio_wireless_exporter.fleet.aggregates import FleetAggregates
 from twilio_wireless_exporter.fleet.persist import StateLock, StateStore, state_identity
 from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.polling.poller import Poller, PollerSettings, SimTarget
@@ -164,10 +165,14 @@ class Exporter:
         self.clock: Clock = clock or SystemClock()
         self._retry_sleep = retry_sleep or asyncio.sleep
         self.state = FleetState()
+        self.aggregates = FleetAggregates(
+            config.metrics.aggregate_by, max_groups=config.metrics.max_groups
+        )
         self.registry, self.api_metrics = build_registry(
             self.state,
             poll_interval=config.poll.interval,
             shard=config.shard.shard,
+            aggregates=self.aggregates,
         )
         self.sims = sim_families(config, self.state, on_error=self.api_metrics.exposition_error)
         self.exposition = Exposition(self.sims, self.registry, max_series=config.metrics.max_series)
@@ -267,7 +272,12 @@ class Exporter:
                 observer=self.api_metrics,
             )
         if path is not None and self._store is None:
-            self._store = StateStore(path, state_identity(self.config), registry=self.registry)
+            self._store = StateStore(
+                path,
+                state_identity(self.config),
+                registry=self.registry,
+                aggregates=self.aggregates,
+            )
             shard = self.config.shard.shard
             discovery = self.config.discovery.enabled
             self._store.load(

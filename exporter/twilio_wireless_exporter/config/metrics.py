@@ -15,7 +15,7 @@ from pydantic_core import InitErrorDetails
 from pydantic_core import PydanticCustomError as Problem
 
 from twilio_wireless_exporter import metrics_names as names
-from twilio_wireless_exporter.config.errors import problem
+from twilio_wireless_exporter.config.errors import problem, shaped
 
 PerSimMode: TypeAlias = Literal["full", "essential", "none"]
 
@@ -71,6 +71,26 @@ def _family_pattern(pattern: str) -> str:
 FamilyPattern = Annotated[StrictStr, AfterValidator(_family_pattern)]
 """A family name (``twilio_wireless_sim_up``), a series name (``…_total``) or a regular
 expression matched against the whole name, that names at least one family."""
+
+
+GroupLabel = Annotated[
+    StrictStr,
+    shaped(
+        r"^[a-zA-Z_][a-zA-Z0-9_]*$",
+        "invalid label name: use letters, digits and _, not starting with a digit",
+    ),
+]
+"""An ``aggregate_by`` entry: a configured SIM label or one of :data:`SIM_ATTRIBUTE_LABELS`
+(checked against the SIMs by :func:`label_problems`)."""
+
+
+def distinct_labels(labels: tuple[str, ...]) -> tuple[str, ...]:
+    seen = set()
+    for label in labels:
+        if label in seen:
+            raise Problem("labels", "names {label} twice", {"label": label})
+        seen.add(label)
+    return labels
 
 
 def selected_families(

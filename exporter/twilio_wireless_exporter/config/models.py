@@ -35,7 +35,9 @@ from twilio_wireless_exporter.config.credentials import Credentials, resolve_cre
 from twilio_wireless_exporter.config.errors import also_report, fail, problem, shaped
 from twilio_wireless_exporter.config.metrics import (
     FamilyPattern,
+    GroupLabel,
     PerSimMode,
+    distinct_labels,
     label_problems,
     selected_families,
 )
@@ -300,6 +302,8 @@ class MetricsSettings(Settings):
     per_sim: PerSimMode = "full"
     sim_labels: tuple[LabelName, ...] | None = None
     max_series: Annotated[StrictInt, Field(ge=1)] = 2_000_000
+    aggregate_by: Annotated[tuple[GroupLabel, ...], AfterValidator(distinct_labels)] = ()
+    max_groups: Annotated[StrictInt, Field(ge=1, le=100_000)] = 1000
 
     @property
     def families(self) -> frozenset[str]:
@@ -386,7 +390,7 @@ class Config(Settings):
     @model_validator(mode="after")
     def _metrics_name_configured_labels(self) -> Self:
         configured = {name for sim in self.sims for name in sim.labels}
-        problems = label_problems(configured, self.metrics.sim_labels, ())
+        problems = label_problems(configured, self.metrics.sim_labels, self.metrics.aggregate_by)
         if problems:
             raise fail(problems)
         return self

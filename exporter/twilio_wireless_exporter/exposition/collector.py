@@ -27,6 +27,7 @@ from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.api.auth import TokenResult
 from twilio_wireless_exporter.api.records import RejectReason
 from twilio_wireless_exporter.api.transport import ErrorKind, RetryReason
+from twilio_wireless_exporter.fleet.aggregates import GAUGES, FleetAggregates
 from twilio_wireless_exporter.fleet.state import FleetState
 from twilio_wireless_exporter.sharding import Shard
 
@@ -43,11 +44,17 @@ class FleetCollector(Collector):
     """
 
     def __init__(
-        self, state: FleetState, *, poll_interval: float | None = None, shard: Shard | None = None
+        self,
+        state: FleetState,
+        *,
+        poll_interval: float | None = None,
+        shard: Shard | None = None,
+        aggregates: FleetAggregates | None = None,
     ) -> None:
         self._state = state
         self._poll_interval = poll_interval
         self._shard = shard
+        self._aggregates = aggregates
 
     def collect(self) -> Iterable[Metric]:
         family = names.SESSION_DURATION
@@ -74,6 +81,30 @@ class FleetCollector(Collector):
             1.0,
             {"version": __version__, "python_version": platform.python_version()},
         )
+        if self._aggregates is not None:
+            yield from aggregate_families(self._aggregates, self._state)
+
+
+def aggregate_families(aggregates: FleetAggregates, state: FleetState) -> Iterable[Metric]:
+    """The ``twilio_wireless_fleet_*`` families of ``aggregates``, brought up to date with
+    ``state`` first; a counter family without a source (data bytes before usage is read) is
+    left out."""
+    aggregates.update(state)
+    totals = aggregates.totals()
+    metrics: dict[str, Metric] = {}
+    for family in names.AGGREGATES:
+        metrics[family.name] = Metric(family.name, family.help, family.kind)
+    for key, counters, gauges in totals:
+        labels = aggregates.labels(key)
+        for source, value in zip(aggregates.sources, counters, strict=True):
+            family = source.family
+            metrics[family.name].add_sample(family.sample, {**labels, **dict(source.labels)}, value)
+        for family, count in zip(GAUGES, gauges, strict=True):
+            metrics[family.name].add_sample(family.sample, labels, float(count))
+    fed = {source.family.name for source in aggregates.sources} | {f.name for f in GAUGES}
+    for family in names.AGGREGATES:
+        if family.name in fed:
+            yield metrics[family.name]
 
     def _lifecycle(self) -> Iterable[Metric]:
         """SIMs by status, the rate plans and the account's usage."""
@@ -323,15 +354,21 @@ class TokenCollector(Collector):
 
 
 def build_registry(
-    state: FleetState, *, poll_interval: float | None = None, shard: Shard | None = None
+    state: FleetState,
+    *,
+    poll_interval: float | None = None,
+    shard: Shard | None = None,
+    aggregates: FleetAggregates | None = None,
 ) -> tuple[CollectorRegistry, ApiMetrics]:
     """The exporter's private registry: the fleet collector and the API metrics.
 
-    Pass the configured ``poll_interval`` (seconds) and ``shard`` to export them; the exporter
-    always does.
+    Pass the configured ``poll_interval`` (seconds) and ``shard`` to export them, and the
+    fleet ``aggregates``; the exporter always does.
     Whether counters and histograms carry ``*_created`` samples is a process-wide setting of
     ``prometheus_client``, chosen by the command (``cli.py``), not here.
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(state, poll_interval=poll_interval, shard=shard))
+    registry.register(
+        FleetCollector(state, poll_interval=poll_interval, shard=shard, aggregates=aggregates)
+    )
     return registry, ApiMetrics(registry)

@@ -53,7 +53,7 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar, cast
@@ -65,6 +65,7 @@ from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.config import BasicCredentials, Config
 from twilio_wireless_exporter.fleet.accounting import SessionAttributes, SessionMemo, SimAccount
+from twilio_wireless_exporter.fleet.aggregates import AggregateMember, FleetAggregates, GroupKey
 from twilio_wireless_exporter.fleet.state import (
     SESSION_DURATION_BUCKETS,
     FleetState,
@@ -86,8 +87,11 @@ from twilio_wireless_exporter.fleet.usage_rows import (
 log = logging.getLogger(__name__)
 
 #: Version of the file layout. Bump it (and teach :func:`read_state` the old one, if worth it)
-#: whenever a table or column changes meaning.
-SCHEMA_VERSION: Final = 1
+#: whenever a table or column changes meaning. 2 added the fleet aggregates' tables; a file of
+#: schema 1 is read as one without aggregates (they start from the SIMs' restored counters).
+SCHEMA_VERSION: Final = 2
+#: Older layouts :func:`read_state` still reads, with the tables they lack.
+_MIGRATED: Final = {1: frozenset({"aggregate_groups", "aggregate_members"})}
 APPLICATION: Final = "twilio-wireless-exporter"
 
 _SCHEMA: Final = """
@@ -130,7 +134,12 @@ CREATE TABLE durations (
     total REAL NOT NULL,
     count INTEGER NOT NULL
 );
+CREATE TABLE aggregate_groups (key TEXT PRIMARY KEY, carried TEXT NOT NULL);
+CREATE TABLE aggregate_members (sid TEXT PRIMARY KEY, key TEXT NOT NULL, counters TEXT NOT NULL);
 """
+
+#: The tables whose rows are checked one by one (``twilio_wireless_state_rows_rejected``).
+TABLES: Final = ("sims", "sessions", "durations", "aggregate_groups", "aggregate_members")
 
 _INSERT_SIM: Final = (
     "INSERT INTO sims VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -187,6 +196,10 @@ class Snapshot:
     account_sid: str | None = None
     """The account the API answered for, when learned from its answers."""
     usage: UsageRows = field(default_factory=UsageRows)
+    aggregate_by: tuple[str, ...] | None = None
+    """The labels the aggregates group by (``None``: no aggregates to save)."""
+    aggregate_groups: list[tuple[str, str]] = field(default_factory=list)
+    aggregate_members: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -212,6 +225,10 @@ class LoadedState:
     """The file's account SID when the configuration names none: checked against the first
     API answer (:meth:`FleetState.learn_account`)."""
     usage: LoadedUsage = field(default_factory=LoadedUsage)
+    aggregate_by: tuple[str, ...] | None = None
+    """The labels the file's aggregates were grouped by (``None``: it has none)."""
+    aggregate_groups: dict[GroupKey, dict[str, float]] = field(default_factory=dict)
+    aggregate_members: dict[str, AggregateMember] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------- snapshot
@@ -245,13 +262,22 @@ def _sim_row(sid: str, acct: SimAccount, last_success: float | None) -> tuple[An
     )
 
 
-def snapshot(state: FleetState) -> Snapshot:
-    """Everything worth keeping of ``state``, as rows (cheap; runs on the event loop).
+def snapshot(state: FleetState, aggregates: FleetAggregates | None = None) -> Snapshot:
+    """Everything worth keeping of ``state`` (and of its ``aggregates``), as rows (cheap; runs
+    on the event loop).
 
     A SIM whose restored account is still held (not polled since the restart) is saved with
     that account, so a second crash right after a restart loses nothing either.
     """
     snap = Snapshot()
+    if aggregates is not None:
+        aggregates.update(state)  # the remainders of the state being saved
+        groups, members = aggregates.remembered()
+        snap.aggregate_by = aggregates.by
+        snap.aggregate_groups = [(_json_key(k), _json_counts(c)) for k, c in groups.items()]
+        snap.aggregate_members = [
+            (sid, _json_key(m.key), _json_counts(m.counters)) for sid, m in members.items()
+        ]
     sims, sessions = snap.sims, snap.sessions
     held = state.restored
     accounts: list[tuple[str, SimAccount, float | None]] = []
@@ -275,6 +301,14 @@ def snapshot(state: FleetState) -> Snapshot:
     snap.account_sid = state.account_sid
     snap.usage = snapshot_usage(state)
     return snap
+
+
+def _json_key(key: GroupKey) -> str:
+    return json.dumps(list(key), ensure_ascii=False)
+
+
+def _json_counts(counts: Mapping[str, float]) -> str:
+    return json.dumps(dict(counts), ensure_ascii=False, allow_nan=False)
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -326,11 +360,14 @@ def write_state(path: Path, snap: Snapshot, identity: StateIdentity, saved_at: f
             ]
             if account_sid is not None:
                 meta.append(("account_sid", account_sid))
+            if snap.aggregate_by is not None:
+                meta.append(("aggregate_by", json.dumps(list(snap.aggregate_by))))
             conn.executemany("INSERT INTO meta VALUES (?, ?)", meta)
             written = _insert_rows(conn, snap, path)
             for sid in write_usage(conn, snap.usage):
                 written.unsaved.setdefault(sid, "usage or status text that is not valid Unicode")
             conn.executemany("INSERT INTO durations VALUES (?, ?, ?, ?, ?)", snap.durations)
+            _insert_aggregates(conn, snap)
             conn.execute("COMMIT")
         finally:
             conn.close()
@@ -346,6 +383,21 @@ def write_state(path: Path, snap: Snapshot, identity: StateIdentity, saved_at: f
         raise
     _fsync_dir(path.parent)
     return written
+
+
+def _insert_aggregates(conn: sqlite3.Connection, snap: Snapshot) -> None:
+    """The aggregates' rows; one SQLite refuses (text that is not Unicode) is left out alone:
+    its group's counters, or its SIM's place, start again after a restart."""
+    for insert, rows in (
+        ("INSERT INTO aggregate_groups VALUES (?, ?)", snap.aggregate_groups),
+        ("INSERT INTO aggregate_members VALUES (?, ?, ?)", snap.aggregate_members),
+    ):
+        try:
+            conn.executemany(insert, rows)
+        except (UnicodeEncodeError, sqlite3.Error, ValueError):
+            for row in rows:
+                with contextlib.suppress(UnicodeEncodeError, sqlite3.Error, ValueError):
+                    conn.execute(insert, row)
 
 
 #: The largest integer an SQLite INTEGER holds.
@@ -518,6 +570,43 @@ class DurationRow(_Row):
     count: Count
 
 
+class AggregateGroupRow(_Row):
+    key: str
+    """JSON list of the group's label values."""
+    carried: str
+    """JSON object: source key -> carried remainder."""
+
+
+class AggregateMemberRow(_Row):
+    sid: Sid
+    key: str
+    counters: str
+    """JSON object: source key -> what the SIM contributed."""
+
+
+#: A carried remainder or contribution: a finite count, never negative.
+_Amount = Annotated[float, msgspec.Meta(ge=0)]
+_AMOUNTS: Final = msgspec.json.Decoder(dict[str, _Amount])
+_KEY: Final = msgspec.json.Decoder(list[str])
+
+
+def _aggregate_key(text: str, table: str) -> GroupKey:
+    try:
+        return tuple(_KEY.decode(text))
+    except msgspec.DecodeError as exc:
+        raise StateFileError(f"bad key {text!r} in table {table} ({_reason(exc)})") from None
+
+
+def _amounts(text: str, table: str) -> dict[str, float]:
+    try:
+        amounts = _AMOUNTS.decode(text)
+    except msgspec.DecodeError as exc:
+        raise StateFileError(f"bad counts {text!r} in table {table} ({_reason(exc)})") from None
+    if any(value != value or value == float("inf") for value in amounts.values()):
+        raise StateFileError(f"bad counts {text!r} in table {table} (not finite)")
+    return amounts
+
+
 _ROWS_LOGGED: Final = 10
 _CELL_AT: Final = re.compile(r"(?P<reason>.*) - at `\$\[(?P<index>\d+)\]`$")
 
@@ -652,14 +741,24 @@ def _read(
             f"it was written by a newer exporter ({written_by}, schema {version};"
             f" this is {__version__}, schema {SCHEMA_VERSION})"
         )
-    if version < SCHEMA_VERSION:
+    missing = _MIGRATED.get(version, frozenset()) if version < SCHEMA_VERSION else frozenset()
+    if version < SCHEMA_VERSION and version not in _MIGRATED:
         raise StateFileError(f"schema {version} is too old to be read (expected {SCHEMA_VERSION})")
     unverified = _check_identity(meta, identity)
     try:
         saved_at = float(meta.get("saved_at", "nan"))
     except ValueError:
         saved_at = float("nan")
-    for table, kind in (("sims", SimRow), ("sessions", SessionRow), ("durations", DurationRow)):
+    tables: tuple[tuple[str, type[_Row]], ...] = (
+        ("sims", SimRow),
+        ("sessions", SessionRow),
+        ("durations", DurationRow),
+        ("aggregate_groups", AggregateGroupRow),
+        ("aggregate_members", AggregateMemberRow),
+    )
+    for table, kind in tables:
+        if table in missing:
+            continue
         columns = [info[1] for info in conn.execute(f"PRAGMA table_info({table})")]
         if not columns:
             raise StateFileError(f"not a readable state database (no such table: {table})")
@@ -708,9 +807,50 @@ def _read(
             durations[row.radio_link] = hist
     usage = read_usage(conn, keep)
     rejected.extend(usage.rejected)
-    return LoadedState(
+    loaded = LoadedState(
         accounts, last_success, durations, saved_at, written_by, rejected, unverified, usage
     )
+    if not missing:
+        _read_aggregates(conn, meta, loaded, keep)
+    return loaded
+
+
+def _read_aggregates(
+    conn: sqlite3.Connection,
+    meta: dict[Any, Any],
+    loaded: LoadedState,
+    keep: Callable[[str], bool] | None,
+) -> None:
+    """The aggregates' rows into ``loaded``; a bad row costs its group's remainders or its
+    SIM's place, counted and logged like the other tables."""
+    by = meta.get("aggregate_by")
+    if by is None:
+        return
+    try:
+        loaded.aggregate_by = tuple(_KEY.decode(str(by)))
+    except msgspec.DecodeError:
+        loaded.rejected.append(("aggregate_groups", f"bad aggregate_by {by!r}; they start afresh"))
+        return
+    for cells in conn.execute("SELECT * FROM aggregate_groups"):
+        try:
+            group = _decode(cells, AggregateGroupRow, "aggregate_groups")
+            key = _aggregate_key(group.key, "aggregate_groups")
+            loaded.aggregate_groups[key] = _amounts(group.carried, "aggregate_groups")
+        except StateFileError as exc:
+            why = f"{exc}; that group's counters start again from its SIMs' counts"
+            loaded.rejected.append(("aggregate_groups", why))
+    for cells in conn.execute("SELECT * FROM aggregate_members"):
+        if keep is not None and isinstance(cells[0], str) and not keep(cells[0]):
+            continue  # no longer monitored: its count stays with its group anyway
+        try:
+            member = _decode(cells, AggregateMemberRow, "aggregate_members")
+            key = _aggregate_key(member.key, "aggregate_members")
+            counters = _amounts(member.counters, "aggregate_members")
+        except StateFileError as exc:
+            why = f"{exc}; that SIM joins its group afresh"
+            loaded.rejected.append(("aggregate_members", why))
+            continue
+        loaded.aggregate_members[member.sid] = AggregateMember(key, counters)
 
 
 def _row_problem(exc: StateFileError, sid: object) -> str:
@@ -757,8 +897,11 @@ class StateStore:
         *,
         registry: CollectorRegistry | None = None,
         wall_time: Callable[[], float] = time.time,
+        aggregates: FleetAggregates | None = None,
     ) -> None:
+        """``aggregates``: the fleet aggregates whose remainders the file keeps."""
         self.path = path
+        self.aggregates = aggregates
         self.identity = identity
         self._time = wall_time
         self._lock = asyncio.Lock()
@@ -779,7 +922,7 @@ class StateStore:
                 names.STATE_ROWS_REJECTED.labels,
                 registry=registry,
             )
-            for table in ("sims", "sessions", "durations"):
+            for table in TABLES:
                 self._rejected.labels(table)
             self._unsaved_gauge = Gauge(
                 names.STATE_UNSAVED_SIMS.name, names.STATE_UNSAVED_SIMS.help, registry=registry
@@ -819,6 +962,7 @@ class StateStore:
         state.restore(loaded.accounts, loaded.durations)
         restore_usage(state, loaded.usage)
         state.unverified_account = loaded.unverified_account
+        self._restore_aggregates(loaded)
         self._report_rejected(loaded.rejected)
         sessions = sum(len(a.sessions) for a in loaded.accounts.values())
         log.info(
@@ -832,6 +976,21 @@ class StateStore:
             (time.perf_counter() - started) * 1000,
         )
         return loaded
+
+    def _restore_aggregates(self, loaded: LoadedState) -> None:
+        aggregates = self.aggregates
+        if aggregates is None or loaded.aggregate_by is None:
+            return
+        if loaded.aggregate_by != aggregates.by:
+            log.info(
+                "state file %s: its fleet aggregates were grouped by %s, now by %s; they start"
+                " from the SIMs' counters",
+                self.path,
+                list(loaded.aggregate_by),
+                list(aggregates.by),
+            )
+            return
+        aggregates.restore(loaded.aggregate_groups, loaded.aggregate_members)
 
     def _report_rejected(self, rejected: list[tuple[str, str]]) -> None:
         """One warning per rejected row (the first few), then one line for the rest."""
@@ -876,7 +1035,7 @@ class StateStore:
             if not force and version == self._saved_version:
                 return True
             started = time.perf_counter()
-            snap = snapshot(state)
+            snap = snapshot(state, self.aggregates)
             loop = asyncio.get_running_loop()
             self._writing = loop.run_in_executor(
                 None, write_state, self.path, snap, self.identity, self._time()

@@ -1,0 +1,292 @@
+"""Fleet aggregates: the per-SIM counters and gauges summed by group (``metrics.aggregate_by``).
+
+Why: at 100,000 SIMs the per-SIM families are 1.7 million series; a few hundred groups (by
+site, radio link, operator, rate plan ...) answer the fleet-wide questions at a fraction of
+that, and keep answering them with ``metrics.per_sim: none``.
+
+A group's counter is the sum of its current members' counters plus a *carried remainder*:
+when a SIM leaves the group (its labels changed, or it is no longer monitored) or its own
+counter starts again from zero (a fresh baseline), the count it had contributed stays with the
+group. So every aggregate counter only grows, and it equals the sum of the per-SIM counters
+as long as no SIM moved. The remainders (and which group each SIM was in) are kept in the
+state file, so a restart continues them.
+
+A label whose value is not known yet (the SIM's status before its first ``/v1/Sims`` read, its
+radio link before its first session) keeps the value of the SIM's previous group, so a restart
+does not move every SIM to an unlabelled group and back. At most ``max_groups`` groups are
+made; SIMs that would open another go to the group whose every label is ``other``.
+
+The work is incremental: only SIMs whose record changed since the previous update are looked
+at again (their version), so an update of an unchanged fleet costs one pass of comparisons.
+Pure: no I/O, no clock; the exposition asks for an update before it renders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from twilio_wireless_exporter import metrics_names as names
+from twilio_wireless_exporter.fleet.accounting import SimAccount
+from twilio_wireless_exporter.fleet.state import FleetState, SimRecord
+
+GroupKey = tuple[str, ...]
+"""The values of the ``aggregate_by`` labels, in their order."""
+
+OTHER: Final = "other"
+
+#: The labels ``aggregate_by`` may name besides the configured SIM labels, and where each is
+#: read: the SIM's latest session, or its identity from ``/v1/Sims``.
+_ATTRIBUTES: Final[dict[str, Callable[[SimRecord, SimAccount], str]]] = {
+    "radio_link": lambda r, a: a.latest.radio_link if a.latest is not None else "",
+    "operator_name": lambda r, a: a.latest.operator_name if a.latest is not None else "",
+    "operator_country": lambda r, a: a.latest.operator_country if a.latest is not None else "",
+    "status": lambda r, a: r.identity.status,
+    "rate_plan_sid": lambda r, a: r.identity.rate_plan_sid,
+}
+ATTRIBUTE_LABELS: Final = tuple(_ATTRIBUTES)
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSource:
+    """One aggregated counter: a ``fleet_*`` family (with fixed extra labels, e.g. a
+    direction) and how to read the matching per-SIM counter. ``value`` is only asked for SIMs
+    with a baseline; a SIM without one counts 0.
+
+    This is the hook for more aggregates: the data bytes of issue 11 are two more sources
+    (``FLEET_DATA_BYTES`` with ``direction`` ``upload`` and ``download``) in
+    :data:`DEFAULT_SOURCES`, reading the SIM's usage counters.
+    """
+
+    family: names.Family
+    value: Callable[[SimRecord, SimAccount], float]
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def key(self) -> str:
+        """How the state file names this source: ``family{label=value,…}``."""
+        inner = ",".join(f"{k}={v}" for k, v in self.labels)
+        return f"{self.family.name}{{{inner}}}"
+
+
+DEFAULT_SOURCES: tuple[CounterSource, ...] = (
+    CounterSource(names.FLEET_SESSIONS_STARTED, lambda r, a: a.started_total),
+    CounterSource(names.FLEET_SESSIONS_ENDED, lambda r, a: a.ended_total),
+    CounterSource(names.FLEET_PACKETS_UP, lambda r, a: a.packets_uploaded_total),
+    CounterSource(names.FLEET_PACKETS_DOWN, lambda r, a: a.packets_downloaded_total),
+)
+
+GAUGES: Final = (names.FLEET_SESSIONS_OPEN, names.FLEET_SIMS_UP, names.FLEET_SIMS_DOWN)
+"""The aggregated gauges, in the order of :attr:`Group.gauges`: plain sums, nothing carried."""
+
+
+@dataclass(slots=True)
+class Member:
+    """What a SIM last contributed, and to which group."""
+
+    key: GroupKey
+    counters: list[float]
+    gauges: tuple[int, int, int] = (0, 0, 0)
+    record: SimRecord | None = None
+    """The record seen at the last update (``None``: restored, not seen yet)."""
+    version: int = -1
+
+
+@dataclass(slots=True)
+class Group:
+    """One group: the carried remainders and the current members' sums, per source."""
+
+    carried: list[float]
+    members: list[float]
+    gauges: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+    def counters(self) -> list[float]:
+        return [c + m for c, m in zip(self.carried, self.members, strict=True)]
+
+
+class FleetAggregates:
+    """The aggregates of one :class:`FleetState` by the labels ``by``."""
+
+    def __init__(
+        self,
+        by: Sequence[str] = (),
+        *,
+        max_groups: int = 1000,
+        sources: Sequence[CounterSource] = DEFAULT_SOURCES,
+    ) -> None:
+        if max_groups < 1:
+            raise ValueError("max_groups must be >= 1")
+        self.by: GroupKey = tuple(by)
+        self.max_groups = max_groups
+        self.sources = tuple(sources)
+        self.groups: dict[GroupKey, Group] = {}
+        """Every group made so far (a group stays, so its counters never vanish)."""
+        self.members: dict[str, Member] = {}
+        self._other: GroupKey = (OTHER,) * len(self.by)
+        self._readers = [
+            (i, _ATTRIBUTES[name]) if name in _ATTRIBUTES else (i, None)
+            for i, name in enumerate(self.by)
+        ]
+        self._seen: tuple[int, int] | None = None  # (state version, held accounts) last update
+
+    # ------------------------------------------------------------------ updating
+
+    def update(self, state: FleetState) -> None:
+        """Take up what changed in ``state`` since the previous update."""
+        held = state.restored
+        seen = (state.version, len(held))
+        if seen == self._seen:
+            return
+        # held accounts taken away without a poll (another account's file) change no version
+        everything = self._seen is None or self._seen[1] != len(held)
+        self._seen = seen
+        sims = state.sims
+        members = self.members
+        new = False
+        for sid, record in sims.items():
+            member = members.get(sid)
+            if (
+                not everything
+                and member is not None
+                and member.record is record
+                and member.version == record.version
+            ):
+                continue
+            new = new or member is None
+            self._take(sid, record, held.get(sid, record.account), member)
+        if new or len(members) != len(sims):
+            for sid in [sid for sid in members if sid not in sims]:
+                self._leave(members.pop(sid))
+
+    def _take(
+        self, sid: str, record: SimRecord, account: SimAccount, member: Member | None
+    ) -> None:
+        key = self._group_of(record, account, member)
+        if account.baselined:
+            counters = [float(source.value(record, account)) for source in self.sources]
+            gauges = (
+                account.open_sessions,
+                int(record.up is True),
+                int(record.up is False),
+            )
+        else:
+            counters = [0.0] * len(self.sources)
+            gauges = (0, int(record.up is True), int(record.up is False))
+        group = self._group(key)
+        if member is None:
+            member = self.members[sid] = Member(key, [0.0] * len(counters))
+        elif member.key != key:
+            self._leave(member)
+            member.counters = [0.0] * len(counters)
+            member.gauges = (0, 0, 0)
+            member.key = key
+        else:
+            self._subtract(group, member)
+            for i, (old, now) in enumerate(zip(member.counters, counters, strict=True)):
+                if now < old:  # the SIM's counter started again: its old count stays
+                    group.carried[i] += old
+        member.counters = counters
+        member.gauges = gauges
+        member.record = record
+        member.version = record.version
+        for i, value in enumerate(counters):
+            group.members[i] += value
+        for i, value in enumerate(gauges):
+            group.gauges[i] += value
+
+    def _leave(self, member: Member) -> None:
+        """A member leaves its group: its count stays there as a carried remainder."""
+        group = self.groups[member.key]
+        self._subtract(group, member)
+        for i, value in enumerate(member.counters):
+            group.carried[i] += value
+
+    @staticmethod
+    def _subtract(group: Group, member: Member) -> None:
+        for i, value in enumerate(member.counters):
+            group.members[i] -= value
+        for i, value in enumerate(member.gauges):
+            group.gauges[i] -= value
+
+    def _group_of(self, record: SimRecord, account: SimAccount, member: Member | None) -> GroupKey:
+        if not self.by:
+            return ()
+        configured = dict(record.labels)
+        previous = None if member is None or member.key == self._other else member.key
+        values = []
+        for i, read in self._readers:
+            if read is None:
+                values.append(configured.get(self.by[i], ""))
+                continue
+            value = read(record, account)
+            if not value and previous is not None:
+                value = previous[i]  # not known (yet): the SIM stays where it was
+            values.append(value)
+        key = tuple(values)
+        if key in self.groups:
+            return key
+        made = len(self.groups) - (self._other in self.groups)
+        return key if made < self.max_groups else self._other
+
+    def _group(self, key: GroupKey) -> Group:
+        group = self.groups.get(key)
+        if group is None:
+            count = len(self.sources)
+            group = self.groups[key] = Group([0.0] * count, [0.0] * count)
+        return group
+
+    # ------------------------------------------------------------------ reading
+
+    def labels(self, key: GroupKey) -> dict[str, str]:
+        return dict(zip(self.by, key, strict=True))
+
+    def totals(self) -> list[tuple[GroupKey, list[float], list[int]]]:
+        """``(group, counter per source, gauge per GAUGES)`` for every group, sorted."""
+        return [
+            (key, group.counters(), list(group.gauges))
+            for key, group in sorted(self.groups.items())
+        ]
+
+    # ------------------------------------------------------------------ the state file
+
+    def remembered(self) -> tuple[dict[GroupKey, dict[str, float]], dict[str, AggregateMember]]:
+        """What a restart needs: each group's carried remainders and each SIM's group and
+        contribution, by source key."""
+        keys = [source.key for source in self.sources]
+        groups = {key: dict(zip(keys, g.carried, strict=True)) for key, g in self.groups.items()}
+        members = {
+            sid: AggregateMember(m.key, dict(zip(keys, m.counters, strict=True)))
+            for sid, m in self.members.items()
+        }
+        return groups, members
+
+    def restore(
+        self, groups: Mapping[GroupKey, Mapping[str, float]], members: Mapping[str, AggregateMember]
+    ) -> None:
+        """Take up what :meth:`remembered` returned before a restart (keys of other lengths
+        than ``by``, and sources this exporter does not have, are left out). Each SIM counts
+        as contributing what it did, until its next update."""
+        keys = [source.key for source in self.sources]
+        width = len(self.by)
+        for key, carried in groups.items():
+            if len(key) == width:
+                group = self._group(key)
+                group.carried = [float(carried.get(k, 0.0)) for k in keys]
+        for sid, remembered in members.items():
+            if len(remembered.key) != width:
+                continue
+            group = self._group(remembered.key)
+            counters = [float(remembered.counters.get(k, 0.0)) for k in keys]
+            self.members[sid] = Member(remembered.key, counters)
+            for i, value in enumerate(counters):
+                group.members[i] += value
+        self._seen = None
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateMember:
+    """A SIM's group and contribution (by source key), as the state file keeps them."""
+
+    key: GroupKey
+    counters: Mapping[str, float]
