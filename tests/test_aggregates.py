@@ -21,7 +21,7 @@ from twilio_wireless_exporter.config.metrics import SIM_ATTRIBUTE_LABELS
 from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SessionAttributes, SimAccount
 from twilio_wireless_exporter.fleet.aggregates import ATTRIBUTE_LABELS, OTHER, FleetAggregates
 from twilio_wireless_exporter.fleet.persist import StateIdentity, StateStore, read_state
-from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_exporter.fleet.state import FleetState, SimRecord, SimUsage
 
 SIDS = [f"DE{n:032x}" for n in range(5)]
 SITES = ["berlin", "paris", "rome"]
@@ -41,17 +41,26 @@ def poll(state: FleetState, sid: str, grow: int, up: bool = True) -> None:
     acct.packets_uploaded_total += 3 * grow
     acct.packets_downloaded_total += 5 * grow
     acct.open_sessions = grow % 3
+    record = state.sims[sid]
+    if record.usage is None:
+        record.usage = SimUsage()
+    record.usage.ledger.upload_total += 7 * grow
+    record.usage.ledger.download_total += 11 * grow
     state.record_success(sid, ListingOutcome(), now=1.0)
 
 
-def counters_of(acct: SimAccount) -> list[float]:
+def counters_of(record: SimRecord) -> list[float]:
+    acct = record.account
     if not acct.baselined:
-        return [0.0] * 4
+        return [0.0] * 6
+    usage = record.usage
     return [
         float(acct.started_total),
         float(acct.ended_total),
         float(acct.packets_uploaded_total),
         float(acct.packets_downloaded_total),
+        0.0 if usage is None else float(usage.ledger.upload_total),
+        0.0 if usage is None else float(usage.ledger.download_total),
     ]
 
 
@@ -65,8 +74,8 @@ class Model:
     def observe(self, state: FleetState) -> None:
         for sid, record in state.sims.items():
             key = (dict(record.labels)["site"], record.identity.status)
-            now = counters_of(record.account)
-            total = self.totals.setdefault(key, [0.0] * 4)
+            now = counters_of(record)
+            total = self.totals.setdefault(key, [0.0] * 6)
             before = self.seen.get(sid)
             for i, value in enumerate(now):
                 if before is None or before[0] != key:
@@ -143,11 +152,11 @@ def test_counters_are_monotonic_and_match_the_model(ops: list[tuple[object, ...]
         # members' counters plus carried remainders, and gauges are the members' sums
         for key, group in aggregates.groups.items():
             members = [
-                (counters_of(r.account), r)
+                (counters_of(r), r)
                 for sid, r in state.sims.items()
                 if aggregates.members[sid].key == key
             ]
-            sums = [sum(c[i] for c, _ in members) for i in range(4)]
+            sums = [sum(c[i] for c, _ in members) for i in range(6)]
             assert group.members == sums
             assert group.counters() == [c + s for c, s in zip(group.carried, sums, strict=True)]
             assert all(c >= 0 for c in group.carried)
@@ -171,8 +180,8 @@ def test_without_moves_the_aggregates_are_the_sums_of_the_sims() -> None:
     aggregates = FleetAggregates(("site",))
     aggregates.update(state)
     assert aggregates.totals() == [
-        (("berlin",), [20.0, 10.0, 60.0, 100.0], [2, 2, 0]),
-        (("paris",), [10.0, 5.0, 30.0, 50.0], [1, 1, 0]),
+        (("berlin",), [20.0, 10.0, 60.0, 100.0, 140.0, 220.0], [2, 2, 0]),
+        (("paris",), [10.0, 5.0, 30.0, 50.0, 70.0, 110.0], [1, 1, 0]),
     ]
 
 
@@ -180,7 +189,7 @@ def test_without_aggregate_by_there_is_one_group_for_the_fleet() -> None:
     state = fleet("berlin", "paris")
     aggregates = FleetAggregates(())
     aggregates.update(state)
-    assert aggregates.totals() == [((), [20.0, 10.0, 60.0, 100.0], [2, 2, 0])]
+    assert aggregates.totals() == [((), [20.0, 10.0, 60.0, 100.0, 140.0, 220.0], [2, 2, 0])]
 
 
 def test_groups_beyond_the_cap_go_to_other() -> None:
@@ -272,7 +281,10 @@ async def test_a_restart_keeps_the_carried_remainders(tmp_path: Path) -> None:
     state.ensure(SIDS[1], {"site": "paris"})  # moves: berlin keeps its 10 sessions
     state.retain(SIDS[:2])  # the paris SIM goes: paris keeps its 10
     before = totals_of(aggregates, state)
-    assert before == {("berlin",): [20.0, 10.0, 60.0, 100.0], ("paris",): [20.0, 10.0, 60.0, 100.0]}
+    assert before == {
+        ("berlin",): [20.0, 10.0, 60.0, 100.0, 140.0, 220.0],
+        ("paris",): [20.0, 10.0, 60.0, 100.0, 140.0, 220.0],
+    }
     await saved(path, state, aggregates)
 
     again, again_aggregates = restarted(path, ("site",), "berlin", "paris")
@@ -281,7 +293,12 @@ async def test_a_restart_keeps_the_carried_remainders(tmp_path: Path) -> None:
         again.resume(again.sims[sid])
         poll(again, sid, 1)
     after = totals_of(again_aggregates, again)
-    assert after == {("berlin",): [21.0, 10.0, 63.0, 105.0], ("paris",): [21.0, 10.0, 63.0, 105.0]}
+    # usage was not saved (no ledger had its baseline): each SIM's usage starts again from 0,
+    # and what it had before stays with its group
+    assert after == {
+        ("berlin",): [21.0, 10.0, 63.0, 105.0, 147.0, 231.0],
+        ("paris",): [21.0, 10.0, 63.0, 105.0, 147.0, 231.0],
+    }
 
 
 async def test_other_groupings_in_the_file_start_afresh(tmp_path: Path) -> None:
@@ -293,7 +310,8 @@ async def test_other_groupings_in_the_file_start_afresh(tmp_path: Path) -> None:
     await saved(path, state, aggregates)
     again, again_aggregates = restarted(path, ("status",), "berlin")
     # only the SIM still monitored: the remainders of the other grouping are gone
-    assert totals_of(again_aggregates, again) == {("",): [10.0, 5.0, 30.0, 50.0]}
+    # usage is unknown until the SIM's next usage read: it contributes nothing yet
+    assert totals_of(again_aggregates, again) == {("",): [10.0, 5.0, 30.0, 50.0, 0.0, 0.0]}
 
 
 async def test_a_state_file_of_schema_1_is_read_without_aggregates(tmp_path: Path) -> None:
@@ -312,7 +330,7 @@ async def test_a_state_file_of_schema_1_is_read_without_aggregates(tmp_path: Pat
     assert list(loaded.accounts) == [SIDS[0]]
     assert loaded.aggregate_by is None
     again, again_aggregates = restarted(path, ("site",), "berlin")
-    assert totals_of(again_aggregates, again) == {("berlin",): [10.0, 5.0, 30.0, 50.0]}
+    assert totals_of(again_aggregates, again) == {("berlin",): [10.0, 5.0, 30.0, 50.0, 0.0, 0.0]}
 
 
 @pytest.mark.parametrize(

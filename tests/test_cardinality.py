@@ -558,7 +558,7 @@ def test_the_aggregates_stay_with_per_sim_none() -> None:
     text = aggregated(config(per_sim="none"), polled_state())
     found = families_of(text.encode())
     assert found & PER_SIM == set()
-    assert {family.name for family in names.AGGREGATES} - found == {names.FLEET_DATA_BYTES.name}
+    assert {family.name for family in names.AGGREGATES} - found == set()
     # one group for the fleet: no labels
     assert parse_samples(text)[(names.FLEET_SIMS_UP.sample, ())] == 1.0
     assert parse_samples(text)[(names.FLEET_SESSIONS_STARTED.sample, ())] == 1.0

@@ -84,28 +84,6 @@ class FleetCollector(Collector):
         if self._aggregates is not None:
             yield from aggregate_families(self._aggregates, self._state)
 
-
-def aggregate_families(aggregates: FleetAggregates, state: FleetState) -> Iterable[Metric]:
-    """The ``twilio_wireless_fleet_*`` families of ``aggregates``, brought up to date with
-    ``state`` first; a counter family without a source (data bytes before usage is read) is
-    left out."""
-    aggregates.update(state)
-    totals = aggregates.totals()
-    metrics: dict[str, Metric] = {}
-    for family in names.AGGREGATES:
-        metrics[family.name] = Metric(family.name, family.help, family.kind)
-    for key, counters, gauges in totals:
-        labels = aggregates.labels(key)
-        for source, value in zip(aggregates.sources, counters, strict=True):
-            family = source.family
-            metrics[family.name].add_sample(family.sample, {**labels, **dict(source.labels)}, value)
-        for family, count in zip(GAUGES, gauges, strict=True):
-            metrics[family.name].add_sample(family.sample, labels, float(count))
-    fed = {source.family.name for source in aggregates.sources} | {f.name for f in GAUGES}
-    for family in names.AGGREGATES:
-        if family.name in fed:
-            yield metrics[family.name]
-
     def _lifecycle(self) -> Iterable[Metric]:
         """SIMs by status, the rate plans and the account's usage."""
         state = self._state
@@ -155,6 +133,28 @@ def aggregate_families(aggregates: FleetAggregates, state: FleetState) -> Iterab
         yield commands
         if usage.last_success is not None:
             yield _single(names.ACCOUNT_USAGE_LAST_SUCCESS, usage.last_success)
+
+
+def aggregate_families(aggregates: FleetAggregates, state: FleetState) -> Iterable[Metric]:
+    """The ``twilio_wireless_fleet_*`` families of ``aggregates``, brought up to date with
+    ``state`` first; a counter family without a source (data bytes before usage is read) is
+    left out."""
+    aggregates.update(state)
+    totals = aggregates.totals()
+    metrics: dict[str, Metric] = {}
+    for family in names.AGGREGATES:
+        metrics[family.name] = Metric(family.name, family.help, family.kind)
+    for key, counters, gauges in totals:
+        labels = aggregates.labels(key)
+        for source, value in zip(aggregates.sources, counters, strict=True):
+            family = source.family
+            metrics[family.name].add_sample(family.sample, {**labels, **dict(source.labels)}, value)
+        for family, count in zip(GAUGES, gauges, strict=True):
+            metrics[family.name].add_sample(family.sample, labels, float(count))
+    fed = {source.family.name for source in aggregates.sources} | {f.name for f in GAUGES}
+    for family in names.AGGREGATES:
+        if family.name in fed:
+            yield metrics[family.name]
 
 
 def _flag(value: bool | None) -> str:

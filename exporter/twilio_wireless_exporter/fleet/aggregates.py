@@ -60,7 +60,9 @@ class CounterSource:
     """
 
     family: names.Family
-    value: Callable[[SimRecord, SimAccount], float]
+    value: Callable[[SimRecord, SimAccount], float | None]
+    """The SIM's counter; ``None`` while it is not known yet (usage held from the state file
+    until the SIM's next usage read): the SIM then keeps contributing what it did before."""
     labels: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -70,11 +72,21 @@ class CounterSource:
         return f"{self.family.name}{{{inner}}}"
 
 
+def _uploaded(record: SimRecord, _: SimAccount) -> float | None:
+    return None if record.usage is None else record.usage.ledger.upload_total
+
+
+def _downloaded(record: SimRecord, _: SimAccount) -> float | None:
+    return None if record.usage is None else record.usage.ledger.download_total
+
+
 DEFAULT_SOURCES: tuple[CounterSource, ...] = (
     CounterSource(names.FLEET_SESSIONS_STARTED, lambda r, a: a.started_total),
     CounterSource(names.FLEET_SESSIONS_ENDED, lambda r, a: a.ended_total),
     CounterSource(names.FLEET_PACKETS_UP, lambda r, a: a.packets_uploaded_total),
     CounterSource(names.FLEET_PACKETS_DOWN, lambda r, a: a.packets_downloaded_total),
+    CounterSource(names.FLEET_DATA_BYTES, _uploaded, (("direction", "upload"),)),
+    CounterSource(names.FLEET_DATA_BYTES, _downloaded, (("direction", "download"),)),
 )
 
 GAUGES: Final = (names.FLEET_SESSIONS_OPEN, names.FLEET_SIMS_UP, names.FLEET_SIMS_DOWN)
@@ -163,8 +175,12 @@ class FleetAggregates:
         self, sid: str, record: SimRecord, account: SimAccount, member: Member | None
     ) -> None:
         key = self._group_of(record, account, member)
+        prior = member.counters if member is not None else [0.0] * len(self.sources)
         if account.baselined:
-            counters = [float(source.value(record, account)) for source in self.sources]
+            counters = [
+                prior[i] if (value := source.value(record, account)) is None else float(value)
+                for i, source in enumerate(self.sources)
+            ]
             gauges = (
                 account.open_sessions,
                 int(record.up is True),
