@@ -50,7 +50,16 @@ def _log_uniform(rng: random.Random, lo: float, hi: float) -> float:
 class Lifecycle:
     """The episodes of one SIM, drawn lazily in time order."""
 
-    __slots__ = ("_cursor", "_next", "_plan", "_plans", "_rng", "episodes", "transitions")
+    __slots__ = (
+        "_cursor",
+        "_next",
+        "_plan",
+        "_plans",
+        "_rng",
+        "episodes",
+        "horizon",
+        "transitions",
+    )
 
     def __init__(self, seed: int, index: int, start: int, plan: int, plans: int) -> None:
         self._rng = random.Random(f"{seed}:lifecycle:{index}")
@@ -61,6 +70,16 @@ class Lifecycle:
         #: Status, reset and plan changes in time order, for the fleet's event queue.
         self.transitions: list[Transition] = []
         self._cursor = 0
+        #: No suspension begins before this time (nor has one begun that is not yet passed):
+        #: sessions before it need no look at the episodes (the session timeline's fast path).
+        self.horizon = self._next
+
+    def _refresh(self) -> None:
+        episodes = self.episodes
+        cursor = self._cursor
+        while cursor < len(episodes) and episodes[cursor].kind != "suspended":
+            cursor += 1
+        self.horizon = episodes[cursor].start if cursor < len(episodes) else self._next
 
     def until(self, t: int) -> None:
         """Draw every episode that starts at or before ``t``."""
@@ -90,6 +109,7 @@ class Lifecycle:
                 self.transitions.append(Transition(at, "plan", plan))
             self.episodes.append(episode)
             self._next = end + 1 + int(rng.expovariate(1.0 / MEAN_GAP))
+        self._refresh()
 
     def next_transition(self, after: int) -> Transition:
         """The first transition at index ``after`` (drawing more episodes as needed)."""
@@ -108,6 +128,7 @@ class Lifecycle:
         ):
             cursor += 1
         self._cursor = cursor
+        self._refresh()
         return episodes[cursor] if cursor < len(episodes) else None
 
     def resume(self, t: int) -> int:

@@ -1071,7 +1071,7 @@ class Fleet:
         life = sim.life
         added = False
         while gen.next_start <= now and (stop_at is None or gen.next_start < stop_at):
-            if life is not None:
+            if life is not None and gen.next_start >= life.horizon:
                 # No session starts while the SIM is suspended (lifecycle).
                 resumed = life.resume(gen.next_start)
                 if resumed != gen.next_start:
@@ -1098,7 +1098,7 @@ class Fleet:
         if p.stop_at is not None and end > p.stop_at:
             end = max(start + 60, p.stop_at)
         life = sim.life
-        if life is not None:
+        if life is not None and end > life.horizon:
             end = life.cut(start, end)
         gen.next_start = end + gap
 
