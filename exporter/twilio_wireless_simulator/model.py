@@ -1038,7 +1038,7 @@ class Fleet:
             down_ratio=rng.uniform(0.6, 4.0),
             radio=radio,
             alt_radio=fallback[radio],
-            traveller=rng.random() < 0.04,
+            traveller=rng.random() < 0.10,
             stop_at=stop_at,
         )
         country = COUNTRIES[

@@ -74,7 +74,7 @@ class RatePlanView:
 #: order of the fleet's plan SIDs: the first is the one most SIMs have.
 PLAN_TEMPLATES: Final = (
     ("iot-500mb", "IoT 500 MB", 500, True, 500, ("data", "messaging"), 100, "payg", "block"),
-    ("tracker-50mb", "Tracker 50 MB", 50, True, 50, ("data", "messaging"), 20, "quota-1", "block"),
-    ("unlimited", "Unlimited", None, True, None, ("data", "messaging"), None, "payg", "throttle"),
     ("home-only-20mb", "Home only 20 MB", 20, False, 0, ("messaging",), 0, "quota-1", "block"),
+    ("unlimited", "Unlimited", None, True, None, ("data", "messaging"), None, "payg", "throttle"),
+    ("tracker-50mb", "Tracker 50 MB", 50, True, 50, ("data", "messaging"), 20, "quota-1", "block"),
 )
