@@ -275,6 +275,21 @@ async def test_account_totals_are_the_sum_of_the_sims_final_bytes(fleet_sim: Pai
     assert abs(after.upload - before.upload) <= 2 * fleet.bytes_per_packet(busiest) * 80
 
 
+def test_the_account_ledger_is_built_in_steps_and_keeps_what_a_step_did() -> None:
+    fleet = Fleet(SimClock(), sims=450, seed=6, retention=DAY, usage_lag=0.0)
+    fleet.clock.advance(2 * DAY)
+    steps = fleet.account_usage_steps()
+    next(steps)  # a first share of the SIMs, then the request is abandoned
+    steps.close()
+    begin = START - DAY
+    account = fleet.usage_totals(None, start=begin, final=True)
+    sims = [fleet.usage_totals(sid, start=begin, final=True) for sid in fleet.sim_sids()]
+    assert account.upload == sum(t.upload for t in sims) > 0
+    assert account.download == sum(t.download for t in sims)
+    assert account.commands_to_sim == sum(t.commands_to_sim for t in sims) > 0
+    assert len(list(fleet.account_usage_steps())) == 2  # every 200 SIMs, even with nothing new
+
+
 async def test_bytes_follow_the_packets_even_after_sessions_age_out() -> None:
     config = SimulatorConfig(sims=12, seed=9, retention=DAY, usage_lag=0.0, usage_final_after=0.0)
     async with running(config) as (sim, _):
