@@ -19,6 +19,7 @@ from twilio.rest import Client
 from tests.simulator_support import (
     TWILIO_ERROR_SCHEMA,
     get_json,
+    kore_openapi,
     kore_response_schema,
     list_all,
     query_of,
@@ -56,6 +57,8 @@ FRANCE = COUNTRIES[3].operators[0]
 GERMANY = COUNTRIES[0].operators[1]
 
 Pair = tuple[RunningSimulator, aiohttp.ClientSession]
+#: KORE's error body of the usage and rate plan resources (Twilio's satisfies it).
+KORE_ERROR_SCHEMA = kore_openapi()["components"]["schemas"]["UsageApiErrorResponse"]
 
 
 def _q(t: int) -> str:
@@ -533,6 +536,7 @@ async def test_bad_parameters_are_twilio_400s(
         status, body, _ = await get_json(http, f"{sim.url}{path}?{query}")
         assert status == 400, (path, body)
         validate(TWILIO_ERROR_SCHEMA, body)
+        validate(KORE_ERROR_SCHEMA, body)
         assert body["code"] == code
         assert needle in body["message"]
 
@@ -542,6 +546,7 @@ async def test_unknown_sim_and_foreign_tokens(fleet_sim: Pair) -> None:
     missing = "DE" + "f" * 32
     status, body, _ = await get_json(http, f"{sim.url}/v1/Sims/{missing}/UsageRecords")
     assert status == 404
+    validate(KORE_ERROR_SCHEMA, body)
     assert body == {
         "code": 20404,
         "message": f"The requested resource /v1/Sims/{missing}/UsageRecords was not found",
