@@ -44,6 +44,7 @@ from twilio_wireless_simulator import (
     start_simulator,
 )
 from twilio_wireless_simulator.cli import build_parser, config_from_args
+from twilio_wireless_simulator.usage import HourSeries, floor_hour
 
 HOUR = 3600
 DAY = 86400
@@ -879,3 +880,66 @@ def test_reported_usage_never_decreases(
             assert sum(r.bytes.total for r in daily) == sum(r.bytes.total for r in hourly)
             final = fleet.usage_totals(sid, start=begin, end=end, final=True)
             assert sum(r.bytes.total for r in hourly) <= final.total
+
+
+segments_strategy = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=5 * DAY),
+        st.integers(min_value=0, max_value=3 * DAY),
+        st.integers(min_value=0, max_value=10**12),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(segments=segments_strategy, cut=st.integers(min_value=0, max_value=8 * DAY))
+def test_hour_series_splits_exactly(segments: list[tuple[int, int, int]], cut: int) -> None:
+    """Every segment's hours add up to its total, none is negative, and taking the segments
+    out again leaves nothing: the account ledger relies on all three."""
+    series = HourSeries()
+    lo, hi = 0, 9 * DAY
+    for ta, length, total in segments:
+        alone = HourSeries()
+        alone.add(START + ta, START + ta + length, total)
+        values = alone.values(START + lo, START + hi)
+        assert sum(values) == total
+        assert min(values) >= 0
+        # only the hours the segment touches hold any of it
+        first, last = (START + ta) // HOUR, (START + ta + max(length, 1) - 1) // HOUR
+        held = [i for i, v in enumerate(values) if v]
+        assert all(first <= (START + lo) // HOUR + i <= last for i in held)
+        series.add(START + ta, START + ta + length, total)
+    whole = series.values(START + lo, START + hi)
+    assert sum(whole) == sum(total for _, _, total in segments)
+    # reading a range in two parts gives the same hours
+    split = floor_hour(START + cut)
+    assert series.values(START + lo, split) + series.values(split, START + hi) == whole
+    for ta, length, total in segments:
+        series.add(START + ta, START + ta + length, total, sign=-1)
+    assert not any(series.values(START + lo, START + hi))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(min_value=0, max_value=1000),
+    steps=st.lists(st.floats(min_value=0.0, max_value=3 * DAY), min_size=1, max_size=6),
+)
+def test_lifecycle_does_not_depend_on_how_time_is_read(seed: int, steps: list[float]) -> None:
+    walked = Fleet(SimClock(), sims=20, seed=seed)
+    for step in steps:
+        walked.clock.advance(step)
+        list(walked)
+        for sid in walked.sim_sids()[::3]:
+            walked.listing(sid)
+    jumped = Fleet(SimClock(), sims=20, seed=seed)
+    jumped.clock.advance(walked.clock.now() - jumped.clock.now())
+    assert [(s.status, s.rate_plan_sid, s.reset_status, s.date_updated) for s in walked] == [
+        (s.status, s.rate_plan_sid, s.reset_status, s.date_updated) for s in jumped
+    ]
+    for sid in walked.sim_sids():
+        assert walked.listing(sid) == jumped.listing(sid)
+        assert walked.usage_totals(sid, start=START - DAY) == jumped.usage_totals(
+            sid, start=START - DAY
+        )

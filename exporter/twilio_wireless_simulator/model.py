@@ -18,7 +18,7 @@ import heapq
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
@@ -1789,7 +1789,7 @@ class Fleet:
             self._account_sim(sim, self._now(), -1)
         sim.touched = True
 
-    def account_usage_steps(self) -> Iterator[None]:
+    def account_usage_steps(self) -> Generator[None, None, None]:
         """Bring the account ledger up to now, yielding now and then so a server can answer
         other requests in between (the first time, every generated SIM is summed)."""
         now = self._now()
