@@ -27,7 +27,7 @@ from typing import Any, Final, NamedTuple
 import msgspec
 
 from .lifecycle import Episode, Lifecycle
-from .plans import PLAN_TEMPLATES, RatePlanView
+from .plans import RatePlanView, make_plans
 from .usage import (
     DAY,
     FROM_SIM,
@@ -914,7 +914,7 @@ class Fleet:
         self._sims_version = 0
         self._sims_cache: dict[tuple[str | None, str | None, str | None, int], _SimsListing] = {}
         self._rate_plans = tuple("WP" + _hex("plan", seed, k) for k in range(_RATE_PLANS))
-        self._plans = self._make_plans()
+        self._plans = make_plans(self._rate_plans, account_sid, self._origin - 400 * 86400)
         self.usage_revision = Revision(seed, usage_lag, usage_final_after)
         self.usage_retention = float(usage_retention)
         self.usage_unit = usage_unit
@@ -1526,34 +1526,6 @@ class Fleet:
         session.sim.version += 1
 
     # -- rate plans ------------------------------------------------------------------------
-
-    def _make_plans(self) -> list[RatePlanView]:
-        created = self._origin - 400 * 86400
-        plans = []
-        for k, sid in enumerate(self._rate_plans):
-            name, friendly, limit, national, national_limit, abroad, abroad_limit, metering, how = (
-                PLAN_TEMPLATES[k % len(PLAN_TEMPLATES)]
-            )
-            plans.append(
-                RatePlanView(
-                    sid=sid,
-                    account_sid=self.account_sid,
-                    unique_name=name if k < len(PLAN_TEMPLATES) else f"{name}-{k}",
-                    friendly_name=friendly,
-                    data_enabled=True,
-                    data_metering=metering,
-                    data_limit=limit,
-                    national_roaming_enabled=national,
-                    national_roaming_data_limit=national_limit,
-                    international_roaming=abroad,
-                    international_roaming_data_limit=abroad_limit,
-                    messaging_enabled=True,
-                    data_limit_strategy=how,
-                    date_created=created + k * 86400,
-                    date_updated=created + k * 86400,
-                )
-            )
-        return plans
 
     def rate_plans(self) -> list[RatePlanView]:
         """The account's rate plans, in API order."""
