@@ -291,7 +291,7 @@ def test_the_account_ledger_is_built_in_steps_and_keeps_what_a_step_did() -> Non
     assert account.upload == sum(t.upload for t in sims) > 0
     assert account.download == sum(t.download for t in sims)
     assert account.commands_to_sim == sum(t.commands_to_sim for t in sims) > 0
-    assert len(list(fleet.account_usage_steps())) == 2  # every 200 SIMs, even with nothing new
+    assert len(list(fleet.account_usage_steps())) == 9  # every 50 SIMs, even with nothing new
 
 
 async def test_bytes_follow_the_packets_even_after_sessions_age_out() -> None:

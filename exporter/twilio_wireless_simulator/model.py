@@ -1770,7 +1770,7 @@ class Fleet:
                 continue
             self._extend(sim, now)
             self._account_sim(sim, now)
-            if k % 200 == 199:
+            if k % 50 == 49:
                 yield
         self._ledger.drop_before(floor_hour(now - int(self.usage_retention)) - DAY)
 
