@@ -767,6 +767,15 @@ async def test_sims_pages_show_the_changes(fleet_sim: Pair) -> None:
     one = next(i for i in items if i["sid"] == sid)
     assert one["reset_status"] == "resetting"
     validate(response_schema("/v1/Sims/{Sid}"), one)
+    plan = fleet.rate_plan("tracker-50mb")
+    assert plan is not None
+    fleet.set_sim_rate_plan(sid, plan.sid)
+    items, _ = await list_all(http, f"{sim.url}/v1/Sims?RatePlan={plan.sid}", "sims")
+    assert sid in [i["sid"] for i in items]
+    assert all(i["rate_plan_sid"] == plan.sid for i in items)
+    _, one, _ = await get_json(http, f"{sim.url}/v1/Sims/{sid}")
+    assert (one["status"], one["rate_plan_sid"]) == ("suspended", plan.sid)
+    assert one["links"]["rate_plan"] == f"{sim.url}/v1/RatePlans/{plan.sid}"
 
 
 # ------------------------------------------------------------------------------------------
