@@ -19,6 +19,7 @@ from twilio.rest import Client
 from tests.simulator_support import (
     TWILIO_ERROR_SCHEMA,
     get_json,
+    kore_openapi,
     kore_response_schema,
     list_all,
     query_of,
@@ -43,6 +44,7 @@ from twilio_wireless_simulator import (
     start_simulator,
 )
 from twilio_wireless_simulator.cli import build_parser, config_from_args
+from twilio_wireless_simulator.usage import HourSeries, floor_hour
 
 HOUR = 3600
 DAY = 86400
@@ -56,6 +58,8 @@ FRANCE = COUNTRIES[3].operators[0]
 GERMANY = COUNTRIES[0].operators[1]
 
 Pair = tuple[RunningSimulator, aiohttp.ClientSession]
+#: KORE's error body of the usage and rate plan resources (Twilio's satisfies it).
+KORE_ERROR_SCHEMA = kore_openapi()["components"]["schemas"]["UsageApiErrorResponse"]
 
 
 def _q(t: int) -> str:
@@ -273,6 +277,21 @@ async def test_account_totals_are_the_sum_of_the_sims_final_bytes(fleet_sim: Pai
     sims = [fleet.usage_totals(sid, start=begin, final=True) for sid in fleet.sim_sids()]
     assert after.upload == sum(t.upload for t in sims)
     assert abs(after.upload - before.upload) <= 2 * fleet.bytes_per_packet(busiest) * 80
+
+
+def test_the_account_ledger_is_built_in_steps_and_keeps_what_a_step_did() -> None:
+    fleet = Fleet(SimClock(), sims=450, seed=6, retention=DAY, usage_lag=0.0)
+    fleet.clock.advance(2 * DAY)
+    steps = fleet.account_usage_steps()
+    next(steps)  # a first share of the SIMs, then the request is abandoned
+    steps.close()
+    begin = START - DAY
+    account = fleet.usage_totals(None, start=begin, final=True)
+    sims = [fleet.usage_totals(sid, start=begin, final=True) for sid in fleet.sim_sids()]
+    assert account.upload == sum(t.upload for t in sims) > 0
+    assert account.download == sum(t.download for t in sims)
+    assert account.commands_to_sim == sum(t.commands_to_sim for t in sims) > 0
+    assert len(list(fleet.account_usage_steps())) == 9  # every 50 SIMs, even with nothing new
 
 
 async def test_bytes_follow_the_packets_even_after_sessions_age_out() -> None:
@@ -518,6 +537,7 @@ async def test_bad_parameters_are_twilio_400s(
         status, body, _ = await get_json(http, f"{sim.url}{path}?{query}")
         assert status == 400, (path, body)
         validate(TWILIO_ERROR_SCHEMA, body)
+        validate(KORE_ERROR_SCHEMA, body)
         assert body["code"] == code
         assert needle in body["message"]
 
@@ -527,6 +547,7 @@ async def test_unknown_sim_and_foreign_tokens(fleet_sim: Pair) -> None:
     missing = "DE" + "f" * 32
     status, body, _ = await get_json(http, f"{sim.url}/v1/Sims/{missing}/UsageRecords")
     assert status == 404
+    validate(KORE_ERROR_SCHEMA, body)
     assert body == {
         "code": 20404,
         "message": f"The requested resource /v1/Sims/{missing}/UsageRecords was not found",
@@ -746,6 +767,15 @@ async def test_sims_pages_show_the_changes(fleet_sim: Pair) -> None:
     one = next(i for i in items if i["sid"] == sid)
     assert one["reset_status"] == "resetting"
     validate(response_schema("/v1/Sims/{Sid}"), one)
+    plan = fleet.rate_plan("tracker-50mb")
+    assert plan is not None
+    fleet.set_sim_rate_plan(sid, plan.sid)
+    items, _ = await list_all(http, f"{sim.url}/v1/Sims?RatePlan={plan.sid}", "sims")
+    assert sid in [i["sid"] for i in items]
+    assert all(i["rate_plan_sid"] == plan.sid for i in items)
+    _, one, _ = await get_json(http, f"{sim.url}/v1/Sims/{sid}")
+    assert (one["status"], one["rate_plan_sid"]) == ("suspended", plan.sid)
+    assert one["links"]["rate_plan"] == f"{sim.url}/v1/RatePlans/{plan.sid}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -859,3 +889,66 @@ def test_reported_usage_never_decreases(
             assert sum(r.bytes.total for r in daily) == sum(r.bytes.total for r in hourly)
             final = fleet.usage_totals(sid, start=begin, end=end, final=True)
             assert sum(r.bytes.total for r in hourly) <= final.total
+
+
+segments_strategy = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=5 * DAY),
+        st.integers(min_value=0, max_value=3 * DAY),
+        st.integers(min_value=0, max_value=10**12),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(segments=segments_strategy, cut=st.integers(min_value=0, max_value=8 * DAY))
+def test_hour_series_splits_exactly(segments: list[tuple[int, int, int]], cut: int) -> None:
+    """Every segment's hours add up to its total, none is negative, and taking the segments
+    out again leaves nothing: the account ledger relies on all three."""
+    series = HourSeries()
+    lo, hi = 0, 9 * DAY
+    for ta, length, total in segments:
+        alone = HourSeries()
+        alone.add(START + ta, START + ta + length, total)
+        values = alone.values(START + lo, START + hi)
+        assert sum(values) == total
+        assert min(values) >= 0
+        # only the hours the segment touches hold any of it
+        first, last = (START + ta) // HOUR, (START + ta + max(length, 1) - 1) // HOUR
+        held = [i for i, v in enumerate(values) if v]
+        assert all(first <= (START + lo) // HOUR + i <= last for i in held)
+        series.add(START + ta, START + ta + length, total)
+    whole = series.values(START + lo, START + hi)
+    assert sum(whole) == sum(total for _, _, total in segments)
+    # reading a range in two parts gives the same hours
+    split = floor_hour(START + cut)
+    assert series.values(START + lo, split) + series.values(split, START + hi) == whole
+    for ta, length, total in segments:
+        series.add(START + ta, START + ta + length, total, sign=-1)
+    assert not any(series.values(START + lo, START + hi))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(min_value=0, max_value=1000),
+    steps=st.lists(st.floats(min_value=0.0, max_value=3 * DAY), min_size=1, max_size=6),
+)
+def test_lifecycle_does_not_depend_on_how_time_is_read(seed: int, steps: list[float]) -> None:
+    walked = Fleet(SimClock(), sims=20, seed=seed)
+    for step in steps:
+        walked.clock.advance(step)
+        list(walked)
+        for sid in walked.sim_sids()[::3]:
+            walked.listing(sid)
+    jumped = Fleet(SimClock(), sims=20, seed=seed)
+    jumped.clock.advance(walked.clock.now() - jumped.clock.now())
+    assert [(s.status, s.rate_plan_sid, s.reset_status, s.date_updated) for s in walked] == [
+        (s.status, s.rate_plan_sid, s.reset_status, s.date_updated) for s in jumped
+    ]
+    for sid in walked.sim_sids():
+        assert walked.listing(sid) == jumped.listing(sid)
+        assert walked.usage_totals(sid, start=START - DAY) == jumped.usage_totals(
+            sid, start=START - DAY
+        )

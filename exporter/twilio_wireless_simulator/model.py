@@ -26,23 +26,15 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
+from .fleet_usage import FleetUsage
 from .lifecycle import Episode, Lifecycle
-from .plans import PLAN_TEMPLATES, RatePlanView
+from .plans import RatePlanView, make_plans
 from .usage import (
-    DAY,
-    FROM_SIM,
-    GRANULARITIES,
-    HOUR,
-    TO_SIM,
     UNIT_FACTORS,
     Revision,
     Series,
     UsageTotals,
     UsageView,
-    build_records,
-    floor_hour,
-    month_before,
-    totals_of,
 )
 
 __all__ = [
@@ -845,7 +837,7 @@ _FRIENDLY = (
 _RATE_PLANS = 4
 
 
-class Fleet:
+class Fleet(FleetUsage):
     """The simulated fleet: generated SIMs (``sims`` of them, from ``seed``) plus scripted ones.
 
     ``retention``: sessions whose end is older than ``now - retention`` are no longer listed.
@@ -914,7 +906,7 @@ class Fleet:
         self._sims_version = 0
         self._sims_cache: dict[tuple[str | None, str | None, str | None, int], _SimsListing] = {}
         self._rate_plans = tuple("WP" + _hex("plan", seed, k) for k in range(_RATE_PLANS))
-        self._plans = self._make_plans()
+        self._plans = make_plans(self._rate_plans, account_sid, self._origin - 400 * 86400)
         self.usage_revision = Revision(seed, usage_lag, usage_final_after)
         self.usage_retention = float(usage_retention)
         self.usage_unit = usage_unit
@@ -1038,7 +1030,7 @@ class Fleet:
             down_ratio=rng.uniform(0.6, 4.0),
             radio=radio,
             alt_radio=fallback[radio],
-            traveller=rng.random() < 0.04,
+            traveller=rng.random() < 0.10,
             stop_at=stop_at,
         )
         country = COUNTRIES[
@@ -1071,7 +1063,7 @@ class Fleet:
         life = sim.life
         added = False
         while gen.next_start <= now and (stop_at is None or gen.next_start < stop_at):
-            if life is not None:
+            if life is not None and gen.next_start >= life.horizon:
                 # No session starts while the SIM is suspended (lifecycle).
                 resumed = life.resume(gen.next_start)
                 if resumed != gen.next_start:
@@ -1098,7 +1090,7 @@ class Fleet:
         if p.stop_at is not None and end > p.stop_at:
             end = max(start + 60, p.stop_at)
         life = sim.life
-        if life is not None:
+        if life is not None and end > life.horizon:
             end = life.cut(start, end)
         gen.next_start = end + gap
 
@@ -1527,34 +1519,6 @@ class Fleet:
 
     # -- rate plans ------------------------------------------------------------------------
 
-    def _make_plans(self) -> list[RatePlanView]:
-        created = self._origin - 400 * 86400
-        plans = []
-        for k, sid in enumerate(self._rate_plans):
-            name, friendly, limit, national, national_limit, abroad, abroad_limit, metering, how = (
-                PLAN_TEMPLATES[k % len(PLAN_TEMPLATES)]
-            )
-            plans.append(
-                RatePlanView(
-                    sid=sid,
-                    account_sid=self.account_sid,
-                    unique_name=name if k < len(PLAN_TEMPLATES) else f"{name}-{k}",
-                    friendly_name=friendly,
-                    data_enabled=True,
-                    data_metering=metering,
-                    data_limit=limit,
-                    national_roaming_enabled=national,
-                    national_roaming_data_limit=national_limit,
-                    international_roaming=abroad,
-                    international_roaming_data_limit=abroad_limit,
-                    messaging_enabled=True,
-                    data_limit_strategy=how,
-                    date_created=created + k * 86400,
-                    date_updated=created + k * 86400,
-                )
-            )
-        return plans
-
     def rate_plans(self) -> list[RatePlanView]:
         """The account's rate plans, in API order."""
         return list(self._plans)
@@ -1646,252 +1610,3 @@ class Fleet:
         sim.reset_status = reset_status
         sim.date_updated = self._now()
         self._sims_version += 1
-
-    # -- usage -----------------------------------------------------------------------------
-
-    def _usage_params(self, sim: _Sim) -> _Sim:
-        """The SIM's seeded usage parameters, drawn on first use (from their own hash, so the
-        session timelines stay what they were)."""
-        if sim.cmd_rates is None:
-            rng = random.Random(f"{self.seed}:usage:{sim.sid}")
-            sim.bpp = int(_log_uniform(rng, 40.0, 400.0))
-            sim.unit = self.usage_unit
-            if sim.scripted or sim.base_status != "active" or rng.random() < 0.5:
-                sim.cmd_rates = (0.0, 0.0)
-            else:
-                sim.cmd_rates = (_log_uniform(rng, 0.2, 8.0), _log_uniform(rng, 0.2, 8.0))
-        return sim
-
-    def bytes_per_packet(self, sim_sid: str) -> int:
-        """How many bytes one packet of this SIM's sessions carries in its usage records."""
-        return self._usage_params(self._sim(sim_sid)).bpp
-
-    def sim_unit(self, sim_sid: str) -> str:
-        """The ``units`` of the SIM's usage records."""
-        return self._usage_params(self._sim(sim_sid)).unit
-
-    def set_sim_unit(self, sim_sid: str, unit: str) -> None:
-        """Serve the SIM's usage records in ``unit`` (``bytes``, ``kilobytes``, ``megabytes``)
-        from now on; the usage itself does not change, only how it is written (rounded down)."""
-        if unit not in UNIT_FACTORS:
-            raise ValueError(f"unit must be one of {tuple(UNIT_FACTORS)}, got {unit!r}")
-        self._usage_params(self._sim(sim_sid)).unit = unit
-
-    def record_commands(
-        self, sim_sid: str, *, from_sim: int = 0, to_sim: int = 0, at: float | None = None
-    ) -> None:
-        """Add commands the SIM sent (``from_sim``) and received (``to_sim``) at ``at``
-        (default now) to its usage."""
-        if from_sim < 0 or to_sim < 0:
-            raise ValueError("command counts are not negative")
-        sim = self._sim(sim_sid)
-        self._untrack(sim)
-        t = self._now() if at is None else int(at)
-        if sim.script_cmds is None:
-            sim.script_cmds = Series()
-        sim.script_cmds.add(FROM_SIM, t, t, from_sim)
-        sim.script_cmds.add(TO_SIM, t, t, to_sim)
-
-    def _network(self, sim: _Sim, session: _Session) -> str | None:
-        """``None`` (home) or the roaming country of a session."""
-        country = session.operator.country
-        return None if not country or country == sim.home_country else country
-
-    def _archive(self, sim: _Sim, session: _Session, now: int) -> None:
-        """Keep the usage of a session leaving the listing (the usage records outlive it)."""
-        bpp = self._usage_params(sim).bpp
-        segments = tuple(
-            (ta, tb, up * bpp, down * bpp) for ta, tb, up, down in session.usage_segments()
-        )
-        archive = sim.archive
-        archive.append((self._network(sim, session), segments))
-        horizon = now - self.usage_retention
-        old = 0
-        while old < len(archive) - 1 and all(tb < horizon for _, tb, _, _ in archive[old][1]):
-            old += 1
-        if old:
-            del archive[:old]
-            sim.acct_n = max(0, sim.acct_n - old)
-
-    def _commands(self, sim: _Sim, day: int, series: Series, sign: int = 1) -> None:
-        """The seeded commands of one UTC day (a day before the fleet's origin has none)."""
-        rates = self._usage_params(sim).cmd_rates
-        if not rates or rates == (0.0, 0.0) or day < self._origin - DAY:
-            return
-        rng = random.Random(f"{self.seed}:commands:{sim.sid}:{day}")
-        for key, rate in ((FROM_SIM, rates[0]), (TO_SIM, rates[1])):
-            for _ in range(int(rng.uniform(0.0, 2.0 * rate))):
-                t = day + rng.randrange(24) * HOUR
-                series.add(key, t, t, 1, sign)
-
-    def _sim_series(self, sim: _Sim, lo: int, hi: int) -> Series:
-        """The SIM's final usage by hour, for hours in ``[lo, hi)`` (and possibly others)."""
-        self._extend(sim, self._now())
-        self._usage_params(sim)
-        series = Series()
-        bpp = sim.bpp
-        for network, segments in sim.archive:
-            for ta, tb, up, down in segments:
-                if tb >= lo and ta < hi:
-                    series.add_data(network, ta, tb, up, down)
-        for session in sim.sessions:
-            network = self._network(sim, session)
-            for ta, tb, up, down in session.usage_segments():
-                if tb >= lo and ta < hi:
-                    series.add_data(network, ta, tb, up * bpp, down * bpp)
-        day = max(lo - lo % DAY, self._origin - self._origin % DAY)
-        while day < hi:
-            self._commands(sim, day, series)
-            day += DAY
-        if sim.script_cmds is not None:
-            series.merge(sim.script_cmds)
-        return series
-
-    def _account_sim(self, sim: _Sim, now: int, sign: int = 1) -> None:
-        """Bring a generated SIM's part of the ledger up to ``now`` (``sign=-1``: take out all
-        it put in). Its archive and sessions are one sequence in time order, of which the first
-        ``acct_n`` are in the ledger; sessions only ever leave from the front, into the archive."""
-        self._usage_params(sim)
-        ledger = self._ledger
-        bpp = sim.bpp
-        archive = sim.archive
-        stop = sim.acct_n if sign < 0 else len(archive) + len(sim.sessions)
-        first = 0 if sign < 0 else sim.acct_n
-        for i in range(first, stop):
-            if i < len(archive):
-                network, segments = archive[i]
-                for ta, tb, up, down in segments:
-                    ledger.add_data(network, ta, tb, up, down, sign)
-            else:
-                session = sim.sessions[i - len(archive)]
-                network = self._network(sim, session)
-                for ta, tb, up, down in session.usage_segments():
-                    ledger.add_data(network, ta, tb, up * bpp, down * bpp, sign)
-        sim.acct_n = 0 if sign < 0 else stop
-        origin_day = self._origin - self._origin % DAY
-        done = origin_day if sim.acct_cmd_day is None else sim.acct_cmd_day
-        if sign < 0:
-            for day in range(origin_day, done, DAY):
-                self._commands(sim, day, ledger, -1)
-            sim.acct_cmd_day = None
-            return
-        today = now - now % DAY
-        for day in range(done, today + DAY, DAY):
-            self._commands(sim, day, ledger)
-        sim.acct_cmd_day = today + DAY
-
-    def _untrack(self, sim: _Sim) -> None:
-        """A script is about to change this SIM: from now on its usage is summed afresh."""
-        if sim.scripted or sim.touched:
-            sim.touched = True
-            return
-        if sim.acct_n or sim.acct_cmd_day is not None:
-            self._account_sim(sim, self._now(), -1)
-        sim.touched = True
-
-    def account_usage_steps(self) -> Iterator[None]:
-        """Bring the account ledger up to now, yielding now and then so a server can answer
-        other requests in between (the first time, every generated SIM is summed)."""
-        now = self._now()
-        for k, sim in enumerate(self._sims):
-            if sim.scripted or sim.touched:
-                continue
-            self._extend(sim, now)
-            self._account_sim(sim, now)
-            if k % 200 == 199:
-                yield
-        self._ledger.drop_before(floor_hour(now - int(self.usage_retention)) - DAY)
-
-    def _account_series(self, lo: int, hi: int) -> Series:
-        for _ in self.account_usage_steps():
-            pass
-        series = Series()
-        series.merge(self._ledger)
-        for sim in self._sims:
-            if sim.scripted or sim.touched:
-                series.merge(self._sim_series(sim, lo, hi))
-        return series
-
-    def usage_listing(
-        self,
-        sim_sid: str | None = None,
-        *,
-        granularity: str = "all",
-        start: int | None = None,
-        end: int | None = None,
-        final: bool = False,
-    ) -> tuple[list[int], list[UsageView]]:
-        """(paging keys, records) of ``GET /v1/Sims/{sim_sid}/UsageRecords`` (``sim_sid``
-        ``None``: ``GET /v1/UsageRecords``) now, for ``[start, end]`` in simulated unix seconds
-        (defaults: ``end`` now, ``start`` one calendar month before ``end``).
-
-        Hours that touch the range are listed (up to now, not older than ``usage_retention``);
-        periods are clipped to it. ``final``: every hour that has ended in full, as it will be
-        once revised.
-        The account's records sum the SIMs' bytes per hour before the lag's rounding, so they can
-        be up to a byte per SIM and hour above the sum of the SIMs' records.
-        """
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        now = self._now()
-        qe = now if end is None else int(end)
-        qs = month_before(qe) if start is None else int(start)
-        lo = floor_hour(max(qs, now - int(self.usage_retention)))
-        hi = max(lo, min(qe, now))
-        if sim_sid is None:
-            series = self._account_series(lo, hi)
-            sid, units = None, "bytes"
-        else:
-            sim = self._sim(sim_sid)
-            series = self._sim_series(sim, lo, hi)
-            sid, units = sim.sid, sim.unit
-        revision = self.usage_revision
-        return build_records(
-            series,
-            sim_sid=sid,
-            account_sid=self.account_sid,
-            units=units,
-            granularity=granularity,
-            start=qs,
-            end=qe,
-            lo=lo,
-            hi=hi,
-            fraction=(
-                (lambda hour: 1.0 if hour + HOUR <= now else 0.0)
-                if final
-                else (lambda hour: revision.fraction(hour, now))
-            ),
-        )
-
-    def usage_records(
-        self,
-        sim_sid: str | None = None,
-        *,
-        granularity: str = "all",
-        start: float | None = None,
-        end: float | None = None,
-        final: bool = False,
-    ) -> list[UsageView]:
-        """The usage records the API serves now (``final``: once fully revised); see
-        :meth:`usage_listing`. ``sim_sid=None``: the account's."""
-        return self.usage_listing(
-            sim_sid,
-            granularity=granularity,
-            start=None if start is None else int(start),
-            end=None if end is None else int(end),
-            final=final,
-        )[1]
-
-    def usage_totals(
-        self,
-        sim_sid: str | None = None,
-        *,
-        start: float | None = None,
-        end: float | None = None,
-        final: bool = False,
-    ) -> UsageTotals:
-        """Bytes and commands over ``[start, end]`` as reported now (``final``: once fully
-        revised), before any unit's rounding."""
-        return totals_of(
-            self.usage_records(sim_sid, granularity="hourly", start=start, end=end, final=final)
-        )

@@ -9,11 +9,11 @@ integers, KORE's as nullable ones: absence is what both accept).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-__all__ = ["PLAN_TEMPLATES", "RatePlanView"]
+__all__ = ["PLAN_TEMPLATES", "RatePlanView", "make_plans"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +74,37 @@ class RatePlanView:
 #: order of the fleet's plan SIDs: the first is the one most SIMs have.
 PLAN_TEMPLATES: Final = (
     ("iot-500mb", "IoT 500 MB", 500, True, 500, ("data", "messaging"), 100, "payg", "block"),
-    ("tracker-50mb", "Tracker 50 MB", 50, True, 50, ("data", "messaging"), 20, "quota-1", "block"),
-    ("unlimited", "Unlimited", None, True, None, ("data", "messaging"), None, "payg", "throttle"),
     ("home-only-20mb", "Home only 20 MB", 20, False, 0, ("messaging",), 0, "quota-1", "block"),
+    ("unlimited", "Unlimited", None, True, None, ("data", "messaging"), None, "payg", "throttle"),
+    ("tracker-50mb", "Tracker 50 MB", 50, True, 50, ("data", "messaging"), 20, "quota-1", "block"),
 )
+
+
+def make_plans(sids: Sequence[str], account_sid: str, created: int) -> list[RatePlanView]:
+    """One plan per SID, from :data:`PLAN_TEMPLATES` in order (round again with a numbered
+    unique name if there are more SIDs than templates), created a day apart from ``created``."""
+    plans = []
+    for k, sid in enumerate(sids):
+        name, friendly, limit, national, national_limit, abroad, abroad_limit, metering, how = (
+            PLAN_TEMPLATES[k % len(PLAN_TEMPLATES)]
+        )
+        plans.append(
+            RatePlanView(
+                sid=sid,
+                account_sid=account_sid,
+                unique_name=name if k < len(PLAN_TEMPLATES) else f"{name}-{k}",
+                friendly_name=friendly,
+                data_enabled=True,
+                data_metering=metering,
+                data_limit=limit,
+                national_roaming_enabled=national,
+                national_roaming_data_limit=national_limit,
+                international_roaming=abroad,
+                international_roaming_data_limit=abroad_limit,
+                messaging_enabled=True,
+                data_limit_strategy=how,
+                date_created=created + k * 86400,
+                date_updated=created + k * 86400,
+            )
+        )
+    return plans
