@@ -175,6 +175,41 @@ def test_plain_documents_take_the_lean_path(monkeypatch: pytest.MonkeyPatch) -> 
     }
 
 
+def test_the_lean_construction_keeps_no_string_of_the_node_tree() -> None:
+    """The strings that stay alive with the configuration are copies, so the node tree's memory
+    is freed whole (the reason is in ``loading._detached``)."""
+    loader = loading._FastLoader("sims:\n  - sid: DE" + "a" * 32 + "\n    labels: {k: v}\n")
+    try:
+        root = loader.get_single_node()
+        data = loading._construct_plain(loader, root, aliases=False)
+    finally:
+        loader.dispose()
+    assert data == {"sims": [{"sid": "DE" + "a" * 32, "labels": {"k": "v"}}]}
+    in_tree = {id(node.value) for node in _scalars(root)}
+    built = {id(text) for text in _strings(data)}
+    assert len(built) == 6  # sims, sid, labels, k, v and the SID
+    assert not in_tree & built
+
+
+def _scalars(node: yaml.Node) -> list[yaml.ScalarNode]:
+    if isinstance(node, yaml.ScalarNode):
+        return [node]
+    items = (
+        node.value if isinstance(node, yaml.SequenceNode) else [n for p in node.value for n in p]
+    )
+    return [scalar for item in items for scalar in _scalars(item)]
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for k, v in value.items() for text in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return []
+
+
 def test_aliases_go_the_constructors_way() -> None:
     """A node reached twice (an alias) is left to PyYAML's constructor, which shares the one
     object between both places; a "*" that is no alias (in a quoted string) stays lean."""
