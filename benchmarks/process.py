@@ -222,6 +222,17 @@ class LogFile:
         raise RuntimeError(f"{pattern.pattern!r} not in {self.path.name} within {limit:g} s")
 
 
+#: The environment of every child: compiled modules cached (in the run's own directory), as an
+#: installed package has them, even where the caller's environment turns that off.
+CHILD_ENV: dict[str, str] = {}
+
+
+def child_env(work: Path) -> None:
+    CHILD_ENV.clear()
+    CHILD_ENV.update({k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    CHILD_ENV["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+
+
 class Process:
     """A child process whose stderr goes to a log file; stopped with SIGTERM, then SIGKILL."""
 
@@ -231,7 +242,11 @@ class Process:
         self._stream = log.open("wb")
         self.started = time.time()
         self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=self._stream, stderr=subprocess.STDOUT
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self._stream,
+            stderr=subprocess.STDOUT,
+            env=CHILD_ENV or None,
         )
 
     def url(self, limit: float) -> str:
@@ -296,6 +311,15 @@ def write_config(
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def parse_seconds(text: str) -> float:
+    """``15s``, ``2m`` or a number of seconds (the forms the two interval flags take)."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", text.strip())
+    if match is None:
+        raise ValueError(f"not a duration: {text!r}")
+    return float(match.group(1)) * units[match.group(2) or "s"]
+
+
 def refused(config: Path) -> str | None:
     """Why ``--check-config`` refuses ``config``, or None if it is valid."""
     proc = subprocess.run(
@@ -303,6 +327,7 @@ def refused(config: Path) -> str | None:
         capture_output=True,
         text=True,
         check=False,
+        env=CHILD_ENV or None,
     )
     if proc.returncode == 0:
         return None
@@ -404,6 +429,7 @@ def run_child(args: list[str], limit: float) -> Any:
         text=True,
         timeout=limit,
         check=False,
+        env=CHILD_ENV or None,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"child {args[0]} failed:\n{proc.stderr[-2000:]}")
@@ -498,6 +524,8 @@ def mode_run(
         base = exporter.url(120)
         ready_s = wait_ready(base, 120 + len(sids) / 100)
         first = next((r for r in sim.log.requests() if r.exporter), None)
+        # every SIM has been polled once; its next polls spread over the interval that follows
+        time.sleep(0 if settings.quick else parse_seconds(settings.scrape_interval))
         one, each = scrape_counts(settings, len(sids))
         scenarios = [
             {"scrapers": scrapers, "count": count, "gzip": gz}
@@ -697,7 +725,8 @@ def run(settings: Settings, log: Any) -> dict[str, Any]:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="twe-process-bench-") as tmp:
         work = Path(tmp)
-        log("baseline: the command monitoring one SIM")
+        child_env(work)
+        log("baseline: the command monitoring one SIM (also compiles the modules once)")
         base = baseline_rss(settings, work)
         sizes = [one_size(settings, n, work, log) for n in settings.sims]
     for size in sizes:

@@ -160,28 +160,67 @@ def test_plain_documents_take_the_lean_path(monkeypatch: pytest.MonkeyPatch) -> 
     """The shortcut is taken for a fleet's file (else the tests above compare nothing)."""
     if not yaml.__with_libyaml__:
         pytest.skip("PyYAML was built without libyaml")
-    calls: list[str] = []
+    built: list[object] = []
     real = loading._load_plain
 
     def spy(text: str) -> object:
-        calls.append(text)
-        return real(text)
+        built.append(real(text))  # not reached when the lean path gives up
+        return built[-1]
 
     monkeypatch.setattr(loading, "_load_plain", spy)
     text = "sims:\n  - sid: DE" + "a" * 32 + "\n    labels: {site: berlin, n: 1, on: yes}\n"
     data = loading._parse_yaml(text)
-    assert calls == [text]
+    assert built == [data]
     assert data == {
         "sims": [{"sid": "DE" + "a" * 32, "labels": {"site": "berlin", "n": 1, True: True}}]
     }
 
 
-def test_an_alias_in_a_plain_document_is_the_same_object(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the constructor shares between aliases stays shared (it goes the constructor's
-    way), and a document without a "*" is not searched for aliases at all."""
-    data = loading._parse_yaml("a: &x {k: v}\nb: *x\n")
+def test_the_lean_construction_keeps_no_string_of_the_node_tree() -> None:
+    """The strings that stay alive with the configuration are copies, so the node tree's memory
+    is freed whole (the reason is in ``loading._detached``)."""
+    loader = loading._FastLoader("sims:\n  - sid: DE" + "a" * 32 + "\n    labels: {k: v}\n")
+    try:
+        root = loader.get_single_node()
+        data = loading._construct_plain(loader, root, aliases=False)
+    finally:
+        loader.dispose()
+    assert data == {"sims": [{"sid": "DE" + "a" * 32, "labels": {"k": "v"}}]}
+    in_tree = {id(node.value) for node in _scalars(root)}
+    built = {id(text) for text in _strings(data)}
+    assert len(built) == 6  # sims, sid, labels, k, v and the SID
+    assert not in_tree & built
+
+
+def _scalars(node: yaml.Node) -> list[yaml.ScalarNode]:
+    if isinstance(node, yaml.ScalarNode):
+        return [node]
+    items = (
+        node.value if isinstance(node, yaml.SequenceNode) else [n for p in node.value for n in p]
+    )
+    return [scalar for item in items for scalar in _scalars(item)]
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for k, v in value.items() for text in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return []
+
+
+def test_aliases_go_the_constructors_way() -> None:
+    """A node reached twice (an alias) is left to PyYAML's constructor, which shares the one
+    object between both places; a "*" that is no alias (in a quoted string) stays lean."""
+    aliased = "a: &x {k: v}\nb: *x\n"
+    with pytest.raises(loading._NotPlainError):
+        loading._load_plain(aliased)
+    data = loading._parse_yaml(aliased)
     assert isinstance(data, dict)
     assert data["a"] is data["b"]
+    assert loading._load_plain("a: 'x * y'\nb: [1, '*']\n") == {"a": "x * y", "b": [1, "*"]}
 
 
 # --------------------------------------------------------------------------------------------
