@@ -113,6 +113,18 @@ async def test_an_account_larger_than_the_budget_is_read_sim_by_sim_next_time(
     assert sample_value(text, ERRORS, endpoint="sims", kind="too_many_pages") is None
 
 
+async def test_the_identity_listing_follows_at_most_max_pages(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    sids = [sim.fleet.add_sim() for _ in range(2_500)]
+    configured = [sids[0], sids[1_000], sids[1_999], sids[2_000]]  # pages 1, 2, 2 and 3
+    h = await harness(configured, poll={"max_pages": 2})
+    assert await h.exporter.poller.refresh_sims()
+    assert identity_requests(sim) == {"sims": 2, "sim": 1}
+    text = await h.scrape()
+    assert sample_value(text, ERRORS, endpoint="sims", kind="too_many_pages") is None
+
+
 async def test_suspended_sims_beside_active_discovery_come_from_one_more_listing(
     sim: RunningSimulator, harness: MakeHarness
 ) -> None:

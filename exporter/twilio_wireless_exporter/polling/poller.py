@@ -257,7 +257,9 @@ class Poller:
         """The identity of configured SIMs: from the listing when it is cheaper, else and for
         the SIMs it did not hold, each SIM's own read. Returns the SIDs whose identity could
         not be read."""
-        budget = self._census.budget(len(sids))
+        # poll.max_pages bounds this listing too (a hostile API's endless chain of pages): the
+        # SIMs beyond it are read alone.
+        budget = min(self._census.budget(len(sids)), self._client.settings.max_pages)
         if budget:
             sids = await self._identities_from_listing(sids, budget)
         return await self._read_identities(sids)
