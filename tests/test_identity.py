@@ -231,3 +231,15 @@ async def test_discovery_does_not_wait_for_the_first_polls(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_unusable_next_page_of_the_listing_fails_it_and_the_rest_is_read_alone() -> None:
+    api = ScriptedApi(sims_default=sims_page([]))
+    api.sims.append(sims_page([SIM_A], "http://[::1/v1/Sims?Page=1"))
+    async with start_exporter(api, [SIM_A, SIM_B]) as run:
+        assert await run.exporter.poller.refresh_sims()
+        assert api.paths == ["/v1/Sims?PageSize=1000", f"/v1/Sims/{SIM_B}"]
+        text = await run.scrape()
+        assert sample_value(text, ERRORS, endpoint="sims", kind="bad_next_page") == 1.0
+        state = run.exporter.state
+        assert [state.sims[s].identity.status for s in (SIM_A, SIM_B)] == ["active", "active"]
