@@ -118,8 +118,8 @@ class Poller:
         """Discovered SIMs missing from the latest successful discoveries, and how often."""
         self._rejects_logged: set[tuple[str, RejectReason]] = set()
         self._census = ListingCensus(DISCOVERY_PAGE_SIZE)
-        # While run() starts: SIMs whose first poll has not been dispatched yet, and the event
-        # set once none is left (identity work waits for it, see refresh_sims).
+        # While run() starts: SIMs whose first poll has not started yet, and the event set
+        # once none is left (identity work waits for it, see refresh_sims).
         self._first_pending: set[str] = set()
         self._first_polls: asyncio.Event | None = None
         for target in targets:
@@ -206,8 +206,7 @@ class Poller:
         or ``None`` when the discovery listing itself failed (then everything is tried again).
         """
         discovered: dict[str, Sim] = {}
-        settings = self._settings
-        if settings.discovery:
+        if self._settings.discovery:
             listed = await self._discover()
             if listed is None:
                 self._unread = None
