@@ -113,6 +113,18 @@ async def test_an_account_larger_than_the_budget_is_read_sim_by_sim_next_time(
     assert sample_value(text, ERRORS, endpoint="sims", kind="too_many_pages") is None
 
 
+async def test_the_identity_listing_follows_at_most_max_pages(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    sids = [sim.fleet.add_sim() for _ in range(2_500)]
+    configured = [sids[0], sids[1_000], sids[1_999], sids[2_000]]  # pages 1, 2, 2 and 3
+    h = await harness(configured, poll={"max_pages": 2})
+    assert await h.exporter.poller.refresh_sims()
+    assert identity_requests(sim) == {"sims": 2, "sim": 1}
+    text = await h.scrape()
+    assert sample_value(text, ERRORS, endpoint="sims", kind="too_many_pages") is None
+
+
 async def test_suspended_sims_beside_active_discovery_come_from_one_more_listing(
     sim: RunningSimulator, harness: MakeHarness
 ) -> None:
@@ -219,3 +231,15 @@ async def test_discovery_does_not_wait_for_the_first_polls(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_an_unusable_next_page_of_the_listing_fails_it_and_the_rest_is_read_alone() -> None:
+    api = ScriptedApi(sims_default=sims_page([]))
+    api.sims.append(sims_page([SIM_A], "http://[::1/v1/Sims?Page=1"))
+    async with start_exporter(api, [SIM_A, SIM_B]) as run:
+        assert await run.exporter.poller.refresh_sims()
+        assert api.paths == ["/v1/Sims?PageSize=1000", f"/v1/Sims/{SIM_B}"]
+        text = await run.scrape()
+        assert sample_value(text, ERRORS, endpoint="sims", kind="bad_next_page") == 1.0
+        state = run.exporter.state
+        assert [state.sims[s].identity.status for s in (SIM_A, SIM_B)] == ["active", "active"]

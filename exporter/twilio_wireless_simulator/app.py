@@ -11,8 +11,8 @@ Routes:
 * ``GET /health``: always 200, never faulted; ``GET /``: a short description.
 
 Every API answer (429s included) carries ``Twilio-Concurrent-Requests`` (API requests in flight
-when it arrived, itself included) and
-``Twilio-Request-Duration`` (seconds it took), as Twilio's do, unless ``load_headers`` is off.
+as ``max_concurrent`` counts them, itself included) and ``Twilio-Request-Duration`` (seconds it
+took), as Twilio's do, unless ``load_headers`` is off.
 """
 
 from __future__ import annotations
@@ -365,6 +365,7 @@ class SimulatorState:
         if latency > 0:
             await self.sleep(latency)
         cap = self.config.max_concurrent
+        request[_CONCURRENT_KEY] = self.stats.in_flight  # what the cap is checked against
         if kind in API_KINDS and cap is not None and self.stats.in_flight > cap:
             return self._respond(
                 _twilio_error(
@@ -727,9 +728,12 @@ def _route_handler(
     return handler
 
 
+_CONCURRENT_KEY: Final = web.RequestKey("twilio_wireless_simulator.concurrent", int)
+
+
 def _make_load_middleware(state: SimulatorState) -> Any:
-    """Twilio's load headers on every API answer (inside the stats middleware, which counts
-    the request in flight before this one reads the count)."""
+    """Twilio's load headers on every API answer: the requests in flight that ``serve``
+    checked ``max_concurrent`` against (after any latency), the request's own time."""
 
     @web.middleware
     async def load_headers(
@@ -737,9 +741,9 @@ def _make_load_middleware(state: SimulatorState) -> Any:
     ) -> web.StreamResponse:
         if request.match_info.route.name not in API_KINDS:
             return await handler(request)
-        concurrent = state.stats.in_flight
         started = time.perf_counter()
         response = await handler(request)
+        concurrent = request.get(_CONCURRENT_KEY, state.stats.in_flight)
         response.headers["Twilio-Concurrent-Requests"] = str(concurrent)
         response.headers["Twilio-Request-Duration"] = f"{time.perf_counter() - started:.3f}"
         return response

@@ -14,11 +14,15 @@ finished.
 Twilio reports the account's requests in flight in every answer (``Twilio-Concurrent-Requests``,
 set on the slot as ``concurrency`` by the transport). The lowest value reported by the 429s of a
 round is where the account's 429s began: :attr:`AdaptiveLimit.ceiling`. The limit then stops
-growing while answers report a concurrency within :data:`HEADROOM` of it, so it settles just
-below the account's cap instead of growing into it and being halved again every time: 429s are
-avoided rather than reacted to. The concurrency counts the whole account (other clients too), so
-the limit also stops growing while others take the room. A later round of 429s replaces the
-ceiling; an API that reports no concurrency (KORE) leaves the limit to plain AIMD.
+growing while recent answers report a concurrency within :data:`HEADROOM` of it, so it settles
+just below the account's cap instead of growing into it and being halved again every time: 429s
+are avoided rather than reacted to. "Recent" is the highest value of the latest one or two
+windows of ``limit`` answers: a single answer reports the account's requests at one instant,
+and the client's requests are not all at the server at every instant (some are being sent or
+read), so single answers report less than the pipeline's peak. The concurrency counts the
+whole account (other clients too), so the limit also stops growing while others take the room.
+A later round of 429s replaces the ceiling; an API that reports no concurrency (KORE) leaves
+the limit to plain AIMD (without reports, the peaks fade within two windows).
 
 Waiting requests are admitted oldest operation first, not first come, first served: every
 request of one operation (all pages and retries of one listing) carries the order number the
@@ -84,7 +88,12 @@ class AdaptiveLimit:
         self.decreases = 0
         self.ceiling: int | None = None
         """The reported concurrency at which the latest round of 429s began (None: unknown)."""
-        self._stop_at: float = float("inf")  # grow only while reported below this
+        self._stop_at: float = float("inf")  # grow only while recent reports are below this
+        # The highest concurrency reported in the current window of `limit` answers, in the
+        # previous window, and the current window's answers so far.
+        self._peak = 0
+        self._last_peak = 0
+        self._window = 0
 
     @property
     def limit(self) -> int:
@@ -130,8 +139,13 @@ class AdaptiveLimit:
 
     def _release(self, slot: Slot) -> None:
         self.in_flight -= 1
+        reported = slot.concurrency
+        if reported is not None and reported > self._peak:
+            self._peak = reported
+        self._window += 1  # every answer: peaks fade when the header stops coming
+        if self._window >= self.limit:
+            self._last_peak, self._peak, self._window = self._peak, 0, 0
         if slot.status == THROTTLED:
-            reported = slot.concurrency
             if slot.ticket > self._cut_at:  # a fresh signal, not an echo of the old limit
                 self._cut_at = self._admitted
                 self.decreases += 1
@@ -144,7 +158,7 @@ class AdaptiveLimit:
             slot.status is not None
             and slot.status < 500
             and self._target < self.maximum
-            and (slot.concurrency is None or slot.concurrency < self._stop_at)
+            and max(self._peak, self._last_peak) < self._stop_at
         ):
             self._target = min(float(self.maximum), self._target + 1 / self._target)
         self._wake()

@@ -117,8 +117,8 @@ class Poller:
         """Discovered SIMs missing from the latest successful discoveries, and how often."""
         self._rejects_logged: set[tuple[str, RejectReason]] = set()
         self._census = ListingCensus(DISCOVERY_PAGE_SIZE)
-        # While run() starts: SIMs whose first poll has not been dispatched yet, and the event
-        # set once none is left (identity work waits for it, see refresh_sims).
+        # While run() starts: SIMs whose first poll has not started yet, and the event set
+        # once none is left (identity work waits for it, see refresh_sims).
         self._first_pending: set[str] = set()
         self._first_polls: asyncio.Event | None = None
         for target in targets:
@@ -205,8 +205,7 @@ class Poller:
         or ``None`` when the discovery listing itself failed (then everything is tried again).
         """
         discovered: dict[str, Sim] = {}
-        settings = self._settings
-        if settings.discovery:
+        if self._settings.discovery:
             listed = await self._discover()
             if listed is None:
                 self._unread = None
@@ -256,7 +255,9 @@ class Poller:
         """The identity of configured SIMs: from the listing when it is cheaper, else and for
         the SIMs it did not hold, each SIM's own read. Returns the SIDs whose identity could
         not be read."""
-        budget = self._census.budget(len(sids))
+        # poll.max_pages bounds this listing too (a hostile API's endless chain of pages): the
+        # SIMs beyond it are read alone.
+        budget = min(self._census.budget(len(sids)), self._client.settings.max_pages)
         if budget:
             sids = await self._identities_from_listing(sids, budget)
         return await self._read_identities(sids)
