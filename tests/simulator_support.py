@@ -120,19 +120,29 @@ def kore_openapi() -> dict[str, Any]:
 
 
 def _kore_known_spec_fixes(schema: dict[str, Any]) -> dict[str, Any]:
-    """Adjust the one known defect of KORE's description that the simulator meets, explicitly.
+    """Adjust the two known defects of KORE's description that the simulator meets, explicitly.
 
     ``ListMeta`` (the ``meta`` of both usage lists) requires ``list_key`` and ``direct_token``,
     names that are not among its own properties, and types ``next_page_url`` and
     ``previous_page_url`` as non-null strings, while every other list of the same description
     (DataSessions, Sims, RatePlans, Commands) declares the Twilio meta with ``key`` and nullable
     page URLs, and a last page has no next one. The usage lists are checked against that meta.
+
+    ``reset_status`` is ``nullable`` but its ``enum`` lists only ``resetting``, though its own
+    text says "Can be: null or resetting": as for Twilio's description, null joins the enum.
     """
     meta = schema.get("properties", {}).get("meta")
     if meta is not None and "required" in meta:
         meta["required"] = [name for name in meta["required"] if name in meta["properties"]]
         for name in ("next_page_url", "previous_page_url"):
             meta["properties"][name] = {**meta["properties"][name], "nullable": True}
+    props = schema.get("properties", {})
+    reset = props.get("reset_status")
+    if reset is not None and None not in reset.get("enum", [None]):
+        props["reset_status"] = {**reset, "enum": [*reset["enum"], None]}
+    items = props.get("sims", {}).get("items")
+    if items is not None:
+        _kore_known_spec_fixes(items)
     return schema
 
 

@@ -18,6 +18,7 @@ from tests.simulator_support import (
     assert_absolute_url,
     basic,
     get_json,
+    kore_response_schema,
     list_all,
     query_of,
     response_schema,
@@ -185,6 +186,28 @@ async def test_every_data_session_of_the_fleet_validates() -> None:
     assert len(radio) >= 4
     countries = {s["operator_country"] for s in sessions} - {"", None}
     assert len(countries) >= 5
+
+
+async def test_sims_and_sessions_validate_against_kore_too(fleet_sim: Pair) -> None:
+    """KORE's typed description of the same resources (its usage and rate plan lists are
+    checked in test_simulator_usage.py)."""
+    sim, http = fleet_sim
+    sim.fleet.set_sim_reset_status(sim.fleet.sim_sids()[0], "resetting")
+    url: str | None = f"{sim.url}/v1/Sims?PageSize=15"
+    resets = set()
+    while url is not None:
+        status, body, _ = await get_json(http, url)
+        assert status == 200
+        validate(kore_response_schema("/v1/Sims"), body)
+        resets |= {item["reset_status"] for item in body["sims"]}
+        url = body["meta"]["next_page_url"]
+    assert resets == {None, "resetting"}
+    for sid in sim.fleet.sim_sids():
+        status, one, _ = await get_json(http, f"{sim.url}/v1/Sims/{sid}")
+        validate(kore_response_schema("/v1/Sims/{Sid}"), one)
+        status, body, _ = await get_json(http, _ds_url(sim, sid, 1000))
+        assert status == 200
+        validate(kore_response_schema("/v1/Sims/{Sid}/DataSessions"), body)
 
 
 async def test_scripted_nulls_validate() -> None:
