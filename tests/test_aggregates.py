@@ -8,7 +8,9 @@ that started again from zero, all of a SIM's count when it joins).
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from tests.harness_support import eventually
+from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config.metrics import SIM_ATTRIBUTE_LABELS
+from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.exposition.families import SimFamilies
+from twilio_wireless_exporter.exposition.formats import TEXT
+from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SessionAttributes, SimAccount
 from twilio_wireless_exporter.fleet.aggregates import ATTRIBUTE_LABELS, OTHER, FleetAggregates
 from twilio_wireless_exporter.fleet.persist import StateIdentity, StateStore, read_state
@@ -346,3 +354,47 @@ async def test_a_bad_aggregate_row_costs_only_itself(tmp_path: Path, sql: str, t
         registry.get_sample_value("twilio_wireless_state_rows_rejected_total", {"table": table})
         == 1.0
     )
+
+
+def test_steps_take_up_changes_made_between_them() -> None:
+    state = fleet("berlin", "berlin", "paris", "paris", "rome")
+    aggregates = FleetAggregates(("site",))
+    steps = aggregates.steps(state, every=1)
+    next(steps)  # one SIM taken up; now the fleet changes under the loop
+    state.retain(SIDS[1:])
+    state.ensure(SIDS[1], {"site": "rome"})
+    poll(state, SIDS[2], 7)
+    for _ in steps:
+        pass
+    aggregates.update(state)
+    totals = {key: counters[0] for key, counters, _ in aggregates.totals()}
+    # berlin keeps SIM 0's ten sessions (removed after it was taken up); SIM 1 moved to rome
+    # before it was first seen, so only rome counts it
+    assert totals == {("berlin",): 10.0, ("paris",): 27.0, ("rome",): 20.0}
+    assert set(aggregates.members) == set(SIDS[1:])
+
+
+async def test_the_exposition_refresher_keeps_the_aggregates_fresh() -> None:
+    state = fleet("berlin", "paris")
+    aggregates = FleetAggregates(("site",))
+    registry, _ = build_registry(state, aggregates=aggregates)
+    stepped: list[int] = []
+
+    def companion() -> Iterator[None]:
+        stepped.append(state.version)
+        return aggregates.steps(state, every=1)
+
+    exposition = Exposition(SimFamilies(state), registry, companions=[companion])
+    clock = ManualClock()
+    refresher = asyncio.ensure_future(exposition.keep_fresh(1.0, clock.sleep))
+    try:
+        await eventually(lambda: clock.sleepers == 1)
+        assert b"fleet_sims_up" in b"".join(await exposition.render(TEXT, compress=False))
+        poll(state, SIDS[0], 5)
+        await clock.advance(1.0)
+        await eventually(lambda: clock.sleepers == 1)
+        assert stepped == [state.version]  # brought up to date between scrapes
+        assert aggregates.groups[("berlin",)].members[0] == 15.0
+    finally:
+        refresher.cancel()
+        await asyncio.gather(refresher, return_exceptions=True)

@@ -46,7 +46,7 @@ import re
 import struct
 import zlib
 from array import array
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -273,6 +273,7 @@ class Exposition:
         block_size: int = 128,
         gzip_level: int = 1,
         max_series: int | None = None,
+        companions: Sequence[Callable[[], Iterable[None]]] = (),
     ) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
@@ -298,6 +299,9 @@ class Exposition:
         self._scraped = False
         self._queued: dict[_Key, asyncio.Future[list[bytes]]] = {}
         self._max_series = max_series
+        self._companions = tuple(companions)
+        """Work that the refresher also brings up to date between scrapes, in steps (the
+        fleet aggregates): a scrape then only does what changed since."""
         self._over_max = False
         self._sim_series: tuple[int, list[int]] = (-1, [])  # (generation, per family)
         self.series: dict[str, int] = {}
@@ -375,6 +379,9 @@ class Exposition:
                 continue
             async with self._lock:
                 await self._refresh_locked()
+                for companion in self._companions:
+                    for _ in companion():
+                        await asyncio.sleep(0)
                 if self._header_gz:
                     await self._deflate_stale(None)
 

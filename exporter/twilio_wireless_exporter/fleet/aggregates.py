@@ -23,7 +23,7 @@ Pure: no I/O, no clock; the exposition asks for an update before it renders.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -128,12 +128,21 @@ class FleetAggregates:
             (i, _ATTRIBUTES[name]) if name in _ATTRIBUTES else (i, None)
             for i, name in enumerate(self.by)
         ]
+        self._values = [source.value for source in self.sources]
         self._seen: tuple[int, int] | None = None  # (state version, held accounts) last update
 
     # ------------------------------------------------------------------ updating
 
     def update(self, state: FleetState) -> None:
         """Take up what changed in ``state`` since the previous update."""
+        for _ in self.steps(state):
+            pass
+
+    def steps(self, state: FleetState, every: int = 512) -> Iterator[None]:
+        """:meth:`update` in steps: yields after every ``every`` SIMs taken up, so that the
+        exposition's refresher can let the event loop run between them (the first update of a
+        large fleet looks at every SIM). Each SIM is read whole at its step; what changes
+        meanwhile is taken up by the next update."""
         held = state.restored
         seen = (state.version, len(held))
         if seen == self._seen:
@@ -141,20 +150,29 @@ class FleetAggregates:
         # held accounts taken away without a poll (another account's file) change no version
         everything = self._seen is None or self._seen[1] != len(held)
         self._seen = seen
-        sims = state.sims
         members = self.members
+        sims = state.sims
+        if everything:
+            changed = list(sims)
+        else:  # one tight pass to find what changed, before any step lets the loop run
+            changed = [
+                sid
+                for sid, record in sims.items()
+                if (member := members.get(sid)) is None
+                or member.record is not record
+                or member.version != record.version
+            ]
         new = False
-        for sid, record in sims.items():
+        for taken, sid in enumerate(changed, 1):
+            record = state.sims.get(sid)
+            if record is None:
+                continue  # dropped while the loop ran
             member = members.get(sid)
-            if (
-                not everything
-                and member is not None
-                and member.record is record
-                and member.version == record.version
-            ):
-                continue
             new = new or member is None
-            self._take(sid, record, held.get(sid, record.account), member)
+            self._take(sid, record, state.restored.get(sid, record.account), member)
+            if taken % every == 0:
+                yield
+        sims = state.sims
         if new or len(members) != len(sims):
             for sid in [sid for sid in members if sid not in sims]:
                 self._leave(members.pop(sid))
@@ -162,18 +180,15 @@ class FleetAggregates:
     def _take(
         self, sid: str, record: SimRecord, account: SimAccount, member: Member | None
     ) -> None:
-        key = self._group_of(record, account, member)
+        key = self._group_of(record, account, member) if self.by else ()
+        up = record.up
         if account.baselined:
-            counters = [float(source.value(record, account)) for source in self.sources]
-            gauges = (
-                account.open_sessions,
-                int(record.up is True),
-                int(record.up is False),
-            )
+            counters = [float(value(record, account)) for value in self._values]
+            gauges = (account.open_sessions, int(up is True), int(up is False))
         else:
-            counters = [0.0] * len(self.sources)
-            gauges = (0, int(record.up is True), int(record.up is False))
-        group = self._group(key)
+            counters = [0.0] * len(self._values)
+            gauges = (0, int(up is True), int(up is False))
+        group = self.groups.get(key) or self._group(key)
         if member is None:
             member = self.members[sid] = Member(key, [0.0] * len(counters))
         elif member.key != key:
