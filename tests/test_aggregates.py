@@ -19,8 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from tests.harness_support import eventually
+from tests.harness_support import MakeHarness, eventually, exporter_mapping
+from tests.metrics_support import values_by_label
+from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.clock import ManualClock
+from twilio_wireless_exporter.config import Config, config_from_mapping
 from twilio_wireless_exporter.config.metrics import SIM_ATTRIBUTE_LABELS
 from twilio_wireless_exporter.exposition.collector import build_registry
 from twilio_wireless_exporter.exposition.families import SimFamilies
@@ -30,6 +33,7 @@ from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SessionAtt
 from twilio_wireless_exporter.fleet.aggregates import ATTRIBUTE_LABELS, OTHER, FleetAggregates
 from twilio_wireless_exporter.fleet.persist import StateIdentity, StateStore, read_state
 from twilio_wireless_exporter.fleet.state import FleetState
+from twilio_wireless_simulator import RunningSimulator
 
 SIDS = [f"DE{n:032x}" for n in range(5)]
 SITES = ["berlin", "paris", "rome"]
@@ -398,3 +402,42 @@ async def test_the_exposition_refresher_keeps_the_aggregates_fresh() -> None:
     finally:
         refresher.cancel()
         await asyncio.gather(refresher, return_exceptions=True)
+
+
+# ---------------------------------------------------------------- a whole exporter
+
+
+def fleet_config(url: str, path: Path, sites: dict[str, str]) -> Config:
+    mapping = exporter_mapping(
+        url,
+        [],
+        state={"path": str(path)},
+        metrics={"aggregate_by": ["site"], "per_sim": "none"},
+    )
+    mapping["sims"] = [{"sid": sid, "labels": {"site": site}} for sid, site in sites.items()]
+    return config_from_mapping(mapping, environ={})
+
+
+def started(text: str) -> dict[str, float]:
+    return values_by_label(text, names.FLEET_SESSIONS_STARTED.sample, "site")
+
+
+async def test_a_restarted_exporter_continues_its_aggregates(
+    sim: RunningSimulator, harness: MakeHarness, tmp_path: Path
+) -> None:
+    path = tmp_path / "state.db"
+    a, b = sim.fleet.add_sim(), sim.fleet.add_sim()
+    h = await harness([], config=fleet_config(sim.url, path, {a: "berlin", b: "paris"}))
+    await h.poll()  # the baselines
+    for sid in (a, b, b):
+        sim.fleet.open_session(sid)
+    await h.poll()
+    assert started(await h.scrape()) == {"berlin": 1.0, "paris": 2.0}
+    await h.exporter.stop()  # the final save
+
+    # restarted with SIM b moved to berlin: paris keeps b's two sessions, berlin gains them
+    again = await harness([], config=fleet_config(sim.url, path, {a: "berlin", b: "berlin"}))
+    assert started(await again.scrape()) == {"berlin": 3.0, "paris": 2.0}
+    sim.fleet.open_session(b)
+    await again.poll()  # counts on top of the restored accounts
+    assert started(await again.scrape()) == {"berlin": 4.0, "paris": 2.0}
