@@ -441,3 +441,29 @@ async def test_a_restarted_exporter_continues_its_aggregates(
     sim.fleet.open_session(b)
     await again.poll()  # counts on top of the restored accounts
     assert started(await again.scrape()) == {"berlin": 4.0, "paris": 2.0}
+
+
+@pytest.mark.parametrize(("answered", "kept"), [("AC" + "1" * 32, True), ("AC" + "2" * 32, False)])
+def test_remainders_of_an_unconfirmed_account_wait_for_the_api(answered: str, kept: bool) -> None:
+    state = fleet("berlin", "paris")
+    aggregates = FleetAggregates(("site",))
+    aggregates.update(state)
+    state.retain(SIDS[:1])  # paris keeps SIM 1's ten sessions as its remainder
+    aggregates.update(state)
+    groups, members = aggregates.remembered()
+
+    restarted = FleetState()
+    restarted.ensure(SIDS[0], {"site": "berlin"})
+    restarted.restore({SIDS[0]: state.sims[SIDS[0]].account}, {})
+    restarted.unverified_account = "AC" + "1" * 32  # the file's; no account configured
+    again = FleetAggregates(("site",))
+    again.restore(groups, members, account=restarted.unverified_account)
+    again.update(restarted)
+    assert again.totals() == []  # nothing shown until the API names the account
+    restarted.learn_account(answered)
+    again.update(restarted)
+    totals = {key: counters[0] for key, counters, _ in again.totals()}
+    if kept:
+        assert totals == {("berlin",): 10.0, ("paris",): 10.0}
+    else:  # another account's file: its SIMs start afresh, its remainders are dropped
+        assert totals == {("berlin",): 0.0}

@@ -130,6 +130,10 @@ class FleetAggregates:
         ]
         self._values = [source.value for source in self.sources]
         self._seen: tuple[int, int] | None = None  # (state version, held accounts) last update
+        self._pending: (
+            tuple[dict[GroupKey, Mapping[str, float]], dict[str, AggregateMember], str] | None
+        ) = None
+        """Restored remainders held until the file's account is confirmed."""
 
     # ------------------------------------------------------------------ updating
 
@@ -143,6 +147,13 @@ class FleetAggregates:
         exposition's refresher can let the event loop run between them (the first update of a
         large fleet looks at every SIM). Each SIM is read whole at its step; what changes
         meanwhile is taken up by the next update."""
+        if self._pending is not None:
+            if state.unverified_account is not None:
+                return  # the file's account is not confirmed yet: nothing is shown
+            groups, remembered, account = self._pending
+            self._pending = None
+            if state.account_sid == account:
+                self._apply(groups, remembered)
         held = state.restored
         seen = (state.version, len(held))
         if seen == self._seen:
@@ -277,11 +288,29 @@ class FleetAggregates:
         return groups, members
 
     def restore(
-        self, groups: Mapping[GroupKey, Mapping[str, float]], members: Mapping[str, AggregateMember]
+        self,
+        groups: Mapping[GroupKey, Mapping[str, float]],
+        members: Mapping[str, AggregateMember],
+        *,
+        account: str | None = None,
     ) -> None:
         """Take up what :meth:`remembered` returned before a restart (keys of other lengths
         than ``by``, and sources this exporter does not have, are left out). Each SIM counts
-        as contributing what it did, until its next update."""
+        as contributing what it did, until its next update.
+
+        ``account`` is the file's account SID when it is still to be checked against the
+        API's answers (:meth:`FleetState.learn_account`): until then no aggregate is shown
+        (the remainders may be another account's), then they are taken up, or dropped with
+        the restored SIMs when the API answers for another account.
+        """
+        if account is not None:
+            self._pending = (dict(groups), dict(members), account)
+            return
+        self._apply(groups, members)
+
+    def _apply(
+        self, groups: Mapping[GroupKey, Mapping[str, float]], members: Mapping[str, AggregateMember]
+    ) -> None:
         keys = [source.key for source in self.sources]
         width = len(self.by)
         for key, carried in groups.items():
