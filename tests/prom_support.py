@@ -84,6 +84,12 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
     "twilio_wireless_poll_interval_seconds": ("gauge", frozenset()),
     "twilio_wireless_exporter_build_info": ("gauge", frozenset({"version", "python_version"})),
     "twilio_wireless_exporter_shards": ("gauge", frozenset({"index"})),
+    # the fleet aggregates: their group labels are the configuration's (metrics.aggregate_by)
+    "twilio_wireless_fleet_data_sessions_open": ("gauge", frozenset()),
+    "twilio_wireless_fleet_data_sessions_started_total": ("counter", frozenset()),
+    "twilio_wireless_fleet_packets_uploaded_total": ("counter", frozenset()),
+    "twilio_wireless_fleet_packets_downloaded_total": ("counter", frozenset()),
+    "twilio_wireless_fleet_sims_down": ("gauge", frozenset()),
 }
 HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 COUNTER_SUFFIXES = ("_total", *HISTOGRAM_SUFFIXES)
