@@ -75,6 +75,11 @@ SIM_UP = names.SIM_UP.sample
 SIMS_MONITORED = names.SIMS_MONITORED.sample
 POLL_INTERVAL = names.POLL_INTERVAL.sample
 REQUESTS = names.API_REQUESTS.sample
+FLEET_OPEN = names.FLEET_SESSIONS_OPEN.sample
+FLEET_STARTED = names.FLEET_SESSIONS_STARTED.sample
+FLEET_UPLOADED = names.FLEET_PACKETS_UP.sample
+FLEET_DOWNLOADED = names.FLEET_PACKETS_DOWN.sample
+FLEET_DOWN = names.FLEET_SIMS_DOWN.sample
 RETRIES = names.API_RETRIES.sample
 REQUEST_DURATION_BUCKET = names.API_REQUEST_DURATION.bucket
 DATA_BYTES = names.SIM_DATA_BYTES.sample
@@ -938,6 +943,55 @@ def usage_panels() -> list[Json]:
     ]
 
 
+AGGREGATES_NOTE = (
+    " One series per group of metrics.aggregate_by (one for the whole fleet without it), summed"
+    " over the selected exporters: works with every metrics.per_sim mode."
+)
+
+
+def by_group(expr: str) -> str:
+    """``expr`` summed over the selected exporters, keeping the group's labels."""
+    return f"sum without (job, instance) ({expr})"
+
+
+def aggregate_panels() -> list[Json]:
+    """The fleet aggregates (``twilio_wireless_fleet_*``): what the per-SIM panels show, by
+    group, and what is left with ``metrics.per_sim: none``."""
+    return [
+        timeseries(
+            "Open data sessions by group",
+            "Open data sessions of each group's SIMs." + AGGREGATES_NOTE,
+            "none",
+            targets((by_group(m(FLEET_OPEN)), "__auto")),
+        ),
+        timeseries(
+            "Sessions started per hour by group",
+            "Data sessions started per hour by each group's SIMs; the counters keep what SIMs"
+            " that moved to another group had counted, so moves show no drop." + AGGREGATES_NOTE,
+            "short",
+            targets((f"{by_group(rate(FLEET_STARTED))} * 3600", "__auto")),
+        ),
+        timeseries(
+            "SIMs down by group",
+            "SIMs whose latest poll failed, per group: their metrics are stale (see the exporter"
+            " health row)." + AGGREGATES_NOTE,
+            "none",
+            targets((by_group(m(FLEET_DOWN)), "__auto")),
+        ),
+        timeseries(
+            "Packets per second by group",
+            "Packets uploaded plus downloaded per second by each group's SIMs." + AGGREGATES_NOTE,
+            "pps",
+            targets(
+                (
+                    f"{by_group(rate(FLEET_UPLOADED))}\n+ {by_group(rate(FLEET_DOWNLOADED))}",
+                    "__auto",
+                )
+            ),
+        ),
+    ]
+
+
 def fleet() -> Json:
     red_from_1 = thresholds((None, "green"), (1, "red"))
     panels: list[Json] = [
@@ -1187,6 +1241,8 @@ def fleet() -> Json:
                 }
             ],
         ),
+        row("Fleet aggregates"),
+        *aggregate_panels(),
         row("Exporter health"),
         timeseries(
             "Twilio API requests by status code",

@@ -113,6 +113,12 @@ CONTRACT: dict[str, tuple[str, frozenset[str]]] = {
         frozenset({"rate_plan_sid", "network"}),
     ),
     "twilio_wireless_sims": ("gauge", frozenset({"status", "rate_plan_sid"})),
+    # the fleet aggregates: their group labels are the configuration's (metrics.aggregate_by)
+    "twilio_wireless_fleet_data_sessions_open": ("gauge", frozenset()),
+    "twilio_wireless_fleet_data_sessions_started_total": ("counter", frozenset()),
+    "twilio_wireless_fleet_packets_uploaded_total": ("counter", frozenset()),
+    "twilio_wireless_fleet_packets_downloaded_total": ("counter", frozenset()),
+    "twilio_wireless_fleet_sims_down": ("gauge", frozenset()),
 }
 # Labels a contract metric carries only in some configurations: the period gauge's network
 # with usage.roaming_split.

@@ -8,7 +8,9 @@ that started again from zero, all of a SIM's count when it joins).
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,11 +19,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
+from tests.harness_support import MakeHarness, eventually, exporter_mapping
+from tests.metrics_support import values_by_label
+from twilio_wireless_exporter import metrics_names as names
+from twilio_wireless_exporter.clock import ManualClock
+from twilio_wireless_exporter.config import Config, config_from_mapping
 from twilio_wireless_exporter.config.metrics import SIM_ATTRIBUTE_LABELS
+from twilio_wireless_exporter.exposition.collector import build_registry
+from twilio_wireless_exporter.exposition.families import SimFamilies
+from twilio_wireless_exporter.exposition.formats import TEXT
+from twilio_wireless_exporter.exposition.renderer import Exposition
 from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SessionAttributes, SimAccount
 from twilio_wireless_exporter.fleet.aggregates import ATTRIBUTE_LABELS, OTHER, FleetAggregates
 from twilio_wireless_exporter.fleet.persist import StateIdentity, StateStore, read_state
 from twilio_wireless_exporter.fleet.state import FleetState, SimRecord, SimUsage
+from twilio_wireless_simulator import RunningSimulator
 
 SIDS = [f"DE{n:032x}" for n in range(5)]
 SITES = ["berlin", "paris", "rome"]
@@ -364,3 +376,112 @@ async def test_a_bad_aggregate_row_costs_only_itself(tmp_path: Path, sql: str, t
         registry.get_sample_value("twilio_wireless_state_rows_rejected_total", {"table": table})
         == 1.0
     )
+
+
+def test_steps_take_up_changes_made_between_them() -> None:
+    state = fleet("berlin", "berlin", "paris", "paris", "rome")
+    aggregates = FleetAggregates(("site",))
+    steps = aggregates.steps(state, every=1)
+    next(steps)  # one SIM taken up; now the fleet changes under the loop
+    state.retain(SIDS[1:])
+    state.ensure(SIDS[1], {"site": "rome"})
+    poll(state, SIDS[2], 7)
+    for _ in steps:
+        pass
+    aggregates.update(state)
+    totals = {key: counters[0] for key, counters, _ in aggregates.totals()}
+    # berlin keeps SIM 0's ten sessions (removed after it was taken up); SIM 1 moved to rome
+    # before it was first seen, so only rome counts it
+    assert totals == {("berlin",): 10.0, ("paris",): 27.0, ("rome",): 20.0}
+    assert set(aggregates.members) == set(SIDS[1:])
+
+
+async def test_the_exposition_refresher_keeps_the_aggregates_fresh() -> None:
+    state = fleet("berlin", "paris")
+    aggregates = FleetAggregates(("site",))
+    registry, _ = build_registry(state, aggregates=aggregates)
+    stepped: list[int] = []
+
+    def companion() -> Iterator[None]:
+        stepped.append(state.version)
+        return aggregates.steps(state, every=1)
+
+    exposition = Exposition(SimFamilies(state), registry, companions=[companion])
+    clock = ManualClock()
+    refresher = asyncio.ensure_future(exposition.keep_fresh(1.0, clock.sleep))
+    try:
+        await eventually(lambda: clock.sleepers == 1)
+        assert b"fleet_sims_up" in b"".join(await exposition.render(TEXT, compress=False))
+        poll(state, SIDS[0], 5)
+        await clock.advance(1.0)
+        await eventually(lambda: clock.sleepers == 1)
+        assert stepped == [state.version]  # brought up to date between scrapes
+        assert aggregates.groups[("berlin",)].members[0] == 15.0
+    finally:
+        refresher.cancel()
+        await asyncio.gather(refresher, return_exceptions=True)
+
+
+# ---------------------------------------------------------------- a whole exporter
+
+
+def fleet_config(url: str, path: Path, sites: dict[str, str]) -> Config:
+    mapping = exporter_mapping(
+        url,
+        [],
+        state={"path": str(path)},
+        metrics={"aggregate_by": ["site"], "per_sim": "none"},
+    )
+    mapping["sims"] = [{"sid": sid, "labels": {"site": site}} for sid, site in sites.items()]
+    return config_from_mapping(mapping, environ={})
+
+
+def started(text: str) -> dict[str, float]:
+    return values_by_label(text, names.FLEET_SESSIONS_STARTED.sample, "site")
+
+
+async def test_a_restarted_exporter_continues_its_aggregates(
+    sim: RunningSimulator, harness: MakeHarness, tmp_path: Path
+) -> None:
+    path = tmp_path / "state.db"
+    a, b = sim.fleet.add_sim(), sim.fleet.add_sim()
+    h = await harness([], config=fleet_config(sim.url, path, {a: "berlin", b: "paris"}))
+    await h.poll()  # the baselines
+    for sid in (a, b, b):
+        sim.fleet.open_session(sid)
+    await h.poll()
+    assert started(await h.scrape()) == {"berlin": 1.0, "paris": 2.0}
+    await h.exporter.stop()  # the final save
+
+    # restarted with SIM b moved to berlin: paris keeps b's two sessions, berlin gains them
+    again = await harness([], config=fleet_config(sim.url, path, {a: "berlin", b: "berlin"}))
+    assert started(await again.scrape()) == {"berlin": 3.0, "paris": 2.0}
+    sim.fleet.open_session(b)
+    await again.poll()  # counts on top of the restored accounts
+    assert started(await again.scrape()) == {"berlin": 4.0, "paris": 2.0}
+
+
+@pytest.mark.parametrize(("answered", "kept"), [("AC" + "1" * 32, True), ("AC" + "2" * 32, False)])
+def test_remainders_of_an_unconfirmed_account_wait_for_the_api(answered: str, kept: bool) -> None:
+    state = fleet("berlin", "paris")
+    aggregates = FleetAggregates(("site",))
+    aggregates.update(state)
+    state.retain(SIDS[:1])  # paris keeps SIM 1's ten sessions as its remainder
+    aggregates.update(state)
+    groups, members = aggregates.remembered()
+
+    restarted = FleetState()
+    restarted.ensure(SIDS[0], {"site": "berlin"})
+    restarted.restore({SIDS[0]: state.sims[SIDS[0]].account}, {})
+    restarted.unverified_account = "AC" + "1" * 32  # the file's; no account configured
+    again = FleetAggregates(("site",))
+    again.restore(groups, members, account=restarted.unverified_account)
+    again.update(restarted)
+    assert again.totals() == []  # nothing shown until the API names the account
+    restarted.learn_account(answered)
+    again.update(restarted)
+    totals = {key: counters[0] for key, counters, _ in again.totals()}
+    if kept:
+        assert totals == {("berlin",): 10.0, ("paris",): 10.0}
+    else:  # another account's file: its SIMs start afresh, its remainders are dropped
+        assert totals == {("berlin",): 0.0}

@@ -175,7 +175,12 @@ class Exporter:
             aggregates=self.aggregates,
         )
         self.sims = sim_families(config, self.state, on_error=self.api_metrics.exposition_error)
-        self.exposition = Exposition(self.sims, self.registry, max_series=config.metrics.max_series)
+        self.exposition = Exposition(
+            self.sims,
+            self.registry,
+            max_series=config.metrics.max_series,
+            companions=[lambda: self.aggregates.steps(self.state)],
+        )
         self.registry.register(SeriesCollector(lambda: self.exposition.series))
         self._session: aiohttp.ClientSession | None = None
         self._client: TwilioClient | None = None

@@ -46,7 +46,7 @@ import re
 import struct
 import zlib
 from array import array
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -273,6 +273,7 @@ class Exposition:
         block_size: int = 128,
         gzip_level: int = 1,
         max_series: int | None = None,
+        companions: Sequence[Callable[[], Iterable[None]]] = (),
     ) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
@@ -296,8 +297,12 @@ class Exposition:
         self._crc: dict[Format, tuple[int, int, int]] = {}  # fmt -> (generation, crc, size)
         self._lock = asyncio.Lock()
         self._scraped = False
+        self._sims_scraped = False
         self._queued: dict[_Key, asyncio.Future[list[bytes]]] = {}
         self._max_series = max_series
+        self._companions = tuple(companions)
+        """Work that the refresher also brings up to date between scrapes, in steps (the
+        fleet aggregates): a scrape then only does what changed since."""
         self._over_max = False
         self._sim_series: tuple[int, list[int]] = (-1, [])  # (generation, per family)
         self.series: dict[str, int] = {}
@@ -338,6 +343,9 @@ class Exposition:
             # Started: requests arriving from now on queue the next render.
             self._queued.pop(key, None)
             self._scraped = True
+            if Section.SIMS not in sections:  # the registry's families only: no SIM is touched
+                return await self._tail_only(encoding, sections, compress)
+            self._sims_scraped = True
             await self._refresh_locked()
             if not self._reproducible(encoding):
                 return await self._reference.render(encoding, compress=compress, sections=sections)
@@ -358,6 +366,16 @@ class Exposition:
                 self._crc[fmt] = (self._generation, *crc)
             return self._gzip_parts(encoding, sections)
 
+    async def _tail_only(
+        self, encoding: Encoding, sections: Sections, compress: bool
+    ) -> list[bytes]:
+        """A body without the per-SIM section: the registry's stock output (the stock
+        generator writes every escaping), gzipped in a worker thread if asked for."""
+        tail = self._tail(encoding, sections)
+        if not compress:
+            return [tail]
+        return [await asyncio.to_thread(_gzip_whole, [tail], self._gzip_level)]
+
     async def keep_fresh(
         self, interval: float, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
     ) -> None:
@@ -367,14 +385,19 @@ class Exposition:
         SIMs polled as often as they are scraped, that is every SIM, in the scrape. With it a
         scrape renders only what changed since the latest refresh.
         Starts working once ``/metrics`` has been asked for (no one scrapes: no cost), and
-        keeps the gzip pieces fresh as well once a gzip body has been asked for.
+        keeps the gzip pieces fresh as well once a gzip body has been asked for; the per-SIM
+        cache only once a body with the ``sims`` section has been.
         """
         while True:
             await sleep(interval)
             if not self._scraped:
                 continue
             async with self._lock:
-                await self._refresh_locked()
+                if self._sims_scraped:
+                    await self._refresh_locked()
+                for companion in self._companions:
+                    for _ in companion():
+                        await asyncio.sleep(0)
                 if self._header_gz:
                     await self._deflate_stale(None)
 

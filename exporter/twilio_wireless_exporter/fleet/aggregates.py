@@ -23,7 +23,7 @@ Pure: no I/O, no clock; the exposition asks for an update before it renders.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -140,12 +140,32 @@ class FleetAggregates:
             (i, _ATTRIBUTES[name]) if name in _ATTRIBUTES else (i, None)
             for i, name in enumerate(self.by)
         ]
+        self._values = [source.value for source in self.sources]
         self._seen: tuple[int, int] | None = None  # (state version, held accounts) last update
+        self._pending: (
+            tuple[dict[GroupKey, Mapping[str, float]], dict[str, AggregateMember], str] | None
+        ) = None
+        """Restored remainders held until the file's account is confirmed."""
 
     # ------------------------------------------------------------------ updating
 
     def update(self, state: FleetState) -> None:
         """Take up what changed in ``state`` since the previous update."""
+        for _ in self.steps(state):
+            pass
+
+    def steps(self, state: FleetState, every: int = 512) -> Iterator[None]:
+        """:meth:`update` in steps: yields after every ``every`` SIMs taken up, so that the
+        exposition's refresher can let the event loop run between them (the first update of a
+        large fleet looks at every SIM). Each SIM is read whole at its step; what changes
+        meanwhile is taken up by the next update."""
+        if self._pending is not None:
+            if state.unverified_account is not None:
+                return  # the file's account is not confirmed yet: nothing is shown
+            groups, remembered, account = self._pending
+            self._pending = None
+            if state.account_sid == account:
+                self._apply(groups, remembered)
         held = state.restored
         seen = (state.version, len(held))
         if seen == self._seen:
@@ -153,20 +173,29 @@ class FleetAggregates:
         # held accounts taken away without a poll (another account's file) change no version
         everything = self._seen is None or self._seen[1] != len(held)
         self._seen = seen
-        sims = state.sims
         members = self.members
+        sims = state.sims
+        if everything:
+            changed = list(sims)
+        else:  # one tight pass to find what changed, before any step lets the loop run
+            changed = [
+                sid
+                for sid, record in sims.items()
+                if (member := members.get(sid)) is None
+                or member.record is not record
+                or member.version != record.version
+            ]
         new = False
-        for sid, record in sims.items():
+        for taken, sid in enumerate(changed, 1):
+            record = state.sims.get(sid)
+            if record is None:
+                continue  # dropped while the loop ran
             member = members.get(sid)
-            if (
-                not everything
-                and member is not None
-                and member.record is record
-                and member.version == record.version
-            ):
-                continue
             new = new or member is None
-            self._take(sid, record, held.get(sid, record.account), member)
+            self._take(sid, record, state.restored.get(sid, record.account), member)
+            if taken % every == 0:
+                yield
+        sims = state.sims
         if new or len(members) != len(sims):
             for sid in [sid for sid in members if sid not in sims]:
                 self._leave(members.pop(sid))
@@ -174,22 +203,21 @@ class FleetAggregates:
     def _take(
         self, sid: str, record: SimRecord, account: SimAccount, member: Member | None
     ) -> None:
-        key = self._group_of(record, account, member)
-        prior = member.counters if member is not None else [0.0] * len(self.sources)
+        key = self._group_of(record, account, member) if self.by else ()
+        up = record.up
         if account.baselined:
+            prior = member.counters if member is not None else None
             counters = [
-                prior[i] if (value := source.value(record, account)) is None else float(value)
-                for i, source in enumerate(self.sources)
+                (0.0 if prior is None else prior[i])
+                if (got := value(record, account)) is None
+                else float(got)
+                for i, value in enumerate(self._values)
             ]
-            gauges = (
-                account.open_sessions,
-                int(record.up is True),
-                int(record.up is False),
-            )
+            gauges = (account.open_sessions, int(up is True), int(up is False))
         else:
-            counters = [0.0] * len(self.sources)
-            gauges = (0, int(record.up is True), int(record.up is False))
-        group = self._group(key)
+            counters = [0.0] * len(self._values)
+            gauges = (0, int(up is True), int(up is False))
+        group = self.groups.get(key) or self._group(key)
         if member is None:
             member = self.members[sid] = Member(key, [0.0] * len(counters))
         elif member.key != key:
@@ -278,11 +306,29 @@ class FleetAggregates:
         return groups, members
 
     def restore(
-        self, groups: Mapping[GroupKey, Mapping[str, float]], members: Mapping[str, AggregateMember]
+        self,
+        groups: Mapping[GroupKey, Mapping[str, float]],
+        members: Mapping[str, AggregateMember],
+        *,
+        account: str | None = None,
     ) -> None:
         """Take up what :meth:`remembered` returned before a restart (keys of other lengths
         than ``by``, and sources this exporter does not have, are left out). Each SIM counts
-        as contributing what it did, until its next update."""
+        as contributing what it did, until its next update.
+
+        ``account`` is the file's account SID when it is still to be checked against the
+        API's answers (:meth:`FleetState.learn_account`): until then no aggregate is shown
+        (the remainders may be another account's), then they are taken up, or dropped with
+        the restored SIMs when the API answers for another account.
+        """
+        if account is not None:
+            self._pending = (dict(groups), dict(members), account)
+            return
+        self._apply(groups, members)
+
+    def _apply(
+        self, groups: Mapping[GroupKey, Mapping[str, float]], members: Mapping[str, AggregateMember]
+    ) -> None:
         keys = [source.key for source in self.sources]
         width = len(self.by)
         for key, carried in groups.items():

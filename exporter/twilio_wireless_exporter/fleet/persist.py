@@ -990,7 +990,9 @@ class StateStore:
                 list(aggregates.by),
             )
             return
-        aggregates.restore(loaded.aggregate_groups, loaded.aggregate_members)
+        aggregates.restore(
+            loaded.aggregate_groups, loaded.aggregate_members, account=loaded.unverified_account
+        )
 
     def _report_rejected(self, rejected: list[tuple[str, str]]) -> None:
         """One warning per rejected row (the first few), then one line for the rest."""
