@@ -8,13 +8,16 @@ modules import them from a module, never from ``conftest.py`` or from each other
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from twilio_wireless_exporter.clock import ManualClock
+from twilio_wireless_exporter.config import Config
 from twilio_wireless_exporter.service import Exporter
+from twilio_wireless_exporter.web.app import make_app
 from twilio_wireless_simulator import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
 
 
@@ -57,6 +60,27 @@ def exporter_mapping(base_url: str, sids: list[str], **sections: Any) -> dict[st
         "sims": [{"sid": sid} for sid in sids],
         **sections,
     }
+
+
+@asynccontextmanager
+async def serving(
+    config: Config, clock: ManualClock
+) -> AsyncIterator[tuple[Exporter, TestClient[Any, Any]]]:
+    """An opened exporter on ``clock`` whose retries never wait, and a test client of its web
+    app; stopped (its state saved) and closed on the way out."""
+
+    async def no_wait(_: float) -> None:
+        return None
+
+    exporter = Exporter(config, clock=clock, retry_sleep=no_wait)
+    await exporter.open()
+    http: TestClient[Any, Any] = TestClient(TestServer(make_app(exporter.web_context())))
+    await http.start_server()
+    try:
+        yield exporter, http
+    finally:
+        await http.close()
+        await exporter.stop()
 
 
 class Harness:

@@ -22,14 +22,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.harness_support import exporter_mapping
+from tests.harness_support import exporter_mapping, serving
 from twilio_wireless_exporter.api.auth import BasicAuthenticator
 from twilio_wireless_exporter.api.client import ClientSettings, TwilioClient
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config import config_from_mapping
 from twilio_wireless_exporter.exposition.collector import ApiMetrics
 from twilio_wireless_exporter.service import Exporter
-from twilio_wireless_exporter.web.app import make_app
 
 SIM_A = "DE" + "a" * 32
 SIM_B = "DE" + "b" * 32
@@ -298,17 +297,8 @@ async def start_exporter(
     url = str(server.make_url("")).rstrip("/")
     config = config_from_mapping(exporter_mapping(url, sids, **sections), environ={})
     clock = ManualClock() if clock_start is None else ManualClock(clock_start)
-
-    async def no_wait(seconds: float) -> None:
-        return None
-
-    exporter = Exporter(config, clock=clock, retry_sleep=no_wait)
-    await exporter.open()
-    http: TestClient[Any, Any] = TestClient(TestServer(make_app(exporter.web_context())))
-    await http.start_server()
     try:
-        yield Running(api, exporter, http, clock, url)
+        async with serving(config, clock) as (exporter, http):
+            yield Running(api, exporter, http, clock, url)
     finally:
-        await http.close()
-        await exporter.stop()
         await server.close()

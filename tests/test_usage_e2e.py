@@ -12,15 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
-from tests.harness_support import exporter_mapping
+from tests.harness_support import exporter_mapping, serving
 from tests.metrics_support import find_value, sample_value
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config import config_from_mapping
 from twilio_wireless_exporter.fleet.usage import counting_start, period_start
 from twilio_wireless_exporter.service import Exporter
-from twilio_wireless_exporter.web.app import make_app
 from twilio_wireless_simulator import RunningSimulator, SimulatorConfig, start_simulator
 
 HOUR = 3600
@@ -59,21 +58,9 @@ async def exporter_for(sim: RunningSimulator, state_path: Path) -> AsyncIterator
         usage={"enabled": True, "revision_days": REVISION_DAYS},
         state={"path": str(state_path)},
     )
-    config = config_from_mapping(mapping, environ={})
     clock = ManualClock(sim.clock.time())
-
-    async def no_wait(_: float) -> None:
-        return None
-
-    exporter = Exporter(config, clock=clock, retry_sleep=no_wait)
-    await exporter.open()
-    http: TestClient[Any, Any] = TestClient(TestServer(make_app(exporter.web_context())))
-    await http.start_server()
-    try:
+    async with serving(config_from_mapping(mapping, environ={}), clock) as (exporter, http):
         yield Running(exporter, http, clock)
-    finally:
-        await http.close()
-        await exporter.stop()
 
 
 def in_bytes(records: Iterable[Any], field: str) -> dict[int, int]:

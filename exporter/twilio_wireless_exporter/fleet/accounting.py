@@ -143,7 +143,7 @@ def _count(value: int | None) -> int:
     return value if value <= INT64_MAX else INT64_MAX
 
 
-def _add(total: int, delta: int) -> int:
+def add_saturating(total: int, delta: int) -> int:
     """A counter grown by ``delta``, saturating at int64 (what the state file can hold)."""
     total += delta
     return total if total <= INT64_MAX else INT64_MAX
@@ -222,10 +222,12 @@ def apply_listing(
         outcome.forgotten = len(gone)
 
     account.baselined = True
-    account.started_total = _add(account.started_total, outcome.started)
-    account.ended_total = _add(account.ended_total, outcome.ended)
-    account.packets_uploaded_total = _add(account.packets_uploaded_total, outcome.packets_uploaded)
-    account.packets_downloaded_total = _add(
+    account.started_total = add_saturating(account.started_total, outcome.started)
+    account.ended_total = add_saturating(account.ended_total, outcome.ended)
+    account.packets_uploaded_total = add_saturating(
+        account.packets_uploaded_total, outcome.packets_uploaded
+    )
+    account.packets_downloaded_total = add_saturating(
         account.packets_downloaded_total, outcome.packets_downloaded
     )
     account.open_sessions = open_sessions
@@ -317,6 +319,6 @@ def _update_latest(
     )
     if latest.imei:
         if account.last_imei is not None and latest.imei != account.last_imei:
-            account.imei_changes_total = _add(account.imei_changes_total, 1)
+            account.imei_changes_total = add_saturating(account.imei_changes_total, 1)
             outcome.imei_changed = True
         account.last_imei = latest.imei

@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from twilio_wireless_exporter.api.records import INT64_MAX
 from twilio_wireless_exporter.api.usage import Usage
-from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SimAccount
+from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SimAccount, add_saturating
 from twilio_wireless_exporter.fleet.usage import (
     PeriodUsage,
     UsageLedger,
@@ -287,7 +286,7 @@ class FleetState:
                 previous, record.status_changes = restored
         status = status or ""
         if previous and status and status != previous:
-            record.status_changes = min(record.status_changes + 1, INT64_MAX)
+            record.status_changes = add_saturating(record.status_changes, 1)
             self._touch(record)
         new = (unique_name or "", friendly_name or "", status, rate_plan_sid or "")
         resetting = reset_status == "resetting"

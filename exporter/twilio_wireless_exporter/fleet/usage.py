@@ -29,6 +29,7 @@ import msgspec
 
 from twilio_wireless_exporter.api.records import INT64_MAX
 from twilio_wireless_exporter.api.usage import Usage
+from twilio_wireless_exporter.fleet.accounting import add_saturating
 
 DAY = 86400
 
@@ -80,11 +81,6 @@ class UsageOutcome:
     new_buckets: int = 0
     ignored: int = 0
     """Records before the ledger's floor, left out."""
-
-
-def _add(total: int, delta: int) -> int:
-    total += delta
-    return total if total <= INT64_MAX else INT64_MAX
 
 
 def _latest(records: Iterable[Usage], floor: int) -> tuple[dict[int, Bucket], int]:
@@ -147,10 +143,14 @@ def apply_usage(ledger: UsageLedger, records: Iterable[Usage], window_start: int
         for key in [key for key in known if key < window_start]:
             del known[key]
     ledger.baselined = True
-    ledger.upload_total = _add(ledger.upload_total, outcome.upload)
-    ledger.download_total = _add(ledger.download_total, outcome.download)
-    ledger.commands_from_sim_total = _add(ledger.commands_from_sim_total, outcome.commands_from_sim)
-    ledger.commands_to_sim_total = _add(ledger.commands_to_sim_total, outcome.commands_to_sim)
+    ledger.upload_total = add_saturating(ledger.upload_total, outcome.upload)
+    ledger.download_total = add_saturating(ledger.download_total, outcome.download)
+    ledger.commands_from_sim_total = add_saturating(
+        ledger.commands_from_sim_total, outcome.commands_from_sim
+    )
+    ledger.commands_to_sim_total = add_saturating(
+        ledger.commands_to_sim_total, outcome.commands_to_sim
+    )
     return outcome
 
 
