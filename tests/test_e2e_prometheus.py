@@ -54,6 +54,7 @@ from tests.prom_support import (
     wait_for,
     with_bool,
 )
+from twilio_wireless_exporter.cli import demo_period_start_day
 
 pytestmark = pytest.mark.e2e
 
@@ -222,7 +223,13 @@ def exporter_on_simulator(workdir: Path) -> Iterator[tuple[str, list[Path]]]:
             },
             # Usage read every few seconds (the simulator's time runs 600x), split by network
             # so that the roaming panels and alert have their series.
-            "usage": {"interval": "5s", "roaming_split": True},
+            # The period began days ago: usage is reported a day late (on the 1st of a month
+            # a period starting that day has none yet).
+            "usage": {
+                "interval": "5s",
+                "roaming_split": True,
+                "period_start_day": demo_period_start_day(time.time()),
+            },
         }
         config_file = workdir / "exporter.yaml"
         config_file.write_text(yaml.safe_dump(config), encoding="utf-8")

@@ -11,7 +11,9 @@ import logging
 import math
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -325,8 +327,19 @@ def demo_mapping(base_url: str, account_sid: str, auth_token: str) -> dict[str, 
             "requests_per_second": 50,
         },
         "discovery": {"enabled": True, "status": "all", "refresh_interval": "1m"},
-        "usage": {"interval": "20s"},
+        # roaming split: the roaming panels and alert have their series
+        "usage": {
+            "interval": "20s",
+            "period_start_day": demo_period_start_day(time.time()),
+            "roaming_split": True,
+        },
     }
+
+
+def demo_period_start_day(now: float) -> int:
+    """A metering period for the demo that began ten days ago (at most on the 28th): usage is
+    reported a day late, so a period that began today or yesterday would show none yet."""
+    return min(28, datetime.fromtimestamp(now - 10 * 86400, UTC).day)
 
 
 @contextlib.asynccontextmanager
