@@ -725,6 +725,21 @@ def open_by(labels: str, sel: str = SEL) -> str:
     )
 
 
+# Horizontal bars, one per series of an instant query.
+BAR_OPTIONS: Json = {
+    "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+    "orientation": "horizontal",
+    "displayMode": "basic",
+    "showUnfilled": True,
+    "valueMode": "color",
+    "namePlacement": "auto",
+    "sizing": "auto",
+    "minVizHeight": 16,
+    "minVizWidth": 8,
+    "maxVizHeight": 300,
+}
+
+
 def top_bars(title: str, description: str, unit: str, expr: str, *, w: int = 12) -> Json:
     """Horizontal bars of per-SIM values (an instant query), one per SIM, named."""
     return panel(
@@ -735,18 +750,7 @@ def top_bars(title: str, description: str, unit: str, expr: str, *, w: int = 12)
         [target(named(expr), f"{{{{{NAME_LABEL}}}}}", instant=True)],
         w=w,
         h=8,
-        options={
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "orientation": "horizontal",
-            "displayMode": "basic",
-            "showUnfilled": True,
-            "valueMode": "color",
-            "namePlacement": "auto",
-            "sizing": "auto",
-            "minVizHeight": 16,
-            "minVizWidth": 8,
-            "maxVizHeight": 300,
-        },
+        options=BAR_OPTIONS,
         links=SERIES_SIM_LINK,
     )
 
@@ -1133,18 +1137,7 @@ def fleet() -> Json:
             ],
             w=6,
             h=8,
-            options={
-                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                "orientation": "horizontal",
-                "displayMode": "basic",
-                "showUnfilled": True,
-                "valueMode": "color",
-                "namePlacement": "auto",
-                "sizing": "auto",
-                "minVizHeight": 16,
-                "minVizWidth": 8,
-                "maxVizHeight": 300,
-            },
+            options=BAR_OPTIONS,
         ),
         row("Location"),
         geomap(
