@@ -201,7 +201,8 @@ async def test_account_usage_and_rate_plans() -> None:
         500 * 1024**2
     )
     assert find_value(text, limit, rate_plan_sid=plan2, network="home") is None
-    assert find_value(text, limit, rate_plan_sid=plan2, network="national_roaming") is None
+    # a limit of 0 allows none (TwilioWirelessSimRoamingNotAllowed reads it): not "no limit"
+    assert sample_value(text, limit, rate_plan_sid=plan2, network="national_roaming") == 0.0
     info = {
         "rate_plan_sid": plan2,
         "unique_name": "plan-2",

@@ -68,7 +68,9 @@ def _instant(seconds: float) -> datetime:
 
 
 def plan_info(plan: RatePlan) -> PlanInfo:
-    """A listed rate plan as the state keeps it: limits converted to bytes (see mb_to_bytes)."""
+    """A listed rate plan as the state keeps it: limits converted to bytes (see mb_to_bytes).
+    A limit of 0 is kept: it allows no data on that network (the roaming alert reads it); only
+    a null limit is no limit."""
     limits = tuple(
         (network, mb_to_bytes(limit))
         for network, limit in (
@@ -76,7 +78,7 @@ def plan_info(plan: RatePlan) -> PlanInfo:
             ("national_roaming", plan.national_roaming_data_limit),
             ("international_roaming", plan.international_roaming_data_limit),
         )
-        if limit is not None and limit > 0
+        if limit is not None
     )
     return PlanInfo(
         sid=plan.sid,
