@@ -198,7 +198,7 @@ class UsagePoller:
                     heapq.heappush(self._heap, (self._next_slot(sid), sid))
                     self._wake.set()
                 else:
-                    self._scheduled.discard(sid)
+                    self._forget(sid)
 
     async def _schedule(self, queue: asyncio.Queue[str]) -> None:
         next_sync = -math.inf
@@ -210,7 +210,7 @@ class UsagePoller:
             while self._heap and self._heap[0][0] <= now:
                 _, sid = heapq.heappop(self._heap)
                 if sid not in self._state.sims:
-                    self._scheduled.discard(sid)
+                    self._forget(sid)
                     continue
                 await queue.put(sid)  # waits while every worker is busy
             self._wake.clear()
@@ -225,6 +225,13 @@ class UsagePoller:
             if sid not in self._scheduled:
                 self._scheduled.add(sid)
                 heapq.heappush(self._heap, (now, sid))
+
+    def _forget(self, sid: str) -> None:
+        """A SIM that left: drop what was noted of it (discovery churns SIMs for months)."""
+        self._scheduled.discard(sid)
+        self._failing.discard(sid)
+        if any(key[0] == sid for key in self._rejects_logged):
+            self._rejects_logged = {key for key in self._rejects_logged if key[0] != sid}
 
     def _next_slot(self, sid: str) -> float:
         interval = self._settings.interval
