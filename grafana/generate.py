@@ -96,8 +96,10 @@ PLAN_INFO = names.RATE_PLAN_INFO.sample
 PLAN_LIMIT = names.RATE_PLAN_DATA_LIMIT.sample
 SIMS_BY_STATUS = names.SIMS_BY_STATUS.sample
 
-# How rate plan series are joined to each other and to the SIMs on them.
-PLAN_ON = "on (job, instance, rate_plan_sid)"
+# How rate plan series are joined to each other and to the SIMs on them: by job, not instance,
+# as only shard 0 reads the plans (the plan series are first taken once per job and plan with
+# max, which also folds an HA twin's copy).
+PLAN_ON = "on (job, rate_plan_sid)"
 # A rate plan's display name after the join: unique_name, else friendly_name, else the SID.
 PLAN_NAME_LABEL = "rate_plan_name"
 PLAN_NAME_SOURCES = ("rate_plan_sid", "friendly_name", "unique_name")
@@ -157,7 +159,8 @@ def with_plan(expr: str, sel: str = SEL) -> str:
 
 def home_limit() -> str:
     """The rate plans' home-network data limits (plans without one have no series)."""
-    return m(PLAN_LIMIT, SEL, 'network="home"')
+    limits = m(PLAN_LIMIT, SEL, 'network="home"')
+    return f"max by (job, rate_plan_sid) ({limits})"
 
 
 def limit_share(sel: str = SEL) -> str:
@@ -172,6 +175,7 @@ def plan_named(expr: str) -> str:
     names_expr = m(PLAN_INFO)
     for source in PLAN_NAME_SOURCES:
         names_expr = f'label_replace({names_expr}, "{PLAN_NAME_LABEL}", "$1", "{source}", "(.+)")'
+    names_expr = f"max by (job, rate_plan_sid, {PLAN_NAME_LABEL}) ({names_expr})"
     return f"({expr})\n* {PLAN_ON} group_left ({PLAN_NAME_LABEL})\n  {names_expr}"
 
 

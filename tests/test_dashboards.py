@@ -250,6 +250,21 @@ def test_the_dashboards_share_of_the_limit_is_the_recording_rules() -> None:
     assert canonical(generator().limit_share()) != canonical(rule["expr"].replace("home|", "home"))
 
 
+def test_rate_plans_are_joined_by_job_not_instance() -> None:
+    """Only shard 0 reads the rate plans, so a plan's series come from its instance alone: a
+    join on the instance would leave the SIMs of every other shard without their plan."""
+    joins = [
+        (title, expr)
+        for d in dashboards().values()
+        for title, p in ((p.get("title"), p) for p in d["panels"] if "targets" in p)
+        for expr in _exprs(p)
+        if "rate_plan_sid" in expr
+    ]
+    assert joins
+    for title, expr in joins:
+        assert "instance, rate_plan_sid)" not in expr, title
+
+
 def test_sim_variable_shows_the_name_and_keeps_the_sid() -> None:
     sim = dashboards()["twilio-wireless-sim.json"]
     var = next(v for v in sim["templating"]["list"] if v["name"] == "sim")

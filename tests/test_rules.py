@@ -315,6 +315,13 @@ def _rules_in(folder: Path) -> list[dict[str, Any]]:
         (ALERTS_FILE, "ratio >= 1\n", "ratio > 1.2\n"),  # 110 % not yet reached
         # roaming bytes counted against the home limit: 85 % + 30 % is reached, not near
         (RECORDING_FILE, 'network=~"home|"', 'network=~".*"'),
+        # plans matched by instance: SIMs of the shards that do not read the plans never alert
+        (RECORDING_FILE, "/ on (job, rate_plan_sid)", "/ on (job, instance, rate_plan_sid)"),
+        (
+            ALERTS_FILE,
+            "and on (job, rate_plan_sid, network)",
+            "and on (job, instance, rate_plan_sid, network)",
+        ),
         # roaming is held against plans whose roaming limit is not 0
         (ALERTS_FILE, 'international_roaming"} == 0', 'international_roaming"} >= 0'),
         # national roaming is held against plans that allow it

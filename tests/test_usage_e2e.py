@@ -158,7 +158,7 @@ def check_fleet(text: str, sim: RunningSimulator, truth: Truth) -> None:
                 rate_plan_sid=plan.sid,
                 network=network,
             )
-            assert got == (megabytes * MB if megabytes else None), (plan.sid, network)
+            assert got == (None if megabytes is None else megabytes * MB), (plan.sid, network)
         info = find_value(
             text,
             "twilio_wireless_rate_plan_info",

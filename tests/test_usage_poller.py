@@ -201,7 +201,8 @@ async def test_account_usage_and_rate_plans() -> None:
         500 * 1024**2
     )
     assert find_value(text, limit, rate_plan_sid=plan2, network="home") is None
-    assert find_value(text, limit, rate_plan_sid=plan2, network="national_roaming") is None
+    # a limit of 0 allows none (TwilioWirelessSimRoamingNotAllowed reads it): not "no limit"
+    assert sample_value(text, limit, rate_plan_sid=plan2, network="national_roaming") == 0.0
     info = {
         "rate_plan_sid": plan2,
         "unique_name": "plan-2",
@@ -292,3 +293,25 @@ async def test_a_restart_continues_usage_with_state_and_starts_at_zero_without(
         assert await run.exporter.usage_poller.read_sim(SIM_A)
         text = await run.scrape()
     assert counted(text, BYTES, "upload") == (700.0 if keep_state else 0.0)
+
+
+async def test_a_sim_that_left_is_forgotten_by_the_usage_poller() -> None:
+    """What the poller notes per SIM (failing reads, rejections logged) goes with the SIM:
+    with discovery churning SIMs for months, it would otherwise only ever grow."""
+    api = ScriptedApi()
+    api.usage[SIM_A] = usage_page([usage_record(21, up=5, down=5, units="parsecs")])
+    api.usage[SIM_B] = b"{not json"
+    usage = USAGE | {"interval": "100s"}
+    async with start_exporter(api, [SIM_A, SIM_B], clock_start=NOW, usage=usage) as run:
+        poller = run.exporter.usage_poller
+        running = asyncio.ensure_future(poller.run())
+        try:
+            await eventually(lambda: len(poller._rejects_logged) == 1 and len(poller._failing) == 1)
+            run.exporter.state.retain([])
+            for _ in range(25):  # past every SIM's next slot
+                await run.clock.advance(10)
+                await asyncio.sleep(0.01)
+            await eventually(lambda: not poller._rejects_logged and not poller._failing)
+        finally:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)

@@ -68,7 +68,9 @@ def _instant(seconds: float) -> datetime:
 
 
 def plan_info(plan: RatePlan) -> PlanInfo:
-    """A listed rate plan as the state keeps it: limits converted to bytes (see mb_to_bytes)."""
+    """A listed rate plan as the state keeps it: limits converted to bytes (see mb_to_bytes).
+    A limit of 0 is kept: it allows no data on that network (the roaming alert reads it); only
+    a null limit is no limit."""
     limits = tuple(
         (network, mb_to_bytes(limit))
         for network, limit in (
@@ -76,7 +78,7 @@ def plan_info(plan: RatePlan) -> PlanInfo:
             ("national_roaming", plan.national_roaming_data_limit),
             ("international_roaming", plan.international_roaming_data_limit),
         )
-        if limit is not None and limit > 0
+        if limit is not None
     )
     return PlanInfo(
         sid=plan.sid,
@@ -196,7 +198,7 @@ class UsagePoller:
                     heapq.heappush(self._heap, (self._next_slot(sid), sid))
                     self._wake.set()
                 else:
-                    self._scheduled.discard(sid)
+                    self._forget(sid)
 
     async def _schedule(self, queue: asyncio.Queue[str]) -> None:
         next_sync = -math.inf
@@ -208,7 +210,7 @@ class UsagePoller:
             while self._heap and self._heap[0][0] <= now:
                 _, sid = heapq.heappop(self._heap)
                 if sid not in self._state.sims:
-                    self._scheduled.discard(sid)
+                    self._forget(sid)
                     continue
                 await queue.put(sid)  # waits while every worker is busy
             self._wake.clear()
@@ -223,6 +225,13 @@ class UsagePoller:
             if sid not in self._scheduled:
                 self._scheduled.add(sid)
                 heapq.heappush(self._heap, (now, sid))
+
+    def _forget(self, sid: str) -> None:
+        """A SIM that left: drop what was noted of it (discovery churns SIMs for months)."""
+        self._scheduled.discard(sid)
+        self._failing.discard(sid)
+        if any(key[0] == sid for key in self._rejects_logged):
+            self._rejects_logged = {key for key in self._rejects_logged if key[0] != sid}
 
     def _next_slot(self, sid: str) -> float:
         interval = self._settings.interval
