@@ -15,7 +15,7 @@ import msgspec
 
 from twilio_wireless_exporter.api.records import INT64_MAX
 from twilio_wireless_exporter.api.usage import Usage
-from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SimAccount
+from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SimAccount, shared
 from twilio_wireless_exporter.fleet.usage import (
     PeriodUsage,
     UsageLedger,
@@ -289,7 +289,7 @@ class FleetState:
         if previous and status and status != previous:
             record.status_changes = min(record.status_changes + 1, INT64_MAX)
             self._touch(record)
-        new = (unique_name or "", friendly_name or "", status, rate_plan_sid or "")
+        new = (unique_name or "", friendly_name or "", shared(status), shared(rate_plan_sid))
         resetting = reset_status == "resetting"
         if (
             new != (ident.unique_name, ident.friendly_name, ident.status, ident.rate_plan_sid)
