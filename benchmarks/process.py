@@ -15,8 +15,8 @@ file listing N static SIMs, and runs ``twilio-wireless-exporter --config FILE`` 
    same listings at the same concurrency, timed from the same access log. Steady cycle: the
    next N listings, with ``poll.interval`` short enough that the exporter polls flat out,
    against the bare loop's second cycle.
-3. Requests per SIM per cycle by endpoint (listings, SIM reads, ``/v1/Sims`` pages), and the
-   identity requests of the start-up refresh.
+3. Requests per SIM per cycle by endpoint (listings, SIM reads, ``/v1/Sims`` pages, usage
+   records, account usage, rate plans), and the identity requests of the start-up refresh.
 4. For each ``metrics.per_sim`` mode the config accepts (``default`` writes no such option), a
    fresh process polled at ``--scrape-interval``: once every SIM is polled (``/-/ready``),
    ``/metrics`` p50/p99 plain and gzip with one scraper and with ten (a child process), body
@@ -67,6 +67,9 @@ _ACCESS = re.compile(
 )
 _PATHS = (
     (re.compile(r"^/v1/Sims/(DE[0-9a-fA-F]{32})/DataSessions(?:\?|$)"), "data_sessions"),
+    (re.compile(r"^/v1/Sims/(DE[0-9a-fA-F]{32})/UsageRecords(?:\?|$)"), "usage_records"),
+    (re.compile(r"^/v1/UsageRecords(?:\?|$)()"), "account_usage"),
+    (re.compile(r"^/v1/RatePlans(?:\?|$)()"), "rate_plans"),
     (re.compile(r"^/v1/Sims/(DE[0-9a-fA-F]{32})(?:\?|$)"), "sim"),
     (re.compile(r"^/v1/Sims(?:\?|$)()"), "sims"),
 )
@@ -165,7 +168,7 @@ class Request:
     """One answered request in the simulator's access log."""
 
     at: float  # when the simulator logged the answer (wall clock, ms resolution)
-    endpoint: str  # data_sessions, sim, sims or other
+    endpoint: str  # data_sessions, sim, sims, usage_records, account_usage, rate_plans or other
     sid: str
     status: int
     exporter: bool  # sent by the exporter (its User-Agent), not by the bare loop
@@ -615,7 +618,8 @@ def one_size(settings: Settings, sims: int, work: Path, log: Any) -> Any:
         runs = []
         for index in range(settings.repeat):
             label = f"[{sims} SIMs, run {index + 1}/{settings.repeat}]"
-            log(f"{label} bare aiohttp loop")
+            load = os.getloadavg()  # other work on the machine moves every figure
+            log(f"{label} bare aiohttp loop (load average {load[0]:.2f})")
             bare = bare_loop(sim, url, sids_file, settings, sims)
             log(f"{label} exporter: start, first and steady cycle")
             cycle = cycle_run(sim, url, sids, settings, work)
@@ -623,7 +627,7 @@ def one_size(settings: Settings, sims: int, work: Path, log: Any) -> Any:
             for mode in settings.modes:
                 log(f"{label} exporter, per_sim {mode}: scrapes and RSS")
                 modes.append(mode_run(sim, url, sids, settings, work, mode))
-            runs.append({"bare": bare, "cycle": cycle, "modes": modes})
+            runs.append({"bare": bare, "cycle": cycle, "modes": modes, "load_average_before": load})
         return {"sims": sims, "runs": runs}
     finally:
         sim.stop()

@@ -25,6 +25,7 @@ Semantics (the metric contract):
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -130,6 +131,16 @@ def deduplicate(listing: Iterable[DataSession]) -> tuple[dict[str, DataSession],
 
 
 _CONVERSION_ERRORS = (ValueError, OverflowError, OSError, TypeError, AttributeError)
+
+
+def shared(value: str | None) -> str:
+    """``value`` (``""`` for ``None``) as the one copy every SIM shares.
+
+    Radio links, operators, countries, statuses and rate plans repeat across a fleet, but each
+    decoded page makes its own copies; a SIM keeps its latest session's attributes and its
+    identity for good, so without sharing every SIM would hold its own copy of each.
+    """
+    return sys.intern(value) if value else ""
 
 
 def _seconds(value: datetime | None) -> float | None:
@@ -309,16 +320,19 @@ def _update_latest(
     if stale or latest is None or latest_start is None:
         return
     account.latest_start = latest_start
+    imei = latest.imei
+    if imei and imei == account.last_imei:
+        imei = account.last_imei  # the object already kept, not one more copy per listing
     account.latest = SessionAttributes(
-        radio_link=latest.radio_link or "",
-        operator_name=latest.operator_name or "",
-        operator_country=latest.operator_country or "",
-        operator_mcc=latest.operator_mcc or "",
-        operator_mnc=latest.operator_mnc or "",
-        imei=latest.imei or "",
+        radio_link=shared(latest.radio_link),
+        operator_name=shared(latest.operator_name),
+        operator_country=shared(latest.operator_country),
+        operator_mcc=shared(latest.operator_mcc),
+        operator_mnc=shared(latest.operator_mnc),
+        imei=imei or "",
     )
-    if latest.imei:
-        if account.last_imei is not None and latest.imei != account.last_imei:
+    if imei:
+        if account.last_imei is not None and imei != account.last_imei:
             account.imei_changes_total = add_saturating(account.imei_changes_total, 1)
             outcome.imei_changed = True
-        account.last_imei = latest.imei
+        account.last_imei = imei

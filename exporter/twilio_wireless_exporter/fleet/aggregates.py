@@ -23,6 +23,7 @@ Pure: no I/O, no clock; the exposition asks for an update before it renders.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -93,12 +94,18 @@ GAUGES: Final = (names.FLEET_SESSIONS_OPEN, names.FLEET_SIMS_UP, names.FLEET_SIM
 """The aggregated gauges, in the order of :attr:`Group.gauges`: plain sums, nothing carried."""
 
 
+def _contribution(values: Sequence[float] | None = None, width: int = 0) -> array[float]:
+    """A member's counters: a flat array of doubles, not a list of float objects (one
+    member per monitored SIM)."""
+    return array("d", values) if values is not None else array("d", bytes(8 * width))
+
+
 @dataclass(slots=True)
 class Member:
     """What a SIM last contributed, and to which group."""
 
     key: GroupKey
-    counters: list[float]
+    counters: array[float]
     gauges: tuple[int, int, int] = (0, 0, 0)
     record: SimRecord | None = None
     """The record seen at the last update (``None``: restored, not seen yet)."""
@@ -219,10 +226,10 @@ class FleetAggregates:
             gauges = (0, int(up is True), int(up is False))
         group = self.groups.get(key) or self._group(key)
         if member is None:
-            member = self.members[sid] = Member(key, [0.0] * len(counters))
+            member = self.members[sid] = Member(key, _contribution(width=len(counters)))
         elif member.key != key:
             self._leave(member)
-            member.counters = [0.0] * len(counters)
+            member.counters = _contribution(width=len(counters))
             member.gauges = (0, 0, 0)
             member.key = key
         else:
@@ -230,7 +237,7 @@ class FleetAggregates:
             for i, (old, now) in enumerate(zip(member.counters, counters, strict=True)):
                 if now < old:  # the SIM's counter started again: its old count stays
                     group.carried[i] += old
-        member.counters = counters
+        member.counters = _contribution(counters)
         member.gauges = gauges
         member.record = record
         member.version = record.version
@@ -340,7 +347,7 @@ class FleetAggregates:
                 continue
             group = self._group(remembered.key)
             counters = [float(remembered.counters.get(k, 0.0)) for k in keys]
-            self.members[sid] = Member(remembered.key, counters)
+            self.members[sid] = Member(remembered.key, _contribution(counters))
             for i, value in enumerate(counters):
                 group.members[i] += value
         self._seen = None

@@ -64,7 +64,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from twilio_wireless_exporter import __version__
 from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.config import BasicCredentials, Config
-from twilio_wireless_exporter.fleet.accounting import SessionAttributes, SessionMemo, SimAccount
+from twilio_wireless_exporter.fleet.accounting import (
+    SessionAttributes,
+    SessionMemo,
+    SimAccount,
+    shared,
+)
 from twilio_wireless_exporter.fleet.aggregates import AggregateMember, FleetAggregates, GroupKey
 from twilio_wireless_exporter.fleet.state import (
     SESSION_DURATION_BUCKETS,
@@ -649,11 +654,11 @@ def _account(row: SimRow) -> SimAccount:
     latest: SessionAttributes | None = None
     if row.latest_radio_link is not None:
         latest = SessionAttributes(
-            row.latest_radio_link,
-            row.latest_operator_name or "",
-            row.latest_operator_country or "",
-            row.latest_operator_mcc or "",
-            row.latest_operator_mnc or "",
+            shared(row.latest_radio_link),
+            shared(row.latest_operator_name),
+            shared(row.latest_operator_country),
+            shared(row.latest_operator_mcc),
+            shared(row.latest_operator_mnc),
             row.latest_imei or "",
         )
     lat, lon = row.latitude, row.longitude

@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 import msgspec
 
 from twilio_wireless_exporter.api.usage import Usage
-from twilio_wireless_exporter.fleet.accounting import ListingOutcome, SimAccount, add_saturating
+from twilio_wireless_exporter.fleet.accounting import (
+    ListingOutcome,
+    SimAccount,
+    add_saturating,
+    shared,
+)
 from twilio_wireless_exporter.fleet.usage import (
     PeriodUsage,
     UsageLedger,
@@ -288,7 +293,7 @@ class FleetState:
         if previous and status and status != previous:
             record.status_changes = add_saturating(record.status_changes, 1)
             self._touch(record)
-        new = (unique_name or "", friendly_name or "", status, rate_plan_sid or "")
+        new = (unique_name or "", friendly_name or "", shared(status), shared(rate_plan_sid))
         resetting = reset_status == "resetting"
         if (
             new != (ident.unique_name, ident.friendly_name, ident.status, ident.rate_plan_sid)

@@ -83,13 +83,30 @@ class UsageOutcome:
     """Records before the ledger's floor, left out."""
 
 
+#: One object per bucket start (and floor) for every ledger: the same few days recur in
+#: every SIM's ledger, and each read would otherwise keep an int of its own per bucket.
+_INSTANTS: dict[int, int] = {}
+_INSTANTS_MAX = 4096
+
+
+def _instant(value: int) -> int:
+    if type(value) is not int:  # a float or bool would find an equal int of another type
+        return value
+    found = _INSTANTS.get(value)
+    if found is None:
+        if len(_INSTANTS) >= _INSTANTS_MAX:  # odd starts from a misbehaving API: start over
+            _INSTANTS.clear()
+        found = _INSTANTS[value] = value
+    return found
+
+
 def _latest(records: Iterable[Usage], floor: int) -> tuple[dict[int, Bucket], int]:
     """The records as buckets by start (repeats keep their largest values) and the count of
     records before ``floor``."""
     buckets: dict[int, Bucket] = {}
     ignored = 0
     for record in records:
-        key = int(record.start)
+        key = _instant(int(record.start))
         if key < floor:
             ignored += 1
             continue
@@ -108,6 +125,7 @@ def _latest(records: Iterable[Usage], floor: int) -> tuple[dict[int, Bucket], in
 
 def apply_usage(ledger: UsageLedger, records: Iterable[Usage], window_start: int) -> UsageOutcome:
     """Fold one successful read of the buckets from ``window_start`` on into ``ledger``."""
+    window_start = _instant(window_start)
     if not ledger.baselined:
         ledger.floor = max(ledger.floor, window_start)
     fresh, ignored = _latest(records, ledger.floor)

@@ -436,8 +436,10 @@ class Poller:
         behind every first poll at the client's limit."""
         pending = self._first_pending
         pending.discard(sid)
-        if not pending and self._first_polls is not None:
-            self._first_polls.set()
+        if not pending:
+            self._first_pending = set()  # an emptied set keeps its table: one slot per SIM
+            if self._first_polls is not None:
+                self._first_polls.set()
 
     async def _poll_task(self, sid: str) -> None:
         if self._first_pending:
