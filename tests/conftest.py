@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings
 
 from tests.harness_support import Harness, MakeHarness, exporter_mapping
 from tests.tls_support import make_cert
+from twilio_wireless_exporter.cli import drop_created_samples
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config import Config, config_from_mapping
 from twilio_wireless_exporter.service import Exporter
@@ -91,3 +93,13 @@ async def harness(sim: RunningSimulator) -> AsyncIterator[MakeHarness]:
     for h in made:
         await h.http.close()
         await h.exporter.stop()
+
+
+@pytest.fixture
+def created_samples_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``*_created`` samples off as the command switches them off, restored after the test
+    (the switch is process-wide: ``prometheus_client`` keeps it in a module global). A test
+    that compares two renderings needs it: each registry's ``_created`` is its own moment."""
+    metrics = prometheus_client.metrics
+    monkeypatch.setattr(metrics, "_use_created", metrics._use_created)
+    drop_created_samples()

@@ -15,7 +15,6 @@ import re
 import zlib
 from typing import Any
 
-import prometheus_client.metrics
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import CollectorRegistry
@@ -25,7 +24,6 @@ from tests.metrics_support import parse_samples
 from tests.prom_support import load_dashboards, load_rules, panels_of, scan
 from twilio_wireless_exporter import metrics_names as names
 from twilio_wireless_exporter.api.transport import ErrorKind
-from twilio_wireless_exporter.cli import drop_created_samples
 from twilio_wireless_exporter.config import Config, ConfigError, config_from_mapping
 from twilio_wireless_exporter.config.metrics import SIM_ATTRIBUTE_LABELS
 from twilio_wireless_exporter.exposition.collector import (
@@ -96,10 +94,8 @@ PER_SIM = {family.name for family in names.PER_SIM}
 
 
 @pytest.fixture(autouse=True)
-def created_samples_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``*_created`` samples off, as the command runs (restored after the test)."""
-    monkeypatch.setattr(prometheus_client.metrics, "_use_created", True)
-    drop_created_samples()
+def _created_off(created_samples_off: None) -> None:
+    """``*_created`` samples off in every test here, as the command runs."""
 
 
 @pytest.fixture(name="everything")

@@ -36,15 +36,6 @@ from twilio_wireless_exporter.sharding import Shard
 Render = Callable[..., str]
 
 
-@pytest.fixture
-def created_samples_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``*_created`` samples off as the command switches them off, restored after the test
-    (the switch is process-wide: ``prometheus_client`` keeps it in a module global)."""
-    metrics = prometheus_client.metrics
-    monkeypatch.setattr(metrics, "_use_created", metrics._use_created)
-    drop_created_samples()
-
-
 def reference_render(state: FleetState, *, imei_label: bool = False) -> str:
     """The whole exposition of ``state`` by the reference path (every family, stock output)."""
     registry, _ = build_registry(state)

@@ -192,7 +192,12 @@ def assert_same(exposition: Exposition, state: FleetState, imei_label: bool) -> 
 
 
 @pytest.mark.slow
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.usefixtures("created_samples_off")
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(
     first=st.lists(sim_change, max_size=8),
     rounds=st.lists(

@@ -167,6 +167,20 @@ async def test_roaming_split_and_billed_are_opt_in() -> None:
     assert sample_value(text, billed, sim_sid=SIM_A, billing_units="USD") == 0.25
 
 
+async def test_with_the_split_a_total_without_networks_is_shown_unsplit() -> None:
+    api = ScriptedApi()
+    record = usage_record(20, up=1000, down=3000)
+    for network in ("home", "national_roaming", "international_roaming"):
+        del record["data"][network]
+    api.usage[SIM_A] = usage_page([record])
+    usage = USAGE | {"roaming_split": True}
+    async with start_exporter(api, [SIM_A], clock_start=NOW, usage=usage) as run:
+        assert await run.exporter.usage_poller.read_sim(SIM_A)
+        text = await run.scrape()
+    assert sample_value(text, PERIOD, sim_sid=SIM_A, direction="total") == 4000.0
+    assert find_value(text, PERIOD, SIM_A, direction="total", network="home") is None
+
+
 async def test_account_usage_and_rate_plans() -> None:
     api = ScriptedApi()
     api.account_usage = usage_page([usage_record(20, up=7, down=9, sim=None, hours=1)])

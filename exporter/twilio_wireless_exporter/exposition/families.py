@@ -71,6 +71,7 @@ _PERIOD_START = SIM_DATA_PERIOD_START.name
 _PERIOD_BILLED = SIM_DATA_PERIOD_BILLED.name
 _COMMANDS = SIM_COMMANDS.sample
 _USAGE_LAST_SUCCESS = SIM_USAGE_LAST_SUCCESS.name
+_NETWORKS = ("home", "national_roaming", "international_roaming")
 
 
 class SimFamilies(Collector):
@@ -194,15 +195,12 @@ class SimFamilies(Collector):
             bytes_ = SIM_DATA_PERIOD_BYTES
             yield bytes_, _PERIOD_BYTES, {**base, "direction": "upload"}, period.upload
             yield bytes_, _PERIOD_BYTES, {**base, "direction": "download"}, period.download
-            if self.roaming_split:
-                for network, value in (
-                    ("home", period.home),
-                    ("national_roaming", period.national_roaming),
-                    ("international_roaming", period.international_roaming),
-                ):
+            networks = (period.home, period.national_roaming, period.international_roaming)
+            if self.roaming_split and any(value is not None for value in networks):
+                for network, value in zip(_NETWORKS, networks, strict=True):
                     labels = {**base, "direction": "total", "network": network}
                     yield bytes_, _PERIOD_BYTES, labels, value or 0
-            else:
+            else:  # also when the records break nothing down by network: the total, unsplit
                 yield bytes_, _PERIOD_BYTES, {**base, "direction": "total"}, period.total
             yield SIM_DATA_PERIOD_START, _PERIOD_START, base, period.start
             if self.billed and period.billed is not None:
