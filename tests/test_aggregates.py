@@ -62,15 +62,17 @@ def poll(state: FleetState, sid: str, grow: int, up: bool = True) -> None:
 
 
 def counters_of(record: SimRecord) -> list[float]:
+    """The session counters (0 before the baseline) and the usage counters (their own)."""
     acct = record.account
-    if not acct.baselined:
-        return [0.0] * 6
     usage = record.usage
-    return [
+    sessions = [
         float(acct.started_total),
         float(acct.ended_total),
         float(acct.packets_uploaded_total),
         float(acct.packets_downloaded_total),
+    ]
+    return [
+        *(sessions if acct.baselined else [0.0] * 4),
         0.0 if usage is None else float(usage.ledger.upload_total),
         0.0 if usage is None else float(usage.ledger.download_total),
     ]
@@ -311,6 +313,20 @@ async def test_a_restart_keeps_the_carried_remainders(tmp_path: Path) -> None:
         ("berlin",): [21.0, 10.0, 63.0, 105.0, 147.0, 231.0],
         ("paris",): [21.0, 10.0, 63.0, 105.0, 147.0, 231.0],
     }
+
+
+def test_a_sim_whose_sessions_start_afresh_keeps_its_usage_count() -> None:
+    """A SIM whose session account starts a fresh baseline (its state row was rejected) still
+    has its usage ledger: its data bytes are not counted as restarted, nor twice."""
+    state = fleet("berlin")
+    aggregates = FleetAggregates(("site",))
+    assert totals_of(aggregates, state)[("berlin",)][4:] == [70.0, 110.0]
+    state.sims[SIDS[0]].account = SimAccount()  # sessions afresh, usage as it was
+    state.sims[SIDS[0]].version += 1
+    state.version += 1
+    assert totals_of(aggregates, state)[("berlin",)][4:] == [70.0, 110.0]
+    poll(state, SIDS[0], 1)
+    assert totals_of(aggregates, state)[("berlin",)][4:] == [77.0, 121.0]
 
 
 async def test_other_groupings_in_the_file_start_afresh(tmp_path: Path) -> None:

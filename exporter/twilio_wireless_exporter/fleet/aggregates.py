@@ -65,6 +65,10 @@ class CounterSource:
     """The SIM's counter; ``None`` while it is not known yet (usage held from the state file
     until the SIM's next usage read): the SIM then keeps contributing what it did before."""
     labels: tuple[tuple[str, str], ...] = ()
+    needs_baseline: bool = True
+    """Whether the counter is the session account's (0 until its baseline); usage counters
+    have their own baseline, so a SIM's sessions starting afresh (a state row rejected) does
+    not make its usage look restarted."""
 
     @property
     def key(self) -> str:
@@ -86,8 +90,8 @@ DEFAULT_SOURCES: tuple[CounterSource, ...] = (
     CounterSource(names.FLEET_SESSIONS_ENDED, lambda r, a: a.ended_total),
     CounterSource(names.FLEET_PACKETS_UP, lambda r, a: a.packets_uploaded_total),
     CounterSource(names.FLEET_PACKETS_DOWN, lambda r, a: a.packets_downloaded_total),
-    CounterSource(names.FLEET_DATA_BYTES, _uploaded, (("direction", "upload"),)),
-    CounterSource(names.FLEET_DATA_BYTES, _downloaded, (("direction", "download"),)),
+    CounterSource(names.FLEET_DATA_BYTES, _uploaded, (("direction", "upload"),), False),
+    CounterSource(names.FLEET_DATA_BYTES, _downloaded, (("direction", "download"),), False),
 )
 
 GAUGES: Final = (names.FLEET_SESSIONS_OPEN, names.FLEET_SIMS_UP, names.FLEET_SIMS_DOWN)
@@ -147,7 +151,7 @@ class FleetAggregates:
             (i, _ATTRIBUTES[name]) if name in _ATTRIBUTES else (i, None)
             for i, name in enumerate(self.by)
         ]
-        self._values = [source.value for source in self.sources]
+        self._values = [(source.value, source.needs_baseline) for source in self.sources]
         self._seen: tuple[int, int] | None = None  # (state version, held accounts) last update
         self._pending: (
             tuple[dict[GroupKey, Mapping[str, float]], dict[str, AggregateMember], str] | None
@@ -212,17 +216,19 @@ class FleetAggregates:
     ) -> None:
         key = self._group_of(record, account, member) if self.by else ()
         up = record.up
-        if account.baselined:
-            prior = member.counters if member is not None else None
-            counters = [
-                (0.0 if prior is None else prior[i])
-                if (got := value(record, account)) is None
-                else float(got)
-                for i, value in enumerate(self._values)
-            ]
+        prior = member.counters if member is not None else None
+        baselined = account.baselined
+        counters = [
+            0.0
+            if (needs and not baselined)
+            else (0.0 if prior is None else prior[i])
+            if (got := value(record, account)) is None
+            else float(got)
+            for i, (value, needs) in enumerate(self._values)
+        ]
+        if baselined:
             gauges = (account.open_sessions, int(up is True), int(up is False))
         else:
-            counters = [0.0] * len(self._values)
             gauges = (0, int(up is True), int(up is False))
         group = self.groups.get(key) or self._group(key)
         if member is None:
