@@ -280,6 +280,7 @@ ESSENTIAL: tuple[Family, ...] = (
     SIM_STATUS_CHANGES,
     SIM_DATA_BYTES,
     SIM_DATA_PERIOD_BYTES,
+    SIM_USAGE_LAST_SUCCESS,
 )
 """The per-SIM families ``metrics.per_sim: essential`` keeps: what the shipped alert rules and
 recording rules query per SIM (a test checks that every per-SIM family they read is here), the
