@@ -216,7 +216,11 @@ class FleetAggregates:
     ) -> None:
         key = self._group_of(record, account, member) if self.by else ()
         up = record.up
-        prior = member.counters if member is not None else None
+        # A counter not known yet (usage held until the SIM's next read) keeps what this SIM
+        # contributed before, if it is the same SIM: the record seen last time, or the one
+        # restored from the state file. A new record (the SIM left and came back) counts 0.
+        same = member is not None and (member.record is None or member.record is record)
+        prior = member.counters if same and member is not None else None
         baselined = account.baselined
         counters = [
             0.0
