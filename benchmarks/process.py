@@ -526,7 +526,8 @@ def mode_run(
     try:
         base = exporter.url(120)
         ready_s = wait_ready(base, 120 + len(sids) / 100)
-        first = next((r for r in sim.log.requests() if r.exporter), None)
+        sent = [r for r in sim.log.requests() if r.exporter]
+        first = sent[0] if sent else None
         # every SIM has been polled once; its next polls spread over the interval that follows
         time.sleep(0 if settings.quick else parse_seconds(settings.scrape_interval))
         one, each = scrape_counts(settings, len(sids))
@@ -539,6 +540,8 @@ def mode_run(
         status, body = http_get(f"{base}/metrics")
         gz_status, gz_body = http_get(f"{base}/metrics", gzip_ok=True)
         rss = exporter.rss_bytes()
+        time.sleep(0.3)  # the last lines of the log
+        sent += [r for r in sim.log.requests() if r.exporter]
     finally:
         exporter.stop()
     if status != 200 or gz_status != 200:
@@ -554,6 +557,9 @@ def mode_run(
         "gzip_decodes_to_plain_size": len(gzip.decompress(gz_body)) if gz_body else 0,
         "series": sum(1 for line in text.splitlines() if line and not line.startswith("#")),
         "rss_bytes": rss,
+        # every request of this run by endpoint (usage reads included), and over how long
+        "requests_per_sim": by_endpoint(sent, -math.inf, math.inf, len(sids)),
+        "requests_s": sent[-1].at - sent[0].at if sent else 0.0,
     }
 
 
@@ -677,6 +683,10 @@ def summarize(size: dict[str, Any], base_rss: int) -> dict[str, Any]:
             add(f"{name}.body_mb", mode["body_bytes"] / 1e6)
             add(f"{name}.gzip_body_mb", mode["gzip_body_bytes"] / 1e6)
             add(f"{name}.series", mode["series"])
+            for endpoint, n in mode.get("requests_per_sim", {}).items():
+                add(f"{name}.requests_per_sim.{endpoint}", n)
+            if "requests_s" in mode:
+                add(f"{name}.requests_s", mode["requests_s"])
             for s in mode["scrapes"]:
                 key = f"{name}.scrape_{s['scrapers']}x_{'gzip' if s['gzip'] else 'plain'}"
                 add(f"{key}.p50_ms", s["p50_ms"])
@@ -792,6 +802,14 @@ def table_rows(results: dict[str, Any]) -> Iterator[tuple[str, str, list[str]]]:
             f"{label}: RSS per SIM after scrapes (kB)", "≤ 3", f"{mode}.rss_per_sim_kb", ".2f"
         )
         yield row(f"{label}: series", "", f"{mode}.series", ".0f")
+        prefix = f"{mode}.requests_per_sim."
+        endpoints = sorted(
+            {n[len(prefix) :] for s in sizes for n in s["summary"] if n.startswith(prefix)}
+        )
+        yield row(f"{label}: requests over (s)", "", f"{mode}.requests_s", ".1f")
+        for endpoint in endpoints:
+            what = f"{label}: requests per SIM over that time: {endpoint}"
+            yield row(what, "", prefix + endpoint, ".3f")
         yield row(f"{label}: body, plain (MB)", "", f"{mode}.body_mb", ".1f")
         yield row(f"{label}: body, gzip (MB)", "", f"{mode}.gzip_body_mb", ".2f")
         for scrapers, who in ((1, "one scraper"), (10, "ten scrapers")):

@@ -148,6 +148,29 @@ def test_imei_changes_count_device_swaps_only() -> None:
     assert acct.imei_changes_total == 1
 
 
+def test_attributes_are_one_shared_copy_across_sims_and_the_imei_is_kept_once() -> None:
+    """Each decoded page brings its own copies of the strings; a SIM keeps its latest session's
+    attributes for good, so equal values must be one object across SIMs (memory per SIM)."""
+
+    def fresh(text: str) -> str:
+        return "".join(list(text))  # an equal string that is another object, as a decode makes
+
+    first, second = SimAccount(), SimAccount()
+    apply_listing(first, [session("WN1", radio=fresh("LTE-M"), operator=fresh("Vodafone"))])
+    apply_listing(second, [session("WN2", radio=fresh("LTE-M"), operator=fresh("Vodafone"))])
+    assert first.latest is not None
+    assert second.latest is not None
+    assert first.latest.radio_link is second.latest.radio_link
+    assert first.latest.operator_name is second.latest.operator_name
+    apply_listing(first, [session("WN1", imei=fresh("490154203237518"))])
+    kept = first.last_imei
+    apply_listing(first, [session("WN1", imei=fresh("490154203237518"))])
+    assert first.last_imei is kept
+    assert first.latest is not None
+    assert first.latest.imei is kept
+    assert first.imei_changes_total == 0
+
+
 # --------------------------------------------------------------------------- property test
 
 

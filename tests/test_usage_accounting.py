@@ -43,6 +43,21 @@ def totals(ledger: UsageLedger) -> tuple[int, int, int, int]:
     )
 
 
+def test_every_ledger_shares_one_object_per_bucket_start_and_floor() -> None:
+    """Each read decodes its own numbers; thousands of ledgers keep the same few days, so the
+    keys and floors they keep must be one object each (memory per SIM)."""
+    first, second = UsageLedger(), UsageLedger()
+    start = D0 + 10**6 * DAY  # beyond any int CPython keeps as one object anyway
+    apply_usage(first, [day(10**6, 5)], int(str(start)))
+    apply_usage(second, [day(10**6, 7)], int(str(start)))
+    (key_a,) = first.buckets
+    (key_b,) = second.buckets
+    assert key_a == key_b == start
+    assert key_a is key_b
+    assert first.floor is second.floor
+    assert first.floor is key_a
+
+
 def test_the_first_read_is_the_baseline() -> None:
     ledger = UsageLedger()
     outcome = apply_usage(ledger, [day(0, 100, 200, 1, 2), day(1, 5, 6)], D0)

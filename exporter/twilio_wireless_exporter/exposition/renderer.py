@@ -558,11 +558,18 @@ class Exposition:
     def _relayout(
         self, order: list[str], records: list[SimRecord], stats: RefreshStats
     ) -> Generator[None, None, None]:
-        """Membership changed: rebuild every block, re-rendering only SIMs that changed."""
+        """Membership changed: rebuild every block, re-rendering only SIMs that changed.
+
+        Each block is joined as soon as its SIMs are in, so the fragments waiting to be joined
+        are one block's worth, not a second copy of the whole body in small objects (whose
+        freed memory, interleaved with what polling allocates meanwhile, would stay with the
+        process).
+        """
         stats.relayout = True
         size = self._block_size
         old = {sid: i for i, sid in enumerate(self._order)}
         columns: list[list[bytes]] = [[] for _ in self._families]
+        built: list[list[_Block]] = [[] for _ in self._families]
         versions = array("q")
         for record in records:
             i = old.get(record.sid)
@@ -577,11 +584,14 @@ class Exposition:
             versions.append(record.version)
             for column, frag in zip(columns, frags, strict=True):
                 column.append(frag)
-        count = len(records)
-        self._blocks = [
-            [_Block(column[lo : lo + size]) for lo in range(0, count, size)] or [_Block([])]
-            for column in columns
-        ]
+            if len(versions) % size == 0:
+                for family_blocks, column in zip(built, columns, strict=True):
+                    family_blocks.append(_Block(column))
+                columns = [[] for _ in self._families]
+        if len(versions) % size:
+            for family_blocks, column in zip(built, columns, strict=True):
+                family_blocks.append(_Block(column))
+        self._blocks = [family_blocks or [_Block([])] for family_blocks in built]
         self._order = order
         self._records = list(records)
         self._versions = versions
