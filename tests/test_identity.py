@@ -125,6 +125,17 @@ async def test_the_identity_listing_follows_at_most_max_pages(
     assert sample_value(text, ERRORS, endpoint="sims", kind="too_many_pages") is None
 
 
+async def test_a_fleet_larger_than_max_pages_still_costs_one_request_per_page(
+    sim: RunningSimulator, harness: MakeHarness
+) -> None:
+    """poll.max_pages does not push a fleet back to one read per SIM: 3,000 configured SIMs
+    with max_pages 2 take the 3 pages they fill."""
+    sids = [sim.fleet.add_sim() for _ in range(3_000)]
+    h = await harness(sids, poll={"max_pages": 2})
+    assert await h.exporter.poller.refresh_sims()
+    assert identity_requests(sim) == {"sims": 3, "sim": 0}
+
+
 async def test_suspended_sims_beside_active_discovery_come_from_one_more_listing(
     sim: RunningSimulator, harness: MakeHarness
 ) -> None:

@@ -255,9 +255,18 @@ class Poller:
         """The identity of configured SIMs: from the listing when it is cheaper, else and for
         the SIMs it did not hold, each SIM's own read. Returns the SIDs whose identity could
         not be read."""
-        # poll.max_pages bounds this listing too (a hostile API's endless chain of pages): the
-        # SIMs beyond it are read alone.
-        budget = min(self._census.budget(len(sids)), self._client.settings.max_pages)
+        # Bounded like every listing against a hostile API's endless chain of pages: by
+        # poll.max_pages, but never below the pages the configured SIMs (or the account, as
+        # last listed) fill, so a fleet of 100,000 SIMs costs 100 pages, not 50 pages and
+        # 50,000 reads. The census's budget keeps it below the reads it replaces either way;
+        # the SIMs beyond it are read alone.
+        census = self._census
+        cap = max(
+            self._client.settings.max_pages,
+            math.ceil(len(sids) / DISCOVERY_PAGE_SIZE) + 1,
+            census.estimate() + 1,
+        )
+        budget = min(census.budget(len(sids)), cap)
         if budget:
             sids = await self._identities_from_listing(sids, budget)
         return await self._read_identities(sids)
