@@ -43,6 +43,8 @@ K8S = REPO / "deploy" / "kubernetes"
 OVERLAYS = sorted(path.name for path in (K8S / "overlays").iterdir() if path.is_dir())
 CRD_DIR = REPO / "tests" / "kubernetes"
 BENCHMARK = REPO / "benchmarks" / "results" / "latest.json"
+#: The process-level benchmark (the real command, usage on, each metrics.per_sim mode).
+PROCESS_BENCHMARK = REPO / "benchmarks" / "results" / "2026-12-01" / "process-10k-usage.json"
 # Kubernetes versions to validate against: the first with the pod-index label the shard ordinal
 # comes from (1.28), and the newest the installed kubernetes-validate ships.
 SCHEMA_VERSIONS = ("1.28", kubernetes_validate.utils.latest_version())
@@ -565,7 +567,15 @@ def test_resources_cover_the_benchmarks_memory_per_sim(overlay: str) -> None:
         )
         for size in sizes
     )
-    need = baseline + per_sim * SIMS_PER_POD / 1024
+    process = json.loads(PROCESS_BENCHMARK.read_text())
+    process_baseline = process["baseline_rss_bytes"] / 1024**2
+    process_per_sim = max(
+        (mode["rss_bytes"] - process["baseline_rss_bytes"]) / size["sims"] / 1024
+        for size in process["sizes"]
+        for run in size["runs"]
+        for mode in run["modes"]
+    )
+    need = max(baseline, process_baseline) + max(per_sim, process_per_sim) * SIMS_PER_POD / 1024
     for sts in of_kind(rendered(overlay), "StatefulSet"):
         resources = container(sts)["resources"]
         request = mebibytes(resources["requests"]["memory"])
