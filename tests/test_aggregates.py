@@ -322,8 +322,7 @@ def test_a_sim_whose_sessions_start_afresh_keeps_its_usage_count() -> None:
     aggregates = FleetAggregates(("site",))
     assert totals_of(aggregates, state)[("berlin",)][4:] == [70.0, 110.0]
     state.sims[SIDS[0]].account = SimAccount()  # sessions afresh, usage as it was
-    state.sims[SIDS[0]].version += 1
-    state.version += 1
+    state.record_failure(SIDS[0], "restored without its sessions", now=1.0)
     assert totals_of(aggregates, state)[("berlin",)][4:] == [70.0, 110.0]
     poll(state, SIDS[0], 1)
     assert totals_of(aggregates, state)[("berlin",)][4:] == [77.0, 121.0]

@@ -186,16 +186,11 @@ class FleetAggregates:
         self._seen = seen
         members = self.members
         sims = state.sims
-        if everything:
+        touched = state.take_touched()  # what the state says changed since the last update
+        if everything or touched is None:
             changed = list(sims)
-        else:  # one tight pass to find what changed, before any step lets the loop run
-            changed = [
-                sid
-                for sid, record in sims.items()
-                if (member := members.get(sid)) is None
-                or member.record is not record
-                or member.version != record.version
-            ]
+        else:
+            changed = [sid for sid in touched if sid in sims]
         new = False
         for taken, sid in enumerate(changed, 1):
             record = state.sims.get(sid)

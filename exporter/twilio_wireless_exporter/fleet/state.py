@@ -161,6 +161,7 @@ class FleetState:
         self.restored_account_usage: UsageLedger | None = None
         self.rate_plans: dict[str, PlanInfo] = {}
         self._by_status: dict[tuple[str, str], int] | None = None  # see sims_by_status
+        self._touched: set[str] | None = None  # see take_touched
 
     # ------------------------------------------------------------------ membership
 
@@ -388,6 +389,16 @@ class FleetState:
     def _touch(self, record: SimRecord) -> None:
         record.version += 1
         self.version += 1
+        touched = self._touched
+        if touched is not None:
+            touched.add(record.sid)
+
+    def take_touched(self) -> set[str] | None:
+        """The SIDs whose record changed since the previous call, and start over; ``None`` on
+        the first call, which starts the tracking (the caller then looks at every SIM). Lets
+        the fleet aggregates take up a poll's changes without a pass over the whole fleet."""
+        touched, self._touched = self._touched, set()
+        return touched
 
     # ------------------------------------------------------------------ summaries
 
