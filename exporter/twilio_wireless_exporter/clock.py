@@ -6,7 +6,6 @@ Tests use :class:`ManualClock` and advance it explicitly; nothing waits for wall
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import time
@@ -88,6 +87,6 @@ async def sleep_or_wake(clock: Clock, wake: asyncio.Event, delay: float | None) 
     finally:
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # The helpers' own cancellations are results here; a cancellation of the caller that
+        # arrives meanwhile is raised, never swallowed (that left a cancelled loop running).
+        await asyncio.gather(*tasks, return_exceptions=True)
