@@ -3,6 +3,7 @@ directory of self-signed certificates. Helpers that are not fixtures live in ``*
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -12,16 +13,13 @@ from typing import Any
 
 import prometheus_client
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import settings
 
-from tests.harness_support import Harness, MakeHarness, exporter_mapping
+from tests.harness_support import Harness, MakeHarness, exporter_mapping, serving
 from tests.tls_support import make_cert
 from twilio_wireless_exporter.cli import drop_created_samples
 from twilio_wireless_exporter.clock import ManualClock
 from twilio_wireless_exporter.config import Config, config_from_mapping
-from twilio_wireless_exporter.service import Exporter
-from twilio_wireless_exporter.web.app import make_app
 from twilio_wireless_simulator import RunningSimulator, SimulatorConfig, start_simulator
 
 # CI runs the property tests with a fixed seed (reproducible runs); developers get fresh examples.
@@ -70,29 +68,25 @@ async def sim() -> AsyncIterator[RunningSimulator]:
 
 @pytest.fixture
 async def harness(sim: RunningSimulator) -> AsyncIterator[MakeHarness]:
-    made: list[Harness] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def make(sids: list[str], config: Config | None = None, **sections: Any) -> Harness:
-        cfg = config or config_from_mapping(exporter_mapping(sim.url, sids, **sections), environ={})
-        clock = ManualClock()
-        sleeps: list[float] = []
+        async def make(sids: list[str], config: Config | None = None, **sections: Any) -> Harness:
+            mapping = exporter_mapping(sim.url, sids, **sections)
+            cfg = config or config_from_mapping(mapping, environ={})
+            clock = ManualClock()
+            sleeps: list[float] = []
 
-        async def record_sleep(seconds: float) -> None:
-            sleeps.append(seconds)
+            async def record_sleep(seconds: float) -> None:
+                sleeps.append(seconds)
 
-        exporter = Exporter(cfg, clock=clock, retry_sleep=record_sleep)
-        await exporter.open()
-        client: TestClient[Any, Any] = TestClient(TestServer(make_app(exporter.web_context())))
-        await client.start_server()
-        h = Harness(exporter, client, clock)
-        h.sleeps = sleeps
-        made.append(h)
-        return h
+            exporter, client = await stack.enter_async_context(
+                serving(cfg, clock, retry_sleep=record_sleep)
+            )
+            h = Harness(exporter, client, clock)
+            h.sleeps = sleeps
+            return h
 
-    yield make
-    for h in made:
-        await h.http.close()
-        await h.exporter.stop()
+        yield make
 
 
 @pytest.fixture

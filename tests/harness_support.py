@@ -64,15 +64,18 @@ def exporter_mapping(base_url: str, sids: list[str], **sections: Any) -> dict[st
 
 @asynccontextmanager
 async def serving(
-    config: Config, clock: ManualClock
+    config: Config,
+    clock: ManualClock,
+    retry_sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> AsyncIterator[tuple[Exporter, TestClient[Any, Any]]]:
-    """An opened exporter on ``clock`` whose retries never wait, and a test client of its web
-    app; stopped (its state saved) and closed on the way out."""
+    """An opened exporter on ``clock`` whose retries never wait (``retry_sleep``, by default
+    returning at once), and a test client of its web app; stopped (its state saved) and closed
+    on the way out."""
 
     async def no_wait(_: float) -> None:
         return None
 
-    exporter = Exporter(config, clock=clock, retry_sleep=no_wait)
+    exporter = Exporter(config, clock=clock, retry_sleep=retry_sleep or no_wait)
     await exporter.open()
     http: TestClient[Any, Any] = TestClient(TestServer(make_app(exporter.web_context())))
     await http.start_server()
